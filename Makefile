@@ -1,0 +1,27 @@
+# launch: make install | test | bench | smoke | lint
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+
+.PHONY: install test bench smoke lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@$(VENV)/bin/launch --help > /dev/null && echo "installed: $(VENV)/bin/launch"
+
+test:
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) bench/run.py
+
+smoke:
+	$(PY) scripts/smoke.py
+
+lint:
+	$(VENV)/bin/ruff check launcher tests bench scripts
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis bench-results smoke-out

@@ -1,0 +1,119 @@
+"""`make bench`: start-up and patch speed, as ratios against baselines measured in the same run.
+
+Targets (exit 1 when one is missed):
+* `launch --help`, `launch presets` and `launch plan PRESET --json` each under 0.5 s and at least
+  10x faster than `lmdeploy serve api_server --help` (which imports torch);
+* patching a model directory whose weights total 10 GB takes the same time as one of 10 MB
+  (nothing is copied): ratio of medians under 1.5.
+
+Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+RUNS = int(os.environ.get("BENCH_RUNS", "7"))
+BASELINE_RUNS = int(os.environ.get("BENCH_BASELINE_RUNS", "3"))
+
+
+def timed(argv: list[str], runs: int, env: dict | None = None, setup=None) -> list[float]:
+    times = []
+    for i in range(runs):
+        if setup:
+            setup(i)
+        start = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        times.append(time.perf_counter() - start)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: {' '.join(argv)} failed:\n{result.stderr[-2000:]}")
+    return times
+
+
+def make_model(directory: Path, total_bytes: int, shards: int) -> Path:
+    """A model directory whose safetensors shards are sparse files of the given total size."""
+    directory.mkdir(parents=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 4096,
+        "rope_theta": 10000.0, "rope_scaling": None, "num_hidden_layers": 32, "hidden_size": 4096,
+        "num_attention_heads": 32, "torch_dtype": "float16",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    for i in range(shards):
+        with open(directory / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", "wb") as f:
+            f.truncate(total_bytes // shards)
+    (directory / "tokenizer.json").write_text("{}")
+    return directory
+
+
+def main() -> int:
+    launch = [sys.executable, "-m", "launcher"]
+    env = dict(os.environ, LAUNCH_PRESETS_DIR=str(Path(tempfile.mkdtemp()) / "none"))
+    results: dict = {"runs": RUNS, "python": sys.version.split()[0]}
+
+    lmdeploy = VENV_BIN / "lmdeploy"
+    baseline = statistics.median(timed([str(lmdeploy), "serve", "api_server", "--help"], BASELINE_RUNS, env))
+    results["baseline_lmdeploy_help_s"] = baseline
+
+    ok = True
+    rows = []
+    for label, args in (
+        ("launch --help", ["--help"]),
+        ("launch presets", ["presets"]),
+        ("launch plan internlm2_5-7b-chat --json", ["plan", "internlm2_5-7b-chat", "--json"]),
+    ):
+        median = statistics.median(timed(launch + args, RUNS, env))
+        ratio = baseline / median
+        passed = median < 0.5 and ratio >= 10
+        ok &= passed
+        rows.append((label, median, ratio, passed))
+        results[label] = {"median_s": median, "speedup_vs_lmdeploy_help": ratio, "pass": passed}
+
+    work = Path(tempfile.mkdtemp(prefix="launch-bench-"))
+    try:
+        small = make_model(work / "small", 10 * 1000**2, 4)
+        big = make_model(work / "big", 10 * 1000**3, 4)
+        patch_env = dict(env, LAUNCH_CACHE_DIR=str(work / "cache"))
+
+        def fresh(_i):
+            shutil.rmtree(work / "cache", ignore_errors=True)
+
+        t_small = statistics.median(timed(launch + ["patch", str(small), "--factor", "2"], RUNS, patch_env, fresh))
+        t_big = statistics.median(timed(launch + ["patch", str(big), "--factor", "2"], RUNS, patch_env, fresh))
+        overlay_bytes = sum(
+            os.lstat(os.path.join(root, name)).st_size
+            for root, _dirs, names in os.walk(work / "cache") for name in names
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    patch_ratio = t_big / t_small
+    patch_pass = patch_ratio < 1.5 and overlay_bytes < 1_000_000
+    ok &= patch_pass
+    results["patch"] = {"10MB_median_s": t_small, "10GB_median_s": t_big, "ratio_10GB_over_10MB": patch_ratio,
+                        "overlay_bytes_on_disk": overlay_bytes, "pass": patch_pass}
+
+    print(f"baseline: lmdeploy serve api_server --help  median {baseline:.3f} s ({BASELINE_RUNS} runs)")
+    for label, median, ratio, passed in rows:
+        print(f"{label:<42} median {median:.3f} s   {ratio:5.1f}x faster   {'PASS' if passed else 'FAIL'}"
+              "  (target < 0.5 s and >= 10x)")
+    print(f"{'launch patch, 10 GB of weights vs 10 MB':<42} {t_big:.3f} s vs {t_small:.3f} s   ratio {patch_ratio:.2f}"
+          f"   overlay {overlay_bytes:,} B   {'PASS' if patch_pass else 'FAIL'}  (target ratio < 1.5, nothing copied)")
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {out / 'bench.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Option types shared by several commands, declared once.
+
+Values that need checking (factor, type) arrive as text and are parsed by the library, so that a
+bad value gets the same one-line error everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="A preset name (see `launch presets`) or a local model directory.", show_default=False),
+]
+FactorOpt = Annotated[
+    str | None,
+    typer.Option("--factor", "-f", help="Context multiplier F > 1: serve N x F tokens. Default: the preset's.",
+                 show_default=False),
+]
+TypeOpt = Annotated[
+    str | None,
+    typer.Option("--type", "-t", help="RoPE scaling type: dynamic, linear, yarn or llama3. "
+                 "Default: the preset's, else the config's, else dynamic.", show_default=False),
+]
+SessionLenOpt = Annotated[
+    int | None,
+    typer.Option("--session-len", help="Tokens per session. Default: what the scaling covers (N x F).",
+                 show_default=False),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Allow replacing another scaling type, shrinking the context, or a "
+                 "session past what the scaling covers."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Where to write the overlay. Default: launch's cache directory.",
+                 show_default=False),
+]
+ModelDirArg = Annotated[
+    str,
+    typer.Argument(help="A local model directory (with config.json).", show_default=False),
+]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option("--backend", help="turbomind or pytorch. Default: the preset's, else turbomind.",
+                 show_default=False),
+]
+TpOpt = Annotated[int | None, typer.Option("--tp", help="Tensor parallel GPUs.", show_default=False)]
+MaxBatchOpt = Annotated[
+    int | None, typer.Option("--max-batch-size", help="Concurrent sequences.", show_default=False)
+]
+CacheRatioOpt = Annotated[
+    float | None,
+    typer.Option("--cache-max-entry-count", help="Share of free GPU memory (after weights) for the KV "
+                 "cache, 0 < r < 1.", show_default=False),
+]
+QuantOpt = Annotated[
+    int | None,
+    typer.Option("--quant-policy", help="KV cache: 0 fp16, 8 int8, 4 int4.", show_default=False),
+]
+GpuMemoryOpt = Annotated[
+    float | None,
+    typer.Option("--gpu-memory", help="Free memory per GPU in GiB, to plan on a machine without one "
+                 "(default: read through NVML).", show_default=False),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", help="Branch, tag or commit sha on the Hub. Default: the preset's pin, else main.",
+                 show_default=False),
+]

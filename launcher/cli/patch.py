@@ -1,0 +1,42 @@
+"""`launch patch`: write the overlay (patched config.json + links) and print its path."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .app import app
+from .options import FactorOpt, ForceOpt, ModelDirArg, OutOpt, SessionLenOpt, TypeOpt
+
+
+@app.command(
+    epilog="Examples:  launch patch ./internlm2-chat-7b --factor 2   |   launch patch ./qwen --factor 4 --type yarn --out ./qwen-128k"
+)
+def patch(
+    model_dir: ModelDirArg,
+    factor: FactorOpt = None,
+    rope_type: TypeOpt = None,
+    session_len: SessionLenOpt = None,
+    force: ForceOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Write a patched view of MODEL_DIR (never modifying it) and print its path as the last line."""
+    from ..plan import PlanRequest, build_plan, make_overlay
+
+    plan = build_plan(
+        PlanRequest(model=model_dir, factor=factor, rope_type=rope_type, session_len=session_len,
+                    force=force, out=out, need_files=True)
+    )
+    overlay = make_overlay(plan)
+    d = plan.decision
+    for warning in plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    state = "reused" if overlay.reused else "written"
+    typer.echo(
+        f"{state}: {d.rope_type} x{d.factor:g}, native {d.native_context}, session_len {d.session_len}, "
+        f"{overlay.files} linked files",
+        err=True,
+    )
+    sys.stdout.flush()
+    typer.echo(str(overlay.path))

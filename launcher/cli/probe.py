@@ -1,0 +1,101 @@
+"""``launch probe``: passkey retrieval across lengths and depths against a running server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+
+_Text = str | None  # values are parsed by the library, so a bad one gets one clear line
+
+
+@app.command()
+def probe(
+    url: Annotated[_Text, typer.Option("--url", metavar="URL", help="The server. Default: http://127.0.0.1:23333.",
+                                       show_default=False)] = None,
+    model: Annotated[_Text, typer.Option("--model", metavar="NAME", help="Model name. Default: the first of GET /v1/models.",
+                                         show_default=False)] = None,
+    api_key: Annotated[_Text, typer.Option("--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
+                                           help="Sent as 'Authorization: Bearer KEY'.", show_default=False)] = None,
+    lengths: Annotated[_Text, typer.Option(
+        "--lengths", metavar="L1,L2,...", help="Prompt lengths in tokens (4000,8k) or multiples of the native context (0.5x,1x,2x). "
+        "Default with a known native context: 0.5x,1x,1.5x,2x.", show_default=False)] = None,
+    depths: Annotated[_Text, typer.Option(
+        "--depths", metavar="D1,D2,...", help="Where the passkey goes: 0 = start of the filler, 1 = its end. "
+        "Default: 0,0.25,0.5,0.75,1.", show_default=False)] = None,
+    trials: Annotated[_Text, typer.Option("--trials", metavar="N", help="Prompts per cell. Default: 3.",
+                                          show_default=False)] = None,
+    seed: Annotated[_Text, typer.Option("--seed", metavar="S", help="Same seed, same prompts and passkeys. Default: 0.",
+                                        show_default=False)] = None,
+    native: Annotated[_Text, typer.Option("--native", metavar="TOKENS", help="The model's native context in tokens (for 'x' "
+                                          "lengths and the line on the chart).", show_default=False)] = None,
+    preset: Annotated[_Text, typer.Option("--preset", metavar="NAME", help="Take the native context from this preset.",
+                                          show_default=False)] = None,
+    tokenizer: Annotated[_Text, typer.Option(
+        "--tokenizer", metavar="DIR", help="Local model directory whose tokenizer measures lengths when the server has no "
+        "tokenize endpoint. Without both, lengths are estimated (~4 characters per token).",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="DIR", help="Directory for results.json and heatmap.png. Default: ./probe-<timestamp>/.",
+        show_default=False)] = None,
+    min_accuracy: Annotated[_Text, typer.Option(
+        "--min-accuracy", metavar="A", help="Exit 1 when the overall accuracy is below this (0..1). Default: 0.",
+        show_default=False)] = None,
+    timeout: Annotated[_Text, typer.Option("--timeout", metavar="SECONDS", help="Seconds per HTTP request. Default: 300.",
+                                           show_default=False)] = None,
+    max_tokens: Annotated[_Text, typer.Option("--max-tokens", metavar="N", help="Answer tokens per trial. Default: 64.",
+                                              show_default=False)] = None,
+) -> None:
+    """Check that the served model still finds a passkey hidden at any depth of a long prompt.
+
+    Prints a length x depth accuracy table and writes results.json and heatmap.png.
+    Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
+    """
+    from ..errors import BadOption
+    from ..probe import (
+        TerminalProgress,
+        check_out_dir,
+        default_out_dir,
+        format_table,
+        run_probe,
+        settings_from_flags,
+        write_outputs,
+    )
+
+    native_from_preset = None
+    if preset is not None:
+        if native is not None:
+            raise BadOption("--preset", preset, "give --native or --preset, not both")
+        from ..presets import get_preset
+
+        native_from_preset = get_preset(preset).native_context
+    settings = settings_from_flags(
+        url=url, model=model, api_key=api_key, lengths=lengths, depths=depths, trials=trials, seed=seed,
+        native=native, tokenizer=tokenizer, timeout=timeout, max_tokens=max_tokens, min_accuracy=min_accuracy,
+        native_from_preset=native_from_preset,
+    )
+    out_dir = out if out is not None else default_out_dir()
+    check_out_dir(out_dir)
+
+    progress = TerminalProgress(sys.stderr, trials=settings.trials)
+    try:
+        result = run_probe(settings, progress=progress)
+    finally:
+        progress.close()
+    paths = write_outputs(result, out_dir)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {paths.results_json} and {paths.heatmap_png}")
+
+    if result.interrupted:
+        typer.echo("launch: interrupted; partial results written", err=True)
+        raise typer.Exit(130)
+    if result.stopped_by is not None:
+        raise result.stopped_by
+    if result.overall_accuracy < settings.min_accuracy:
+        from ..errors import ProbeBelowThreshold
+
+        raise ProbeBelowThreshold(result.overall_accuracy, settings.min_accuracy, str(paths.results_json))

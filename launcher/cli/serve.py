@@ -1,0 +1,95 @@
+"""`launch serve`: resolve -> fetch -> overlay -> plan -> lmdeploy OpenAI server, supervised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .options import (
+    BackendOpt,
+    CacheRatioOpt,
+    FactorOpt,
+    ForceOpt,
+    GpuMemoryOpt,
+    JsonOpt,
+    MaxBatchOpt,
+    ModelArg,
+    QuantOpt,
+    RevisionOpt,
+    SessionLenOpt,
+    TpOpt,
+    TypeOpt,
+)
+
+
+@app.command(
+    epilog=(
+        "Examples:  launch serve internlm2_5-7b-chat --factor 2   |   "
+        "launch serve qwen2.5-7b-instruct --factor 4 --type yarn --tp 2 --api-key $KEY   |   "
+        "launch serve internlm2_5-7b-chat --factor 2 --dry-run --gpu-memory 80"
+    )
+)
+def serve(
+    model: ModelArg,
+    factor: FactorOpt = None,
+    rope_type: TypeOpt = None,
+    session_len: SessionLenOpt = None,
+    force: ForceOpt = False,
+    tp: TpOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = "127.0.0.1",
+    port: Annotated[str, typer.Option("--port", help="Port of the OpenAI API.")] = "23333",
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
+                     show_default=False),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
+    ] = None,
+    cache_max_entry_count: CacheRatioOpt = None,
+    quant_policy: QuantOpt = None,
+    max_batch_size: MaxBatchOpt = None,
+    backend: BackendOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="Served model name. Default: the preset or directory name.",
+                                    show_default=False)
+    ] = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        typer.Option("--trust-remote-code/--no-trust-remote-code",
+                     help="Run the repo's own Python code. Default: only when the preset says so.", show_default=False),
+    ] = None,
+    health_timeout: Annotated[
+        float, typer.Option("--health-timeout", help="Seconds to wait for the engine to load and answer /health.")
+    ] = 1800.0,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve MODEL with F x its native context through lmdeploy's OpenAI-compatible API."""
+    from ..plan import PlanRequest
+    from ..serve import ServeRequest
+    from ..serve import serve as run_serve
+
+    request = ServeRequest(
+        plan=PlanRequest(
+            model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
+            backend=backend, tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
+            quant_policy=quant_policy, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
+            revision=revision, trust_remote_code=trust_remote_code,
+        ),
+        api_keys=tuple(api_key or ()),
+        api_key_file=api_key_file,
+        dry_run=dry_run,
+        as_json=as_json,
+        probe=probe,
+        health_timeout_s=health_timeout,
+    )
+    raise typer.Exit(run_serve(request))

@@ -1,0 +1,178 @@
+"""What launch hands to lmdeploy: the engine config values and the equivalent command line.
+
+This module never imports lmdeploy: ``plan`` must stay fast and work without a GPU. The values
+here are plain dicts with lmdeploy's own field names; ``engine_server`` turns them into the real
+``TurbomindEngineConfig`` / ``PytorchEngineConfig`` in the serving process, and the tests build
+the real classes from them and parse the command line with lmdeploy's own CLI parser.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+
+from .overlay import CHAT_TEMPLATE
+
+# lmdeploy 0.18 lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (a contract test checks it).
+TURBOMIND_ARCHS = frozenset(
+    {
+        "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
+        "InternS2PreviewForConditionalGeneration", "InternS2MobiusForConditionalGeneration",
+        "InternVLChatModel", "InternVLForConditionalGeneration", "InternS1ForConditionalGeneration",
+        "LlamaForCausalLM", "InternLM2ForCausalLM", "InternLM3ForCausalLM", "Glm4MoeLiteForCausalLM",
+        "GptOssForCausalLM", "MixtralForCausalLM",
+    }
+)
+BACKENDS = ("turbomind", "pytorch")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 23333
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The knobs a user turns (flags over preset defaults)."""
+
+    backend: str = "turbomind"
+    tp: int = 1
+    max_batch_size: int = 64
+    cache_max_entry_count: float = 0.8
+    quant_policy: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    backend: str
+    config: dict  # kwargs of TurbomindEngineConfig / PytorchEngineConfig
+    model_name: str
+    trust_remote_code: bool
+    chat_template: dict | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def config_class(self) -> str:
+        return "TurbomindEngineConfig" if self.backend == "turbomind" else "PytorchEngineConfig"
+
+
+def engine_config(settings: EngineSettings, session_len: int) -> dict:
+    """The engine config kwargs. ``session_len`` is always explicit: lmdeploy never derives it from
+    the RoPE factor (its default is the config's max_position_embeddings)."""
+    return {
+        "dtype": "auto",
+        "tp": settings.tp,
+        "session_len": session_len,
+        "max_batch_size": settings.max_batch_size,
+        "cache_max_entry_count": settings.cache_max_entry_count,
+        "quant_policy": settings.quant_policy,
+    }
+
+
+def architecture_of(config: dict) -> str | None:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else None
+
+
+def turbomind_supports(config: dict) -> bool:
+    return architecture_of(config) in TURBOMIND_ARCHS
+
+
+def api_server_argv(model_path: str, spec: EngineSpec) -> list[str]:
+    """The ``lmdeploy serve api_server`` command line equivalent to what launch runs."""
+    cfg = spec.config
+    argv = [
+        "lmdeploy", "serve", "api_server", str(model_path),
+        "--backend", spec.backend,
+        "--model-name", spec.model_name,
+        "--server-name", spec.host,
+        "--server-port", str(spec.port),
+        "--session-len", str(cfg["session_len"]),
+        "--tp", str(cfg["tp"]),
+        "--max-batch-size", str(cfg["max_batch_size"]),
+        "--cache-max-entry-count", str(cfg["cache_max_entry_count"]),
+        "--quant-policy", str(cfg["quant_policy"]),
+    ]
+    if spec.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if spec.chat_template:  # a file in the overlay: lmdeploy cannot take a long template inline
+        argv += ["--chat-template", os.path.join(str(model_path), CHAT_TEMPLATE)]
+    return argv
+
+
+def command_line(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+# --- the serving process's side (imports lmdeploy; never called by plan) ------------------------
+
+
+def spec_to_json(spec: EngineSpec, model_path: str) -> dict:
+    """What the serving process needs, as written to its spec file."""
+    return {
+        "model_path": str(model_path),
+        "backend": spec.backend,
+        "engine_config": dict(spec.config),
+        "model_name": spec.model_name,
+        "trust_remote_code": spec.trust_remote_code,
+        "chat_template": spec.chat_template,
+        "server_name": spec.host,
+        "server_port": spec.port,
+        "api_keys": list(spec.api_keys),
+    }
+
+
+def backend_config(data: dict):
+    """The real lmdeploy engine config object for a spec (imports lmdeploy)."""
+    from lmdeploy.messages import PytorchEngineConfig, TurbomindEngineConfig
+
+    klass = TurbomindEngineConfig if data["backend"] == "turbomind" else PytorchEngineConfig
+    return klass(**data["engine_config"])
+
+
+def chat_template_config(data: dict):
+    """lmdeploy's ChatTemplateConfig from the template file launch wrote into the overlay (the same
+    file the equivalent command line names)."""
+    if not data.get("chat_template"):
+        return None
+    from lmdeploy.model import ChatTemplateConfig
+
+    return ChatTemplateConfig.from_json(os.path.join(data["model_path"], CHAT_TEMPLATE))
+
+
+def serve_kwargs(data: dict) -> dict:
+    """Keyword arguments of ``lmdeploy.serve.openai.api_server.serve`` for a spec. ``api_keys`` is
+    always a list or None: lmdeploy iterates a string character by character."""
+    keys = list(data.get("api_keys") or [])
+    return {
+        "model_path": data["model_path"],
+        "model_name": data["model_name"],
+        "backend": data["backend"],
+        "backend_config": backend_config(data),
+        "chat_template_config": chat_template_config(data),
+        "server_name": data["server_name"],
+        "server_port": int(data["server_port"]),
+        "api_keys": keys or None,
+        "trust_remote_code": bool(data["trust_remote_code"]),
+        "log_level": "INFO",
+    }
+
+
+def turbomind_problem(model_path: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """Why TurboMind cannot serve here (None when it can). Imports lmdeploy.turbomind, and so torch."""
+    try:
+        from lmdeploy import turbomind
+    except Exception as err:  # noqa: BLE001 - any failure to import means: not available
+        return f"lmdeploy.turbomind does not import ({type(err).__name__}: {err})"
+    if not turbomind.is_available():
+        reason = getattr(turbomind, "_import_error", None)
+        detail = f": {reason}" if reason else ""
+        return f"TurboMind's CUDA extension is not available on this machine{detail}"
+    if model_path is not None:
+        from lmdeploy.turbomind.supported_models import is_supported
+
+        if not is_supported(str(model_path), trust_remote_code=trust_remote_code):
+            return f"TurboMind does not support the architecture of {model_path}"
+    return None

@@ -1,0 +1,56 @@
+"""GPU memory through NVML, read with ctypes (no torch, no pynvml): free bytes per visible GPU.
+
+Returns ``None`` where there is no NVIDIA driver (a laptop, CI): ``plan`` then needs
+``--gpu-memory`` for the memory check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def _visible(count: int) -> list[int]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    indices = []
+    for part in visible.split(","):
+        part = part.strip()
+        if part.isdigit() and int(part) < count:
+            indices.append(int(part))
+    return indices
+
+
+def free_memory() -> list[int] | None:
+    """Free bytes of each visible GPU, or None when NVML is not available."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    try:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        count = ctypes.c_uint()
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        free = []
+        for index in _visible(count.value):
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                continue
+            memory = _Memory()
+            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0:
+                free.append(int(memory.free))
+        return free or None
+    except (AttributeError, OSError):
+        return None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except (AttributeError, OSError):
+            pass

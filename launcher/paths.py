@@ -1,0 +1,53 @@
+"""Where launch keeps its own files. Never inside a Hugging Face cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "LAUNCH_CACHE_DIR"
+PRESETS_ENV = "LAUNCH_PRESETS_DIR"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value).expanduser() if value else Path.home() / fallback
+
+
+def cache_dir() -> Path:
+    """launch's own cache: ``$LAUNCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/launch`` (~/.cache/launch)."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else _xdg("XDG_CACHE_HOME", ".cache") / "launch"
+
+
+def overlays_dir() -> Path:
+    return cache_dir() / "overlays"
+
+
+def user_presets_dirs() -> list[Path]:
+    """The user's preset directories: ``$LAUNCH_PRESETS_DIR`` (several joined by ``os.pathsep``),
+    else ``$XDG_CONFIG_HOME/launch/presets`` (~/.config/launch/presets)."""
+    value = os.environ.get(PRESETS_ENV)
+    if value:
+        return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+    return [_xdg("XDG_CONFIG_HOME", ".config") / "launch" / "presets"]
+
+
+def builtin_presets_dir() -> Path:
+    """The presets shipped with launch (``configs/`` in the source tree, packaged as
+    ``launcher/configs`` in a wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub computes it (without importing it):
+    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return _xdg("XDG_CACHE_HOME", ".cache") / "huggingface" / "hub"

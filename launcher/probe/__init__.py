@@ -1,0 +1,34 @@
+"""Passkey retrieval sweep: does the model still find a number hidden at any depth of a long prompt?
+
+Library entry points (``launch probe`` and ``launch serve --probe`` call exactly these)::
+
+    settings = ProbeSettings(lengths=(4096, 8192), url="http://127.0.0.1:23333", native_context=4096)
+    result = run_probe(settings, progress=TerminalProgress(trials=settings.trials))
+    print(format_table(result))
+    paths = write_outputs(result, out_dir)   # results.json, heatmap.png
+
+Importing this package does not import matplotlib or transformers.
+"""
+
+from .progress import TerminalProgress
+from .report import OutputPaths, check_out_dir, default_out_dir, format_table, results_dict, write_outputs
+from .runner import Cell, ProbeResult, ProgressEvent, Trial, run_probe
+from .settings import ProbeSettings, default_lengths, settings_from_flags
+
+__all__ = [
+    "Cell",
+    "OutputPaths",
+    "ProbeResult",
+    "ProbeSettings",
+    "ProgressEvent",
+    "TerminalProgress",
+    "Trial",
+    "check_out_dir",
+    "default_lengths",
+    "default_out_dir",
+    "format_table",
+    "results_dict",
+    "run_probe",
+    "settings_from_flags",
+    "write_outputs",
+]

@@ -1,0 +1,136 @@
+"""What a sweep leaves behind: the terminal table, ``results.json`` and ``heatmap.png``.
+
+The table and the JSON are built from the same ``ProbeResult.cells()``, so they cannot disagree. The
+chart module (matplotlib) is imported only when the PNG is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import BadOption
+from .runner import Cell, ProbeResult
+
+RESULTS_NAME = "results.json"
+HEATMAP_NAME = "heatmap.png"
+SCHEMA_VERSION = 1
+
+
+def cell_text(cell: Cell) -> str:
+    """``1.00``; ``0.67!`` when some trials failed with an error; ``ERR`` when all did; ``-`` not run."""
+    if cell.accuracy is None:
+        return "-"
+    if cell.errors == cell.trials:
+        return "ERR"
+    return f"{cell.accuracy:.2f}" + ("!" if cell.errors else "")
+
+
+def depth_label(depth: float) -> str:
+    """Two decimals, more only when needed (0.125 stays 0.125)."""
+    text = f"{depth:.2f}"
+    return text if float(text) == depth else f"{depth:.4g}"
+
+
+def multiple_label(length: int, native: int | None) -> str:
+    return f"{length / native:.3g}x" if native else ""
+
+
+def format_table(result: ProbeResult) -> str:
+    """Depth rows x length columns of accuracy, with a header and the notes a reader needs."""
+    s = result.settings
+    lines = [
+        (f"Passkey retrieval, model {result.model}: {s.trials} trial(s) per cell, seed {s.seed}, "
+         f"lengths measured by {result.token_counting}"),
+    ]
+    if not result.lengths_exact:
+        lines.append("NOTE: lengths are estimates, not the model's tokens (no tokenize endpoint, no --tokenizer)")
+    heads = [f"{length}" for length in s.lengths]
+    subs = [multiple_label(length, s.native_context) for length in s.lengths]
+    width = max(7, *(len(h) for h in heads))
+    lines.append(f"{'depth':<8}" + "".join(f"{h:>{width + 2}}" for h in heads) + "   <- length (tokens)")
+    if s.native_context:
+        lines.append(f"{'':<8}" + "".join(f"{x:>{width + 2}}" for x in subs)
+                     + f"   <- x native context {s.native_context}")
+    marks = set()
+    for depth in s.depths:
+        texts = [cell_text(result.cell(length, depth)) for length in s.lengths]
+        marks.update(t for t in texts if t in ("ERR", "-") or t.endswith("!"))
+        lines.append(f"{depth_label(depth):<8}" + "".join(f"{t:>{width + 2}}" for t in texts))
+    correct = sum(t.correct for t in result.trials)
+    lines.append(f"overall accuracy {result.overall_accuracy:.2f} ({correct}/{len(result.trials)} found; "
+                 "errors count as misses)")
+    if any(m == "ERR" or m.endswith("!") for m in marks):
+        first = next(t for t in result.trials if t.error)
+        lines.append(f"ERR / !: all / some trials of the cell failed, e.g. length {first.length}: {first.error}")
+    if "-" in marks:
+        lines.append("-: not run")
+    if result.interrupted:
+        lines.append(f"interrupted: {len(result.trials)} of {s.planned_trials} trials ran")
+    if result.stopped_by is not None:
+        lines.append(f"stopped early: {result.stopped_by}")
+    return "\n".join(lines)
+
+
+def results_dict(result: ProbeResult) -> dict:
+    s = result.settings
+    return {
+        "version": SCHEMA_VERSION,
+        "model": result.model,
+        "settings": s.public(),
+        "token_counting": {
+            "method": result.token_counting,
+            "exact": result.lengths_exact,
+            "note": None if result.lengths_exact else "lengths are estimates, not the model's tokens",
+        },
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "complete": result.complete,
+        "interrupted": result.interrupted,
+        "stopped_by": str(result.stopped_by) if result.stopped_by is not None else None,
+        "overall_accuracy": result.overall_accuracy,
+        "cells": [
+            {"length": c.length, "depth": c.depth, "trials": c.trials, "correct": c.correct, "errors": c.errors,
+             "accuracy": c.accuracy}
+            for c in result.cells()
+        ],
+        "trials": [asdict(t) for t in result.trials],
+    }
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    out_dir: Path
+    results_json: Path
+    heatmap_png: Path
+
+
+def default_out_dir(now: datetime | None = None) -> Path:
+    """``./probe-YYYYmmdd-HHMMSS`` in the working directory."""
+    return Path(f"probe-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse, before the sweep, a place that is a file or already holds results (nothing is lost)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadOption("--out", str(out_dir), "is a file; give a directory")
+    if (out_dir / RESULTS_NAME).exists():
+        raise BadOption("--out", str(out_dir), f"already holds {RESULTS_NAME}; give a new directory")
+
+
+def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
+    """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = OutputPaths(out, out / RESULTS_NAME, out / HEATMAP_NAME)
+    tmp = paths.results_json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results_dict(result), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, paths.results_json)
+
+    from .chart import write_heatmap
+
+    write_heatmap(result, paths.heatmap_png)
+    return paths

@@ -1,0 +1,200 @@
+"""What a probe sweep does, checked before anything runs, and parsed from flag text.
+
+Every check raises ``BadOption`` (exit 2, one line), so a bad flag stops ``launch probe`` before it
+contacts the server or writes a file, and ``launch serve --probe`` gets the same checks when it
+builds a ``ProbeSettings`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import BadOption
+from .client import DEFAULT_URL, normalize_url
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
+DEFAULT_TRIALS = 3
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_TOKENS = 64
+MAX_LENGTH = 10_000_000
+TEMPLATE_HEADROOM = 128  # tokens a chat template may add around the prompt
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """One sweep: every length x depth cell gets ``trials`` prompts.
+
+    ``lengths`` are whole-prompt token counts (filler + passkey line + question, without the chat
+    template). ``native_context`` only labels the table and chart (the "1x" line).
+    """
+
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    trials: int = DEFAULT_TRIALS
+    seed: int = 0
+    url: str = DEFAULT_URL
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    native_context: int | None = None
+    tokenizer: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    min_accuracy: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", normalize_url(self.url))
+        if not self.lengths:
+            raise BadOption("--lengths", "", "give at least one length")
+        for length in self.lengths:
+            if not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
+                raise BadOption("--lengths", str(length), f"a length is a whole number of tokens, 1..{MAX_LENGTH}")
+        if not self.depths:
+            raise BadOption("--depths", "", "give at least one depth")
+        for depth in self.depths:
+            if not (isinstance(depth, (int, float)) and math.isfinite(depth) and 0 <= depth <= 1):
+                raise BadOption("--depths", str(depth), "a depth is between 0 (start) and 1 (end)")
+        _check_int("--trials", self.trials, 1)
+        _check_int("--seed", self.seed, 0)
+        _check_int("--max-tokens", self.max_tokens, 1)
+        if self.native_context is not None:
+            _check_int("--native", self.native_context, 1)
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise BadOption("--timeout", str(self.timeout), "give a number of seconds greater than 0")
+        if not (isinstance(self.min_accuracy, (int, float)) and 0 <= self.min_accuracy <= 1):
+            raise BadOption("--min-accuracy", str(self.min_accuracy), "give a fraction between 0 and 1")
+        # Sorted and de-duplicated: the table and the chart read left to right, top to bottom.
+        object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
+        object.__setattr__(self, "depths", tuple(sorted({float(d) for d in self.depths})))
+
+    @property
+    def planned_trials(self) -> int:
+        return len(self.lengths) * len(self.depths) * self.trials
+
+    def public(self) -> dict:
+        """The settings as written to results.json: never the API key itself."""
+        return {
+            "url": self.url,
+            "model": self.model,
+            "api_key_set": self.api_key is not None,
+            "lengths": list(self.lengths),
+            "depths": list(self.depths),
+            "trials": self.trials,
+            "seed": self.seed,
+            "native_context": self.native_context,
+            "tokenizer": self.tokenizer,
+            "timeout_s": self.timeout,
+            "max_tokens": self.max_tokens,
+            "min_accuracy": self.min_accuracy,
+        }
+
+
+def default_lengths(native_context: int, session_len: int | None = None,
+                    max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[int, ...]:
+    """0.5x, 1x, 1.5x, 2x the native context; with a known ``session_len``, capped so that the prompt,
+    the chat template and the answer still fit (lmdeploy refuses a prompt of session_len tokens or
+    more with a 400, and cuts the answer short near the end)."""
+    lengths = [round(m * native_context) for m in DEFAULT_MULTIPLES]
+    if session_len is not None:
+        cap = max(1, session_len - max_tokens - TEMPLATE_HEADROOM)
+        lengths = [min(length, cap) for length in lengths]
+    return tuple(sorted(set(lengths)))
+
+
+def _check_int(option: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadOption(option, str(value), f"give a whole number of at least {minimum}")
+
+
+def parse_int(option: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise BadOption(option, text, f"give a whole number of at least {minimum}") from None
+    _check_int(option, value, minimum)
+    return value
+
+
+def parse_float(option: str, text: str, low: float, high: float | None = None) -> float:
+    bounds = f"between {low:g} and {high:g}" if high is not None else f"greater than {low:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadOption(option, text, f"give a number {bounds}") from None
+    if not math.isfinite(value) or value < low or (high is not None and value > high) or (
+            high is None and value <= low):
+        raise BadOption(option, text, f"give a number {bounds}")
+    return value
+
+
+def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
+    """``4000,8k,1.5x``: tokens, thousands of tokens (``k``), or multiples of the native context (``x``)."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise BadOption("--lengths", text, "give comma-separated token counts, e.g. 4000,8000,16000 or 1x,2x")
+    lengths = []
+    for item in items:
+        lower = item.lower()
+        try:
+            if lower.endswith("x"):
+                factor = float(lower[:-1])
+                if native_context is None:
+                    raise BadOption("--lengths", item, "a multiple of the native context needs --native N "
+                                    "or --preset NAME; or give token counts")
+                value = factor * native_context
+            elif lower.endswith("k"):
+                value = float(lower[:-1]) * 1000
+            else:
+                value = float(lower)
+        except ValueError:
+            raise BadOption("--lengths", item, "not a token count (4000), thousands (8k) or multiple (1.5x)") from None
+        scaled = lower.endswith(("x", "k"))  # 1.5x and 2.5k round to whole tokens; 500.5 is a mistake
+        if math.isfinite(value) and not scaled and value != int(value):
+            raise BadOption("--lengths", item, "a length is a whole number of tokens")
+        if not math.isfinite(value) or not 1 <= round(value) <= MAX_LENGTH:
+            raise BadOption("--lengths", item, f"a length is between 1 and {MAX_LENGTH} tokens")
+        lengths.append(round(value))
+    return tuple(lengths)
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """``0,0.5,1``: where the passkey goes, 0 = start of the filler, 1 = its end."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise BadOption("--depths", text, "give comma-separated depths between 0 and 1, e.g. 0,0.5,1")
+    return tuple(parse_float("--depths", item, 0.0, 1.0) for item in items)
+
+
+def settings_from_flags(*, url: str | None, model: str | None, api_key: str | None, lengths: str | None,
+                        depths: str | None, trials: str | None, seed: str | None, native: str | None,
+                        tokenizer: str | None, timeout: str | None, max_tokens: str | None,
+                        min_accuracy: str | None, native_from_preset: int | None = None) -> ProbeSettings:
+    """Flag text -> ProbeSettings; any bad value raises BadOption naming the flag."""
+    native_context = parse_int("--native", native, 1) if native is not None else native_from_preset
+    if lengths is None:
+        if native_context is None:
+            raise BadOption("--lengths", "(none)", "give token counts, e.g. --lengths 4000,8000,16000, "
+                            "or --native N / --preset NAME for the default 0.5x,1x,1.5x,2x")
+        length_values = default_lengths(native_context)
+    else:
+        length_values = parse_lengths(lengths, native_context)
+    if tokenizer is not None:
+        from pathlib import Path
+
+        if not Path(tokenizer).is_dir():
+            raise BadOption("--tokenizer", tokenizer, "not a directory; give the model's local directory")
+    return ProbeSettings(
+        lengths=length_values,
+        depths=parse_depths(depths) if depths is not None else DEFAULT_DEPTHS,
+        trials=parse_int("--trials", trials, 1) if trials is not None else DEFAULT_TRIALS,
+        seed=parse_int("--seed", seed, 0) if seed is not None else 0,
+        url=url if url is not None else DEFAULT_URL,
+        model=model or None,
+        api_key=api_key or None,
+        native_context=native_context,
+        tokenizer=tokenizer,
+        timeout=parse_float("--timeout", timeout, 0.0) if timeout is not None else DEFAULT_TIMEOUT,
+        max_tokens=parse_int("--max-tokens", max_tokens, 1) if max_tokens is not None else DEFAULT_MAX_TOKENS,
+        min_accuracy=parse_float("--min-accuracy", min_accuracy, 0.0, 1.0) if min_accuracy is not None else 0.0,
+    )

@@ -1,0 +1,155 @@
+"""MODEL -> where its config (and, when needed, its files) come from.
+
+MODEL is a local model directory, a preset name, or (with the download module) a Hugging Face repo
+id. ``plan`` needs only a config: for a preset that has not been downloaded, the preset's own
+config facts stand in. ``patch`` and ``serve`` need the files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import NotAModelDir, UnknownPreset
+from .overlay import read_model_config
+from .paths import hf_cache_dir
+from .presets import Preset, find_preset, suggestions
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    label: str  # what the user typed
+    name: str  # short name: served model name, overlay name
+    config: dict
+    config_origin: str  # a config.json path, or "preset NAME"
+    path: Path | None = None  # local model directory, when there is one
+    preset: Preset | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def has_files(self) -> bool:
+        return self.path is not None
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.endswith(("/", os.sep)) or os.sep + os.sep in text
+
+
+def from_dir(path: Path, label: str | None = None, preset: Preset | None = None, repo_id: str | None = None,
+             revision: str | None = None, trust_remote_code: bool | None = None) -> ModelSource:
+    path = Path(path).expanduser()
+    config = read_model_config(path)
+    if trust_remote_code is None:
+        trust_remote_code = preset.trust_remote_code if preset else False
+    return ModelSource(
+        label=label or str(path),
+        name=preset.name if preset else (repo_id.split("/")[-1] if repo_id else (path.resolve().name or "model")),
+        config=config,
+        config_origin=str(path / "config.json"),
+        path=path,
+        preset=preset,
+        repo_id=repo_id or (preset.repo if preset else None),
+        revision=revision or (preset.revision if preset else None),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def from_preset_facts(preset: Preset) -> ModelSource:
+    return ModelSource(
+        label=preset.name,
+        name=preset.name,
+        config=preset.stub_config(),
+        config_origin=f"preset {preset.name} (config facts; checkpoint not downloaded)",
+        preset=preset,
+        repo_id=preset.repo,
+        revision=preset.revision,
+        trust_remote_code=preset.trust_remote_code,
+    )
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """A snapshot of ``repo_id`` already in the Hugging Face cache that has a config.json, found
+    without a request and without importing huggingface_hub (plan must not touch anything)."""
+    from .hub import is_commit_sha, repo_folder
+
+    storage = hf_cache_dir() / repo_folder(repo_id)
+    rev = revision or "main"
+    if is_commit_sha(rev):
+        sha = rev
+    else:
+        try:
+            sha = (storage / "refs" / rev).read_text().strip()
+        except OSError:
+            return None
+    snapshot = storage / "snapshots" / sha
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+@dataclass(frozen=True)
+class Fetching:
+    """How to reach the Hub when a model must come from it."""
+
+    revision: str | None = None
+    quiet: bool = False
+    timeout_s: float | str | None = None
+    trust_remote_code: bool | None = None
+
+
+def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching, config_only: bool) -> ModelSource:
+    from .hub import fetch
+
+    trust = how.trust_remote_code if how.trust_remote_code is not None else (
+        preset.trust_remote_code if preset else False)
+    result = fetch(
+        repo_id,
+        revision=how.revision or (preset.revision if preset else None),
+        trust_remote_code=trust,
+        config_only=config_only,
+        quiet=how.quiet,
+        timeout_s=how.timeout_s,
+    )
+    if not config_only and not how.quiet:
+        import sys
+
+        print(result.summary(), file=sys.stderr)
+    source = from_dir(result.path, label=label, preset=preset, repo_id=repo_id, revision=result.commit_sha,
+                      trust_remote_code=trust)
+    if config_only:  # the snapshot may hold only config.json: not a directory to serve from
+        return replace(source, path=None, config_origin=f"{repo_id}@{result.commit_sha[:12]} config.json")
+    return source
+
+
+def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None = None) -> ModelSource:
+    """Find MODEL: a local directory (wins over a preset of the same name), a preset, or a repo id.
+
+    ``need_files`` (patch, serve): download what serving needs. Otherwise (plan) only a config is
+    needed: a preset uses its cached snapshot when there is one, else its own config facts (no
+    request at all); a repo id fetches config.json alone, never the weights.
+    """
+    how = fetching or Fetching()
+    candidate = Path(model).expanduser()
+    if candidate.is_dir():
+        return from_dir(candidate, label=model, trust_remote_code=how.trust_remote_code)
+    preset = find_preset(model)
+    if preset is not None:
+        if need_files:
+            return _fetch(preset.repo, preset, model, how, config_only=False)
+        cached = cached_snapshot(preset.repo, how.revision or preset.revision)
+        if cached is not None:
+            source = from_dir(cached, label=model, preset=preset, trust_remote_code=how.trust_remote_code)
+            return replace(source, path=cached if _has_weights(cached) else None)
+        return from_preset_facts(preset)
+    from .hub import looks_like_repo_id
+
+    if looks_like_repo_id(model) and not _looks_like_path(model):
+        return _fetch(model, None, model, how, config_only=not need_files)
+    if _looks_like_path(model) or candidate.exists():
+        raise NotAModelDir(str(candidate), "no such directory")
+    raise UnknownPreset(model, suggestions(model))
+
+
+def _has_weights(snapshot: Path) -> bool:
+    return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))

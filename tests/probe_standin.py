@@ -1,0 +1,248 @@
+"""STAND-IN for an lmdeploy 0.18 ``api_server`` serving a model, for the passkey probe's tests.
+
+A GPU engine cannot run here, so this is a real HTTP server on 127.0.0.1 (random port, in a thread)
+with the endpoints and JSON shapes of lmdeploy's api_server that ``launch probe`` uses:
+
+- ``GET /v1/models``: an OpenAI ``ModelList``;
+- ``POST /v1/encode`` ``{"input": str | [str], "add_bos": bool}`` -> ``{"input_ids", "length"}``
+  (lmdeploy's ``EncodeRequest`` / ``EncodeResponse``; ``add_bos`` defaults to true as there);
+- ``POST /v1/chat/completions``: an OpenAI ``ChatCompletionResponse`` with ``usage``; the prompt is
+  the chat template applied to the messages (so ``prompt_tokens`` is a few tokens more than the
+  message text, as with a real model); an unknown model is a 404;
+- a prompt of ``session_len`` tokens or more is a 400 with lmdeploy's error envelope and message
+  (``Input length (N) must be smaller than the model context length (S).``);
+- with API keys, every path but ``/health``, ``/docs``, ``/redoc``, ``/nodes`` needs
+  ``Authorization: Bearer <key>``, else 401 ``Unauthorized.`` in the same envelope.
+
+Its "model": the tokenizer splits words and single punctuation marks (one token each, deterministic),
+and the model can see only the first ``visible`` tokens of the prompt: it answers the pass key when
+the pass key line lies within them, else a wrong number. ``reply`` overrides the answer (nonsense),
+``encode=False`` removes ``/v1/encode`` (404, as on a server without it), ``chat_delay`` slows each
+answer, ``drop_after`` closes the connection unanswered from that chat request on (a server that died).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+OPEN_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+BOS = "<s>"
+WRONG_ANSWER = "I am not sure. Maybe the pass key is 7."
+
+
+def tokenize(text: str, add_bos: bool = False) -> list[str]:
+    tokens = TOKEN_RE.findall(text)
+    return [BOS, *tokens] if add_bos else tokens
+
+
+def token_ids(tokens: list[str]) -> list[int]:
+    return [zlib.crc32(t.encode()) % 32000 for t in tokens]
+
+
+def chat_template(messages: list[dict]) -> str:
+    parts = [f"<|{m.get('role', 'user')}|>\n{m.get('content') or ''}\n" for m in messages]
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def error_body(status: int, message: str, kind: str) -> dict:
+    """lmdeploy's ``ErrorResponse`` envelope (serve/openai/protocol.py)."""
+    return {"message": message, "type": kind, "code": status, "param": None, "object": "error"}
+
+
+class ProbeStandin:
+    """Start with ``with ProbeStandin(visible=1000) as server: server.url``."""
+
+    def __init__(self, *, visible: int = 1000, session_len: int = 4096, model: str = "standin-7b-chat",
+                 api_keys: tuple[str, ...] = (), encode: bool = True, reply: str | None = None,
+                 chat_delay: float = 0.0, drop_after: int | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.visible = visible
+        self.session_len = session_len
+        self.model = model
+        self.key_hashes = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+        self.encode = encode
+        self.reply = reply
+        self.chat_delay = chat_delay
+        self.drop_after = drop_after
+        self.prompts: list[str] = []  # every chat prompt text received, in order
+        self.encode_calls = 0
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        standin = self
+
+        class Handler(_Handler):
+            state = standin
+
+        self._server = _QuietServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, prompt_tokens: list[str]) -> str:
+        """What the "model" says: the pass key if its line is within the first ``visible`` tokens."""
+        if self.reply is not None:
+            return self.reply
+        seen = " ".join(prompt_tokens[: self.visible])
+        match = re.search(r"pass key is (\d+) \.", seen)
+        return f"The pass key is {match.group(1)}." if match else WRONG_ANSWER
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up (a probe timeout) is expected here, not a failure to print."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: ProbeStandin
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _authorized(self) -> bool:
+        if not self.state.key_hashes or self.path.startswith(OPEN_PREFIXES):
+            return True
+        scheme, _, key = (self.headers.get("Authorization") or "").partition(" ")
+        digest = hashlib.sha256(key.encode()).digest()
+        return scheme.lower() == "bearer" and digest in self.state.key_hashes
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return self._send(401, error_body(401, "Unauthorized.", "authentication_error"))
+        if self.path == "/health":
+            return self._send(200, {"status": "healthy"})
+        if self.path == "/metrics":
+            raw = f"# TYPE lmdeploy_prompts_total counter\nlmdeploy_prompts_total {len(self.state.prompts)}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        if self.path == "/v1/models":
+            card = {"id": self.state.model, "object": "model", "created": int(time.time()), "owned_by": "lmdeploy",
+                    "root": self.state.model, "parent": None, "permission": []}
+            return self._send(200, {"object": "list", "data": [card]})
+        self._send(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return self._send(401, error_body(401, "Unauthorized.", "authentication_error"))
+        body = self._body()
+        if self.path == "/v1/encode" and self.state.encode:
+            with self.state.lock:
+                self.state.encode_calls += 1
+            add_bos = body.get("add_bos", True)
+            texts = body["input"]
+            if isinstance(texts, str):
+                ids = token_ids(tokenize(texts, add_bos))
+                return self._send(200, {"input_ids": ids, "length": len(ids)})
+            all_ids = [token_ids(tokenize(t, add_bos)) for t in texts]
+            return self._send(200, {"input_ids": all_ids, "length": [len(i) for i in all_ids]})
+        if self.path == "/v1/chat/completions":
+            return self._chat(body)
+        self._send(404, {"detail": "Not Found"})
+
+    def _chat(self, body: dict) -> None:
+        state = self.state
+        with state.lock:
+            state.prompts.append("\n".join(m.get("content") or "" for m in body.get("messages", [])))
+            drop = state.drop_after is not None and len(state.prompts) > state.drop_after
+        if drop:  # the server "died": the connection closes with no answer
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if body.get("model") != state.model:
+            return self._send(404, error_body(404, f"The model {body.get('model')!r} does not exist.",
+                                              "not_found_error"))
+        tokens = tokenize(chat_template(body.get("messages", [])), add_bos=True)
+        if len(tokens) >= state.session_len:
+            message = (f"Input length ({len(tokens)}) must be smaller than the model context length "
+                       f"({state.session_len}).")
+            return self._send(400, error_body(400, message, "invalid_request_error"))
+        if state.chat_delay:
+            time.sleep(state.chat_delay)
+        text = state.answer(tokens)
+        completion = len(tokenize(text))
+        self._send(200, {
+            "id": f"chatcmpl-{len(state.prompts)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": state.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": completion,
+                      "total_tokens": len(tokens) + completion},
+        })
+
+
+# --- helpers the probe tests share -------------------------------------------------------------
+
+
+def passkey_end(prompt_text: str, passkey: str) -> int:
+    """How many tokens of the templated prompt the model must see to read the whole pass key line."""
+    tokens = tokenize(chat_template([{"role": "user", "content": prompt_text}]), add_bos=True)
+    line = ["pass", "key", "is", passkey, "."]
+    for i in range(len(tokens) - len(line) + 1):
+        if tokens[i:i + len(line)] == line:
+            return i + len(line)
+    raise AssertionError(f"pass key {passkey} is not in the prompt")
+
+
+def closed_port_url() -> str:
+    """An address on 127.0.0.1 where nothing listens (connection refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; fails unless the file starts like a PNG."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert head[12:16] == b"IHDR", "first chunk is not IHDR"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

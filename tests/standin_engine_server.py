@@ -1,0 +1,42 @@
+"""STAND-IN for ``python -m launcher.engine_server SPEC.json`` (the GPU engine cannot run here).
+
+Same interface as the real serving process: one argument, the spec file launch writes; it binds the
+spec's host and port, serves the spec's model name with the spec's API keys, and stops on SIGTERM
+or SIGINT. Behind the HTTP endpoints is the probe's stand-in "model" (tests/probe_standin.py) with
+the spec's session_len, seeing the whole prompt. It logs like the real one so that the supervisor
+has a log to show.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.probe_standin import ProbeStandin
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    session_len = spec["engine_config"]["session_len"]
+    print(f"stand-in engine_server: {spec['backend']} session_len={session_len} model {spec['model_path']}",
+          file=sys.stderr, flush=True)
+    time.sleep(0.3)  # "loading weights": the port stays closed meanwhile, as with lmdeploy
+    with ProbeStandin(visible=session_len, session_len=session_len, model=spec["model_name"],
+                      api_keys=tuple(spec["api_keys"]), host=spec["server_name"], port=spec["server_port"]):
+        print("INFO:     Uvicorn running", file=sys.stderr, flush=True)
+        stop.wait()
+    print("INFO:     Finished server process", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The KV-cache planner against hand-computed numbers (lmdeploy 0.18 TurboMind's formula)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.kvcache import (
+    GiB,
+    ModelShape,
+    bytes_per_session,
+    bytes_per_token,
+    kv_costs,
+    largest_session,
+    plan_memory,
+)
+
+INTERNLM2_5 = ModelShape(layers=32, heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
+
+
+def test_internlm2_5_65536_tokens_fp16_is_8_gib():
+    assert bytes_per_token(INTERNLM2_5) == 131072  # 32 x 2 x 8 x 128 x 2
+    assert bytes_per_session(INTERNLM2_5, 65536) == 8 * GiB
+
+
+@pytest.mark.parametrize("quant, per_token", [(0, 131072), (8, 32 * 2 * 8 * (128 + 4)), (4, 32 * 2 * 8 * (64 + 4))])
+def test_quantized_kv_adds_4_bytes_per_head(quant, per_token):
+    assert bytes_per_token(INTERNLM2_5, quant_policy=quant) == per_token
+
+
+@pytest.mark.parametrize("tp, per_token", [(1, 131072), (2, 65536), (8, 16384), (16, 16384)])
+def test_tensor_parallel_splits_kv_heads_and_repeats_them_below_tp(tp, per_token):
+    assert bytes_per_token(INTERNLM2_5, tp=tp) == per_token
+
+
+def test_sessions_are_whole_64_token_blocks():
+    assert bytes_per_session(INTERNLM2_5, 100) == 128 * 131072
+    assert bytes_per_session(INTERNLM2_5, 128) == 128 * 131072
+    assert bytes_per_session(INTERNLM2_5, 129) == 192 * 131072
+
+
+def test_shape_from_config_defaults():
+    shape = ModelShape.from_config({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256})
+    assert (shape.kv_heads, shape.head_dim) == (4, 64)
+
+
+def test_fit_counts_full_sessions_in_the_budget():
+    weights = 15 * GiB
+    m = plan_memory(INTERNLM2_5, session_len=65536, gpu_bytes=80 * GiB, weights_bytes=weights)
+    assert m.budget_bytes == int((80 - 15) * GiB * 0.8)  # 52 GiB
+    assert m.sessions == 6 and m.fits and m.advice == ()
+    assert m.largest_session_len == (52 * GiB // 131072) // 64 * 64
+
+
+def test_no_fit_gives_the_largest_session_and_what_else_would_fit():
+    # 24 GiB GPU, 15 GiB weights: budget (24 - 15) x 0.8 = 7.2 GiB; a 65536 session needs 8 GiB fp16
+    m = plan_memory(INTERNLM2_5, session_len=65536, gpu_bytes=24 * GiB, weights_bytes=15 * GiB,
+                    native_context=32768)
+    assert not m.fits and m.sessions == 0
+    budget = int(9 * GiB * 0.8)
+    largest = (budget // 131072) // 64 * 64
+    assert m.largest_session_len == largest == 58944
+    assert m.advice[0] == f"--session-len {largest} (the largest that fits)"
+    assert "--quant-policy 8 (int8 KV cache)" in m.advice  # 4.125 GiB per session
+    assert any(a.startswith("--tp 2") for a in m.advice)  # (24 - 7.5) x 0.8 = 13.2 GiB >= 4 GiB
+    assert "--factor 1.79 (a smaller factor)" in m.advice  # 58944 / 32768
+
+
+def test_more_tp_is_not_advised_beyond_the_gpus_present():
+    m = plan_memory(INTERNLM2_5, session_len=65536, gpu_bytes=24 * GiB, weights_bytes=15 * GiB, gpu_count=1)
+    assert not any(a.startswith("--tp") for a in m.advice)
+
+
+def test_weights_that_fill_the_gpu_leave_nothing():
+    m = plan_memory(INTERNLM2_5, session_len=4096, gpu_bytes=10 * GiB, weights_bytes=12 * GiB)
+    assert m.budget_bytes == 0 and m.largest_session_len == 0
+    assert any("more memory" in a or a.startswith("--tp") for a in m.advice)
+
+
+def test_kv_costs_table():
+    costs = kv_costs(INTERNLM2_5, 65536)
+    assert [c.name for c in costs.values()] == ["fp16", "int8", "int4"]
+    assert costs[0].bytes_per_session == 8 * GiB
+    assert largest_session(8 * GiB, 131072) == 65536

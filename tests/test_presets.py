@@ -1,0 +1,183 @@
+"""Presets: the schema, the built-in files, user directories, lookup and the `presets` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.errors import InvalidPreset, UnknownPreset
+from launcher.paths import builtin_presets_dir
+from launcher.presets import all_presets, get_preset, load_preset_file, preset_files, suggestions
+from launcher.rope import read_rope
+
+REQUIRED = [
+    "internlm-chat-7b", "internlm2-chat-7b", "internlm2_5-7b-chat", "internlm2_5-7b-chat-1m",
+    "internlm3-8b-instruct", "llama-2-7b-chat", "llama-3-8b-instruct", "llama-3.1-8b-instruct",
+    "qwen2.5-7b-instruct", "qwen2.5-0.5b-instruct", "mistral-7b-instruct-v0.2",
+]
+
+# Facts from each model's own config.json (repo, architecture, max_position_embeddings,
+# layers, hidden, heads, kv heads, head_dim, dtype).
+FACTS = {
+    "internlm-chat-7b": ("internlm/internlm-chat-7b", "InternLMForCausalLM", 2048, 32, 4096, 32, 32, 128, "float16"),
+    "internlm2-chat-7b": ("internlm/internlm2-chat-7b", "InternLM2ForCausalLM", 32768, 32, 4096, 32, 8, 128, "bfloat16"),
+    "internlm2_5-7b-chat": ("internlm/internlm2_5-7b-chat", "InternLM2ForCausalLM", 32768, 32, 4096, 32, 8, 128, "bfloat16"),
+    "internlm2_5-7b-chat-1m": ("internlm/internlm2_5-7b-chat-1m", "InternLM2ForCausalLM", 262144, 32, 4096, 32, 8, 128, "bfloat16"),
+    "internlm3-8b-instruct": ("internlm/internlm3-8b-instruct", "InternLM3ForCausalLM", 32768, 48, 4096, 32, 2, 128, "bfloat16"),
+    "llama-2-7b-chat": ("meta-llama/Llama-2-7b-chat-hf", "LlamaForCausalLM", 4096, 32, 4096, 32, 32, 128, "float16"),
+    "llama-3-8b-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "LlamaForCausalLM", 8192, 32, 4096, 32, 8, 128, "bfloat16"),
+    "llama-3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", "LlamaForCausalLM", 131072, 32, 4096, 32, 8, 128, "bfloat16"),
+    "qwen2.5-7b-instruct": ("Qwen/Qwen2.5-7B-Instruct", "Qwen2ForCausalLM", 32768, 28, 3584, 28, 4, 128, "bfloat16"),
+    "qwen2.5-0.5b-instruct": ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2ForCausalLM", 32768, 24, 896, 14, 2, 64, "bfloat16"),
+    "mistral-7b-instruct-v0.2": ("mistralai/Mistral-7B-Instruct-v0.2", "MistralForCausalLM", 32768, 32, 4096, 32, 8, 128, "bfloat16"),
+}
+
+GOOD = {
+    "name": "mine",
+    "repo": "me/mine",
+    "native_context": 4096,
+    "rope": {"type": "dynamic", "factor": 2.0},
+    "parameters": 1.0e9,
+    "config": {
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "torch_dtype": "float16",
+    },
+}
+
+
+def write_preset(directory: Path, data: dict, name: str | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name or data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_every_required_model_has_a_valid_preset():
+    names = set(preset_files())
+    assert set(REQUIRED) <= names
+    for entry, preset in all_presets():
+        assert entry.builtin and entry.path.parent == builtin_presets_dir()
+        assert preset.name == entry.path.stem
+
+
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_preset_facts_match_the_models_configs(name):
+    repo, arch, max_pos, layers, hidden, heads, kv, head_dim, dtype = FACTS[name]
+    p = get_preset(name)
+    c = p.config
+    assert (p.repo, c.architectures[0], c.max_position_embeddings) == (repo, arch, max_pos)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads,
+            c.head_dim, c.torch_dtype) == (layers, hidden, heads, kv, head_dim, dtype)
+    assert read_rope(p.stub_config()).native_context == p.native_context
+
+
+def test_remote_code_only_where_the_model_needs_it():
+    for name in REQUIRED:
+        assert get_preset(name).trust_remote_code == name.startswith("internlm"), name
+
+
+def test_internlm_v1_preset_carries_the_v1_chat_template():
+    t = get_preset("internlm-chat-7b").chat_template
+    assert (t.system, t.user, t.assistant, t.eoa, t.stop_words) == ("<|System|>:", "<|User|>:", "<|Bot|>:", "<eoa>", ["<eoa>"])
+    assert "Shanghai AI Laboratory" in t.meta_instruction
+
+
+def test_user_presets_are_found_and_override_builtin(tmp_path, monkeypatch):
+    user = tmp_path / "presets"
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(user))
+    write_preset(user, GOOD)
+    override = dict(GOOD, name="llama-2-7b-chat", repo="me/llama", description="mine")
+    write_preset(user, override)
+    files = preset_files()
+    assert not files["mine"].builtin and not files["llama-2-7b-chat"].builtin
+    assert get_preset("llama-2-7b-chat").repo == "me/llama"
+    assert get_preset("mine").native_context == 4096
+
+
+def test_default_user_directory_is_under_the_config_home(monkeypatch, tmp_path):
+    config_home = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    write_preset(config_home / "launch" / "presets", GOOD)
+    assert get_preset("mine").repo == "me/mine"
+
+
+@pytest.mark.parametrize(
+    "mutate, field, problem",
+    [
+        (lambda d: d.update(contxt=5), "contxt", "unknown field"),
+        (lambda d: d["config"].update(num_layers=3), "config.num_layers", "unknown field"),
+        (lambda d: d["rope"].update(factor=1.0), "rope.factor", "greater than 1"),
+        (lambda d: d["rope"].update(type="ntk"), "rope.type", "dynamic"),
+        (lambda d: d.update(native_context=8192), "native_context", "disagrees"),
+        (lambda d: d.update(repo="not a repo"), "repo", "pattern"),
+        (lambda d: d.pop("parameters"), "parameters", "required"),
+        (lambda d: d.update(engine={"quant_policy": 2}), "engine.quant_policy", "0, 4 or 8"),
+        (lambda d: d.update(engine={"cache_max_entry_count": 1.0}), "engine.cache_max_entry_count", "less than 1"),
+        (lambda d: d.update(name="other"), "name", "must match the file name"),
+    ],
+)
+def test_invalid_presets_name_the_file_and_the_field(tmp_path, monkeypatch, mutate, field, problem):
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    mutate(data)
+    path = write_preset(tmp_path, data, name="mine")
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    message = str(err.value)
+    assert str(path) in message and repr(field) in message and problem in message, message
+
+
+def test_unparseable_yaml_is_an_invalid_preset(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert "not valid YAML" in str(err.value)
+
+
+def test_unknown_name_suggests_the_closest():
+    with pytest.raises(UnknownPreset) as err:
+        get_preset("internlm2.5-7b-chat")
+    assert "internlm2_5-7b-chat" in str(err.value)
+    assert "qwen2.5-7b-instruct" in suggestions("qwen-7b-instruct") or "qwen2.5-7b-instruct" in suggestions("qwen2.5-7b")
+
+
+def test_presets_command_lists_every_preset(launch, tmp_path):
+    user = tmp_path / "presets"
+    write_preset(user, GOOD)
+    result = launch("presets", env={"LAUNCH_PRESETS_DIR": str(user)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in REQUIRED + ["mine"]:
+        assert any(line.startswith(name + " ") for line in lines), name
+    row = next(line for line in lines if line.startswith("internlm2_5-7b-chat "))
+    assert "32,768" in row and "dynamic x2" in row and "65,536" in row
+    assert "(user)" in next(line for line in lines if line.startswith("mine "))
+
+
+def test_presets_show_prints_the_file(launch):
+    result = launch("presets", "show", "qwen2.5-7b-instruct")
+    assert result.returncode == 0, result.stderr
+    assert "repo: Qwen/Qwen2.5-7B-Instruct" in result.stdout
+    assert yaml.safe_load(result.stdout)["rope"] == {"type": "yarn", "factor": 4.0}
+
+
+def test_presets_show_unknown_suggests(launch):
+    result = launch("presets", "show", "qwen2.5-7b")
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Did you mean" in result.stderr and "qwen2.5" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_user_preset_fails_listing_with_one_line(launch, tmp_path):
+    user = tmp_path / "presets"
+    write_preset(user, dict(GOOD, factorr=2))
+    result = launch("presets", env={"LAUNCH_PRESETS_DIR": str(user)})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "mine.yaml" in result.stderr and "'factorr'" in result.stderr and "Traceback" not in result.stderr

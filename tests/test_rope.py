@@ -1,0 +1,436 @@
+"""The RoPE rules as pure functions: every rule and refusal, plus properties over generated configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from launcher.errors import (
+    BadConfig,
+    BadFactor,
+    BadOption,
+    ExistingScalingUnsupported,
+    MissingFactor,
+    ReplacesScaling,
+    SessionBeyondScaling,
+    ShrinksContext,
+    UnknownRopeType,
+    UnsupportedRopeType,
+)
+from launcher.rope import (
+    ENGINE_TYPES,
+    RopeRequest,
+    apply,
+    decide,
+    parse_factor,
+    parse_rope_type,
+    read_rope,
+)
+
+
+def llama(max_pos=4096, rope_scaling=None, **extra):
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": max_pos,
+        "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling,
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+    }
+    config.update(extra)
+    return config
+
+
+def changed_keys(decision):
+    return {c.dotted for c in decision.changes}
+
+
+# --- factor and type parsing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["0", "1", "1.0", "-2", "nan", "inf", "-inf", "abc", "", "0.5"])
+def test_bad_factors_are_refused(text):
+    with pytest.raises(BadFactor) as err:
+        parse_factor(text)
+    assert "greater than 1" in str(err.value)
+    assert repr(text) in str(err.value)
+
+
+@pytest.mark.parametrize("text, value", [("2", 2.0), ("1.5", 1.5), ("8", 8.0), (" 4 ", 4.0), (2.5, 2.5)])
+def test_good_factors(text, value):
+    assert parse_factor(text) == value
+
+
+def test_bool_is_not_a_factor():
+    with pytest.raises(BadFactor):
+        parse_factor(True)
+
+
+def test_rope_type_names():
+    assert parse_rope_type("YaRN") == "yarn"
+    for name in ("dynamic", "linear", "yarn", "llama3"):
+        assert parse_rope_type(name) == name
+    with pytest.raises(UnknownRopeType) as err:
+        parse_rope_type("ntk")
+    assert "dynamic, linear, yarn, llama3" in str(err.value)
+
+
+# --- native context ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scaling, max_pos, native",
+    [
+        (None, 4096, 4096),
+        ({"type": "default"}, 4096, 4096),
+        ({"rope_type": "default", "rope_theta": 1e4}, 4096, 4096),
+        ({"type": "dynamic", "factor": 2.0}, 32768, 32768),
+        ({"type": "linear", "factor": 4.0}, 2048, 2048),
+        ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072, 32768),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}, 131072, 8192),
+        ({"type": "yarn", "factor": 4.0}, 32768, 32768),  # no original: max_position_embeddings is N
+    ],
+)
+def test_native_context(scaling, max_pos, native):
+    assert read_rope(llama(max_pos, scaling)).native_context == native
+
+
+def test_absent_rope_scaling_key_means_none():
+    config = llama()
+    del config["rope_scaling"]
+    state = read_rope(config)
+    assert state.rope_type is None and state.native_context == 4096 and state.key == "rope_scaling"
+
+
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ({"architectures": ["X"]}, "max_position_embeddings must be a positive integer"),
+        (llama(max_pos=0), "max_position_embeddings must be a positive integer"),
+        (llama(max_pos="4096"), "max_position_embeddings must be a positive integer"),
+        (llama(rope_scaling="dynamic"), "rope_scaling must be an object or null"),
+        (llama(rope_scaling={"type": "dynamic", "factor": "two"}), "factor must be a number"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_configs_missing_facts_are_refused(config, problem):
+    with pytest.raises(BadConfig) as err:
+        read_rope(config, "x/config.json")
+    assert problem in str(err.value) and "x/config.json" in str(err.value)
+
+
+# --- what is written per type ----------------------------------------------------------------
+
+
+def test_dynamic_keeps_max_position_embeddings():
+    d = decide(llama(2048), RopeRequest(factor=2.0, rope_type="dynamic"))
+    assert d.settings == {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}
+    assert d.max_position_embeddings == 2048
+    assert d.session_len == 4096 and d.native_context == 2048
+    assert changed_keys(d) == {"rope_scaling"}
+
+
+def test_linear_keeps_max_position_embeddings():
+    d = decide(llama(4096), RopeRequest(factor=4.0, rope_type="linear"))
+    assert d.settings == {"type": "linear", "rope_type": "linear", "factor": 4.0}
+    assert d.max_position_embeddings == 4096 and d.session_len == 16384
+
+
+def test_yarn_raises_max_position_embeddings_and_records_original():
+    d = decide(llama(32768), RopeRequest(factor=4.0, rope_type="yarn"))
+    assert d.settings == {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert d.max_position_embeddings == 131072 and d.session_len == 131072
+    assert changed_keys(d) == {"rope_scaling", "max_position_embeddings"}
+
+
+def test_llama3_shape():
+    d = decide(llama(8192), RopeRequest(factor=4.0, rope_type="llama3"))
+    assert d.settings == {
+        "type": "llama3", "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    }
+    assert d.max_position_embeddings == 32768
+
+
+def test_qwen_card_recipe_is_repaired():
+    """yarn x4 with original 32768 but max_position_embeddings 32768: TurboMind would read factor
+    1.0 (max/original). launch raises max_position_embeddings to 131072."""
+    recipe = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    d = decide(llama(32768, recipe), RopeRequest(factor=4.0, rope_type="yarn"))
+    assert d.max_position_embeddings == 131072 and d.session_len == 131072
+    assert d.settings["rope_type"] == "yarn" and d.settings["original_max_position_embeddings"] == 32768
+
+
+def test_llama31_as_shipped_is_kept_and_serves_its_declared_context():
+    shipped = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    d = decide(llama(131072, shipped), RopeRequest(factor=8.0, rope_type="llama3"))
+    assert d.unchanged
+    assert d.native_context == 8192 and d.session_len == 131072
+
+
+def test_same_type_keeps_extra_keys():
+    old = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096, "beta_fast": 16}
+    d = decide(llama(8192, old), RopeRequest(factor=4.0, rope_type="yarn"))
+    assert d.settings["beta_fast"] == 16 and d.max_position_embeddings == 16384
+
+
+def test_existing_dynamic_with_same_factor_is_unchanged():
+    d = decide(llama(32768, {"type": "dynamic", "factor": 2.0}), RopeRequest(factor=2.0))
+    assert d.unchanged and d.session_len == 65536 and d.rope_type == "dynamic"
+
+
+def test_type_defaults_to_existing_then_dynamic():
+    assert decide(llama(4096, {"type": "linear", "factor": 2.0}), RopeRequest(factor=4.0)).rope_type == "linear"
+    assert decide(llama(4096), RopeRequest(factor=2.0)).rope_type == "dynamic"
+
+
+def test_factor_defaults_to_existing():
+    d = decide(llama(32768, {"type": "dynamic", "factor": 3.0}), RopeRequest())
+    assert d.factor == 3.0 and d.unchanged
+
+
+def test_no_factor_anywhere_is_an_error():
+    with pytest.raises(MissingFactor):
+        decide(llama(4096), RopeRequest())
+
+
+# --- where it is written ------------------------------------------------------------------------
+
+
+def test_transformers5_rope_parameters_are_patched_in_place():
+    config = llama(4096)
+    del config["rope_scaling"], config["rope_theta"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    d = decide(config, RopeRequest(factor=2.0, rope_type="yarn"))
+    assert d.key == "rope_parameters"
+    patched = apply(config, d)
+    assert "rope_scaling" not in patched
+    assert patched["rope_parameters"] == {
+        "rope_theta": 500000.0, "type": "yarn", "rope_type": "yarn", "factor": 2.0,
+        "original_max_position_embeddings": 4096,
+    }
+    assert patched["max_position_embeddings"] == 8192
+
+
+@pytest.mark.parametrize("nest", ["text_config", "llm_config", "language_config"])
+def test_multimodal_configs_are_patched_in_the_language_model(nest):
+    config = {"architectures": ["SomeVLM"], "vision_config": {"hidden_size": 8}, nest: llama(4096)}
+    d = decide(config, RopeRequest(factor=2.0, rope_type="yarn"))
+    patched = apply(config, d)
+    assert patched[nest]["rope_scaling"]["factor"] == 2.0
+    assert patched[nest]["max_position_embeddings"] == 8192
+    assert "rope_scaling" not in patched and "max_position_embeddings" not in patched
+    assert changed_keys(d) == {f"{nest}.rope_scaling", f"{nest}.max_position_embeddings"}
+
+
+# --- InternLM v1 ------------------------------------------------------------------------------
+
+
+def internlm_v1():
+    return {
+        "architectures": ["InternLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_internlm.InternLMConfig",
+            "AutoModel": "modeling_internlm.InternLMForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
+        },
+        "bias": True,
+        "model_type": "internlm",
+        "max_position_embeddings": 2048,
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "rope_scaling": None,
+    }
+
+
+def test_internlm_v1_becomes_llama_with_attention_bias():
+    config = internlm_v1()
+    d = decide(config, RopeRequest(factor=2.0))
+    patched = apply(config, d)
+    assert patched["architectures"] == ["LlamaForCausalLM"]
+    assert patched["model_type"] == "llama"
+    assert patched["attention_bias"] is True and patched["mlp_bias"] is False
+    assert patched["rope_theta"] == 10000.0
+    assert "auto_map" not in patched
+    assert d.session_len == 4096
+    assert config == internlm_v1()  # the input is not modified
+
+
+def test_internlm_v1_rotary_base_becomes_rope_theta_and_tokenizer_map_is_kept():
+    config = internlm_v1()
+    config["rotary"] = {"base": 20000, "type": "dynamic"}
+    config["auto_map"]["AutoTokenizer"] = ["tokenization_internlm.InternLMTokenizer", None]
+    patched = apply(config, decide(config, RopeRequest(factor=2.0)))
+    assert patched["rope_theta"] == 20000.0
+    assert patched["auto_map"] == {"AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None]}
+
+
+def test_internlm_v1_without_bias_gets_no_attention_bias():
+    config = internlm_v1()
+    config["bias"] = False
+    assert apply(config, decide(config, RopeRequest(factor=2.0)))["attention_bias"] is False
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_replacing_another_type_is_refused_then_allowed_with_force():
+    llama31 = llama(131072, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    with pytest.raises(ReplacesScaling) as err:
+        decide(llama31, RopeRequest(factor=16.0, rope_type="dynamic"))
+    assert "--type llama3" in str(err.value) and "--force" in str(err.value)
+    d = decide(llama31, RopeRequest(factor=16.0, rope_type="dynamic", force=True))
+    assert d.settings == {"type": "dynamic", "rope_type": "dynamic", "factor": 16.0}
+    assert d.max_position_embeddings == 8192  # back to the NTK threshold N
+    assert any("replacing" in w for w in d.warnings)
+
+
+def test_shrinking_is_refused_then_allowed_with_force():
+    config = llama(32768, {"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ShrinksContext) as err:
+        decide(config, RopeRequest(factor=1.5))
+    assert "49152" in str(err.value) and "65536" in str(err.value)
+    d = decide(config, RopeRequest(factor=1.5, force=True))
+    assert d.session_len == 49152 and any("shrinking" in w for w in d.warnings)
+
+
+def test_llama3_factor_that_declares_less_than_shipped_is_a_shrink():
+    llama31 = llama(131072, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    with pytest.raises(ShrinksContext):
+        decide(llama31, RopeRequest(factor=12.0, rope_type="llama3"))
+    assert decide(llama31, RopeRequest(factor=16.0, rope_type="llama3")).session_len == 131072
+
+
+def test_existing_type_launch_cannot_extend_is_refused():
+    with pytest.raises(ExistingScalingUnsupported) as err:
+        decide(llama(4096, {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}),
+               RopeRequest(factor=2.0, force=True))
+    assert "longrope" in str(err.value)
+
+
+def test_type_the_engine_lacks_is_refused(monkeypatch):
+    monkeypatch.setitem(ENGINE_TYPES, "turbomind", ("default", "linear", "dynamic", "llama3"))
+    with pytest.raises(UnsupportedRopeType) as err:
+        decide(llama(4096), RopeRequest(factor=2.0, rope_type="yarn"))
+    assert "turbomind" in str(err.value)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(BadOption):
+        decide(llama(4096), RopeRequest(factor=2.0, engine="vllm"))
+
+
+# --- session length -----------------------------------------------------------------------------
+
+
+def test_session_len_default_is_n_times_f_rounded():
+    assert decide(llama(262144), RopeRequest(factor=2.5)).session_len == 655360
+    assert decide(llama(1000), RopeRequest(factor=1.5)).session_len == 1500
+
+
+def test_larger_session_len_is_a_warning_for_dynamic():
+    d = decide(llama(32768), RopeRequest(factor=2.0, session_len=200000))
+    assert d.session_len == 200000
+    assert any("dynamic NTK keeps extrapolating" in w for w in d.warnings)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "yarn", "llama3"])
+def test_larger_session_len_is_refused_for_other_types_unless_forced(rope_type):
+    with pytest.raises(SessionBeyondScaling) as err:
+        decide(llama(8192), RopeRequest(factor=2.0, rope_type=rope_type, session_len=20000))
+    assert "16384" in str(err.value) and "--force" in str(err.value)
+    d = decide(llama(8192), RopeRequest(factor=2.0, rope_type=rope_type, session_len=20000, force=True))
+    assert d.session_len == 20000 and d.warnings
+
+
+def test_smaller_session_len_is_allowed_and_within_native_warns():
+    assert decide(llama(8192), RopeRequest(factor=2.0, session_len=10000)).warnings == ()
+    d = decide(llama(8192), RopeRequest(factor=2.0, session_len=4096))
+    assert d.session_len == 4096 and any("within the native" in w for w in d.warnings)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_nonpositive_session_len_is_refused(value):
+    with pytest.raises(BadOption):
+        decide(llama(8192), RopeRequest(factor=2.0, session_len=value))
+
+
+# --- properties over generated configs ------------------------------------------------------------
+
+scalings = st.one_of(
+    st.none(),
+    st.just({"type": "default"}),
+    st.builds(lambda f: {"type": "dynamic", "factor": f}, st.sampled_from([1.5, 2.0, 3.0])),
+    st.builds(lambda f: {"rope_type": "linear", "factor": f}, st.sampled_from([2.0, 4.0])),
+)
+requests = st.builds(
+    RopeRequest,
+    factor=st.one_of(st.none(), st.floats(min_value=1.01, max_value=64, allow_nan=False)),
+    rope_type=st.one_of(st.none(), st.sampled_from(["dynamic", "linear", "yarn", "llama3"])),
+    session_len=st.none(),
+    force=st.booleans(),
+)
+
+
+@st.composite
+def configs(draw):
+    config = llama(draw(st.sampled_from([512, 2048, 4096, 32768, 131072])), draw(scalings))
+    if draw(st.booleans()):
+        config["architectures"] = ["InternLMForCausalLM"]
+        config["bias"] = draw(st.booleans())
+    if draw(st.booleans()):  # transformers 5 layout
+        config["rope_parameters"] = dict(config.pop("rope_scaling") or {"rope_type": "default"})
+        config["rope_parameters"]["rope_theta"] = config.pop("rope_theta")
+    if draw(st.booleans()):
+        config = {"architectures": ["VLM"], "vision_config": {}, draw(st.sampled_from(
+            ["text_config", "llm_config", "language_config"])): config}
+    return config
+
+
+def _decide_or_none(config, request):
+    try:
+        return decide(config, request)
+    except (MissingFactor, ReplacesScaling, ShrinksContext):
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(configs(), requests)
+def test_patching_is_idempotent_and_never_mutates_the_source(config, request):
+    original = copy.deepcopy(config)
+    first = _decide_or_none(config, request)
+    assert config == original
+    if first is None:
+        return
+    patched = apply(config, first)
+    assert config == original
+    # the written config always parses back, as JSON and as RoPE state
+    reparsed = json.loads(json.dumps(patched))
+    state = read_rope(reparsed)
+    assert state.rope_type == first.rope_type
+    assert state.factor == first.factor
+    assert state.native_context == first.native_context
+    assert state.max_position_embeddings == first.max_position_embeddings
+    # applying the same settings again changes nothing
+    again = decide(reparsed, RopeRequest(factor=first.factor, rope_type=first.rope_type, force=request.force))
+    assert again.unchanged, again.changes
+    assert apply(reparsed, again) == reparsed
+    assert again.session_len == first.session_len
+    # the served context never shrinks unless forced
+    if not request.force:
+        assert first.covered_context >= read_rope(original).served_context
+    assert math.isclose(first.covered_context / first.native_context, first.factor, rel_tol=0.01) or (
+        first.unchanged and first.rope_type in ("yarn", "llama3")
+    )

@@ -1,0 +1,298 @@
+"""`launch serve` on a CPU machine: the exact engine config and server arguments (real lmdeploy
+classes and parser), the checks that stop it before anything slow, and the whole serve path against
+a stand-in for the GPU engine (tests/standin_engine_server.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from launcher.engine import backend_config, chat_template_config, serve_kwargs, spec_to_json
+from launcher.plan import PlanRequest, build_plan, make_overlay
+from launcher.presets import get_preset
+from launcher.resolve import from_dir
+from tests.test_cli_plan_patch import assert_one_line_error
+from tests.test_overlay import LLAMA
+
+REPO = Path(__file__).resolve().parent.parent
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def lmdeploy_parser():
+    from lmdeploy.cli.cli import CLI
+    from lmdeploy.cli.serve import SubCliServe
+
+    if not getattr(lmdeploy_parser, "done", False):
+        SubCliServe.add_parsers()
+        lmdeploy_parser.done = True
+    return CLI.parser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the exact engine call ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "preset, args, expected",
+    [
+        ("internlm2_5-7b-chat", {"factor": "2"},
+         {"session_len": 65536, "tp": 1, "max_batch_size": 64, "cache_max_entry_count": 0.8, "quant_policy": 0}),
+        ("internlm2_5-7b-chat-1m", {},
+         {"session_len": 655360, "tp": 4, "max_batch_size": 1, "cache_max_entry_count": 0.7, "quant_policy": 0}),
+        ("qwen2.5-7b-instruct", {"factor": "4", "rope_type": "yarn", "tp": 2, "quant_policy": 8},
+         {"session_len": 131072, "tp": 2, "max_batch_size": 64, "cache_max_entry_count": 0.8, "quant_policy": 8}),
+        ("internlm-chat-7b", {"factor": "2", "cache_max_entry_count": 0.5, "max_batch_size": 8},
+         {"session_len": 4096, "tp": 1, "max_batch_size": 8, "cache_max_entry_count": 0.5, "quant_policy": 0}),
+    ],
+)
+def test_turbomind_engine_config_with_the_real_class(preset, args, expected):
+    from lmdeploy.messages import TurbomindEngineConfig
+
+    plan = build_plan(PlanRequest(model=preset, **args))
+    spec = spec_to_json(plan.engine, "/models/overlay")
+    config = backend_config(spec)
+    assert type(config) is TurbomindEngineConfig
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+    assert config.rope_scaling_factor == 0.0  # ignored by lmdeploy >= 0.14: launch never relies on it
+
+
+def test_pytorch_engine_config_for_mistral():
+    from lmdeploy.messages import PytorchEngineConfig
+
+    plan = build_plan(PlanRequest(model="mistral-7b-instruct-v0.2", factor="2"))
+    config = backend_config(spec_to_json(plan.engine, "/m"))
+    assert type(config) is PytorchEngineConfig
+    assert (config.session_len, config.tp, config.max_batch_size) == (65536, 1, 64)
+
+
+def test_serve_kwargs_bind_to_lmdeploys_serve_and_keys_are_a_list(tmp_path):
+    from lmdeploy.model import ChatTemplateConfig
+    from lmdeploy.serve.openai.api_server import serve
+
+    src = tmp_path / "v1"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(get_preset("internlm-chat-7b").stub_config()))
+    plan = build_plan(PlanRequest(model="internlm-chat-7b", factor="2"), source=from_dir(src, preset=get_preset("internlm-chat-7b")))
+    overlay = make_overlay(plan)
+    spec = spec_to_json(plan.engine, str(overlay.path))
+    spec["api_keys"] = ["sk-one", "sk-two"]
+    kwargs = serve_kwargs(spec)
+    inspect.signature(serve).bind(**kwargs)  # raises TypeError on a wrong name
+    assert kwargs["api_keys"] == ["sk-one", "sk-two"] and isinstance(kwargs["api_keys"], list)
+    assert kwargs["backend"] == "turbomind" and kwargs["server_name"] == "127.0.0.1"
+    assert kwargs["server_port"] == 23333 and kwargs["trust_remote_code"] is True
+    template = kwargs["chat_template_config"]
+    assert isinstance(template, ChatTemplateConfig)
+    prompt = template.chat_template().messages2prompt([{"role": "user", "content": "hi"}])
+    assert "<|User|>:hi\n" in prompt and prompt.rstrip().endswith("<|Bot|>:")
+    assert "Shanghai AI Laboratory" in prompt
+    assert serve_kwargs({**spec, "api_keys": []})["api_keys"] is None
+    assert chat_template_config({**spec, "chat_template": None}) is None
+
+
+@pytest.mark.parametrize("preset", ["internlm-chat-7b", "internlm2_5-7b-chat", "qwen2.5-7b-instruct",
+                                    "llama-3.1-8b-instruct", "mistral-7b-instruct-v0.2"])
+def test_lmdeploys_own_parser_accepts_the_command(preset):
+    plan = build_plan(PlanRequest(model=preset))
+    args = lmdeploy_parser().parse_args(plan.command[1:])
+    cfg = plan.engine.config
+    assert args.model_path == plan.command[3]
+    assert args.backend == plan.engine.backend
+    assert (args.session_len, args.tp, args.max_batch_size) == (cfg["session_len"], cfg["tp"], cfg["max_batch_size"])
+    assert args.cache_max_entry_count == cfg["cache_max_entry_count"] and args.quant_policy == cfg["quant_policy"]
+    assert args.server_name == "127.0.0.1" and args.server_port == 23333
+    assert args.model_name == preset
+    assert args.trust_remote_code == plan.source.trust_remote_code
+    if plan.engine.chat_template:  # a file in the overlay (lmdeploy can't take a long one inline)
+        assert args.chat_template == os.path.join(plan.command[3], "launch-chat-template.json")
+
+
+def test_done_when_dry_run_prints_the_plan_and_a_command_lmdeploy_parses(launch):
+    result = launch("serve", "internlm2_5-7b-chat", "--factor", "2", "--dry-run", "--gpu-memory", "80", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["engine"]["config"]["session_len"] == 65536
+    assert data["memory"]["fits"] is True
+    assert "TurbomindEngineConfig(" in data["engine_call"] and "session_len=65536" in data["engine_call"]
+    args = lmdeploy_parser().parse_args(data["command"][1:])
+    assert args.session_len == 65536 and args.backend == "turbomind"
+    text = launch("serve", "internlm2_5-7b-chat", "--factor", "2", "--dry-run", "--gpu-memory", "80")
+    assert "session_len    65,536 tokens" in text.stdout and "engine call" in text.stdout
+
+
+# --- checks before anything slow -----------------------------------------------------------------
+
+
+def test_without_turbomind_serve_stops_before_downloading(launch, tmp_path):
+    hf = tmp_path / "hf"
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = launch("serve", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80",
+                    env={"HF_HOME": str(hf), "HF_ENDPOINT": dead, "LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, "turbomind engine cannot serve this", "--backend pytorch")
+    assert not hf.exists() and not (tmp_path / "c").exists()
+
+
+def test_architecture_turbomind_lacks_is_refused_naming_pytorch(launch):
+    result = launch("serve", "mistral-7b-instruct-v0.2", "--backend", "turbomind", "--gpu-memory", "80")
+    assert_one_line_error(result, "does not support the MistralForCausalLM architecture", "--backend pytorch")
+
+
+def test_no_session_fits_stops_with_advice(launch, tmp_path):
+    result = launch("serve", "internlm2_5-7b-chat-1m", "--session-len", "1048576", "--tp", "1",
+                    "--gpu-memory", "40", env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, "not even one 1048576-token session fits", "128.00 GiB", "--session-len", "--tp 8")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--port", "0"], "--port"), (["--port", "http"], "--port"), (["--host", " "], "--host"),
+    (["--api-key", "has space"], "API key"), (["--api-key-file", "/nonexistent/keys"], "/nonexistent/keys"),
+])
+def test_bad_serve_flags(launch, flags, needle, tmp_path):
+    result = launch("serve", "internlm2_5-7b-chat", "--dry-run", *flags, env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, needle, code=2)
+    assert not (tmp_path / "c").exists()
+
+
+# --- the whole path against a stand-in engine ------------------------------------------------------
+
+DRIVER = r"""
+import sys
+from pathlib import Path
+from launcher.errors import LaunchError
+from launcher.plan import PlanRequest
+from launcher.serve import ServeRequest, serve
+model, port, probe = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "probe"
+request = ServeRequest(
+    plan=PlanRequest(model=model, factor="2", backend="pytorch", port=port),
+    api_keys=("sk-flag",), probe=probe, health_timeout_s=60,
+)
+try:
+    code = serve(request, server_argv=(sys.executable, str(Path("tests/standin_engine_server.py").resolve())))
+except LaunchError as err:
+    print(f"launch: error: {err}", file=sys.stderr)
+    code = 1
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA))
+    (d / "model.safetensors").write_bytes(b"\0" * 100)
+    return d
+
+
+def start_driver(tiny_dir, port, tmp_path, probe=False):
+    env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), LAUNCH_API_KEYS="sk-env",
+               PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny_dir), str(port), "probe" if probe else "-"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_until(proc, needle, timeout=60):
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no {needle!r} in stdout:\n{''.join(lines)}\nstderr:\n{proc.stderr.read()}")
+
+
+def get(url, key=None, data=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(data).encode()
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with NO_PROXY.open(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_serve_end_to_end_with_a_standin_engine(tiny_dir, tmp_path):
+    port = free_port()
+    proc = start_driver(tiny_dir, port, tmp_path)
+    try:
+        ready = "".join(read_until(proc, "curl"))
+        assert f"http://127.0.0.1:{port}/v1" in ready and "tiny" in ready
+        root = f"http://127.0.0.1:{port}"
+        assert get(root + "/v1/models")[0] == 401
+        status, body = get(root + "/v1/models", key="sk-flag")
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "tiny"
+        assert get(root + "/v1/models", key="sk-env")[0] == 200
+        assert get(root + "/v1/models", key="s")[0] == 401  # keys were handed over as a list
+        status, body = get(root + "/v1/chat/completions", key="sk-flag",
+                           data={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+        assert get(root + "/metrics", key="sk-flag")[0] == 200
+        # what the serving process was given
+        spec_path = next((tmp_path / "cache" / "runs").glob("*/spec.json"))
+        assert stat.S_IMODE(spec_path.stat().st_mode) == 0o600
+        spec = json.loads(spec_path.read_text())
+        assert spec["api_keys"] == ["sk-flag", "sk-env"] and spec["server_name"] == "127.0.0.1"
+        assert spec["engine_config"]["session_len"] == 512
+        overlay = Path(spec["model_path"])
+        assert json.loads((overlay / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
+        assert json.loads((tiny_dir / "config.json").read_text())["rope_scaling"] is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_serve_probe_prints_the_table_before_handing_over(tiny_dir, tmp_path):
+    port = free_port()
+    proc = start_driver(tiny_dir, port, tmp_path, probe=True)
+    try:
+        out = "".join(read_until(proc, "probe results:", timeout=120))
+        assert "overall accuracy 1.00" in out
+        table = out[out.index("depth"):]
+        header = table.splitlines()[0].split()
+        # 0.5x and 1x of 256; 1.5x and 2x capped so prompt + answer + template fit session_len 512
+        assert header[1:4] == ["128", "256", "320"]
+        results = next((tmp_path / "cache" / "runs").glob("*/probe-*/results.json"))
+        assert json.loads(results.read_text())["trials"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_busy_port_is_an_error_before_the_overlay(tiny_dir, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = start_driver(tiny_dir, port, tmp_path)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"{port}" in err and "--port" in err
+    assert not (tmp_path / "cache" / "overlays").exists()
