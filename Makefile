@@ -9,6 +9,7 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m compileall -q launcher
 	@$(VENV)/bin/launch --help > /dev/null && echo "installed: $(VENV)/bin/launch"
 
 test:

@@ -11,32 +11,69 @@ what is wrong and what to do next.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 DEBUG_ENV = "LAUNCH_DEBUG"
 
 
 class LaunchError(Exception):
-    """A failure the user can fix. ``str(err)`` is the one-line message."""
+    """A failure the user can fix. ``str(err)`` is the one-line message.
+
+    A subclass declares its facts as annotated class attributes (a value is the default), like a
+    dataclass; they become the constructor's parameters, in order, after the inherited ones. (Not
+    ``@dataclass``: generating ~60 classes' methods at import costs start-up time of every command.)
+    """
 
     exit_code = 1
+    _fields: tuple[str, ...] = ()
 
-    def __str__(self) -> str:  # dataclass subclasses bypass Exception.__init__
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = [name for name in inspect.get_annotations(cls) if not name.startswith("_") and name != "exit_code"]
+        cls._fields = tuple(dict.fromkeys([*cls._fields, *own]))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} facts, got {len(args)}")
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names or name in values:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated fact {name!r}")
+            values[name] = value
+        for name in names:
+            if name not in values:
+                if not hasattr(type(self), name):
+                    raise TypeError(f"{type(self).__name__} needs the fact {name!r}")
+                values[name] = getattr(type(self), name)
+            setattr(self, name, values[name])
+        super().__init__(*(values[name] for name in names))
+
+    def facts(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._fields}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.facts() == self.facts()  # type: ignore[attr-defined]
+
+    __hash__ = Exception.__hash__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.facts().items())})"
+
+    def __str__(self) -> str:
         return user_message(self)
 
 
 # --- input -----------------------------------------------------------------------------------
 
 
-@dataclass
 class BadFactor(LaunchError):
     value: str
     exit_code = 2
 
 
-@dataclass
 class BadOption(LaunchError):
     """A flag value that is not acceptable; ``reason`` says why and what to give instead."""
 
@@ -46,13 +83,11 @@ class BadOption(LaunchError):
     exit_code = 2
 
 
-@dataclass
 class MissingFactor(LaunchError):
     model: str
     exit_code = 2
 
 
-@dataclass
 class UnknownRopeType(LaunchError):
     value: str
     known: tuple[str, ...]
@@ -62,7 +97,6 @@ class UnknownRopeType(LaunchError):
 # --- RoPE rules -------------------------------------------------------------------------------
 
 
-@dataclass
 class UnsupportedRopeType(LaunchError):
     """A type launch can write, but the chosen engine does not implement, or vice versa."""
 
@@ -71,19 +105,16 @@ class UnsupportedRopeType(LaunchError):
     supported: tuple[str, ...]
 
 
-@dataclass
 class ExistingScalingUnsupported(LaunchError):
     rope_type: str
 
 
-@dataclass
 class ReplacesScaling(LaunchError):
     existing: str
     existing_factor: float | None
     requested: str
 
 
-@dataclass
 class ShrinksContext(LaunchError):
     served: int
     requested: int
@@ -91,14 +122,12 @@ class ShrinksContext(LaunchError):
     factor: float
 
 
-@dataclass
 class SessionBeyondScaling(LaunchError):
     session_len: int
     covered: int
     rope_type: str
 
 
-@dataclass
 class BadConfig(LaunchError):
     """config.json (or a preset's stand-in for it) lacks a fact the rules need."""
 
@@ -109,20 +138,17 @@ class BadConfig(LaunchError):
 # --- presets ----------------------------------------------------------------------------------
 
 
-@dataclass
 class UnknownPreset(LaunchError):
     name: str
     suggestions: tuple[str, ...] = ()
 
 
-@dataclass
 class InvalidPreset(LaunchError):
     path: str
     field_name: str
     problem: str
 
 
-@dataclass
 class DuplicatePreset(LaunchError):
     name: str
     first: str
@@ -132,35 +158,30 @@ class DuplicatePreset(LaunchError):
 # --- model directories and overlays -----------------------------------------------------------
 
 
-@dataclass
 class NotAModelDir(LaunchError):
     path: str
     problem: str
     exit_code = 2
 
 
-@dataclass
 class MalformedConfig(LaunchError):
     path: str
     problem: str
 
 
-@dataclass
 class OverlayNotWritable(LaunchError):
     path: str
     problem: str
 
 
-@dataclass
 class OverlayConflict(LaunchError):
     path: str
     problem: str
 
 
-@dataclass
 class StaleOverlay(LaunchError):
     path: str
-    missing: tuple[str, ...] = field(default_factory=tuple)
+    missing: tuple[str, ...] = ()
 
 
 def _suggest(err: UnknownPreset) -> str:
@@ -235,7 +256,7 @@ def user_message(err: LaunchError) -> str:
             continue
         if callable(template):
             return template(err)
-        facts = dict(vars(err))
+        facts = err.facts()
         for key, value in list(facts.items()):
             if isinstance(value, (tuple, list)):
                 facts[f"{key}_list"] = ", ".join(str(v) for v in value)
@@ -246,19 +267,16 @@ def user_message(err: LaunchError) -> str:
 # --- probe (passkey retrieval sweep, launcher/probe) -----------------------------------------
 
 
-@dataclass
 class ProbeUnreachable(LaunchError):
     url: str
     reason: str
 
 
-@dataclass
 class ProbeUnauthorized(LaunchError):
     url: str
     key_given: bool
 
 
-@dataclass
 class ProbeHTTPError(LaunchError):
     """The server answered with an HTTP error; ``detail`` is its own message."""
 
@@ -267,13 +285,11 @@ class ProbeHTTPError(LaunchError):
     detail: str
 
 
-@dataclass
 class ProbeTimeout(LaunchError):
     url: str
     timeout: float
 
 
-@dataclass
 class ProbeBadReply(LaunchError):
     """The server answered 200 with something that is not the OpenAI JSON shape."""
 
@@ -281,33 +297,28 @@ class ProbeBadReply(LaunchError):
     problem: str
 
 
-@dataclass
 class ProbeNoModel(LaunchError):
     url: str
 
 
-@dataclass
 class ProbeUnknownModel(LaunchError):
     model: str
     available: tuple[str, ...]
     exit_code = 2
 
 
-@dataclass
 class ProbeLengthTooShort(LaunchError):
     length: int
     minimum: int
     exit_code = 2
 
 
-@dataclass
 class ProbeTokenizerFailed(LaunchError):
     path: str
     problem: str
     exit_code = 2
 
 
-@dataclass
 class ProbeBelowThreshold(LaunchError):
     accuracy: float
     threshold: float
@@ -346,40 +357,34 @@ MESSAGES.update({
 # what happened and what to do).
 
 
-@dataclass
 class BadApiKey(LaunchError):
     source: str  # where the key came from: "--api-key #2", "LAUNCH_API_KEYS entry 3", "keys.txt line 4"
     problem: str
     exit_code = 2
 
 
-@dataclass
 class ApiKeyFileError(LaunchError):
     path: str
     problem: str
     exit_code = 2
 
 
-@dataclass
 class PortBusy(LaunchError):
     host: str
     port: int
     problem: str
 
 
-@dataclass
 class ServerNotStarted(LaunchError):
     command: str
     problem: str
 
 
-@dataclass
 class ServerLogNotWritable(LaunchError):
     path: str
     problem: str
 
 
-@dataclass
 class ServerStartFailed(LaunchError):
     """The server process ended before ``/health`` answered 200."""
 
@@ -388,7 +393,6 @@ class ServerStartFailed(LaunchError):
     tail: tuple[str, ...] = ()
 
 
-@dataclass
 class ServerStartTimeout(LaunchError):
     timeout_s: float
     flag: str
@@ -396,7 +400,6 @@ class ServerStartTimeout(LaunchError):
     tail: tuple[str, ...] = ()
 
 
-@dataclass
 class ServerDied(LaunchError):
     """The server process ended on its own after it was ready."""
 
@@ -453,26 +456,22 @@ MESSAGES.update({
 # One line each, naming the repo and what to do. Sizes are bytes (shown human-readable).
 
 
-@dataclass
 class BadRepoId(LaunchError):
     value: str
     exit_code = 2
 
 
-@dataclass
 class RepoNotFound(LaunchError):
     repo_id: str
     endpoint: str
 
 
-@dataclass
 class RevisionNotFound(LaunchError):
     repo_id: str
     revision: str
     endpoint: str
 
 
-@dataclass
 class GatedRepo(LaunchError):
     """The repo needs its licence accepted on the model page, and a token of that account."""
 
@@ -481,21 +480,18 @@ class GatedRepo(LaunchError):
     has_token: bool
 
 
-@dataclass
 class HubFileMissing(LaunchError):
     repo_id: str
     revision: str
     filename: str
 
 
-@dataclass
 class NoWeights(LaunchError):
     repo_id: str
     revision: str
     found: tuple[str, ...] = ()
 
 
-@dataclass
 class HubUnreachable(LaunchError):
     """The hub cannot be used and the cache does not hold the revision at all."""
 
@@ -506,7 +502,6 @@ class HubUnreachable(LaunchError):
     cache_dir: str
 
 
-@dataclass
 class NotCached(LaunchError):
     """The cache does not hold the revision at all, and ``reason`` says why the hub is not asked."""
 
@@ -516,7 +511,6 @@ class NotCached(LaunchError):
     reason: str = "HF_HUB_OFFLINE is set"
 
 
-@dataclass
 class IncompleteCache(LaunchError):
     """The cache holds part of the revision and the hub cannot be used to complete it."""
 
@@ -527,14 +521,12 @@ class IncompleteCache(LaunchError):
     reason: str
 
 
-@dataclass
 class HubTimeout(LaunchError):
     endpoint: str
     seconds: float
     doing: str
 
 
-@dataclass
 class HubError(LaunchError):
     """The hub answered with an error launch has no better words for; ``detail`` is what it said."""
 
@@ -543,14 +535,12 @@ class HubError(LaunchError):
     detail: str
 
 
-@dataclass
 class DiskFull(LaunchError):
     cache_dir: str
     needed: int | None = None
     free: int | None = None
 
 
-@dataclass
 class CacheNotWritable(LaunchError):
     cache_dir: str
     problem: str
@@ -649,7 +639,6 @@ MESSAGES.update({
 # --- serve: engine and memory checks before loading (launcher/serve.py) -------------------------
 
 
-@dataclass
 class EngineUnavailable(LaunchError):
     """The chosen engine cannot run here or cannot take this model; no silent fallback."""
 
@@ -657,7 +646,6 @@ class EngineUnavailable(LaunchError):
     reason: str
 
 
-@dataclass
 class NoSessionFits(LaunchError):
     session_len: int
     per_session_gib: float

@@ -28,7 +28,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -780,12 +779,12 @@ def _run_worker(request: dict, *, ctx: _Context, storage: Path, timeout_s: float
 
 
 def _error_fields(err: LaunchError) -> dict[str, Any]:
-    return {f.name: getattr(err, f.name) for f in dataclasses.fields(err)}  # type: ignore[arg-type]
+    return err.facts()
 
 
 def _rebuild_error(data: Mapping[str, Any], ctx: _Context) -> LaunchError:
     cls = getattr(_errors, str(data.get("type", "")), None)
-    if isinstance(cls, type) and issubclass(cls, LaunchError) and dataclasses.is_dataclass(cls):
+    if isinstance(cls, type) and issubclass(cls, LaunchError):
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(data.get("fields", {})).items()}
         try:
             return cls(**fields)

@@ -1,0 +1,394 @@
+"""launch fetch / launcher.hub against a real HTTP fake of the Hugging Face Hub on 127.0.0.1
+(tests/fakehub.py). huggingface_hub itself is never mocked: the real client talks to the server,
+which counts what it is asked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import (
+    BadOption,
+    BadRepoId,
+    GatedRepo,
+    HubTimeout,
+    HubUnreachable,
+    IncompleteCache,
+    NotCached,
+    NoWeights,
+    RepoNotFound,
+    RevisionNotFound,
+)
+from launcher.hub import fetch, hub_timeout, looks_like_repo_id, repo_folder, select_files, verify_cache
+from launcher.paths import hf_cache_dir
+from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
+
+SERVING_FILES = {
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+}
+SKIPPED = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.json", "modeling_tiny.py",
+           "README.md", ".gitattributes"}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake hub serving org/tiny; HF_ENDPOINT points at it for this test."""
+    with FakeHub() as server:
+        server.add_repo("org/tiny", tiny_repo_files())
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def storage(repo_id: str = "org/tiny") -> Path:
+    return hf_cache_dir() / repo_folder(repo_id)
+
+
+def files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def requested_files(hub: FakeHub) -> set[str]:
+    return {s.file for s in hub.requests() if s.file}
+
+
+def incomplete_blobs(repo_id: str = "org/tiny") -> list[str]:
+    blobs = storage(repo_id) / "blobs"
+    return sorted(p.name for p in blobs.iterdir() if p.name.endswith(".incomplete")) if blobs.is_dir() else []
+
+
+# --- choosing files (pure) ---------------------------------------------------------------------
+
+
+def test_selection_takes_serving_files_and_skips_other_formats():
+    paths = list(tiny_repo_files())
+    chosen = select_files(paths)
+    assert set(chosen.files) == SERVING_FILES
+    assert set(chosen.skipped) == SKIPPED
+    assert chosen.weights == ("model.safetensors",) and chosen.weights_format == "safetensors"
+    with_code = select_files(paths, trust_remote_code=True)
+    assert set(with_code.files) == SERVING_FILES | {"modeling_tiny.py"}
+
+
+def test_selection_follows_the_weight_index():
+    paths = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors", "consolidated.safetensors", "pytorch_model.bin.index.json",
+             "pytorch_model-00001-of-00002.bin", "tokenizer.json"]
+    before = select_files(paths)
+    assert before.index == "model.safetensors.index.json" and before.weights == ()
+    assert "pytorch_model.bin.index.json" not in before.files and "model.safetensors.index.json" in before.meta
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    after = select_files(paths, weight_map=shards)
+    assert after.weights == tuple(sorted(shards.values()))
+    assert "consolidated.safetensors" in after.skipped and "pytorch_model-00001-of-00002.bin" in after.skipped
+
+
+def test_selection_falls_back_to_bin_and_reports_no_weights():
+    chosen = select_files(["config.json", "pytorch_model.bin", "training_args.bin", "model.gguf"])
+    assert chosen.weights == ("pytorch_model.bin",) and chosen.weights_format == "bin"
+    assert {"training_args.bin", "model.gguf"} <= set(chosen.skipped)
+    assert select_files(["config.json", "model.Q4_K_M.gguf"]).weights_format is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("org/tiny", True), ("internlm/internlm2_5-7b-chat", True), ("Qwen/Qwen2.5-7B-Instruct", True),
+    ("tiny", False), ("./org/tiny", False), ("/abs/path", False), ("org/tiny/extra", False),
+    ("org/ti--ny", False), ("org/tiny.", False), ("org/ti..ny", False), ("org/tiny.git", False),
+    ("org/ tiny", False), ("~/models", False),
+])
+def test_looks_like_repo_id(text, expected):
+    assert looks_like_repo_id(text) is expected
+
+
+def test_bad_input_is_refused_before_any_request(hub):
+    with pytest.raises(BadRepoId):
+        fetch("not a repo")
+    with pytest.raises(BadOption, match="--revision"):
+        fetch("org/tiny", revision="two words")
+    with pytest.raises(BadOption, match="--timeout"):
+        fetch("org/tiny", timeout_s="-1")
+    assert hub.count() == 0
+
+
+def test_timeout_comes_from_flag_then_env(monkeypatch):
+    assert hub_timeout() == 600
+    monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "42")
+    assert hub_timeout() == 42 and hub_timeout("3") == 3
+    monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "soon")
+    with pytest.raises(BadOption, match="LAUNCH_HUB_TIMEOUT"):
+        hub_timeout()
+
+
+# --- downloading and the cache -------------------------------------------------------------------
+
+
+def test_fetch_downloads_only_what_serving_needs(hub):
+    source = tiny_repo_files()
+    result = fetch("org/tiny")
+    assert set(result.files) == SERVING_FILES and files_under(result.path) == SERVING_FILES
+    assert set(result.skipped) == SKIPPED
+    assert not requested_files(hub) & SKIPPED  # skipped files are never even asked for
+    assert hub.count("GET", "/tree/") == 1  # decided from one tree listing
+    assert result.commit_sha == hub.repos["org/tiny"].refs["main"]
+    assert (storage() / "refs" / "main").read_text() == result.commit_sha
+    assert result.path == storage() / "snapshots" / result.commit_sha
+    assert (result.path / "model.safetensors").read_bytes() == source["model.safetensors"]
+    assert json.loads(result.config_path.read_text()) == TINY_CONFIG
+    assert not result.from_cache and result.downloaded_bytes > len(source["model.safetensors"])
+    assert result.bytes == sum(len(source[f]) for f in SERVING_FILES)
+    assert result.weights_format == "safetensors"
+
+
+def test_trust_remote_code_adds_the_repo_code(hub):
+    result = fetch("org/tiny", trust_remote_code=True)
+    assert "modeling_tiny.py" in result.files and (result.path / "modeling_tiny.py").is_file()
+    assert "pytorch_model.bin" not in requested_files(hub)
+
+
+def test_cached_branch_costs_one_request_and_a_pinned_sha_none(hub):
+    first = fetch("org/tiny")
+    hub.reset()
+    again = fetch("org/tiny")
+    assert [(s.method, s.path) for s in hub.requests()] == [("GET", "/api/models/org/tiny/revision/main")]
+    assert again.from_cache and again.downloaded_bytes == 0 and again.path == first.path
+    hub.reset()
+    pinned = fetch("org/tiny", revision=first.commit_sha)
+    assert hub.count() == 0
+    assert pinned.from_cache and pinned.commit_sha == first.commit_sha and set(pinned.files) == SERVING_FILES
+
+
+def test_pinned_sha_downloads_without_resolving(hub):
+    sha = hub.repos["org/tiny"].refs["main"]
+    result = fetch("org/tiny", revision=sha)
+    assert hub.count(contains="/revision/") == 0 and set(result.files) == SERVING_FILES
+    assert not (storage() / "refs" / "main").exists()  # a sha is not a branch: no ref recorded
+
+
+def test_following_a_branch_picks_up_a_new_commit_and_reuses_blobs(hub):
+    first = fetch("org/tiny")
+    files = tiny_repo_files()
+    files["config.json"] = json.dumps({**TINY_CONFIG, "max_position_embeddings": 512}).encode()
+    new_sha = hub.repos["org/tiny"].push(files)
+    hub.reset()
+    second = fetch("org/tiny")
+    assert second.commit_sha == new_sha != first.commit_sha
+    assert (storage() / "refs" / "main").read_text() == new_sha
+    assert json.loads(second.config_path.read_text())["max_position_embeddings"] == 512
+    assert hub.count("GET", "/cdn/") == 0  # the weights are the same blob: not downloaded again
+    assert second.downloaded_bytes == len(files["config.json"])
+
+
+def test_config_only_never_touches_the_weights(hub):
+    result = fetch("org/tiny", config_only=True)
+    assert result.files == ("config.json",) and json.loads(result.config_path.read_text()) == TINY_CONFIG
+    assert requested_files(hub) == {"config.json"}
+    hub.reset()
+    assert fetch("org/tiny", config_only=True).from_cache and hub.count() == 1
+
+
+def test_sharded_repo_takes_the_indexed_shards_only(hub):
+    shard1, shard2 = safetensors_bytes({"a": (4, 4)}), safetensors_bytes({"b": (4, 4)}, fill=7)
+    index = {"metadata": {"total_size": 128}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    hub.add_repo("org/sharded", {
+        "config.json": json.dumps(TINY_CONFIG).encode(),
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": shard1,
+        "model-00002-of-00002.safetensors": shard2,
+        "consolidated.safetensors": shard1 + shard2,
+        "pytorch_model.bin.index.json": b"{}",
+    })
+    result = fetch("org/sharded")
+    assert set(result.files) == {"config.json", "model.safetensors.index.json",
+                                 "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert not requested_files(hub) & {"consolidated.safetensors", "pytorch_model.bin.index.json"}
+    assert fetch("org/sharded").from_cache  # the cache check reads the same index
+
+
+def test_bin_only_repo_takes_bin_and_says_so(hub):
+    hub.add_repo("org/old", {"config.json": json.dumps(TINY_CONFIG).encode(), "pytorch_model.bin": bytes(300),
+                             "training_args.bin": bytes(10)})
+    result = fetch("org/old")
+    assert set(result.files) == {"config.json", "pytorch_model.bin"} and result.weights_format == "bin"
+    assert ".bin weights" in result.summary()
+
+
+def test_repo_without_weights_is_refused_before_downloading_them(hub):
+    hub.add_repo("org/gguf", {"config.json": b"{}", "model.Q4_K_M.gguf": bytes(100)})
+    with pytest.raises(NoWeights, match="model.Q4_K_M.gguf"):
+        fetch("org/gguf")
+    assert "model.Q4_K_M.gguf" not in requested_files(hub)
+
+
+# --- offline and unreachable ----------------------------------------------------------------------
+
+
+def test_offline_uses_a_complete_cache_with_no_request(hub, monkeypatch):
+    first = fetch("org/tiny")
+    hub.reset()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = fetch("org/tiny")
+    assert hub.count() == 0 and offline.path == first.path and offline.from_cache
+    assert "HF_HUB_OFFLINE" in offline.summary()
+    hub.add_repo("org/other", tiny_repo_files())
+    with pytest.raises(NotCached, match="HF_HUB_OFFLINE"):
+        fetch("org/other")
+    assert hub.count() == 0
+
+
+def test_stopped_hub_complete_cache_works_nothing_cached_is_clear(hub):
+    first = fetch("org/tiny")
+    hub.stop()
+    again = fetch("org/tiny")
+    assert again.path == first.path and again.from_cache and "cannot be reached" in again.summary()
+    with pytest.raises(HubUnreachable, match="org/never"):
+        fetch("org/never")
+
+
+@pytest.mark.parametrize("how", ["stopped", "offline"])
+def test_partial_cache_without_hub_is_a_clear_error(hub, monkeypatch, how):
+    fetch("org/tiny", config_only=True)  # the cache now holds config.json and nothing else
+    if how == "stopped":
+        hub.stop()
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(IncompleteCache) as caught:
+        fetch("org/tiny")
+    message = str(caught.value)
+    assert "launch fetch org/tiny" in message and ("cannot be reached" in message or "HF_HUB_OFFLINE" in message)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_repo_and_revision_not_found(hub):
+    with pytest.raises(RepoNotFound, match="org/missing"):
+        fetch("org/missing")
+    with pytest.raises(RevisionNotFound, match="'nope'"):
+        fetch("org/tiny", revision="nope")
+    assert not storage("org/missing").exists() and not (storage() / "snapshots").exists()
+
+
+def test_gated_repo_needs_the_licence_and_a_token(hub, monkeypatch):
+    hub.add_repo("org/gated", tiny_repo_files(), gated=True)
+    with pytest.raises(GatedRepo) as caught:
+        fetch("org/gated")
+    message = str(caught.value)
+    assert f"{hub.url}/org/gated" in message and "accept the licence" in message and "HF_TOKEN" in message
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(GatedRepo, match="your token has no access"):
+        fetch("org/gated")
+    hub.tokens.add("hf_good")
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    hub.reset()
+    assert set(fetch("org/gated").files) == SERVING_FILES
+    resolves = [s for s in hub.requests() if "/resolve/" in s.path]
+    cdn = [s for s in hub.requests() if s.path.startswith("/cdn/")]
+    assert resolves and all(s.authorization == "Bearer hf_good" for s in resolves)
+    assert cdn and all(s.authorization is None for s in cdn)  # the token never leaves the hub host
+
+
+# --- interruptions and deadlines --------------------------------------------------------------------
+
+
+def test_dropped_connection_resumes_with_a_range_request(hub):
+    chunk = 10 * 1024 * 1024  # huggingface_hub writes (and so resumes) in 10 MiB chunks
+    files = tiny_repo_files(weights_kb=11 * 1024)
+    weights = files["model.safetensors"]
+    hub.add_repo("org/big", files)
+    hub.drop_once("model.safetensors", after=chunk + 4096)
+    result = fetch("org/big")
+    assert hub.dropped == ["model.safetensors"]
+    ranged = [s for s in hub.requests() if s.file == "model.safetensors" and s.range]
+    assert [(s.range, s.status) for s in ranged] == [(f"bytes={chunk}-", 206)]
+    assert (result.path / "model.safetensors").read_bytes() == weights
+    assert verify_cache("org/big") == []
+
+
+def _wait_for(predicate, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_hub_that_never_answers_the_revision_request_hits_the_deadline(hub):
+    hub.stall()
+    with pytest.raises(HubTimeout, match="resolving org/tiny@main"):
+        fetch("org/tiny", timeout_s=1)
+    assert _wait_for(lambda: hub.hangups)  # launch closed the connection: nothing still waits
+
+
+def test_stalled_download_is_killed_and_leaves_no_partial_file(hub):
+    hub.stall_body("model.safetensors")  # headers and half the body, then silence
+    seen_partial: list[str] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen_partial.extend(incomplete_blobs())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(HubTimeout, match="downloading org/tiny@main"):
+            fetch("org/tiny", timeout_s=1.5)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen_partial, "the worker never started writing the blob"
+    assert incomplete_blobs() == []
+    assert _wait_for(lambda: hub.hangups)  # the killed worker's connection is gone
+    hub._stall_body.clear()
+    result = fetch("org/tiny")  # nothing left behind blocks the next run
+    assert (result.path / "model.safetensors").read_bytes() == tiny_repo_files()["model.safetensors"]
+    assert verify_cache("org/tiny") == []
+
+
+# --- integrity ----------------------------------------------------------------------------------------
+
+
+def test_verify_cache_proves_blobs_match_their_etags_and_catches_edits(hub):
+    from huggingface_hub import HfApi
+
+    result = fetch("org/tiny")
+    assert verify_cache("org/tiny") == []
+    online = HfApi(endpoint=hub.url).verify_repo_checksums("org/tiny", cache_dir=hf_cache_dir())
+    assert online.mismatches == [] and online.checked_count == len(SERVING_FILES)
+    # The danger the overlay exists for: writing config.json in place goes through the symlink.
+    (result.path / "config.json").write_text('{"edited": true}')
+    mismatches = verify_cache("org/tiny")
+    assert [m.path for m in mismatches] == ["config.json"] and mismatches[0].algorithm == "git-sha1"
+    with pytest.raises(NotCached):
+        verify_cache("org/never")
+
+
+def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
+    """Fetch, build the patched overlay, and every blob still hashes to its ETag. (The lead extends
+    this with the `launch plan`/`launch patch` steps on the repo id.)"""
+    overlay = pytest.importorskip("launcher.overlay")
+    result = fetch("org/tiny")
+    original = result.config_path.read_bytes()
+    patched = {**TINY_CONFIG, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    built = overlay.build_overlay(result.path, patched, {"test": "pristine"}, tmp_path / "overlay")
+    assert json.loads((built.path / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
+    assert result.config_path.read_bytes() == original
+    assert verify_cache("org/tiny") == []
+    assert hashlib.sha256((built.path / "model.safetensors").read_bytes()).hexdigest() == \
+        os.path.basename(os.path.realpath(result.path / "model.safetensors"))
