@@ -65,7 +65,7 @@ from .errors import (
     RevisionNotFound,
     human_bytes,
 )
-from .paths import hf_cache_dir
+from .paths import hf_cache_dir, is_commit_sha, repo_folder
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
@@ -75,7 +75,6 @@ DEFAULT_REQUEST_TIMEOUT_S = 10.0  # huggingface_hub's own default for metadata r
 CONFIG = "config.json"
 
 _POLL_S = 0.2
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID_RE = re.compile(rf"^{_NAME}/{_NAME}$")
 
@@ -99,16 +98,6 @@ def looks_like_repo_id(text: str) -> bool:
         and ".." not in text
         and not text.endswith(".git")
     )
-
-
-def is_commit_sha(revision: str | None) -> bool:
-    """A full 40-hex commit sha: immutable, so a complete cached copy needs no request."""
-    return bool(revision) and bool(_SHA_RE.match(revision or ""))
-
-
-def repo_folder(repo_id: str) -> str:
-    """The cache folder name huggingface_hub uses for a model repo."""
-    return "models--" + repo_id.replace("/", "--")
 
 
 def _truthy(value: str | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 CACHE_ENV = "LAUNCH_CACHE_DIR"
@@ -51,3 +52,16 @@ def hf_cache_dir() -> Path:
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     return _xdg("XDG_CACHE_HOME", ".cache") / "huggingface" / "hub"
+
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    """A full 40-hex commit sha: immutable, so a complete cached copy needs no request."""
+    return bool(revision) and bool(_SHA_RE.match(revision or ""))
+
+
+def repo_folder(repo_id: str) -> str:
+    """The cache folder name huggingface_hub uses for a model repo."""
+    return "models--" + repo_id.replace("/", "--")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import read_model_config
-from .paths import hf_cache_dir
+from .paths import hf_cache_dir, is_commit_sha, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -73,8 +73,6 @@ def from_preset_facts(preset: Preset) -> ModelSource:
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """A snapshot of ``repo_id`` already in the Hugging Face cache that has a config.json, found
     without a request and without importing huggingface_hub (plan must not touch anything)."""
-    from .hub import is_commit_sha, repo_folder
-
     storage = hf_cache_dir() / repo_folder(repo_id)
     rev = revision or "main"
     if is_commit_sha(rev):
