@@ -29,6 +29,7 @@ TURBOMIND_ARCHS = frozenset(
 BACKENDS = ("turbomind", "pytorch")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
+DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
 
 
 @dataclass(frozen=True)

@@ -646,6 +646,11 @@ class EngineUnavailable(LaunchError):
     reason: str
 
 
+class RunDirNotWritable(LaunchError):
+    path: str
+    problem: str
+
+
 class NoSessionFits(LaunchError):
     session_len: int
     per_session_gib: float
@@ -657,6 +662,9 @@ MESSAGES.update({
     EngineUnavailable: (
         "the {backend} engine cannot serve this: {reason}. launch never falls back silently: "
         "add --backend pytorch to use lmdeploy's PyTorch engine instead."
+    ),
+    RunDirNotWritable: (
+        "cannot write the server's run files at {path}: {problem}. Set LAUNCH_CACHE_DIR to a writable place."
     ),
     NoSessionFits: (
         "not even one {session_len}-token session fits: it needs {per_session_gib:.2f} GiB of KV cache per "

@@ -15,15 +15,15 @@ class _Memory(ctypes.Structure):
 
 
 def _visible(count: int) -> list[int]:
+    """NVML indices of the GPUs CUDA will use. Entries that are not plain indices (GPU or MIG
+    UUIDs) are not mapped: then all GPUs are read, which is what a memory check can still use."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return list(range(count))
-    indices = []
-    for part in visible.split(","):
-        part = part.strip()
-        if part.isdigit() and int(part) < count:
-            indices.append(int(part))
-    return indices
+    parts = [part.strip() for part in visible.split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        return list(range(count))
+    return [int(part) for part in parts if int(part) < count]
 
 
 def free_memory() -> list[int] | None:

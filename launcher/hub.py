@@ -65,7 +65,7 @@ from .errors import (
     RevisionNotFound,
     human_bytes,
 )
-from .paths import hf_cache_dir, is_commit_sha, repo_folder
+from .paths import cached_ref, hf_cache_dir, hf_home, is_commit_sha, repo_folder
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
@@ -104,13 +104,6 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hf_home() -> Path:
-    if os.environ.get("HF_HOME"):
-        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface"
-
-
 def hub_timeout(value: float | str | None = None) -> float:
     """The stall deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else
     600. BadOption for anything that is not a number of seconds > 0."""
@@ -147,7 +140,7 @@ class HubSettings:
         env = os.environ
         token: str | bool = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or ""
         if not token:
-            token_file = Path(env.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
+            token_file = Path(env.get("HF_TOKEN_PATH") or hf_home() / "token").expanduser()
             try:
                 token = token_file.read_text(encoding="utf-8").strip()
             except OSError:
@@ -287,14 +280,6 @@ def _files_on_disk(snapshot: Path) -> list[str]:
         for name in names:
             out.append(os.path.relpath(os.path.join(root, name), snapshot).replace(os.sep, "/"))
     return sorted(out)
-
-
-def _cached_ref(storage: Path, revision: str) -> str | None:
-    try:
-        sha = (storage / "refs" / revision).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return sha if is_commit_sha(sha) else None
 
 
 def _write_ref(storage: Path, revision: str, sha: str) -> None:
@@ -584,12 +569,12 @@ def fetch(
             no_hub = "HF_HUB_OFFLINE is set"
     elif settings.offline:
         no_hub = "HF_HUB_OFFLINE is set"
-        sha = _cached_ref(storage, rev)
+        sha = cached_ref(storage, rev)
     else:
         try:
             sha = _resolve_commit(ctx, settings, min(settings.request_timeout, deadline))
         except _Unreachable as exc:
-            sha = _cached_ref(storage, rev)
+            sha = cached_ref(storage, rev)
             if sha is None and exc.stalled:
                 raise HubTimeout(settings.endpoint, exc.seconds, f"resolving {repo_id}@{rev}") from None
             no_hub = f"the hub at {settings.endpoint} cannot be reached ({exc.reason})"
@@ -597,7 +582,7 @@ def fetch(
         except (RepoNotFound, GatedRepo, HubError) as exc:
             # Like huggingface_hub: a private/gated repo whose token lapsed, or a hub outage, still
             # serves what is fully cached.
-            sha, hub_failure = _cached_ref(storage, rev), exc
+            sha, hub_failure = cached_ref(storage, rev), exc
             if sha is None:
                 raise
             no_hub = f"the hub refused ({type(exc).__name__})"
@@ -668,12 +653,6 @@ def _result(local: _Local, repo_id: str, rev: str, sha: str, started: float, *, 
     )
 
 
-def fetch_config(repo_id: str, *, revision: str | None = None, timeout_s: float | str | None = None,
-                 quiet: bool = True) -> Path:
-    """The path of ``repo_id``'s config.json in the cache (fetched alone when missing)."""
-    return fetch(repo_id, revision=revision, config_only=True, quiet=quiet, timeout_s=timeout_s).config_path
-
-
 # --- the worker process ---------------------------------------------------------------------------
 
 _WORKER_CODE = "from launcher.hub import _worker_main; _worker_main()"
@@ -706,6 +685,9 @@ def _run_worker(request: dict, *, ctx: _Context, storage: Path, timeout_s: float
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if quiet:
         env["HF_HUB_VERBOSITY"] = "error"
+    # Plain HTTP downloads grow a ``blobs/*.incomplete`` file as bytes arrive, which is what the
+    # stall watchdog below watches; Xet transfers assemble chunks elsewhere and would look stalled.
+    env["HF_HUB_DISABLE_XET"] = "1"
     before = set(_blob_sizes(storage))
     doing = f"downloading {ctx.repo_id}@{ctx.revision}"
     proc = subprocess.Popen(
@@ -767,10 +749,6 @@ def _run_worker(request: dict, *, ctx: _Context, storage: Path, timeout_s: float
     return outcome["result"]
 
 
-def _error_fields(err: LaunchError) -> dict[str, Any]:
-    return err.facts()
-
-
 def _rebuild_error(data: Mapping[str, Any], ctx: _Context) -> LaunchError:
     cls = getattr(_errors, str(data.get("type", "")), None)
     if isinstance(cls, type) and issubclass(cls, LaunchError):
@@ -807,7 +785,7 @@ def _worker_main() -> None:
         request = json.loads(sys.stdin.read())
         emit(result=_worker_fetch(request, emit))
     except LaunchError as err:
-        emit(error={"type": type(err).__name__, "fields": _error_fields(err)})
+        emit(error={"type": type(err).__name__, "fields": err.facts()})
     except BaseException as exc:  # noqa: BLE001 - the parent turns it into one line
         emit(error={"type": "HubError", "fields": {
             "repo_id": request.get("repo_id", "?"), "endpoint": request.get("endpoint", "?"),
@@ -941,7 +919,7 @@ def verify_cache(repo_id: str, revision: str | None = None, *, cache_dir: str | 
     rev = _check_revision(revision or DEFAULT_REVISION)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hf_cache_dir()
     storage = cache / repo_folder(repo_id)
-    sha = rev if is_commit_sha(rev) else _cached_ref(storage, rev)
+    sha = rev if is_commit_sha(rev) else cached_ref(storage, rev)
     snapshot = storage / "snapshots" / (sha or "-")
     if sha is None or not snapshot.is_dir():
         raise NotCached(repo_id, rev, str(cache), "there is nothing to verify")
@@ -975,7 +953,6 @@ __all__ = [
     "HubSettings",
     "Selection",
     "fetch",
-    "fetch_config",
     "hub_timeout",
     "is_commit_sha",
     "looks_like_repo_id",

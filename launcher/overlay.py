@@ -83,8 +83,9 @@ def source_files(source: Path) -> dict[str, str]:
 # --- where overlays go ------------------------------------------------------------------------
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+def slug(name: str) -> str:
+    """``name`` made safe as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
 def overlay_key(source: Path, patched: bytes) -> str:
@@ -97,7 +98,7 @@ def overlay_key(source: Path, patched: bytes) -> str:
 
 def default_overlay_path(name: str, source: Path, patched: bytes) -> Path:
     """The overlay's place in launch's cache: the same source and config give the same place."""
-    return overlays_dir() / f"{_slug(name)}-{overlay_key(source, patched)}"
+    return overlays_dir() / f"{slug(name)}-{overlay_key(source, patched)}"
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -195,9 +196,11 @@ def build_overlay(source: Path, patched_config: dict, provenance: dict, target: 
         own[CHAT_TEMPLATE] = config_bytes(chat_template)
 
     if target.exists() or target.is_symlink():
+        if target.is_symlink() or not target.is_dir():
+            raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
         if _matches(target, source, own, files):
             return Overlay(target, source, reused=True, files=len(files))
-        if target.is_dir() and not target.is_symlink() and any(target.iterdir()) and _provenance_of(target) is None:
+        if any(target.iterdir()) and _provenance_of(target) is None:
             raise OverlayConflict(str(target), "exists and is not a launch overlay; choose another --out")
 
     try:
@@ -243,7 +246,3 @@ def check_overlay(path: Path) -> None:
     missing = missing_links(Path(path))
     if missing:
         raise StaleOverlay(str(path), tuple(missing[:5]))
-
-
-def read_provenance(path: Path) -> dict | None:
-    return _provenance_of(Path(path))

@@ -44,14 +44,20 @@ def builtin_presets_dir() -> Path:
     return here / "configs"
 
 
+def _env_path(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(os.path.expandvars(value)).expanduser() if value else None
+
+
+def hf_home() -> Path:
+    """``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface`` (~/.cache/huggingface), as huggingface_hub
+    computes it (variables in the value expanded), without importing it."""
+    return _env_path("HF_HOME") or _xdg("XDG_CACHE_HOME", ".cache") / "huggingface"
+
+
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache as huggingface_hub computes it (without importing it):
-    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return _xdg("XDG_CACHE_HOME", ".cache") / "huggingface" / "hub"
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``hf_home()/hub``."""
+    return _env_path("HF_HUB_CACHE") or hf_home() / "hub"
 
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -65,3 +71,13 @@ def is_commit_sha(revision: str | None) -> bool:
 def repo_folder(repo_id: str) -> str:
     """The cache folder name huggingface_hub uses for a model repo."""
     return "models--" + repo_id.replace("/", "--")
+
+
+def cached_ref(storage: Path, revision: str) -> str | None:
+    """The commit sha a branch or tag pointed at when it was last resolved into the cache
+    (``<storage>/refs/<revision>``), or None."""
+    try:
+        sha = (storage / "refs" / revision).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return sha if is_commit_sha(sha) else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +84,7 @@ class Plan:
     kv: dict[int, KvCost]
     memory: MemoryPlan | None
     memory_note: str
+    gpu_count: int | None
     engine: EngineSpec
     overlay_path: Path | None
     warnings: tuple[str, ...] = field(default_factory=tuple)
@@ -228,6 +228,8 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None) -> Plan:
 
     weights, weights_source = weights_size(source)
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
+    if gpu_count is not None and settings.tp > gpu_count:
+        warnings.append(f"--tp {settings.tp} needs {settings.tp} GPUs; this machine has {gpu_count}: serve will stop")
     memory, memory_note = None, ""
     if gpu_bytes is None:
         memory_note = "no GPU found: give --gpu-memory GiB to check that a session fits"
@@ -274,6 +276,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None) -> Plan:
         kv=kv_costs(shape, decision.session_len, settings.tp),
         memory=memory,
         memory_note=memory_note,
+        gpu_count=gpu_count,
         engine=engine,
         overlay_path=overlay_path,
         warnings=tuple(warnings),
@@ -430,10 +433,8 @@ def render_plan(plan: Plan) -> str:
     out.append(f"engine         {plan.engine.config_class}({cfg})")
     out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")
     out.append("command        " + command_line(plan.command))
+    out.append("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
+               " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")
     for warning in plan.warnings:
         out.append(f"warning: {warning}")
     return "\n".join(out)
-
-
-def overlay_exists(plan: Plan) -> bool:
-    return plan.overlay_path is not None and os.path.isdir(plan.overlay_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import read_model_config
-from .paths import hf_cache_dir, is_commit_sha, repo_folder
+from .paths import cached_ref, hf_cache_dir, is_commit_sha, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -75,13 +75,9 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     without a request and without importing huggingface_hub (plan must not touch anything)."""
     storage = hf_cache_dir() / repo_folder(repo_id)
     rev = revision or "main"
-    if is_commit_sha(rev):
-        sha = rev
-    else:
-        try:
-            sha = (storage / "refs" / rev).read_text().strip()
-        except OSError:
-            return None
+    sha = rev if is_commit_sha(rev) else cached_ref(storage, rev)
+    if sha is None:
+        return None
     snapshot = storage / "snapshots" / sha
     return snapshot if (snapshot / "config.json").is_file() else None
 

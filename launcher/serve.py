@@ -8,17 +8,24 @@ weight is downloaded or loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from .engine import TURBOMIND_ARCHS, architecture_of, spec_to_json, turbomind_problem
-from .errors import EngineUnavailable, NoSessionFits
+from .engine import (
+    DEFAULT_HEALTH_TIMEOUT_S,
+    TURBOMIND_ARCHS,
+    architecture_of,
+    spec_to_json,
+    turbomind_problem,
+)
+from .errors import BadOption, EngineUnavailable, NoSessionFits, RunDirNotWritable
 from .kvcache import GiB
-from .overlay import check_overlay
+from .overlay import check_overlay, slug
 from .paths import cache_dir
 from .plan import Plan, PlanRequest, build_plan, make_overlay, plan_json, render_plan
 
@@ -34,8 +41,7 @@ class ServeRequest:
     dry_run: bool = False
     as_json: bool = False
     probe: bool = False
-    health_timeout_s: float = 1800.0
-    extra_env: dict = field(default_factory=dict)
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
 
 
 def _check_engine(plan: Plan) -> None:
@@ -48,6 +54,12 @@ def _check_engine(plan: Plan) -> None:
     problem = turbomind_problem()
     if problem:
         raise EngineUnavailable("turbomind", problem)
+
+
+def _check_gpus(plan: Plan) -> None:
+    tp = plan.engine.config["tp"]
+    if plan.gpu_count is not None and tp > plan.gpu_count:
+        raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
 
 
 def _check_memory(plan: Plan) -> None:
@@ -78,6 +90,9 @@ def prepare(request: ServeRequest) -> Plan:
     from .apikeys import resolve_api_keys
     from .supervise import validate_host, validate_port
 
+    timeout = request.health_timeout_s
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise BadOption("--health-timeout", str(timeout), "must be a number of seconds greater than 0, e.g. 1800")
     host = validate_host(request.plan.host)
     port = validate_port(request.plan.port)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
@@ -86,14 +101,17 @@ def prepare(request: ServeRequest) -> Plan:
 
 
 def _write_spec(plan: Plan, model_path: Path) -> tuple[Path, Path]:
-    run_dir = cache_dir() / "runs" / f"{plan.engine.model_name}-{plan.engine.port}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
     spec_path = run_dir / SPEC_NAME
-    tmp = run_dir / f".{SPEC_NAME}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(spec_to_json(plan.engine, str(model_path)), handle, indent=2)
-    os.replace(tmp, spec_path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{SPEC_NAME}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(spec_to_json(plan.engine, str(model_path)), handle, indent=2)
+        os.replace(tmp, spec_path)
+    except OSError as err:
+        raise RunDirNotWritable(str(run_dir), err.strerror or str(err)) from None
     return spec_path, run_dir / LOG_NAME
 
 
@@ -101,36 +119,32 @@ ENGINE_SERVER = ("-m", "launcher.engine_server")
 PROBE_TRIALS = 1
 
 
-def _probe_hook(plan: Plan, run_dir: Path, out: TextIO) -> Callable:
-    """``serve --probe``: once ready, a passkey sweep at 0.5x, 1x, 1.5x and 2x native (capped to fit
-    the session), its table printed before serve hands over."""
+def probe_lengths(native: int, session_len: int) -> tuple[int, ...]:
+    """0.5x, 1x, 1.5x and 2x the native context, capped to fit the session; and the longest prompt
+    the session takes when that is longer still (Llama 3.1: native 8k, served 128k)."""
+    from .probe import default_lengths
 
-    def run(info) -> None:
+    lengths = default_lengths(native, session_len)
+    longest = default_lengths(session_len, session_len)[-1]
+    return tuple(sorted(set(lengths) | {longest}))
+
+
+def _probe_hook(plan: Plan, run_dir: Path, out: TextIO) -> Callable:
+    """``serve --probe``: once ready, a passkey sweep (see ``probe_lengths``); a Ctrl-C cuts the
+    sweep short, and its table and files are still written before serve hands over."""
+
+    def run(info) -> Callable[[], None]:
         from datetime import datetime
 
-        from .probe import (
-            ProbeSettings,
-            TerminalProgress,
-            default_lengths,
-            format_table,
-            run_probe,
-            write_outputs,
-        )
+        from .probe import ProbeSettings, publish, sweep
 
         d = plan.decision
         settings = ProbeSettings(
-            lengths=default_lengths(d.native_context, d.session_len), url=info.root_url, model=info.model_name,
+            lengths=probe_lengths(d.native_context, d.session_len), url=info.root_url, model=info.model_name,
             api_key=info.api_key, native_context=d.native_context, trials=PROBE_TRIALS,
         )
-        progress = TerminalProgress(trials=settings.trials)
-        try:
-            result = run_probe(settings, progress=progress)
-        finally:
-            progress.close()
-        print(format_table(result), file=out)
-        paths = write_outputs(result, run_dir / f"probe-{datetime.now():%Y%m%d-%H%M%S}")
-        print(f"probe results: {paths.results_json}  chart: {paths.heatmap_png}", file=out)
-        out.flush()
+        result = sweep(settings)
+        return lambda: publish(result, run_dir / f"probe-{datetime.now():%Y%m%d-%H%M%S}", out)
 
     return run
 
@@ -156,11 +170,14 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 
     from .supervise import check_port_free, run_supervised
 
+    _check_gpus(plan)
     _check_memory(plan)
     _check_engine(plan)
     check_port_free(plan.engine.host, plan.engine.port)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if plan.memory is None:
+        print(f"warning: the KV-cache fit is not checked: {plan.memory_note}", file=sys.stderr)
 
     # Now the slow part: the files, then a plan from the real config and weights.
     full = build_plan(replace(request.plan, host=plan.engine.host, port=plan.engine.port, need_files=True))
@@ -177,14 +194,12 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             print(line, file=out)
         out.flush()
 
-    env = {**os.environ, **request.extra_env}
     argv = list(server_argv or (sys.executable, *ENGINE_SERVER)) + [str(spec_path)]
     return run_supervised(
         argv,
         host=full.engine.host,
         port=full.engine.port,
         log_path=log_path,
-        env=env,
         model_name=full.engine.model_name,
         api_keys=list(full.engine.api_keys) or None,
         health_timeout_s=request.health_timeout_s,

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .engine import DEFAULT_HEALTH_TIMEOUT_S
 from .errors import (
     BadOption,
     PortBusy,
@@ -48,7 +49,6 @@ from .errors import (
 )
 
 DEFAULT_GRACE_S = 15.0
-DEFAULT_HEALTH_TIMEOUT_S = 1800.0
 TAIL_LINES = 20
 POLL_S = 0.25
 PROGRESS_EVERY_S = 10.0
@@ -597,7 +597,7 @@ def run_supervised(
     timeout_flag: str = "--health-timeout",
     grace_s: float = DEFAULT_GRACE_S,
     on_ready: Callable[[ReadyInfo], None] | None = None,
-    probe: Callable[[ReadyInfo], None] | None = None,
+    probe: Callable[[ReadyInfo], Callable[[], None] | None] | None = None,
     stop_after_probe: bool = False,
     progress_stream: TextIO | None = None,
     progress_every_s: float = PROGRESS_EVERY_S,
@@ -610,8 +610,9 @@ def run_supervised(
     the printed curl example). Progress goes to ``progress_stream`` (default ``sys.stderr``).
 
     Once ``/health`` answers 200: ``on_ready(info)`` (the caller prints ``info.summary_lines()``),
-    then ``probe(info)`` if given (Ctrl-C interrupts it: KeyboardInterrupt after the server stopped;
-    an exception stops the server and propagates). With ``stop_after_probe`` the server is then
+    then ``probe(info)`` if given (the first Ctrl-C / SIGTERM interrupts it with KeyboardInterrupt,
+    and the server then stops as for any signal; an exception stops the server and propagates); a
+    callable it returns runs next, uninterrupted (for writing its results). With ``stop_after_probe`` the server is then
     stopped and 0 returned; otherwise it serves until SIGINT / SIGTERM / SIGHUP, which stop it
     (SIGTERM to its group, ``grace_s``, SIGKILL; a second signal skips the wait) and return 0. A
     signal while it is still starting also stops it and returns 0.
@@ -647,11 +648,17 @@ def run_supervised(
             if on_ready:
                 on_ready(info)
             if probe and not signals.requested():
+                # The probe may be cut short by the first Ctrl-C / SIGTERM (it keeps its partial
+                # results); what it returns (reporting, writing files) runs after that, whole.
                 signals.interrupting = True
                 try:
-                    probe(info)
+                    finish = probe(info)
+                except KeyboardInterrupt:
+                    finish = None
                 finally:
                     signals.interrupting = False
+                if callable(finish):
+                    finish()
                 if stop_after_probe:
                     server.stop(grace_s, hurry=signals.hurried)
                     return 0

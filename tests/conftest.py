@@ -4,6 +4,7 @@ a test does reaches the user's real Hugging Face cache or launch's own cache."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -50,3 +51,37 @@ def run_launch(*args: str, env: dict | None = None, timeout: float = 120, cwd: s
 @pytest.fixture
 def launch():
     return run_launch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_one_line_error(result, *needles: str, code: int | None = None) -> None:
+    """launch's contract for bad input: non-zero exit, one `launch: error:` line on stderr naming
+    the problem, no traceback, nothing on stdout."""
+    assert result.returncode != 0
+    if code is not None:
+        assert result.returncode == code
+    err = result.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("launch: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hugging Face Hub (tests/fakehub.py, a real HTTP server on 127.0.0.1) serving org/tiny;
+    HF_ENDPOINT points at it for this test."""
+    from tests.fakehub import FakeHub, tiny_repo_files
+
+    with FakeHub() as server:
+        server.add_repo("org/tiny", tiny_repo_files())
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server

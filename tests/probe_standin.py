@@ -30,7 +30,6 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
 
 OPEN_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -85,7 +84,7 @@ class ProbeStandin:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ProbeStandin:  # noqa: PYI034 - typing.Self is 3.11+; we support 3.10
         standin = self
 
         class Handler(_Handler):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_one_line_error
 from tests.test_overlay import LLAMA, tree_digest
 
 
@@ -123,19 +123,6 @@ def test_patch_without_type_keeps_the_existing_type(launch, model_dir, tmp_path)
     assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "linear"
 
 
-def assert_one_line_error(result, *needles, code=None):
-    assert result.returncode != 0
-    if code is not None:
-        assert result.returncode == code
-    err = result.stderr.strip()
-    assert err.count("\n") == 0, err
-    assert err.startswith("launch: error: ")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    assert result.stdout == ""
-
-
 @pytest.mark.parametrize("factor", ["0", "1", "-2", "nan", "inf", "abc"])
 @pytest.mark.parametrize("command", ["plan", "patch"])
 def test_bad_factors(launch, model_dir, tmp_path, factor, command):
@@ -214,6 +201,12 @@ def test_debug_variable_shows_the_traceback(launch):
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
-def test_command_line_round_trips_through_the_shell(launch):
-    data = plan_json(launch, "internlm-chat-7b")
-    assert shlex.split(data["command_line"]) == data["command"]
+@pytest.mark.parametrize("argv, needle", [
+    (["plan"], "Missing argument"),
+    (["plan", "llama-2-7b-chat", "--fcator", "2"], "No such option: --fcator"),
+    (["serve", "llama-2-7b-chat", "--dry-run", "--tp", "abc"], "--tp"),
+    (["nosuch"], "No such command"),
+])
+def test_parser_errors_are_one_line_too(launch, argv, needle):
+    result = launch(*argv)
+    assert_one_line_error(result, needle, "--help`", code=2)

@@ -44,13 +44,6 @@ SKIPPED = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params
            "README.md", ".gitattributes"}
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    """A fake hub serving org/tiny; HF_ENDPOINT points at it for this test."""
-    with FakeHub() as server:
-        server.add_repo("org/tiny", tiny_repo_files())
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
 
 
 def storage(repo_id: str = "org/tiny") -> Path:

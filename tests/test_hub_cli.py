@@ -18,14 +18,6 @@ from tests.conftest import REPO, run_launch
 from tests.fakehub import FakeHub, tiny_repo_files
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    with FakeHub() as server:
-        server.add_repo("org/tiny", tiny_repo_files())
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
-
-
 def test_fetch_main_path_cache_hit_and_offline(hub):
     first = run_launch("fetch", "org/tiny")
     assert first.returncode == 0, first.stderr

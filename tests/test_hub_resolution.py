@@ -7,19 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from launcher.hub import verify_cache
 from tests.conftest import run_launch
-from tests.fakehub import FakeHub, tiny_repo_files
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with FakeHub() as server:
-        server.add_repo("org/tiny", tiny_repo_files())
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        yield server
 
 
 def blobs(hf_home: Path) -> dict[str, bytes]:

@@ -245,3 +245,19 @@ def test_build_overlay_never_writes_into_the_source(tmp_path):
     before = tree_digest(src)
     build_overlay(src, {**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}}, {}, tmp_path / "o")
     assert tree_digest(src) == before
+
+
+def test_out_naming_an_existing_file_is_refused_and_the_file_kept(snapshot, hf_home, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(OverlayConflict) as err:
+        make_overlay(patch_plan(snapshot, factor="2", out=notes))
+    assert "not a directory" in str(err.value)
+    assert notes.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", "notes.txt"])
+
+
+def test_slug_is_one_safe_path_component():
+    from launcher.overlay import slug
+
+    assert slug("../../etc") == "etc" and "/" not in slug("a/b") and slug("..") == "model"

@@ -157,6 +157,10 @@ def test_presets_command_lists_every_preset(launch, tmp_path):
         assert any(line.startswith(name + " ") for line in lines), name
     row = next(line for line in lines if line.startswith("internlm2_5-7b-chat "))
     assert "32,768" in row and "dynamic x2" in row and "65,536" in row
+    row = next(line for line in lines if line.startswith("llama-3.1-8b-instruct "))
+    assert "8,192" in row and "llama3 x8" in row and "131,072" in row  # as shipped, not 8 x 8k
+    row = next(line for line in lines if line.startswith("qwen2.5-7b-instruct "))
+    assert "yarn x4" in row and "131,072" in row
     assert "(user)" in next(line for line in lines if line.startswith("mine "))
 
 

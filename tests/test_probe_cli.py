@@ -12,7 +12,7 @@ import time
 import pytest
 
 from launcher.probe.chart import HEATMAP_SIZE_PX
-from tests.conftest import REPO, run_launch
+from tests.conftest import REPO, assert_one_line_error, run_launch
 from tests.probe_standin import ProbeStandin, closed_port_url, png_size
 
 
@@ -133,3 +133,13 @@ def test_ctrl_c_mid_sweep_writes_partial_results(tmp_path, no_key_env):
     assert data["interrupted"] is True and data["complete"] is False
     assert 2 <= len(data["trials"]) < 20
     assert (out / "heatmap.png").exists() and "interrupted:" in stdout
+
+
+def test_out_that_cannot_be_written_is_refused_before_the_sweep(tmp_path, no_key_env):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    with ProbeStandin(visible=1000) as server:
+        proc = run_launch("probe", "--url", server.url, "--lengths", "500", "--out", str(blocker / "out"))
+        assert server.prompts == []  # refused before any trial
+    assert_one_line_error(proc, "--out", "is a file, not a directory", code=2)
+    assert blocker.read_text() == "mine"

@@ -23,7 +23,7 @@ from launcher.engine import backend_config, chat_template_config, serve_kwargs, 
 from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
 from launcher.resolve import from_dir
-from tests.test_cli_plan_patch import assert_one_line_error
+from tests.conftest import assert_one_line_error, free_port
 from tests.test_overlay import LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +38,6 @@ def lmdeploy_parser():
         SubCliServe.add_parsers()
         lmdeploy_parser.done = True
     return CLI.parser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the exact engine call ------------------------------------------------------------------------
@@ -163,6 +157,7 @@ def test_no_session_fits_stops_with_advice(launch, tmp_path):
 
 
 @pytest.mark.parametrize("flags, needle", [
+    (["--health-timeout", "nan"], "--health-timeout"), (["--health-timeout", "-5"], "--health-timeout"),
     (["--port", "0"], "--port"), (["--port", "http"], "--port"), (["--host", " "], "--host"),
     (["--api-key", "has space"], "API key"), (["--api-key-file", "/nonexistent/keys"], "/nonexistent/keys"),
 ])
@@ -273,7 +268,7 @@ def test_serve_probe_prints_the_table_before_handing_over(tiny_dir, tmp_path):
     port = free_port()
     proc = start_driver(tiny_dir, port, tmp_path, probe=True)
     try:
-        out = "".join(read_until(proc, "probe results:", timeout=120))
+        out = "".join(read_until(proc, "heatmap.png", timeout=120))
         assert "overall accuracy 1.00" in out
         table = out[out.index("depth"):]
         header = table.splitlines()[0].split()
@@ -296,3 +291,48 @@ def test_busy_port_is_an_error_before_the_overlay(tiny_dir, tmp_path):
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"{port}" in err and "--port" in err
     assert not (tmp_path / "cache" / "overlays").exists()
+
+
+def test_tp_beyond_the_gpus_present_stops_before_downloading():
+    from dataclasses import replace
+
+    from launcher.errors import BadOption
+    from launcher.serve import _check_gpus
+
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
+    assert plan.engine.config["tp"] == 4
+    _check_gpus(replace(plan, gpu_count=4))
+    _check_gpus(replace(plan, gpu_count=None))  # unknown here: lmdeploy will say
+    with pytest.raises(BadOption) as err:
+        _check_gpus(replace(plan, gpu_count=1))
+    assert "--tp" in str(err.value) and "1 GPU" in str(err.value)
+
+
+def test_run_files_stay_in_launchs_cache_whatever_the_model_name(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from launcher.serve import _write_spec
+
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    plan = build_plan(PlanRequest(model="llama-2-7b-chat", model_name="../../escape"))
+    plan = replace(plan, engine=replace(plan.engine, api_keys=("sk",)))
+    spec, log = _write_spec(plan, tmp_path / "overlay")
+    assert spec.parent.parent == tmp_path / "cache" / "runs" and log.parent == spec.parent
+    assert json.loads(spec.read_text())["model_name"] == "../../escape"  # the served name is kept
+    assert stat.S_IMODE(spec.stat().st_mode) == 0o600
+
+
+def test_the_real_serving_process_refuses_without_turbomind(tmp_path):
+    """launcher.engine_server itself (no stand-in): on a machine without CUDA it stops with exit 3
+    and names --backend pytorch, before lmdeploy's server is started."""
+    from launcher.engine import turbomind_problem
+
+    if turbomind_problem() is None:
+        pytest.skip("TurboMind works here")
+    plan = build_plan(PlanRequest(model="llama-2-7b-chat"))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(spec_to_json(plan.engine, str(tmp_path))))
+    result = subprocess.run([sys.executable, "-m", "launcher.engine_server", str(spec)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 3
+    assert "TurboMind" in result.stderr and "--backend pytorch" in result.stderr

@@ -46,6 +46,7 @@ from launcher.supervise import (
     run_supervised,
     wait_healthy,
 )
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_openai.py"
@@ -70,12 +71,6 @@ sys.exit(rc)
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def standin(port: int, *flags: str) -> list[str]:

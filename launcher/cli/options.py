@@ -13,7 +13,8 @@ import typer
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="A preset name (see `launch presets`) or a local model directory.", show_default=False),
+    typer.Argument(help="A preset name (see `launch presets`), a Hub repo id (org/name) or a local model "
+                   "directory.", show_default=False),
 ]
 FactorOpt = Annotated[
     str | None,
@@ -41,10 +42,6 @@ OutOpt = Annotated[
     typer.Option("--out", "-o", help="Where to write the overlay. Default: launch's cache directory.",
                  show_default=False),
 ]
-ModelDirArg = Annotated[
-    str,
-    typer.Argument(help="A local model directory (with config.json).", show_default=False),
-]
 BackendOpt = Annotated[
     str | None,
     typer.Option("--backend", help="turbomind or pytorch. Default: the preset's, else turbomind.",
@@ -71,5 +68,11 @@ GpuMemoryOpt = Annotated[
 RevisionOpt = Annotated[
     str | None,
     typer.Option("--revision", help="Branch, tag or commit sha on the Hub. Default: the preset's pin, else main.",
+                 show_default=False),
+]
+TrustOpt = Annotated[
+    bool | None,
+    typer.Option("--trust-remote-code/--no-trust-remote-code",
+                 help="Use (and download) the repo's own Python code. Default: only when the preset says so.",
                  show_default=False),
 ]

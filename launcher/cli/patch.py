@@ -7,26 +7,29 @@ import sys
 import typer
 
 from .app import app
-from .options import FactorOpt, ForceOpt, ModelDirArg, OutOpt, SessionLenOpt, TypeOpt
+from .options import FactorOpt, ForceOpt, ModelArg, OutOpt, RevisionOpt, SessionLenOpt, TrustOpt, TypeOpt
 
 
 @app.command(
     epilog="Examples:  launch patch ./internlm2-chat-7b --factor 2   |   launch patch ./qwen --factor 4 --type yarn --out ./qwen-128k"
 )
 def patch(
-    model_dir: ModelDirArg,
+    model: ModelArg,
     factor: FactorOpt = None,
     rope_type: TypeOpt = None,
     session_len: SessionLenOpt = None,
     force: ForceOpt = False,
     out: OutOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = None,
 ) -> None:
-    """Write a patched view of MODEL_DIR (never modifying it) and print its path as the last line."""
+    """Write a patched view of MODEL (never modifying it) and print its path as the last line."""
     from ..plan import PlanRequest, build_plan, make_overlay
 
     plan = build_plan(
-        PlanRequest(model=model_dir, factor=factor, rope_type=rope_type, session_len=session_len,
-                    force=force, out=out, need_files=True)
+        PlanRequest(model=model, factor=factor, rope_type=rope_type, session_len=session_len,
+                    force=force, out=out, need_files=True, revision=revision,
+                    trust_remote_code=trust_remote_code)
     )
     overlay = make_overlay(plan)
     d = plan.decision

@@ -21,12 +21,14 @@ def presets(ctx: typer.Context) -> None:
         return
     from ..paths import user_presets_dirs
     from ..presets import all_presets
+    from ..rope import RopeRequest, decide
 
     rows = all_presets()
     typer.echo(f"{'NAME':<26} {'NATIVE':>8} {'DEFAULT':<12} {'SERVES':>9}  {'ENGINE':<9} REPO")
     for entry, p in rows:
         default = f"{p.rope.type} x{p.rope.factor:g}"
-        serves = f"{round(p.native_context * p.rope.factor):,}"
+        request = RopeRequest(factor=p.rope.factor, rope_type=p.rope.type, engine=p.engine.backend)
+        serves = f"{decide(p.stub_config(), request).covered_context:,}"
         origin = "" if entry.builtin else "  (user)"
         typer.echo(
             f"{p.name:<26} {p.native_context:>8,} {default:<12} {serves:>9}  {p.engine.backend:<9} {p.repo}{origin}"

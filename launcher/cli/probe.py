@@ -56,15 +56,7 @@ def probe(
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
     from ..errors import BadOption
-    from ..probe import (
-        TerminalProgress,
-        check_out_dir,
-        default_out_dir,
-        format_table,
-        run_probe,
-        settings_from_flags,
-        write_outputs,
-    )
+    from ..probe import check_out_dir, default_out_dir, publish, settings_from_flags, sweep
 
     native_from_preset = None
     if preset is not None:
@@ -81,14 +73,8 @@ def probe(
     out_dir = out if out is not None else default_out_dir()
     check_out_dir(out_dir)
 
-    progress = TerminalProgress(sys.stderr, trials=settings.trials)
-    try:
-        result = run_probe(settings, progress=progress)
-    finally:
-        progress.close()
-    paths = write_outputs(result, out_dir)
-    typer.echo(format_table(result))
-    typer.echo(f"wrote {paths.results_json} and {paths.heatmap_png}")
+    result = sweep(settings)
+    paths = publish(result, out_dir, sys.stdout)
 
     if result.interrupted:
         typer.echo("launch: interrupted; partial results written", err=True)

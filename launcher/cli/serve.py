@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..engine import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_HOST, DEFAULT_PORT
 from .app import app
 from .options import (
     BackendOpt,
@@ -21,6 +22,7 @@ from .options import (
     RevisionOpt,
     SessionLenOpt,
     TpOpt,
+    TrustOpt,
     TypeOpt,
 )
 
@@ -39,8 +41,8 @@ def serve(
     session_len: SessionLenOpt = None,
     force: ForceOpt = False,
     tp: TpOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = "127.0.0.1",
-    port: Annotated[str, typer.Option("--port", help="Port of the OpenAI API.")] = "23333",
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = DEFAULT_HOST,
+    port: Annotated[str, typer.Option("--port", help="Port of the OpenAI API.")] = str(DEFAULT_PORT),
     api_key: Annotated[
         list[str] | None,
         typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
@@ -59,14 +61,10 @@ def serve(
                                     show_default=False)
     ] = None,
     revision: RevisionOpt = None,
-    trust_remote_code: Annotated[
-        bool | None,
-        typer.Option("--trust-remote-code/--no-trust-remote-code",
-                     help="Run the repo's own Python code. Default: only when the preset says so.", show_default=False),
-    ] = None,
+    trust_remote_code: TrustOpt = None,
     health_timeout: Annotated[
         float, typer.Option("--health-timeout", help="Seconds to wait for the engine to load and answer /health.")
-    ] = 1800.0,
+    ] = DEFAULT_HEALTH_TIMEOUT_S,
     probe: Annotated[
         bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
     ] = False,

@@ -3,17 +3,36 @@
 Library entry points (``launch probe`` and ``launch serve --probe`` call exactly these)::
 
     settings = ProbeSettings(lengths=(4096, 8192), url="http://127.0.0.1:23333", native_context=4096)
-    result = run_probe(settings, progress=TerminalProgress(trials=settings.trials))
-    print(format_table(result))
-    paths = write_outputs(result, out_dir)   # results.json, heatmap.png
+    result = sweep(settings)                      # run_probe with a progress display on stderr
+    paths = publish(result, out_dir, sys.stdout)  # results.json, heatmap.png, then the table
 
 Importing this package does not import matplotlib or transformers.
 """
 
 from .progress import TerminalProgress
-from .report import OutputPaths, check_out_dir, default_out_dir, format_table, results_dict, write_outputs
+from .report import (
+    OutputPaths,
+    check_out_dir,
+    default_out_dir,
+    format_table,
+    publish,
+    results_dict,
+    write_outputs,
+)
 from .runner import Cell, ProbeResult, ProgressEvent, Trial, run_probe
 from .settings import ProbeSettings, default_lengths, settings_from_flags
+
+
+def sweep(settings: ProbeSettings, stream=None) -> ProbeResult:
+    """``run_probe`` with the terminal progress display (``probe`` and ``serve --probe``)."""
+    import sys
+
+    progress = TerminalProgress(stream or sys.stderr, trials=settings.trials)
+    try:
+        return run_probe(settings, progress=progress)
+    finally:
+        progress.close()
+
 
 __all__ = [
     "Cell",
@@ -27,8 +46,10 @@ __all__ = [
     "default_lengths",
     "default_out_dir",
     "format_table",
+    "publish",
     "results_dict",
     "run_probe",
     "settings_from_flags",
+    "sweep",
     "write_outputs",
 ]

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import BadOption
 from .runner import Cell, ProbeResult
@@ -114,23 +115,44 @@ def default_out_dir(now: datetime | None = None) -> Path:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse, before the sweep, a place that is a file or already holds results (nothing is lost)."""
+    """Refuse, before the sweep, a place that is a file, already holds results, or cannot be
+    written (nothing is lost, nothing is created)."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BadOption("--out", str(out_dir), "is a file; give a directory")
     if (out_dir / RESULTS_NAME).exists():
         raise BadOption("--out", str(out_dir), f"already holds {RESULTS_NAME}; give a new directory")
+    existing = out_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadOption("--out", str(out_dir), f"{existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadOption("--out", str(out_dir), f"{existing} is not writable; give another directory")
 
 
 def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
     """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = OutputPaths(out, out / RESULTS_NAME, out / HEATMAP_NAME)
-    tmp = paths.results_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results_dict(result), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, paths.results_json)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = paths.results_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results_dict(result), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, paths.results_json)
+    except OSError as err:
+        raise BadOption("--out", str(out), f"cannot write the results there: {err.strerror or err}") from None
 
     from .chart import write_heatmap
 
     write_heatmap(result, paths.heatmap_png)
+    return paths
+
+
+def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
+    """Write the outputs, then print the table and where they are (``probe`` and ``serve --probe``)."""
+    paths = write_outputs(result, out_dir)
+    print(format_table(result), file=stream)
+    print(f"wrote {paths.results_json} and {paths.heatmap_png}", file=stream)
+    stream.flush()
     return paths
