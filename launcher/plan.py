@@ -256,7 +256,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None) -> Plan:
         config=engine_config(settings, decision.session_len),
         model_name=name,
         trust_remote_code=source.trust_remote_code,
-        chat_template=preset.chat_template.model_dump(exclude_none=True) if preset and preset.chat_template else None,
+        chat_template=preset.chat_template.as_dict() if preset and preset.chat_template else None,
         host=request.host,
         port=request.port,
     )

@@ -10,15 +10,17 @@ shapes, RoPE as shipped), so that ``launch plan PRESET`` works offline and befor
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidPreset, UnknownPreset
 from .paths import builtin_presets_dir, user_presets_dirs
@@ -26,89 +28,224 @@ from .paths import builtin_presets_dir, user_presets_dirs
 SUFFIXES = (".yaml", ".yml")
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
 
+# --- the schema ----------------------------------------------------------------------------------
+# Each section is a frozen dataclass; a field's ``metadata["check"]`` turns the YAML value into the
+# field's value or raises ValueError saying what is wrong. Unknown keys are refused, naming them.
+# (Hand-written rather than pydantic: importing pydantic costs every `launch plan` ~0.15 s.)
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Check = Callable[[Any], Any]
 
 
-class RopeDefaults(_Strict):
-    type: Literal["dynamic", "linear", "yarn", "llama3"]
-    factor: float = Field(description="default context multiplier (> 1)")
+def _spec(check: Check, default: Any = dataclasses.MISSING) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
 
-    @field_validator("factor")
-    @classmethod
-    def _factor(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 1:
-            raise ValueError("must be a finite number greater than 1")
+
+def _optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be text, found {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, found {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"must be a whole number greater than 0, found {value!r}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 7.3e9 (no exponent sign) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"must be a number, found {value!r}")
+    return float(value)
+
+
+def _positive(value: Any) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, found {value!r}")
+    return number
+
+
+def _factor(value: Any) -> float:
+    number = _number(value)
+    if number <= 1:
+        raise ValueError(f"must be a finite number greater than 1, found {value!r}")
+    return number
+
+
+def _ratio(value: Any) -> float:
+    number = _number(value)
+    if not 0 < number < 1:
+        raise ValueError(f"must be greater than 0 and less than 1, found {value!r}")
+    return number
+
+
+def _one_of(*choices: Any) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(str, choices))}, found {value!r}")
         return value
 
+    return check
 
-class ShippedConfig(_Strict):
+
+def _texts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a list of text, found {value!r}")
+    return tuple(value)
+
+
+def _mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping, found {value!r}")
+    return dict(value)
+
+
+_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _repo(value: Any) -> str:
+    if not isinstance(value, str) or not _REPO.match(value):
+        raise ValueError(f"must be a Hugging Face repo id ORG/NAME, found {value!r}")
+    return value
+
+
+def _section(cls: type) -> Check:
+    def check(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping of fields, found {value!r}")
+        return _build(cls, value)
+
+    return check
+
+
+class _Invalid(Exception):
+    def __init__(self, field_name: str, problem: str) -> None:
+        self.field_name, self.problem = field_name, problem
+
+
+def _build(cls: type, data: dict) -> Any:
+    """An instance of the schema dataclass ``cls`` from a YAML mapping, or _Invalid naming the field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = ""
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        raise _Invalid(where + str(unknown[0]),
+                       "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)")
+    values = {}
+    for name, spec in fields.items():
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise _Invalid(where + name, "required field is missing")
+            continue
+        try:
+            values[name] = spec.metadata["check"](data[name])
+        except _Invalid as inner:
+            raise _Invalid(f"{where}{name}.{inner.field_name}", inner.problem) from None
+        except ValueError as err:
+            raise _Invalid(where + name, str(err)) from None
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class RopeDefaults:
+    type: str = _spec(_one_of("dynamic", "linear", "yarn", "llama3"))
+    factor: float = _spec(_factor)
+
+
+@dataclass(frozen=True)
+class ShippedConfig:
     """The facts of the checkpoint's config.json, with config.json's own key names."""
 
-    architectures: list[str]
-    model_type: str | None = None
-    max_position_embeddings: int = Field(gt=0)
-    rope_theta: float | None = None
-    rope_scaling: dict[str, Any] | None = None
-    rope_parameters: dict[str, Any] | None = None
-    num_hidden_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_key_value_heads: int | None = Field(default=None, gt=0)
-    head_dim: int | None = Field(default=None, gt=0)
-    torch_dtype: Literal["float16", "bfloat16", "float32"]
-    vocab_size: int | None = Field(default=None, gt=0)
-    bias: bool | None = None  # InternLM v1: biases on the attention projections
-    attention_bias: bool | None = None
-    sliding_window: int | None = None
+    architectures: tuple[str, ...] = _spec(_texts)
+    max_position_embeddings: int = _spec(_positive_int)
+    num_hidden_layers: int = _spec(_positive_int)
+    hidden_size: int = _spec(_positive_int)
+    num_attention_heads: int = _spec(_positive_int)
+    torch_dtype: str = _spec(_one_of("float16", "bfloat16", "float32"))
+    model_type: str | None = _spec(_optional(_text), None)
+    rope_theta: float | None = _spec(_optional(_number), None)
+    rope_scaling: dict | None = _spec(_optional(_mapping), None)
+    rope_parameters: dict | None = _spec(_optional(_mapping), None)
+    num_key_value_heads: int | None = _spec(_optional(_positive_int), None)
+    head_dim: int | None = _spec(_optional(_positive_int), None)
+    vocab_size: int | None = _spec(_optional(_positive_int), None)
+    bias: bool | None = _spec(_optional(_flag), None)  # InternLM v1: biases on the attention projections
+    attention_bias: bool | None = _spec(_optional(_flag), None)
+    sliding_window: int | None = _spec(_optional(_positive_int), None)
 
     def as_config(self) -> dict:
         """A config.json-shaped dict (keys that are None are left out, except rope_scaling)."""
-        data = self.model_dump()
-        rope_scaling = data.pop("rope_scaling")
-        config = {k: v for k, v in data.items() if v is not None}
-        if "rope_parameters" not in config:
-            config["rope_scaling"] = rope_scaling
+        config = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            if value is not None or (f.name == "rope_scaling" and self.rope_parameters is None):
+                config[f.name] = value
         return config
 
 
-class EngineDefaults(_Strict):
-    backend: Literal["turbomind", "pytorch"] = "turbomind"
-    tp: int = Field(default=1, ge=1)
-    max_batch_size: int = Field(default=64, ge=1)
-    cache_max_entry_count: float = Field(default=0.8, gt=0, lt=1)
-    quant_policy: Literal[0, 4, 8] = 0
+@dataclass(frozen=True)
+class EngineDefaults:
+    backend: str = _spec(_one_of("turbomind", "pytorch"), "turbomind")
+    tp: int = _spec(_positive_int, 1)
+    max_batch_size: int = _spec(_positive_int, 64)
+    cache_max_entry_count: float = _spec(_ratio, 0.8)
+    quant_policy: int = _spec(_one_of(0, 4, 8), 0)
 
 
-class ChatTemplate(_Strict):
+@dataclass(frozen=True)
+class ChatTemplate:
     """Fields of lmdeploy's ChatTemplateConfig, for models current lmdeploy has no template for."""
 
-    model_name: str
-    system: str | None = None
-    meta_instruction: str | None = None
-    eosys: str | None = None
-    user: str | None = None
-    eoh: str | None = None
-    assistant: str | None = None
-    eoa: str | None = None
-    separator: str | None = None
-    stop_words: list[str] | None = None
+    model_name: str = _spec(_text)
+    system: str | None = _spec(_optional(_text), None)
+    meta_instruction: str | None = _spec(_optional(_text), None)
+    eosys: str | None = _spec(_optional(_text), None)
+    user: str | None = _spec(_optional(_text), None)
+    eoh: str | None = _spec(_optional(_text), None)
+    assistant: str | None = _spec(_optional(_text), None)
+    eoa: str | None = _spec(_optional(_text), None)
+    separator: str | None = _spec(_optional(_text), None)
+    stop_words: tuple[str, ...] | None = _spec(_optional(_texts), None)
+
+    def as_dict(self) -> dict:
+        """The set fields, as lmdeploy's ChatTemplateConfig takes them."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
 
-class Preset(_Strict):
-    name: str
-    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
-    revision: str | None = None
-    description: str = ""
-    trust_remote_code: bool = False
-    native_context: int = Field(gt=0)
-    rope: RopeDefaults
-    parameters: float = Field(gt=0, description="parameter count, for the weight-size estimate")
-    config: ShippedConfig
-    engine: EngineDefaults = EngineDefaults()
-    chat_template: ChatTemplate | None = None
-    notes: list[str] = []
+@dataclass(frozen=True)
+class Preset:
+    name: str = _spec(_text)
+    repo: str = _spec(_repo)
+    native_context: int = _spec(_positive_int)
+    rope: RopeDefaults = _spec(_section(RopeDefaults))
+    parameters: float = _spec(_positive)  # parameter count, for the weight-size estimate
+    config: ShippedConfig = _spec(_section(ShippedConfig))
+    revision: str | None = _spec(_optional(_text), None)
+    description: str = _spec(_text, "")
+    trust_remote_code: bool = _spec(_flag, False)
+    engine: EngineDefaults = _spec(_section(EngineDefaults), EngineDefaults())
+    chat_template: ChatTemplate | None = _spec(_optional(_section(ChatTemplate)), None)
+    notes: tuple[str, ...] = _spec(_texts, ())
 
     def stub_config(self) -> dict:
         return self.config.as_config()
@@ -140,10 +277,6 @@ def preset_files() -> dict[str, PresetFile]:
     return dict(sorted(files.items()))
 
 
-def _field_of(error: dict) -> str:
-    return ".".join(str(part) for part in error.get("loc", ())) or "(file)"
-
-
 @lru_cache(maxsize=64)
 def _load(path: Path, mtime_ns: int) -> Preset:
     try:
@@ -160,17 +293,9 @@ def _load(path: Path, mtime_ns: int) -> Preset:
         raise InvalidPreset(str(path), "name", f"{data.get('name')!r} must match the file name {path.stem!r}")
     data.setdefault("name", path.stem)
     try:
-        preset = Preset.model_validate(data)
-    except ValidationError as err:
-        errors = err.errors()
-        # A misspelt key usually also shows up as a missing one: name the misspelling first.
-        first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
-        problem = first.get("msg", "invalid")
-        if first.get("type") == "extra_forbidden":
-            problem = "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)"
-        if len(errors) > 1:
-            problem += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        raise InvalidPreset(str(path), _field_of(first), problem) from None
+        preset = _build(Preset, data)
+    except _Invalid as err:
+        raise InvalidPreset(str(path), err.field_name, err.problem) from None
     _check_consistent(preset, path)
     return preset
 

@@ -84,7 +84,8 @@ def test_remote_code_only_where_the_model_needs_it():
 
 def test_internlm_v1_preset_carries_the_v1_chat_template():
     t = get_preset("internlm-chat-7b").chat_template
-    assert (t.system, t.user, t.assistant, t.eoa, t.stop_words) == ("<|System|>:", "<|User|>:", "<|Bot|>:", "<eoa>", ["<eoa>"])
+    assert (t.system, t.user, t.assistant, t.eoa) == ("<|System|>:", "<|User|>:", "<|Bot|>:", "<eoa>")
+    assert t.as_dict()["stop_words"] == ["<eoa>"] and "user" in t.as_dict()
     assert "Shanghai AI Laboratory" in t.meta_instruction
 
 
@@ -115,11 +116,15 @@ def test_default_user_directory_is_under_the_config_home(monkeypatch, tmp_path):
         (lambda d: d["rope"].update(factor=1.0), "rope.factor", "greater than 1"),
         (lambda d: d["rope"].update(type="ntk"), "rope.type", "dynamic"),
         (lambda d: d.update(native_context=8192), "native_context", "disagrees"),
-        (lambda d: d.update(repo="not a repo"), "repo", "pattern"),
+        (lambda d: d.update(repo="not a repo"), "repo", "repo id ORG/NAME"),
         (lambda d: d.pop("parameters"), "parameters", "required"),
-        (lambda d: d.update(engine={"quant_policy": 2}), "engine.quant_policy", "0, 4 or 8"),
+        (lambda d: d.update(engine={"quant_policy": 2}), "engine.quant_policy", "one of 0, 4, 8"),
         (lambda d: d.update(engine={"cache_max_entry_count": 1.0}), "engine.cache_max_entry_count", "less than 1"),
         (lambda d: d.update(name="other"), "name", "must match the file name"),
+        (lambda d: d.update(rope="dynamic"), "rope", "must be a mapping"),
+        (lambda d: d["config"].update(rope_scaling="dynamic"), "config.rope_scaling", "must be a mapping"),
+        (lambda d: d.update(trust_remote_code="yes"), "trust_remote_code", "true or false"),
+        (lambda d: d.update(parameters="many"), "parameters", "must be a number"),
     ],
 )
 def test_invalid_presets_name_the_file_and_the_field(tmp_path, monkeypatch, mutate, field, problem):

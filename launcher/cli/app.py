@@ -13,5 +13,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rendering it with rich would double `launch --help`'s time
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -23,7 +23,11 @@ def patch(
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
 ) -> None:
-    """Write a patched view of MODEL (never modifying it) and print its path as the last line."""
+    """Write a patched view of MODEL (never modifying it) and print its path as the last line.
+
+    MODEL is a preset name, a Hugging Face repo id ORG/NAME (downloaded first), or a local model
+    directory.
+    """
     from ..plan import PlanRequest, build_plan, make_overlay
 
     plan = build_plan(

@@ -44,7 +44,11 @@ def plan(
     gpu_memory: GpuMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show what `serve` would do: the config diff, session length, KV-cache memory, engine call."""
+    """Show what `serve` would do: the config diff, session length, KV-cache memory, engine call.
+
+    MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
+    directory. Nothing is written and no weights are downloaded.
+    """
     from ..plan import PlanRequest, build_plan, plan_json, render_plan
 
     result = build_plan(

@@ -71,7 +71,11 @@ def serve(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve MODEL with F x its native context through lmdeploy's OpenAI-compatible API."""
+    """Serve MODEL with F x its native context through lmdeploy's OpenAI-compatible API.
+
+    MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
+    directory. Everything is checked before anything is downloaded or loaded; --dry-run stops there.
+    """
     from ..plan import PlanRequest
     from ..serve import ServeRequest
     from ..serve import serve as run_serve
