@@ -3,6 +3,7 @@ a test does reaches the user's real Hugging Face cache or launch's own cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -11,6 +12,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A small Llama config.json (native context 256), for model directories the tests make.
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "max_position_embeddings": 256,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "torch_dtype": "float16",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +100,13 @@ def hub(monkeypatch):
         server.add_repo("org/tiny", tiny_repo_files())
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A local model directory ``tiny``: LLAMA's config.json and a (fake) safetensors file."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA))
+    (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    return d

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error
-from tests.test_overlay import LLAMA, tree_digest
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "tiny-llama"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(LLAMA))
-    (d / "model.safetensors").write_bytes(b"\0" * 1000)
-    return d
+from tests.conftest import LLAMA, assert_one_line_error
+from tests.test_overlay import tree_digest
 
 
 def plan_json(launch, *args, env=None):

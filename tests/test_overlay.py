@@ -21,19 +21,7 @@ from launcher.overlay import (
     source_files,
 )
 from launcher.plan import PlanRequest, build_plan, make_overlay
-
-LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "max_position_embeddings": 256,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "torch_dtype": "float16",
-}
+from tests.conftest import LLAMA
 
 
 def make_hf_snapshot(root: Path, files: dict[str, bytes], sha: str = "a" * 40) -> Path:

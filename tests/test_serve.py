@@ -24,7 +24,6 @@ from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
 from launcher.resolve import from_dir
 from tests.conftest import assert_one_line_error, free_port
-from tests.test_overlay import LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -189,19 +188,10 @@ sys.exit(code)
 """
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(LLAMA))
-    (d / "model.safetensors").write_bytes(b"\0" * 100)
-    return d
-
-
-def start_driver(tiny_dir, port, tmp_path, probe=False):
+def start_driver(model_dir, port, tmp_path, probe=False):
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), LAUNCH_API_KEYS="sk-env",
                PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny_dir), str(port), "probe" if probe else "-"],
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), str(port), "probe" if probe else "-"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -231,9 +221,9 @@ def get(url, key=None, data=None):
         return err.code, err.read().decode()
 
 
-def test_serve_end_to_end_with_a_standin_engine(tiny_dir, tmp_path):
+def test_serve_end_to_end_with_a_standin_engine(model_dir, tmp_path):
     port = free_port()
-    proc = start_driver(tiny_dir, port, tmp_path)
+    proc = start_driver(model_dir, port, tmp_path)
     try:
         ready = "".join(read_until(proc, "curl"))
         assert f"http://127.0.0.1:{port}/v1" in ready and "tiny" in ready
@@ -255,7 +245,7 @@ def test_serve_end_to_end_with_a_standin_engine(tiny_dir, tmp_path):
         assert spec["engine_config"]["session_len"] == 512
         overlay = Path(spec["model_path"])
         assert json.loads((overlay / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
-        assert json.loads((tiny_dir / "config.json").read_text())["rope_scaling"] is None
+        assert json.loads((model_dir / "config.json").read_text())["rope_scaling"] is None
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -264,9 +254,9 @@ def test_serve_end_to_end_with_a_standin_engine(tiny_dir, tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_serve_probe_prints_the_table_before_handing_over(tiny_dir, tmp_path):
+def test_serve_probe_prints_the_table_before_handing_over(model_dir, tmp_path):
     port = free_port()
-    proc = start_driver(tiny_dir, port, tmp_path, probe=True)
+    proc = start_driver(model_dir, port, tmp_path, probe=True)
     try:
         out = "".join(read_until(proc, "heatmap.png", timeout=120))
         assert "overall accuracy 1.00" in out
@@ -282,12 +272,12 @@ def test_serve_probe_prints_the_table_before_handing_over(tiny_dir, tmp_path):
     assert proc.returncode == 0
 
 
-def test_busy_port_is_an_error_before_the_overlay(tiny_dir, tmp_path):
+def test_busy_port_is_an_error_before_the_overlay(model_dir, tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        proc = start_driver(tiny_dir, port, tmp_path)
+        proc = start_driver(model_dir, port, tmp_path)
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and f"{port}" in err and "--port" in err
     assert not (tmp_path / "cache" / "overlays").exists()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "lmdeploy", "matplotlib")
+HEAVY = ("torch", "transformers", "lmdeploy", "matplotlib", "pydantic")
 
 BLOCKER = r"""
 import atexit, importlib.abc, json, sys
