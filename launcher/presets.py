@@ -163,6 +163,12 @@ def _build(cls: type, data: dict) -> Any:
     return cls(**values)
 
 
+def _plain(section: Any) -> dict:
+    """A schema section as plain data (JSON-ready): its set fields, tuples as lists."""
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(section) if (v := getattr(section, f.name)) is not None}
+
+
 @dataclass(frozen=True)
 class RopeDefaults:
     type: str = _spec(_one_of("dynamic", "linear", "yarn", "llama3"))
@@ -192,13 +198,9 @@ class ShippedConfig:
 
     def as_config(self) -> dict:
         """A config.json-shaped dict (keys that are None are left out, except rope_scaling)."""
-        config = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            if value is not None or (f.name == "rope_scaling" and self.rope_parameters is None):
-                config[f.name] = value
+        config = _plain(self)
+        if self.rope_parameters is None:
+            config.setdefault("rope_scaling", None)
         return config
 
 
@@ -228,8 +230,7 @@ class ChatTemplate:
 
     def as_dict(self) -> dict:
         """The set fields, as lmdeploy's ChatTemplateConfig takes them."""
-        return {f.name: list(v) if isinstance(v, tuple) else v
-                for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+        return _plain(self)
 
 
 @dataclass(frozen=True)

@@ -122,11 +122,9 @@ PROBE_TRIALS = 1
 def probe_lengths(native: int, session_len: int) -> tuple[int, ...]:
     """0.5x, 1x, 1.5x and 2x the native context, capped to fit the session; and the longest prompt
     the session takes when that is longer still (Llama 3.1: native 8k, served 128k)."""
-    from .probe import default_lengths
+    from .probe.settings import default_lengths, longest_prompt
 
-    lengths = default_lengths(native, session_len)
-    longest = default_lengths(session_len, session_len)[-1]
-    return tuple(sorted(set(lengths) | {longest}))
+    return tuple(sorted(set(default_lengths(native, session_len)) | {longest_prompt(session_len)}))
 
 
 def _probe_hook(plan: Plan, run_dir: Path, out: TextIO) -> Callable:

@@ -90,6 +90,11 @@ class ProbeSettings:
         }
 
 
+def longest_prompt(session_len: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    """The longest prompt a session takes with room for the chat template and the answer."""
+    return max(1, session_len - max_tokens - TEMPLATE_HEADROOM)
+
+
 def default_lengths(native_context: int, session_len: int | None = None,
                     max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[int, ...]:
     """0.5x, 1x, 1.5x, 2x the native context; with a known ``session_len``, capped so that the prompt,
@@ -97,7 +102,7 @@ def default_lengths(native_context: int, session_len: int | None = None,
     more with a 400, and cuts the answer short near the end)."""
     lengths = [round(m * native_context) for m in DEFAULT_MULTIPLES]
     if session_len is not None:
-        cap = max(1, session_len - max_tokens - TEMPLATE_HEADROOM)
+        cap = longest_prompt(session_len, max_tokens)
         lengths = [min(length, cap) for length in lengths]
     return tuple(sorted(set(lengths)))
 
