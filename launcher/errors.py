@@ -4,9 +4,9 @@ Library code raises these and never prints. ``launcher.cli.main`` catches ``Laun
 ``user_message(err)`` as one line on stderr and exits non-zero. ``LAUNCH_DEBUG=1`` shows the
 traceback as well.
 
-To add an error: a dataclass subclass of ``LaunchError`` with its facts as fields, and one entry in
-``MESSAGES`` (a format string over those fields, or a function of the error). The message says
-what is wrong and what to do next.
+To add an error: a subclass of ``LaunchError`` with its facts as annotated fields and its
+``message`` beside them (a format string over those fields, or a method). The message says what is
+wrong and what to do next. (``MESSAGES`` is the older table, being emptied into the classes.)
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class LaunchError(Exception):
 
     exit_code = 1
     _fields: tuple[str, ...] = ()
+    # The one line the user sees: a format string over the facts (``{name_list}`` joins a tuple), or
+    # a method ``def message(self) -> str``. Declared without an annotation (annotations are facts).
+    message = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -248,19 +251,29 @@ MESSAGES: dict[type[LaunchError], Message] = {
 }
 
 
+def _format(template: str, err: LaunchError) -> str:
+    facts = err.facts()
+    for key, value in list(facts.items()):
+        if isinstance(value, (tuple, list)):
+            facts[f"{key}_list"] = ", ".join(str(v) for v in value)
+    return template.format(**facts)
+
+
 def user_message(err: LaunchError) -> str:
-    """The one line a user sees for ``err``."""
+    """The one line a user sees for ``err``: its class's ``message`` (a format string over its facts,
+    ``{name_list}`` joining a tuple, or a method), else the old table below."""
+    own = getattr(type(err), "message", None)
+    if callable(own):
+        return own(err)
+    if isinstance(own, str):
+        return _format(own, err)
     for klass in type(err).__mro__:
         template = MESSAGES.get(klass)  # type: ignore[arg-type]
         if template is None:
             continue
         if callable(template):
             return template(err)
-        facts = err.facts()
-        for key, value in list(facts.items()):
-            if isinstance(value, (tuple, list)):
-                facts[f"{key}_list"] = ", ".join(str(v) for v in value)
-        return template.format(**facts)
+        return _format(template, err)
     return type(err).__name__
 
 

@@ -1,0 +1,158 @@
+"""launcher/http.py, the one HTTP client, against real sockets on 127.0.0.1: normal replies, a server
+that accepts and never answers, one that sends a byte a second, a closed port, credentials in URLs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from launcher import http
+from launcher.errors import BadOption
+
+
+class _Echo(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _reply(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/missing":
+            self._reply(404, {"detail": "Not Found"})
+            return
+        self._reply(200, {"path": self.path, "auth": self.headers.get("Authorization")})
+
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._reply(200, {"got": data, "auth": self.headers.get("Authorization")})
+
+
+@pytest.fixture
+def echo():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _RawServer:
+    """A TCP server on 127.0.0.1 that accepts and then runs ``behaviour(conn)``."""
+
+    def __init__(self, behaviour):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.behaviour = behaviour
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self):
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.behaviour, args=(conn, self.stop), daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def _silent(conn, stop):
+    stop.wait(30)
+    conn.close()
+
+
+def _drip(conn, stop):
+    conn.recv(65536)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    try:
+        conn.sendall(head)
+        for _ in range(100):
+            if stop.wait(1.0):
+                break
+            conn.sendall(b"x")
+    except OSError:
+        pass
+    conn.close()
+
+
+def test_get_and_post_json(echo):
+    reply = http.get(echo + "/v1/models", timeout=5)
+    assert reply.ok and reply.json()["path"] == "/v1/models"
+    reply = http.post(echo + "/x", {"a": 1}, api_key="k1", timeout=5)
+    assert reply.json() == {"got": {"a": 1}, "auth": "Bearer k1"}
+
+
+def test_error_status_is_a_reply_with_the_servers_detail(echo):
+    reply = http.get(echo + "/missing", timeout=5)
+    assert reply.status == 404 and not reply.ok
+    assert reply.detail() == "Not Found"
+
+
+@pytest.mark.parametrize("behaviour", [_silent, _drip], ids=["silent", "one-byte-a-second"])
+def test_one_deadline_covers_the_whole_request(behaviour):
+    server = _RawServer(behaviour)
+    try:
+        start = time.monotonic()
+        with pytest.raises(http.DeadlineExceeded) as info:
+            http.get(server.url + "/health", timeout=1.5)
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert 1.4 <= elapsed < 3.0
+    assert "did not answer within 1.5 s" in str(info.value)
+
+
+def test_closed_port_is_unreachable_and_status_of_is_none():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(http.Unreachable, match="connection refused"):
+        http.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert http.status_of(f"http://127.0.0.1:{port}/health", timeout=1) is None
+
+
+def test_credentials_in_the_url_are_sent_but_never_shown(echo):
+    url = echo.replace("http://", "http://user:s3cret@") + "/health"
+    reply = http.get(url, timeout=5)
+    assert reply.json()["auth"].startswith("Basic ")
+    assert "s3cret" not in reply.url
+    closed = "http://user:s3cret@127.0.0.1:1/health"
+    with pytest.raises(http.Unreachable) as info:
+        http.get(closed, timeout=5)
+    assert "s3cret" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+    assert http.redact(closed) == "http://127.0.0.1:1/health"
+
+
+@pytest.mark.parametrize("bad", ["ftp://x", "http://", "http://h:99999", "http://h\x07:80"])
+def test_bad_urls_are_refused_naming_the_option(bad):
+    with pytest.raises(BadOption) as info:
+        http.parse_url(bad, option="--url")
+    assert info.value.option == "--url"
+
+
+def test_loopback_ignores_proxy_from_the_environment(echo, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    assert http.get(echo + "/health", timeout=5).ok
