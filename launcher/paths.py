@@ -81,3 +81,22 @@ def cached_ref(storage: Path, revision: str) -> str | None:
     except OSError:
         return None
     return sha if is_commit_sha(sha) else None
+
+
+# The Hub's repo id rule, the one place it is written: ORG/NAME, each part letters, digits, "-",
+# "_" or ".", at most 96 characters, not starting or ending with "-" or ".", no "--" or "..", no
+# ".git" ending. Purely syntactic: callers check local paths and preset names first.
+_REPO_PART = r"(?![.-])[\w.-]{1,96}(?<![.-])"
+_REPO_ID_RE = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$", re.ASCII)
+
+
+def is_repo_id(text: object) -> bool:
+    """``ORG/NAME`` as the Hub spells repo ids (``org/..``, ``../etc`` and ``a--b/c`` are not)."""
+    return (
+        isinstance(text, str)
+        and bool(_REPO_ID_RE.match(text))
+        and "--" not in text
+        and ".." not in text
+        and not text.endswith(".git")
+    )
+
