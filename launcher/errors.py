@@ -364,7 +364,7 @@ MESSAGES.update({
 })
 
 
-# --- serve: API keys, port check, supervised server (launcher/apikeys.py, launcher/supervise.py) ---
+# --- serve: API keys, port check, supervised server (launcher/apikeys.py, address.py, supervise.py) ---
 # These messages never contain an API key itself, only where it came from. The server errors end
 # with the last lines of the server's log, one per line after the first (the first line alone says
 # what happened and what to do).
@@ -374,51 +374,35 @@ class BadApiKey(LaunchError):
     source: str  # where the key came from: "--api-key #2", "LAUNCH_API_KEYS entry 3", "keys.txt line 4"
     problem: str
     exit_code = 2
+    message = ("API key {source} {problem}. A key is one word of printable ASCII without spaces, "
+               "e.g. from `openssl rand -hex 24`.")
 
 
 class ApiKeyFileError(LaunchError):
     path: str
     problem: str
     exit_code = 2
+    message = "cannot read API keys from {path}: {problem}. Give a file with one key per line."
 
 
 class PortBusy(LaunchError):
     host: str
     port: int
     problem: str
+    message = ("port {port} on {host} is already in use ({problem}). Stop what listens there, or pick "
+               "another port with --port.")
 
 
 class ServerNotStarted(LaunchError):
     command: str
     problem: str
+    message = "cannot start the server ({command}): {problem}"
 
 
 class ServerLogNotWritable(LaunchError):
     path: str
     problem: str
-
-
-class ServerStartFailed(LaunchError):
-    """The server process ended before ``/health`` answered 200."""
-
-    returncode: int
-    log_path: str
-    tail: tuple[str, ...] = ()
-
-
-class ServerStartTimeout(LaunchError):
-    timeout_s: float
-    flag: str
-    log_path: str
-    tail: tuple[str, ...] = ()
-
-
-class ServerDied(LaunchError):
-    """The server process ended on its own after it was ready."""
-
-    returncode: int
-    log_path: str
-    tail: tuple[str, ...] = ()
+    message = "cannot write the server log {path}: {problem}. Free some space or fix the permissions there."
 
 
 def describe_exit(returncode: int) -> str:
@@ -441,28 +425,39 @@ def _with_tail(first_line: str, tail: tuple[str, ...]) -> str:
     return first_line + " Last log lines:\n" + "\n".join(f"  | {line}" for line in tail)
 
 
-MESSAGES.update({
-    BadApiKey: (
-        "API key {source} {problem}. A key is one word of printable ASCII without spaces, "
-        "e.g. from `openssl rand -hex 24`."
-    ),
-    ApiKeyFileError: "cannot read API keys from {path}: {problem}. Give a file with one key per line.",
-    PortBusy: (
-        "port {port} on {host} is already in use ({problem}). Stop what listens there, or pick "
-        "another port with --port."
-    ),
-    ServerNotStarted: "cannot start the server ({command}): {problem}",
-    ServerLogNotWritable: (
-        "cannot write the server log {path}: {problem}. Free some space or fix the permissions there."
-    ),
-    ServerStartFailed: lambda e: _with_tail(
-        f"the server {describe_exit(e.returncode)} while starting; full log: {e.log_path}.", e.tail),
-    ServerStartTimeout: lambda e: _with_tail(
-        f"the server did not answer /health within {e.timeout_s:g} s, so launch stopped it. If the "
-        f"model needs longer to load, raise {e.flag}; full log: {e.log_path}.", e.tail),
-    ServerDied: lambda e: _with_tail(
-        f"the server {describe_exit(e.returncode)} after it was ready; full log: {e.log_path}.", e.tail),
-})
+class ServerStartFailed(LaunchError):
+    """The server process ended before ``/health`` answered 200."""
+
+    returncode: int
+    log_path: str
+    tail: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        return _with_tail(f"the server {describe_exit(self.returncode)} while starting; full log: "
+                          f"{self.log_path}.", self.tail)
+
+
+class ServerStartTimeout(LaunchError):
+    timeout_s: float
+    log_path: str
+    tail: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        return _with_tail(f"the server did not answer /health within {self.timeout_s:g} s, so launch stopped "
+                          f"it. If the model needs longer to load, raise --health-timeout; full log: "
+                          f"{self.log_path}.", self.tail)
+
+
+class ServerDied(LaunchError):
+    """The server process ended on its own after it was ready."""
+
+    returncode: int
+    log_path: str
+    tail: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        return _with_tail(f"the server {describe_exit(self.returncode)} after it was ready; full log: "
+                          f"{self.log_path}.", self.tail)
 
 
 # --- hub: checkpoint download (launcher/hub.py, launch fetch) ----------------------------------
@@ -649,7 +644,16 @@ MESSAGES.update({
 })
 
 
-# --- serve: engine and memory checks before loading (launcher/serve.py) -------------------------
+# --- serve: engine and memory checks before loading (launcher/serve.py, launcher/gpu.py) -------------
+
+
+class NoGpu(LaunchError):
+    """No usable NVIDIA GPU and driver here: neither engine can run, so serve stops before anything."""
+
+    reason: str
+    message = ("serving needs an NVIDIA GPU and its driver, and {reason}. What works on this machine: "
+               "`launch plan`, `launch serve --dry-run --gpu-memory GiB`, and `launch probe --url` "
+               "against a server on a GPU machine.")
 
 
 class EngineUnavailable(LaunchError):
@@ -657,11 +661,14 @@ class EngineUnavailable(LaunchError):
 
     backend: str
     reason: str
+    message = ("the {backend} engine cannot serve this: {reason}. launch never falls back silently: "
+               "add --backend pytorch to use lmdeploy's PyTorch engine instead.")
 
 
 class RunDirNotWritable(LaunchError):
     path: str
     problem: str
+    message = "cannot write the server's run files at {path}: {problem}. Set LAUNCH_CACHE_DIR to a writable place."
 
 
 class NoSessionFits(LaunchError):
@@ -669,18 +676,5 @@ class NoSessionFits(LaunchError):
     per_session_gib: float
     budget_gib: float
     advice: tuple[str, ...]
-
-
-MESSAGES.update({
-    EngineUnavailable: (
-        "the {backend} engine cannot serve this: {reason}. launch never falls back silently: "
-        "add --backend pytorch to use lmdeploy's PyTorch engine instead."
-    ),
-    RunDirNotWritable: (
-        "cannot write the server's run files at {path}: {problem}. Set LAUNCH_CACHE_DIR to a writable place."
-    ),
-    NoSessionFits: (
-        "not even one {session_len}-token session fits: it needs {per_session_gib:.2f} GiB of KV cache per "
-        "GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}"
-    ),
-})
+    message = ("not even one {session_len}-token session fits: it needs {per_session_gib:.2f} GiB of KV cache "
+               "per GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}")

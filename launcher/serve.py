@@ -23,7 +23,7 @@ from .engine import (
     spec_to_json,
     turbomind_problem,
 )
-from .errors import BadOption, EngineUnavailable, NoSessionFits, RunDirNotWritable
+from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits, RunDirNotWritable
 from .kvcache import GiB
 from .overlay import check_overlay, slug
 from .paths import cache_dir
@@ -87,8 +87,8 @@ def engine_call(plan: Plan, model_path: str) -> str:
 
 def prepare(request: ServeRequest) -> Plan:
     """The plan serve would run, from the config alone (no weights downloaded)."""
+    from .address import validate_host, validate_port
     from .apikeys import resolve_api_keys
-    from .supervise import validate_host, validate_port
 
     timeout = request.health_timeout_s
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -154,6 +154,11 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     ``server_argv`` is the serving process's command before the spec path (default: this Python
     running ``launcher.engine_server``); the tests pass a stand-in for the GPU engine there."""
     out = out or sys.stdout
+    if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
+        from .gpu import nvidia_problem
+
+        if problem := nvidia_problem():
+            raise NoGpu(problem)
     plan = prepare(request)
     if request.dry_run:
         if request.as_json:
@@ -166,12 +171,15 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             print(engine_call(plan, str(plan.overlay_path or "<overlay: made after download>")), file=out)
         return 0
 
-    from .supervise import check_port_free, run_supervised
+    from .address import check_port_free, exposure_warning
+    from .supervise import run_supervised
 
     _check_gpus(plan)
     _check_memory(plan)
     _check_engine(plan)
     check_port_free(plan.engine.host, plan.engine.port)
+    if exposed := exposure_warning(plan.engine.host, bool(plan.engine.api_keys)):
+        print(f"warning: {exposed}", file=sys.stderr)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if plan.memory is None:
@@ -203,5 +211,4 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
         probe=_probe_hook(full, spec_path.parent, out) if request.probe else None,
-        check_port=True,
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.address import check_port_free, openai_base_url
 from launcher.apikeys import resolve_api_keys
 from launcher.errors import (
     ApiKeyFileError,
@@ -37,15 +38,10 @@ from launcher.errors import (
     ServerStartFailed,
     ServerStartTimeout,
 )
-from launcher.supervise import (
-    StartProgress,
-    check_port_free,
-    health_url_for,
-    openai_base_url,
-    read_log_tail,
-    run_supervised,
-    wait_healthy,
-)
+from launcher.health import health_url_for, wait_healthy
+from launcher.process import read_log_tail
+from launcher.progress import StartProgress
+from launcher.supervise import SeamsForTests, run_supervised
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,13 +51,15 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DRIVER = """
 import json, sys
 from launcher.errors import LaunchError
-from launcher.supervise import run_supervised
+from launcher.supervise import SeamsForTests, run_supervised
 
 def on_ready(info):
     print("READY", info.pid, info.base_url, flush=True)
 
+opts = json.loads(sys.argv[2])
+seams = SeamsForTests(grace_s=opts.pop("grace_s"))
 try:
-    rc = run_supervised(json.loads(sys.argv[1]), on_ready=on_ready, **json.loads(sys.argv[2]))
+    rc = run_supervised(json.loads(sys.argv[1]), on_ready=on_ready, seams=seams, **opts)
 except LaunchError as err:
     print(f"launch: error: {err}", file=sys.stderr)
     sys.exit(err.exit_code)
@@ -117,11 +115,13 @@ def get(url: str, headers: dict | None = None, data: bytes | None = None):
 def supervise(tmp_path: Path, port: int, *flags: str, **kwargs):
     """run_supervised on the stand-in, in this process; returns (exit code, ReadyInfo or None)."""
     seen = []
-    kwargs.setdefault("grace_s", 2.0)
+    seams = SeamsForTests(grace_s=kwargs.pop("grace_s", 2.0),
+                          progress_stream=kwargs.pop("progress_stream", io.StringIO()),
+                          progress_every_s=kwargs.pop("progress_every_s", 10.0),
+                          stop_after_probe=kwargs.pop("stop_after_probe", False))
     kwargs.setdefault("health_timeout_s", 20.0)
-    kwargs.setdefault("progress_stream", io.StringIO())
     rc = run_supervised(standin(port, *flags), host="127.0.0.1", port=port, log_path=tmp_path / "server.log",
-                        on_ready=seen.append, **kwargs)
+                        on_ready=seen.append, seams=seams, **kwargs)
     return rc, (seen[0] if seen else None)
 
 
@@ -257,7 +257,7 @@ def test_busy_port_is_refused_before_anything_starts(tmp_path):
         assert str(port) in str(caught.value) and "--port" in str(caught.value)
         with pytest.raises(PortBusy):
             run_supervised([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], host="127.0.0.1", port=port,
-                           log_path=tmp_path / "server.log", progress_stream=io.StringIO())
+                           log_path=tmp_path / "server.log", seams=SeamsForTests(progress_stream=io.StringIO()))
     assert not marker.exists() and not (tmp_path / "server.log").exists()
     assert check_port_free("127.0.0.1", port) == port  # free again once the holder is gone
 
@@ -342,10 +342,9 @@ def test_health_503_is_not_ready(tmp_path):
 def test_start_timeout_stops_the_server(tmp_path):
     port = free_port()
     with pytest.raises(ServerStartTimeout) as caught:
-        supervise(tmp_path, port, "--load-seconds", "30", "--spawn-child", health_timeout_s=1.5,
-                  timeout_flag="--start-timeout")
+        supervise(tmp_path, port, "--load-seconds", "30", "--spawn-child", health_timeout_s=1.5)
     message = str(caught.value)
-    assert "--start-timeout" in message and "1.5 s" in message and "loading weights" in message
+    assert "--health-timeout" in message and "1.5 s" in message and "loading weights" in message
     server, helper = standin_pids(tmp_path / "server.log")
     assert wait_gone(server, 1) and wait_gone(helper, 1)
 
@@ -368,7 +367,7 @@ def test_crash_while_starting_reports_exit_code_and_log_tail(tmp_path):
 def test_command_that_cannot_start(tmp_path):
     with pytest.raises(ServerNotStarted, match="no-such-engine"):
         run_supervised([str(tmp_path / "no-such-engine")], host="127.0.0.1", port=free_port(),
-                       log_path=tmp_path / "server.log", progress_stream=io.StringIO())
+                       log_path=tmp_path / "server.log", seams=SeamsForTests(progress_stream=io.StringIO()))
 
 
 # --- ready: what the user gets -----------------------------------------------------------------

@@ -3,14 +3,17 @@ prints the result. Library modules are imported inside the commands, so ``launch
 imports torch, transformers or lmdeploy.
 
 ``main`` is the one place that turns an error into a one-line message and an exit code: a
-``LaunchError`` from the library, or a usage error from the command-line parser.
+``LaunchError`` from the library, a usage error from the command-line parser, or one of the few
+foreign exceptions that can still reach it (``FOREIGN`` below, the one table of them).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 
@@ -27,6 +30,29 @@ for _name in COMMANDS:
 _ParserError = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "ClickException")
 
 
+def _os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device{where}. Free some space and run it again."
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}. Fix the permissions or pick another place."
+    if err.errno == errno.ENAMETOOLONG:
+        return f"a file name is too long{where[:90]}. Use a shorter path."
+    if err.errno == errno.EROFS:
+        return f"the file system is read-only{where}. Pick another place."
+    return f"{(err.strerror or str(err)).rstrip('.')}{where}."
+
+
+# Foreign exceptions that can reach ``main``: (class, one line, exit code), the first match wins.
+# Library code raises ``LaunchError`` for everything it expects; this is the net below it.
+FOREIGN: tuple[tuple[type[BaseException], Callable[[BaseException], str], int], ...] = (
+    (OSError, _os_error, 1),  # type: ignore[arg-type]
+    (RecursionError, lambda _: "the input is nested too deeply to read.", 1),
+    (OverflowError, lambda _: "a number is too large to use; give a smaller value.", 2),
+    (MemoryError, lambda _: "out of memory.", 1),
+)
+
+
 def _fail(message: str, code: int) -> None:
     if os.environ.get(DEBUG_ENV):
         import traceback
@@ -36,21 +62,39 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _stdout_gone() -> None:
+    """The reader of stdout went away (``launch presets | head -1``): stop quietly."""
     try:
-        code = app(args=argv, prog_name="launch", standalone_mode=False)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # `launch` alone: the help on stdout and exit 0, as `launch --help`
+        args = ["--help"]
+    try:
+        code = app(args=args, prog_name="launch", standalone_mode=False)
     except LaunchError as err:
         _fail(str(err), err.exit_code)
     except _ParserError as err:
-        if not err.format_message():  # `launch` alone: the help was printed
-            sys.exit(0)
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx is not None else "launch"
         _fail(f"{err.format_message()} (see `{where} --help`)", getattr(err, "exit_code", 2))
     except (KeyboardInterrupt, typer.Abort):
         print("launch: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        _stdout_gone()
+    except Exception as err:
+        for kind, describe, exit_code in FOREIGN:
+            if isinstance(err, kind):
+                _fail(describe(err), exit_code)
+        raise
     sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["app", "main"]
+__all__ = ["FOREIGN", "app", "main"]
