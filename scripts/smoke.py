@@ -23,12 +23,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+sys.path.insert(0, str(ROOT))
+
+from launcher import http as client  # the checkout's launcher, found through ROOT
+
 TINY_NATIVE = 256
 
 
@@ -51,15 +52,13 @@ def free_port() -> int:
 
 
 def http(url: str, body: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    """(status, body text) of GET (or POST of ``body``) through launch's own client; (0, why) when
+    nothing answered within ``timeout``."""
     try:
-        with OPENER.open(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except (urllib.error.URLError, OSError) as err:
+        reply = client.request("GET" if body is None else "POST", url, json_body=body, timeout=timeout)
+    except (client.Unreachable, client.DeadlineExceeded) as err:
         return 0, str(err)
+    return reply.status, reply.body.decode("utf-8", "replace")
 
 
 def pump(stream, sink: list[str], echo) -> None:

@@ -1,17 +1,29 @@
-"""Small edges: which GPUs NVML is asked about, and where the Hugging Face cache is."""
+"""Small edges: which GPUs NVML is asked about, serve's refusal without a GPU, and where the Hugging
+Face cache is."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from launcher.gpu import _visible, free_memory
+from launcher import gpu
+from launcher.gpu import _visible, free_memory, nvidia_problem
 from launcher.paths import hf_cache_dir, hf_home
+from tests.conftest import REPO, assert_one_line_error
+
+NO_GPU_HERE = nvidia_problem() is not None
+HEAVY = ("torch", "transformers", "lmdeploy", "yapf", "triton")
 
 
 @pytest.mark.parametrize("value, expected", [
-    (None, [0, 1, 2, 3]), ("2,0", [2, 0]), ("1,7", [1]), ("", []),
+    (None, [0, 1, 2, 3]), ("2,0", [2, 0]), ("1,7", [1]), ("", []), ("-1", []),
     ("GPU-8a4c1f2e-0000-0000-0000-000000000000", [0, 1, 2, 3]),  # UUIDs: read all
     ("MIG-1b2c3d4e-0000-0000-0000-000000000000,0", [0, 1, 2, 3]),
 ])
@@ -27,6 +39,97 @@ def test_no_nvml_here_means_no_reading():
     if Path("/dev/nvidiactl").exists():
         pytest.skip("a GPU machine")
     assert free_memory() is None
+    assert "no NVIDIA driver" in nvidia_problem()
+
+
+def test_a_driver_library_that_does_not_load_is_a_problem_not_a_crash(monkeypatch):
+    monkeypatch.setattr(gpu, "NVML_LIBRARY", "libnvidia-ml-that-is-not-there.so.1")
+    assert "libnvidia-ml-that-is-not-there.so.1 does not load" in nvidia_problem()
+    assert free_memory() is None
+
+
+# --- serve refuses without a GPU, before anything -------------------------------------------------
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: kind, mode and content hash (byte for byte)."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if path.is_symlink():
+            state[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_dir():
+            state[str(path.relative_to(root))] = ("dir", info.st_mode)
+        else:
+            state[str(path.relative_to(root))] = ("file", info.st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+# Runs `launch ARGV` and reports, at exit, which heavy modules were imported and whether a process
+# was started (any start goes through subprocess.Popen or os.posix_spawn / os.fork).
+WATCHED = r"""
+import atexit, json, os, subprocess, sys
+HEAVY = {heavy!r}
+started = []
+class Refused(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        started.append(repr(args[0] if args else kwargs.get("args")))
+        raise OSError("the test refuses to start processes")
+subprocess.Popen = Refused
+for name in ("fork", "posix_spawn", "posix_spawnp"):
+    if hasattr(os, name):
+        setattr(os, name, lambda *a, _n=name, **k: started.append(_n))
+atexit.register(lambda: print("WATCH=" + json.dumps({{
+    "heavy": sorted(m for m in sys.modules if m.split(".")[0] in HEAVY), "started": started}}), file=sys.stderr))
+from launcher.cli import main
+main({argv!r})
+"""
+
+
+@pytest.mark.skipif(not NO_GPU_HERE, reason="this machine has a usable NVIDIA GPU")
+@pytest.mark.parametrize("model, flags", [
+    ("internlm2_5-7b-chat", ["--factor", "2"]),  # turbomind by default
+    ("internlm2_5-7b-chat", ["--factor", "2", "--backend", "pytorch"]),
+    ("mistral-7b-instruct-v0.2", ["--backend", "turbomind"]),  # would also be refused for its architecture
+    ("org/tiny", ["--factor", "2", "--backend", "pytorch"]),  # a repo id: not a byte fetched
+    ("LOCAL", ["--factor", "2", "--backend", "pytorch", "--api-key", "sk-1"]),
+])
+def test_serve_without_a_gpu_refuses_once_and_writes_nothing(model, flags, model_dir, tmp_path, isolated_env):
+    home = isolated_env
+    (home / ".cache").mkdir(exist_ok=True)
+    (home / ".cache" / "existing.txt").write_text("the user's own file\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LAUNCH_CACHE_DIR": str(home / ".cache" / "launch"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: any hub request would fail loudly
+    argv = ["serve", str(model_dir) if model == "LOCAL" else model, *flags]
+    before = {"home": tree_state(home), "model": tree_state(model_dir)}
+    result = subprocess.run([sys.executable, "-c", WATCHED.format(heavy=HEAVY, argv=argv)], capture_output=True,
+                            text=True, timeout=60, env=env, cwd=tmp_path, check=False)
+    watch = json.loads(result.stderr.split("WATCH=")[-1])
+    result.stderr = result.stderr.split("WATCH=")[0]
+    assert_one_line_error(result, "needs an NVIDIA GPU", "no NVIDIA driver", "launch plan", "--dry-run",
+                          "launch probe --url", code=1)
+    assert watch == {"heavy": [], "started": []}
+    assert {"home": tree_state(home), "model": tree_state(model_dir)} == before
+
+
+def test_serve_refusal_starts_no_server(monkeypatch, tmp_path, model_dir):
+    """In process, with the one seam saying there is no GPU (so it runs on a GPU machine too): the
+    stand-in server command is never run, no run directory or overlay is made."""
+    from launcher.errors import NoGpu
+    from launcher.plan import PlanRequest
+    from launcher.serve import ServeRequest, serve
+
+    monkeypatch.setattr(gpu, "nvidia_problem", lambda: "no NVIDIA driver was found (test)")
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    marker = tmp_path / "server-started"
+    request = ServeRequest(plan=PlanRequest(model=str(model_dir), factor="2", backend="pytorch"))
+    with pytest.raises(NoGpu, match="no NVIDIA driver was found"):
+        serve(request, server_argv=(sys.executable, "-c", f"open({str(marker)!r}, 'w')"))
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+    # --dry-run needs no GPU: it still prints the plan
+    out = io.StringIO()
+    assert serve(ServeRequest(plan=request.plan, dry_run=True), out=out) == 0
+    assert "session_len" in out.getvalue()
 
 
 def test_hf_paths_follow_huggingface_hub(monkeypatch, tmp_path):

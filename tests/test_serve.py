@@ -133,23 +133,35 @@ def test_done_when_dry_run_prints_the_plan_and_a_command_lmdeploy_parses(launch)
 
 # --- checks before anything slow -----------------------------------------------------------------
 
+# STAND-IN seam: this machine has no GPU, so serve's first check (launcher.gpu.nvidia_problem) would
+# refuse; the checks after it, and the stand-in engine below, are reached by telling it one exists.
+PRETEND_GPU = "import launcher.gpu\nlauncher.gpu.nvidia_problem = lambda: None\n"
 
-def test_without_turbomind_serve_stops_before_downloading(launch, tmp_path):
+
+def launch_with_gpu(*args: str, env: dict | None = None):
+    """``launch ARGS`` in a fresh interpreter, as the ``launch`` fixture, on a pretended GPU."""
+    code = PRETEND_GPU + "import sys\nfrom launcher.cli import main\nmain(sys.argv[1:])\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO, check=False)
+
+
+
+def test_without_turbomind_serve_stops_before_downloading(tmp_path):
     hf = tmp_path / "hf"
     dead = f"http://127.0.0.1:{free_port()}"
-    result = launch("serve", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80",
+    result = launch_with_gpu("serve", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80",
                     env={"HF_HOME": str(hf), "HF_ENDPOINT": dead, "LAUNCH_CACHE_DIR": str(tmp_path / "c")})
     assert_one_line_error(result, "turbomind engine cannot serve this", "--backend pytorch")
     assert not hf.exists() and not (tmp_path / "c").exists()
 
 
-def test_architecture_turbomind_lacks_is_refused_naming_pytorch(launch):
-    result = launch("serve", "mistral-7b-instruct-v0.2", "--backend", "turbomind", "--gpu-memory", "80")
+def test_architecture_turbomind_lacks_is_refused_naming_pytorch():
+    result = launch_with_gpu("serve", "mistral-7b-instruct-v0.2", "--backend", "turbomind", "--gpu-memory", "80")
     assert_one_line_error(result, "does not support the MistralForCausalLM architecture", "--backend pytorch")
 
 
-def test_no_session_fits_stops_with_advice(launch, tmp_path):
-    result = launch("serve", "internlm2_5-7b-chat-1m", "--session-len", "1048576", "--tp", "1",
+def test_no_session_fits_stops_with_advice(tmp_path):
+    result = launch_with_gpu("serve", "internlm2_5-7b-chat-1m", "--session-len", "1048576", "--tp", "1",
                     "--gpu-memory", "40", env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
     assert_one_line_error(result, "not even one 1048576-token session fits", "128.00 GiB", "--session-len", "--tp 8")
     assert not (tmp_path / "c").exists()
@@ -168,7 +180,7 @@ def test_bad_serve_flags(launch, flags, needle, tmp_path):
 
 # --- the whole path against a stand-in engine ------------------------------------------------------
 
-DRIVER = r"""
+DRIVER = PRETEND_GPU + r"""
 import sys
 from pathlib import Path
 from launcher.errors import LaunchError

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.address import check_port_free, openai_base_url
+from launcher.address import check_port_free, exposure_warning, openai_base_url
 from launcher.apikeys import resolve_api_keys
 from launcher.errors import (
     ApiKeyFileError,
@@ -38,11 +38,11 @@ from launcher.errors import (
     ServerStartFailed,
     ServerStartTimeout,
 )
-from launcher.health import health_url_for, wait_healthy
+from launcher.health import health_status, health_url_for, served_models, wait_healthy
 from launcher.process import read_log_tail
 from launcher.progress import StartProgress
 from launcher.supervise import SeamsForTests, run_supervised
-from tests.conftest import free_port
+from tests.conftest import assert_one_line_error, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_openai.py"
@@ -281,18 +281,64 @@ def test_busy_port_held_by_a_server_says_so():
         server.server_close()
 
 
-@pytest.mark.parametrize("port", [0, 65536, -1, "http", True, ""])
+@pytest.mark.parametrize("port", [0, 65536, -1, "http", True, "", "²", "٣", "８０", "+80", "80.0", "0x50",
+                                  "1_000", "8 0", "1" * 5000, "99999999999999999999"])
 def test_bad_port_values(port):
     with pytest.raises(BadOption) as caught:
         check_port_free("127.0.0.1", port)
     assert caught.value.option == "--port" and caught.value.exit_code == 2
+    assert len(str(caught.value)) < 200  # one readable line, whatever was given
 
 
-@pytest.mark.parametrize("host", ["", "  ", "192.0.2.1", "no such host.invalid"])
+@pytest.mark.parametrize("host", ["", "  ", "192.0.2.1", "no such host.invalid", "a" * 300, "x" * 64 + ".com",
+                                  "bad\x00host", "tab\thost", "hôte.local"])
 def test_bad_host_values(host):
     with pytest.raises(BadOption) as caught:
         check_port_free(host, free_port())
     assert caught.value.option == "--host"
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 250
+
+
+@pytest.mark.parametrize("port", ["²", "1" * 5000])
+def test_odd_port_on_the_command_line_is_one_line(launch, port):
+    result = launch("serve", "internlm2_5-7b-chat", "--dry-run", "--port", port)
+    assert_one_line_error(result, "--port", "1 to 65535", code=2)
+
+
+@pytest.mark.parametrize(("host", "keys", "warns"), [
+    ("127.0.0.1", False, False), ("127.0.0.2", False, False), ("localhost", False, False),
+    ("::1", False, False), ("[::1]", False, False),
+    ("0.0.0.0", False, True), ("::", False, True), ("192.168.1.5", False, True), ("gpu-box", False, True),
+    ("0.0.0.0", True, False),
+])
+def test_binding_beyond_loopback_without_keys_warns(host, keys, warns):
+    line = exposure_warning(host, keys)
+    assert (line is not None) == warns
+    if line:
+        assert "\n" not in line and host in line and "LAUNCH_API_KEYS" in line and "--api-key-file" in line
+
+
+def test_serve_warns_once_when_it_exposes_a_server_without_keys(model_dir, tmp_path, monkeypatch, capsys):
+    """The real serve path up to the server start (a command that exits at once stands in for the
+    engine, so the run ends with the server's own error after the warning)."""
+    from launcher import gpu
+    from launcher.plan import PlanRequest
+    from launcher.serve import ServeRequest, serve
+
+    monkeypatch.setattr(gpu, "nvidia_problem", lambda: None)  # STAND-IN seam: pretend a GPU
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    request = ServeRequest(plan=PlanRequest(model=str(model_dir), factor="2", backend="pytorch", host="0.0.0.0",
+                                            port=free_port()), health_timeout_s=10)
+    with pytest.raises(ServerStartFailed):
+        serve(request, server_argv=(sys.executable, "-c", "import sys; sys.exit(3)"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "no API key" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --host 0.0.0.0 ")
+
+
+def test_api_key_help_warns_about_ps(launch):
+    result = launch("serve", "--help")
+    text = " ".join(result.stdout.split())
+    assert "Visible to other users in `ps`" in text and "LAUNCH_API_KEYS" in text and "--api-key-file" in text
 
 
 def test_urls_for_wildcard_and_ipv6_hosts():
@@ -432,6 +478,29 @@ def test_curl_example_without_keys_has_no_auth_header(tmp_path):
     curl = info.curl_example()
     assert "Authorization" not in curl
     assert f"http://127.0.0.1:{port}/v1/chat/completions" in curl and '"model": "standin-model"' in curl
+
+
+def test_health_waits_have_a_deadline_against_a_silent_server():
+    """A port that accepts and never answers (a hung server) is 'not healthy' within the timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        assert health_status(url + "/health", timeout=0.5) is None
+        assert served_models(url, timeout=0.5) == []
+        assert wait_healthy(url, 0.8) is False
+        assert time.monotonic() - started < 4.0
+
+
+def test_supervisor_modules_use_the_one_http_client():
+    import ast
+
+    for name in ("supervise", "address", "health", "process", "progress", "ready"):
+        tree = ast.parse((REPO / "launcher" / f"{name}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+        assert not {m for m in imported if m.split(".")[0] in ("urllib", "httpx", "requests", "http")}, name
 
 
 def test_wait_healthy(tmp_path):
