@@ -109,8 +109,8 @@ def test_lmdeploys_own_parser_accepts_the_command(preset):
     cfg = plan.engine.config
     assert args.model_path == plan.command[3]
     assert args.backend == plan.engine.backend
-    assert (args.session_len, args.tp, args.max_batch_size) == (cfg["session_len"], cfg["tp"], cfg["max_batch_size"])
-    assert args.cache_max_entry_count == cfg["cache_max_entry_count"] and args.quant_policy == cfg["quant_policy"]
+    assert (args.session_len, args.tp, args.max_batch_size) == (cfg.session_len, cfg.tp, cfg.max_batch_size)
+    assert args.cache_max_entry_count == cfg.cache_max_entry_count and args.quant_policy == cfg.quant_policy
     assert args.server_name == "127.0.0.1" and args.server_port == 23333
     assert args.model_name == preset
     assert args.trust_remote_code == plan.source.trust_remote_code
@@ -290,7 +290,7 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
     from launcher.serve import _check_gpus
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
-    assert plan.engine.config["tp"] == 4
+    assert plan.engine.config.tp == 4
     _check_gpus(replace(plan, gpu_count=4))
     _check_gpus(replace(plan, gpu_count=None))  # unknown here: lmdeploy will say
     with pytest.raises(BadOption) as err:
