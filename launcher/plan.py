@@ -88,8 +88,9 @@ def check_request(request: PlanRequest) -> PlanRequest:
     anything is downloaded or written. Checking a checked request changes nothing."""
     r = request
     factor = r.factor
-    if factor is not None:
-        factor = checks.number("--factor", parse_factor(factor), 1.0, FACTOR_MAX, low_open=True, example=2)
+    if factor is not None:  # BadFactor for what is not a number > 1 at all, then the range
+        parse_factor(factor)
+        factor = checks.number("--factor", factor, 1.0, FACTOR_MAX, low_open=True, example=2)
     out = r.out
     if out is not None:
         text = checks.path_text("--out", str(out) if isinstance(out, Path) else out)
