@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import read_model_config
-from .paths import cached_ref, hf_cache_dir, is_commit_sha, repo_folder
+from .paths import cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -142,9 +142,7 @@ def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None =
             # its files are checked (and the branch followed) by ``with_files`` before they are used
             return replace(source, path=cached if _has_weights(cached) else None, complete=False)
         return from_preset_facts(preset)
-    from .hub import looks_like_repo_id
-
-    if looks_like_repo_id(model) and not _looks_like_path(model):
+    if is_repo_id(model) and not _looks_like_path(model):
         return _fetch(model, None, model, how, config_only=not need_files)
     if _looks_like_path(model) or candidate.exists():
         raise NotAModelDir(str(candidate), "no such directory")
