@@ -180,9 +180,16 @@ class Plan:
 def _engine_settings(request: PlanRequest, source: ModelSource) -> EngineSettings:
     """Flags over the preset's engine defaults over launch's (``engine.DEFAULTS``)."""
     base = source.preset.engine if source.preset else DEFAULTS
+
+    def pick(flag, default):
+        return default if flag is None else flag
+
     return EngineSettings(
-        **{name: getattr(request, name) if getattr(request, name) is not None else getattr(base, name)
-           for name in ("backend", "tp", "max_batch_size", "cache_max_entry_count", "quant_policy")}
+        backend=pick(request.backend, base.backend),
+        tp=pick(request.tp, base.tp),
+        max_batch_size=pick(request.max_batch_size, base.max_batch_size),
+        cache_max_entry_count=float(pick(request.cache_max_entry_count, base.cache_max_entry_count)),
+        quant_policy=pick(request.quant_policy, base.quant_policy),
     )
 
 
