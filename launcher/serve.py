@@ -85,12 +85,6 @@ def prepare(request: ServeRequest) -> Plan:
     return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
 
 
-def _check_before_loading(plan: Plan) -> None:
-    _check_gpus(plan)
-    _check_memory(plan)
-    _check_engine(plan)
-
-
 def _write_spec(plan: Plan, model_path: Path) -> tuple[Path, Path]:
     run_dir = cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
     spec_path = run_dir / SPEC_NAME
@@ -161,7 +155,9 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 
     from .supervise import check_port_free, run_supervised
 
-    _check_before_loading(plan)
+    _check_gpus(plan)
+    _check_memory(plan)
+    _check_engine(plan)
     check_port_free(plan.engine.host, plan.engine.port)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -169,20 +165,19 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         print(f"warning: the KV-cache fit is not checked: {plan.memory_note}", file=sys.stderr)
 
     # Now the slow part: the files. The plan stands unless the downloaded config differs.
-    planned = plan
-    plan, note = with_files(plan)
+    full, note = with_files(plan)
     if note:
         print(note, file=sys.stderr)
-        for warning in plan.warnings:
-            if warning not in planned.warnings:
+        for warning in full.warnings:
+            if warning not in plan.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
-        _check_before_loading(plan)
-    else:
-        _check_memory(plan)  # now with the weights' real size
-    overlay = make_overlay(plan)
+        _check_gpus(full)
+        _check_engine(full)
+    _check_memory(full)  # now with the weights' real size
+    overlay = make_overlay(full)
     check_overlay(overlay.path)
     print(f"overlay: {overlay.path} ({'reused' if overlay.reused else 'written'})", file=sys.stderr)
-    spec_path, log_path = _write_spec(plan, overlay.path)
+    spec_path, log_path = _write_spec(full, overlay.path)
 
     def on_ready(info) -> None:
         for line in info.summary_lines():
@@ -192,13 +187,13 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     argv = list(server_argv or (sys.executable, *ENGINE_SERVER)) + [str(spec_path)]
     return run_supervised(
         argv,
-        host=plan.engine.host,
-        port=plan.engine.port,
+        host=full.engine.host,
+        port=full.engine.port,
         log_path=log_path,
-        model_name=plan.engine.model_name,
-        api_keys=list(plan.engine.api_keys) or None,
+        model_name=full.engine.model_name,
+        api_keys=list(full.engine.api_keys) or None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
-        probe=_probe_hook(plan, spec_path.parent, out) if request.probe else None,
+        probe=_probe_hook(full, spec_path.parent, out) if request.probe else None,
         check_port=True,
     )

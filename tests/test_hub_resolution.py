@@ -166,10 +166,10 @@ def test_a_bad_config_on_a_repo_id_is_refused_before_the_weights(hub, isolated_e
 
 
 def test_a_refusal_from_the_config_comes_before_the_weights(hub, isolated_env, tmp_path):
-    # org/tiny has 2 attention heads: --tp 4 passes the flag's range and fails on the config
-    result = run_launch("serve", "org/tiny", "--factor", "2", "--tp", "4", "--backend", "pytorch",
+    # a fine flag on its own, refused on org/tiny's config: yarn x2 over its native 256 covers 512
+    result = run_launch("patch", "org/tiny", "--factor", "2", "--type", "yarn", "--session-len", "600",
                         env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
-    assert_one_line_error(result, "--tp", "attention heads")
+    assert_one_line_error(result, "--session-len 600", "512")
     assert {s.file for s in hub.requests() if s.file} == {"config.json"}
     assert not (tmp_path / "c").exists()
 

@@ -45,8 +45,7 @@ def serve(
     port: Annotated[str, typer.Option("--port", help="Port of the OpenAI API.")] = str(DEFAULT_PORT),
     api_key: Annotated[
         list[str] | None,
-        typer.Option("--api-key", help="API key clients must send (repeat for several). A key on the command "
-                     "line is visible to other users in `ps`: prefer LAUNCH_API_KEYS=k1,k2 or --api-key-file.",
+        typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
                      show_default=False),
     ] = None,
     api_key_file: Annotated[
