@@ -122,6 +122,7 @@ FLAG_REFUSALS = [
     (["patch", "org/tiny", "--type", "bogus"], "unknown RoPE type 'bogus'"),
     (["patch", "org/tiny", "--factor", "2", "--out", "FILE"], "exists and is not a directory"),
     (["patch", "org/tiny", "--factor", "2", "--out", ""], "--out ''"),
+    (["patch", "org/tiny", "--factor", "2", "--out", "HF/hub/mine"], "inside the Hugging Face cache"),
     (["patch", "org/tiny", "--factor", "2", "--session-len", "0"], "--session-len"),
     (["patch", "org/tiny", "--factor", "2", "--revision", ""], "--revision"),
     (["plan", "org/tiny", "--factor", "2", "--tp", "0"], "--tp"),
@@ -146,7 +147,8 @@ def test_a_refused_flag_on_a_repo_id_makes_no_request_and_leaves_the_cache_as_it
     blocker.write_text("mine")
     before = cache_state(hf_home)
     hub.reset()
-    result = run_launch(*[str(blocker) if a == "FILE" else a for a in argv], env=env)
+    argv = [str(blocker) if a == "FILE" else a.replace("HF/", f"{hf_home}/") for a in argv]
+    result = run_launch(*argv, env=env)
     assert_one_line_error(result, needle)
     assert hub.requests() == []
     assert cache_state(hf_home) == before
