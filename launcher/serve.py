@@ -172,7 +172,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             if warning not in plan.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
         _check_gpus(full)
-        if full.architecture != plan.architecture or full.engine.backend != plan.engine.backend:
+        if full.architecture != plan.architecture:
             _check_engine(full)
     _check_memory(full)  # now with the weights' real size
     overlay = make_overlay(full)
