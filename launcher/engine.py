@@ -1,9 +1,11 @@
 """What launch hands to lmdeploy: the engine config values and the equivalent command line.
 
 This module never imports lmdeploy: ``plan`` must stay fast and work without a GPU. The values
-here are plain dicts with lmdeploy's own field names; ``engine_server`` turns them into the real
-``TurbomindEngineConfig`` / ``PytorchEngineConfig`` in the serving process, and the tests build
-the real classes from them and parse the command line with lmdeploy's own CLI parser.
+are typed (``EngineConfig``, with lmdeploy's own field names) up to the hand-off: the spec file the
+serving process reads, where ``engine_server`` turns them into the real ``TurbomindEngineConfig`` /
+``PytorchEngineConfig``. The tests build the real classes from them and parse the command line
+with lmdeploy's own CLI parser. Engine defaults, backends, quant policies and the engine flags'
+ranges are defined here, once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from .kvcache import QUANT_BITS
 from .overlay import CHAT_TEMPLATE
 
 # lmdeploy 0.18 lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (a contract test checks it).
@@ -27,14 +30,22 @@ TURBOMIND_ARCHS = frozenset(
     }
 )
 BACKENDS = ("turbomind", "pytorch")
+QUANT_POLICIES = tuple(QUANT_BITS)  # KV cache: 0 fp16, 8 int8, 4 int4 (kvcache owns their bits)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
 DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
+# Ranges of the engine flags. lmdeploy keeps session_len in an int32 (TurboMind's C++ side).
+SESSION_LEN_MAX = 2**31 - 1
+TP_MAX = 64
+MAX_BATCH_SIZE_MAX = 65536
+GPU_MEMORY_MAX_GIB = 4096.0  # per GPU; today's largest have under 300
+HEALTH_TIMEOUT_MAX_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """The knobs a user turns (flags over preset defaults)."""
+    """The knobs a user turns (flags over preset defaults). The defaults here are launch's (and
+    lmdeploy's) defaults; a preset's ``engine`` section overrides them."""
 
     backend: str = "turbomind"
     tp: int = 1
@@ -43,10 +54,38 @@ class EngineSettings:
     quant_policy: int = 0
 
 
+DEFAULTS = EngineSettings()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The fields of lmdeploy's ``TurbomindEngineConfig`` / ``PytorchEngineConfig`` launch sets,
+    typed. ``session_len`` is always explicit: lmdeploy never derives it from the RoPE factor (its
+    default is the config's max_position_embeddings)."""
+
+    tp: int
+    session_len: int
+    max_batch_size: int
+    cache_max_entry_count: float
+    quant_policy: int
+    dtype: str = "auto"
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of the lmdeploy class (the hand-off to lmdeploy, and the spec file)."""
+        return {
+            "dtype": self.dtype,
+            "tp": self.tp,
+            "session_len": self.session_len,
+            "max_batch_size": self.max_batch_size,
+            "cache_max_entry_count": self.cache_max_entry_count,
+            "quant_policy": self.quant_policy,
+        }
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     backend: str
-    config: dict  # kwargs of TurbomindEngineConfig / PytorchEngineConfig
+    config: EngineConfig
     model_name: str
     trust_remote_code: bool
     chat_template: dict | None = None
@@ -59,22 +98,22 @@ class EngineSpec:
         return "TurbomindEngineConfig" if self.backend == "turbomind" else "PytorchEngineConfig"
 
 
-def engine_config(settings: EngineSettings, session_len: int) -> dict:
-    """The engine config kwargs. ``session_len`` is always explicit: lmdeploy never derives it from
-    the RoPE factor (its default is the config's max_position_embeddings)."""
-    return {
-        "dtype": "auto",
-        "tp": settings.tp,
-        "session_len": session_len,
-        "max_batch_size": settings.max_batch_size,
-        "cache_max_entry_count": settings.cache_max_entry_count,
-        "quant_policy": settings.quant_policy,
-    }
+def engine_config(settings: EngineSettings, session_len: int) -> EngineConfig:
+    return EngineConfig(
+        tp=settings.tp,
+        session_len=session_len,
+        max_batch_size=settings.max_batch_size,
+        cache_max_entry_count=settings.cache_max_entry_count,
+        quant_policy=settings.quant_policy,
+    )
 
 
 def architecture_of(config: dict) -> str | None:
-    archs = config.get("architectures") or []
-    return archs[0] if archs else None
+    """The first of ``architectures`` (None when it is not a list of names)."""
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return None
 
 
 def turbomind_supports(config: dict) -> bool:
@@ -90,11 +129,11 @@ def api_server_argv(model_path: str, spec: EngineSpec) -> list[str]:
         "--model-name", spec.model_name,
         "--server-name", spec.host,
         "--server-port", str(spec.port),
-        "--session-len", str(cfg["session_len"]),
-        "--tp", str(cfg["tp"]),
-        "--max-batch-size", str(cfg["max_batch_size"]),
-        "--cache-max-entry-count", str(cfg["cache_max_entry_count"]),
-        "--quant-policy", str(cfg["quant_policy"]),
+        "--session-len", str(cfg.session_len),
+        "--tp", str(cfg.tp),
+        "--max-batch-size", str(cfg.max_batch_size),
+        "--cache-max-entry-count", str(cfg.cache_max_entry_count),
+        "--quant-policy", str(cfg.quant_policy),
     ]
     if spec.trust_remote_code:
         argv.append("--trust-remote-code")
@@ -115,7 +154,7 @@ def spec_to_json(spec: EngineSpec, model_path: str) -> dict:
     return {
         "model_path": str(model_path),
         "backend": spec.backend,
-        "engine_config": dict(spec.config),
+        "engine_config": spec.config.kwargs(),
         "model_name": spec.model_name,
         "trust_remote_code": spec.trust_remote_code,
         "chat_template": spec.chat_template,

@@ -75,6 +75,7 @@ class LaunchError(Exception):
 class BadFactor(LaunchError):
     value: str
     exit_code = 2
+    message = "factor must be a finite number greater than 1, got {value!r}. Example: --factor 2"
 
 
 class BadOption(LaunchError):
@@ -84,17 +85,23 @@ class BadOption(LaunchError):
     value: str
     reason: str
     exit_code = 2
+    message = "{option} {value!r}: {reason}"
 
 
 class MissingFactor(LaunchError):
     model: str
     exit_code = 2
+    message = (
+        "{model} has no default factor (no preset, no RoPE scaling in its config). "
+        "Give one, e.g. --factor 2"
+    )
 
 
 class UnknownRopeType(LaunchError):
     value: str
     known: tuple[str, ...]
     exit_code = 2
+    message = "unknown RoPE type {value!r}. Choose one of: {known_list}"
 
 
 # --- RoPE rules -------------------------------------------------------------------------------
@@ -207,13 +214,6 @@ def _replaces(err: ReplacesScaling) -> str:
 Message = Union[str, Callable[[LaunchError], str]]  # noqa: UP007 - a runtime alias on Python 3.10
 
 MESSAGES: dict[type[LaunchError], Message] = {
-    BadFactor: "factor must be a finite number greater than 1, got {value!r}. Example: --factor 2",
-    BadOption: "{option} {value!r}: {reason}",
-    MissingFactor: (
-        "{model} has no default factor (no preset, no RoPE scaling in its config). "
-        "Give one, e.g. --factor 2"
-    ),
-    UnknownRopeType: "unknown RoPE type {value!r}. Choose one of: {known_list}",
     UnsupportedRopeType: (
         "RoPE type {rope_type!r} is not implemented by the {engine} engine "
         "(it has: {supported_list}). Choose another --type or --backend."

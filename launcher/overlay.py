@@ -109,8 +109,8 @@ def _inside(path: Path, parent: Path) -> bool:
         return False
 
 
-def _check_target(target: Path, source: Path) -> None:
-    if _inside(target, source) or _inside(source, target):
+def _check_target(target: Path, source: Path | None) -> None:
+    if source is not None and (_inside(target, source) or _inside(source, target)):
         raise OverlayConflict(str(target), "the overlay cannot be inside the model directory or contain it")
     if _inside(target, hf_cache_dir()):
         raise OverlayConflict(str(target), "is inside the Hugging Face cache; launch never writes there")
@@ -246,3 +246,18 @@ def check_overlay(path: Path) -> None:
     missing = missing_links(Path(path))
     if missing:
         raise StaleOverlay(str(path), tuple(missing[:5]))
+
+
+def check_target(target: Path, source: Path | None = None) -> Path:
+    """Refuse, before anything is downloaded or written, a ``--out`` that ``build_overlay`` would
+    refuse whatever it writes (``source`` None: not known yet, e.g. a repo id not downloaded)."""
+    target = Path(target).expanduser()
+    _check_target(target, source)
+    try:
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
+        if target.is_dir() and any(target.iterdir()) and _provenance_of(target) is None:
+            raise OverlayConflict(str(target), "exists and is not a launch overlay; choose another --out")
+    except OSError as err:
+        raise _not_writable(target, err) from None
+    return target

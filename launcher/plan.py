@@ -1,30 +1,38 @@
 """The plan: everything ``serve`` will do, computed first, shown by ``plan``, then executed.
 
-``build_plan`` resolves the model, applies the RoPE rules, sizes the KV cache and fills in the
-engine config and the equivalent lmdeploy command line. It writes nothing and loads no engine.
+``check_request`` checks every flag (no I/O but a look at ``--out``); ``build_plan`` applies the
+RoPE rules to a config, sizes the KV cache and fills in the typed engine settings and the
+equivalent lmdeploy command line. It writes nothing and loads no engine. ``with_files`` gets the
+files a planned model needs and keeps the plan when the downloaded config is the one planned with.
+Showing a plan is ``launcher.render``'s job.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-from dataclasses import dataclass, field
+import functools
+import operator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import __version__
+from . import __version__, checks
 from .engine import (
     BACKENDS,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULTS,
+    GPU_MEMORY_MAX_GIB,
+    MAX_BATCH_SIZE_MAX,
+    QUANT_POLICIES,
+    SESSION_LEN_MAX,
+    TP_MAX,
     EngineSettings,
     EngineSpec,
     api_server_argv,
     architecture_of,
-    command_line,
     engine_config,
     turbomind_supports,
 )
-from .errors import BadOption
+from .errors import BadConfig, BadOption
 from .kvcache import (
     GiB,
     KvCost,
@@ -34,16 +42,18 @@ from .kvcache import (
     plan_memory,
     weights_bytes_estimate,
 )
-from .overlay import Overlay, build_overlay, config_bytes, default_overlay_path
-from .resolve import ModelSource, resolve
+from .overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
+from .resolve import Fetching, ModelSource, resolve
 from .rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
+FACTOR_MAX = 1024.0  # x1024 of even a 2k model is 2M tokens; more is a typo
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What the user asked for; ``None`` means the preset's (or lmdeploy's) default."""
+    """What the user asked for; ``None`` means the preset's (or lmdeploy's) default. Values arrive
+    as given; ``check_request`` gives each its type and range."""
 
     model: str
     factor: str | float | None = None
@@ -59,7 +69,7 @@ class PlanRequest:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     model_name: str | None = None
-    out: Path | None = None
+    out: Path | str | None = None
     need_files: bool = False
     revision: str | None = None
     trust_remote_code: bool | None = None
@@ -67,24 +77,65 @@ class PlanRequest:
     hub_timeout_s: float | str | None = None
 
     @property
-    def fetching(self):
-        from .resolve import Fetching
-
+    def fetching(self) -> Fetching:
         return Fetching(revision=self.revision, quiet=self.quiet, timeout_s=self.hub_timeout_s,
                         trust_remote_code=self.trust_remote_code)
 
 
+def check_request(request: PlanRequest) -> PlanRequest:
+    """Every flag of ``request`` typed and in range, or a one-line BadOption (or BadFactor,
+    UnknownRopeType, OverlayConflict). Reads no config and makes no request: this runs before
+    anything is downloaded or written. Checking a checked request changes nothing."""
+    r = request
+    factor = r.factor
+    if factor is not None:  # BadFactor for what is not a number > 1 at all, then the range
+        parse_factor(factor)
+        factor = checks.number("--factor", factor, 1.0, FACTOR_MAX, low_open=True, example=2)
+    out = r.out
+    if out is not None:
+        text = checks.path_text("--out", str(out) if isinstance(out, Path) else out)
+        local = Path(r.model).expanduser()
+        out = check_target(Path(text), local if local.is_dir() else None)
+    return replace(
+        r,
+        factor=factor,
+        rope_type=parse_rope_type(r.rope_type) if r.rope_type is not None else None,
+        session_len=_maybe(checks.whole, "--session-len", r.session_len, 1, SESSION_LEN_MAX, example=65536),
+        backend=checks.one_of("--backend", r.backend, BACKENDS) if r.backend is not None else None,
+        tp=_maybe(checks.whole, "--tp", r.tp, 1, TP_MAX, example=2),
+        max_batch_size=_maybe(checks.whole, "--max-batch-size", r.max_batch_size, 1, MAX_BATCH_SIZE_MAX, example=64),
+        cache_max_entry_count=_maybe(checks.number, "--cache-max-entry-count", r.cache_max_entry_count, 0.0, 1.0,
+                                     low_open=True, high_open=True, example=0.8),
+        quant_policy=(checks.one_of("--quant-policy", r.quant_policy, QUANT_POLICIES)
+                      if r.quant_policy is not None else None),
+        gpu_memory_gib=_maybe(checks.number, "--gpu-memory", r.gpu_memory_gib, 0.0, GPU_MEMORY_MAX_GIB,
+                              low_open=True, unit="of GiB", example=80),
+        model_name=checks.word("--model-name", r.model_name, "a name") if r.model_name is not None else None,
+        revision=(checks.word("--revision", r.revision, "a branch, tag or commit")
+                  if r.revision is not None else None),
+        out=out,
+    )
+
+
+def _maybe(check, option: str, value, *args, **kwargs):
+    return None if value is None else check(option, value, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Plan:
-    request: PlanRequest
+    request: PlanRequest  # checked
     source: ModelSource
     decision: RopeDecision
     patched_config: dict
+    section: dict  # the language model's section of ``patched_config`` (the whole of it, mostly)
     shape: ModelShape
     kv: dict[int, KvCost]
     memory: MemoryPlan | None
     memory_note: str
+    gpu_bytes: int | None
+    gpu_source: str
     gpu_count: int | None
+    settings: EngineSettings
     engine: EngineSpec
     overlay_path: Path | None
     warnings: tuple[str, ...] = field(default_factory=tuple)
@@ -126,38 +177,19 @@ class Plan:
         }
 
 
-def _check_int(option: str, value: int | None, low: int, high: int | None = None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise BadOption(option, str(value), f"must be a whole number {bound}")
-
-
 def _engine_settings(request: PlanRequest, source: ModelSource) -> EngineSettings:
-    base = source.preset.engine if source.preset else None
-    backend = request.backend or (base.backend if base else "turbomind")
-    if backend not in BACKENDS:
-        raise BadOption("--backend", backend, f"choose one of {', '.join(BACKENDS)}")
-    _check_int("--tp", request.tp, 1, 64)
-    _check_int("--max-batch-size", request.max_batch_size, 1)
-    ratio = request.cache_max_entry_count
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
-        raise BadOption("--cache-max-entry-count", str(ratio), "must be strictly between 0 and 1, e.g. 0.8")
-    if request.quant_policy is not None and request.quant_policy not in (0, 4, 8):
-        raise BadOption("--quant-policy", str(request.quant_policy), "choose 0 (fp16), 8 (int8) or 4 (int4)")
+    """Flags over the preset's engine defaults over launch's (``engine.DEFAULTS``)."""
+    base = source.preset.engine if source.preset else DEFAULTS
 
-    def pick(value, default_field, fallback):
-        if value is not None:
-            return value
-        return getattr(base, default_field) if base else fallback
+    def pick(flag, default):
+        return default if flag is None else flag
 
     return EngineSettings(
-        backend=backend,
-        tp=pick(request.tp, "tp", 1),
-        max_batch_size=pick(request.max_batch_size, "max_batch_size", 64),
-        cache_max_entry_count=float(pick(request.cache_max_entry_count, "cache_max_entry_count", 0.8)),
-        quant_policy=pick(request.quant_policy, "quant_policy", 0),
+        backend=pick(request.backend, base.backend),
+        tp=pick(request.tp, base.tp),
+        max_batch_size=pick(request.max_batch_size, base.max_batch_size),
+        cache_max_entry_count=float(pick(request.cache_max_entry_count, base.cache_max_entry_count)),
+        quant_policy=pick(request.quant_policy, base.quant_policy),
     )
 
 
@@ -180,10 +212,7 @@ def weights_size(source: ModelSource) -> tuple[int | None, str]:
 
 def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
     if request.gpu_memory_gib is not None:
-        value = request.gpu_memory_gib
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise BadOption("--gpu-memory", str(value), "must be a positive number of GiB, e.g. 80")
-        return int(value * GiB), "--gpu-memory", None
+        return int(request.gpu_memory_gib * GiB), "--gpu-memory", None
     from .gpu import free_memory
 
     free = free_memory()
@@ -192,13 +221,41 @@ def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
     return min(free), "nvml", len(free)
 
 
-def _check_tp(shape: ModelShape, tp: int) -> None:
-    if shape.heads % tp:
-        raise BadOption("--tp", str(tp), f"the model's {shape.heads} attention heads must divide evenly by it")
+def _memory(shape: ModelShape, decision: RopeDecision, settings: EngineSettings, source: ModelSource,
+            gpu_bytes: int | None, gpu_source: str, gpu_count: int | None) -> tuple[MemoryPlan | None, str]:
+    weights, weights_source = weights_size(source)
+    if gpu_bytes is None:
+        return None, "no GPU found: give --gpu-memory GiB to check that a session fits"
+    if weights is None:
+        return None, "the weights' size is unknown (no safetensors files, no preset)"
+    return plan_memory(
+        shape,
+        session_len=decision.session_len,
+        gpu_bytes=gpu_bytes,
+        weights_bytes=weights,
+        tp=settings.tp,
+        cache_max_entry_count=settings.cache_max_entry_count,
+        quant_policy=settings.quant_policy,
+        native_context=decision.native_context,
+        gpu_source=gpu_source,
+        weights_source=weights_source,
+        gpu_count=gpu_count,
+    ), ""
 
 
-def build_plan(request: PlanRequest, source: ModelSource | None = None) -> Plan:
-    """Compute everything serve would do. Writes nothing."""
+def _overlay_path(request: PlanRequest, source: ModelSource, patched: dict) -> Path | None:
+    if request.out is not None:
+        return Path(request.out).expanduser()
+    if source.path is not None:
+        return default_overlay_path(source.name, source.path, config_bytes(patched))
+    return None
+
+
+def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
+               api_keys: tuple[str, ...] = ()) -> Plan:
+    """Compute everything serve would do from ``source``'s config (resolved from the request when
+    not given). Writes nothing. ``api_keys``: what the server will require (serve)."""
+    request = check_request(request)
     if source is None:
         source = resolve(request.model, need_files=request.need_files, fetching=request.fetching)
     preset = source.preset
@@ -212,75 +269,88 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None) -> Plan:
         force=request.force,
         engine=settings.backend,
     )
-    decision = decide(source.config, rope_request, source=source.config_origin)
-    patched = apply(source.config, decision)
-    section = patched
-    for key in decision.section:
-        section = section[key]
+    config = source.config
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise BadConfig(source.config_origin, f"architectures must be a list of class names, found {archs!r}")
+    decision = decide(config, rope_request, source=source.config_origin)
+    if decision.session_len > SESSION_LEN_MAX:
+        raise BadConfig(source.config_origin, f"a session of {decision.session_len:,} tokens "
+                        f"({decision.rope_type} x{decision.factor:g} over {decision.native_context:,}) is past "
+                        f"lmdeploy's limit of {SESSION_LEN_MAX:,}: use a smaller --factor or --session-len")
+    patched = apply(config, decision)
+    section = functools.reduce(operator.getitem, decision.section, patched)
     shape = ModelShape.from_config(section, source.config_origin)
-    _check_tp(shape, settings.tp)
+    if shape.heads % settings.tp:
+        raise BadOption("--tp", str(settings.tp), f"the model's {shape.heads} attention heads must divide evenly by it")
     warnings = list(decision.warnings)
-
     if settings.backend == "turbomind" and not turbomind_supports(patched):
         warnings.append(
             f"TurboMind does not serve {architecture_of(patched)}: serve will stop; use --backend pytorch"
         )
 
-    weights, weights_source = weights_size(source)
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
     if gpu_count is not None and settings.tp > gpu_count:
         warnings.append(f"--tp {settings.tp} needs {settings.tp} GPUs; this machine has {gpu_count}: serve will stop")
-    memory, memory_note = None, ""
-    if gpu_bytes is None:
-        memory_note = "no GPU found: give --gpu-memory GiB to check that a session fits"
-    elif weights is None:
-        memory_note = "the weights' size is unknown (no safetensors files, no preset)"
-    else:
-        memory = plan_memory(
-            shape,
-            session_len=decision.session_len,
-            gpu_bytes=gpu_bytes,
-            weights_bytes=weights,
-            tp=settings.tp,
-            cache_max_entry_count=settings.cache_max_entry_count,
-            quant_policy=settings.quant_policy,
-            native_context=decision.native_context,
-            gpu_source=gpu_source,
-            weights_source=weights_source,
-            gpu_count=gpu_count,
-        )
+    memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count)
 
-    name = request.model_name or source.name
     engine = EngineSpec(
         backend=settings.backend,
         config=engine_config(settings, decision.session_len),
-        model_name=name,
+        model_name=request.model_name or source.name,
         trust_remote_code=source.trust_remote_code,
         chat_template=preset.chat_template.as_dict() if preset and preset.chat_template else None,
         host=request.host,
         port=request.port,
+        api_keys=tuple(api_keys),
     )
-
-    overlay_path = None
-    if request.out is not None:
-        overlay_path = Path(request.out).expanduser()
-    elif source.path is not None:
-        overlay_path = default_overlay_path(source.name, source.path, config_bytes(patched))
-
     return Plan(
         request=request,
         source=source,
         decision=decision,
         patched_config=patched,
+        section=section,
         shape=shape,
         kv=kv_costs(shape, decision.session_len, settings.tp),
         memory=memory,
         memory_note=memory_note,
+        gpu_bytes=gpu_bytes,
+        gpu_source=gpu_source,
         gpu_count=gpu_count,
+        settings=settings,
         engine=engine,
-        overlay_path=overlay_path,
+        overlay_path=_overlay_path(request, source, patched),
         warnings=tuple(warnings),
     )
+
+
+def with_files(plan: Plan) -> tuple[Plan, str | None]:
+    """``plan`` for the model's files, downloading them when they come from the Hub.
+
+    The plan was made from a config alone. When the downloaded config.json is that config, the
+    plan stands: it only learns where the files are (the overlay's place) and the weights' real
+    size (the memory check). When it differs (a preset's stored facts, or a branch that moved),
+    the plan is made again from the downloaded config, and the second value says so in one line.
+    """
+    from .resolve import with_files as files_of
+
+    source = files_of(plan.source, plan.request.fetching)
+    if source is plan.source:
+        return plan, None
+    if source.config == plan.source.config:
+        memory, memory_note = _memory(plan.shape, plan.decision, plan.settings, source, plan.gpu_bytes,
+                                      plan.gpu_source, plan.gpu_count)
+        return replace(plan, source=source, memory=memory, memory_note=memory_note,
+                       overlay_path=_overlay_path(plan.request, source, plan.patched_config)), None
+    again = build_plan(plan.request, source, api_keys=plan.engine.api_keys)
+    before, after = plan.decision, again.decision
+    outcome = (
+        "the plan is the same" if (before.settings, before.session_len) == (after.settings, after.session_len)
+        else f"session_len {before.session_len} -> {after.session_len}, {before.rope_type} x{before.factor:g} -> "
+             f"{after.rope_type} x{after.factor:g}"
+    )
+    return again, (f"note: planned with {plan.source.config_origin}; the downloaded {source.config_origin} "
+                   f"differs, so launch re-planned from it ({outcome})")
 
 
 def make_overlay(plan: Plan) -> Overlay:
@@ -289,152 +359,3 @@ def make_overlay(plan: Plan) -> Overlay:
         raise BadOption("MODEL", plan.source.label, "needs a downloaded model directory to patch")
     return build_overlay(plan.source.path, plan.patched_config, plan.provenance, plan.overlay_path,
                          chat_template=plan.engine.chat_template)
-
-
-# --- showing it -------------------------------------------------------------------------------
-
-
-def config_diff(plan: Plan) -> str:
-    before = config_bytes(plan.source.config).decode().splitlines()
-    after = config_bytes(plan.patched_config).decode().splitlines()
-    lines = difflib.unified_diff(before, after, "config.json", "config.json (overlay)", n=1, lineterm="")
-    return "\n".join(lines)
-
-
-def _memory_json(memory: MemoryPlan | None) -> dict | None:
-    if memory is None:
-        return None
-    return {
-        "gpu_bytes": memory.gpu_bytes,
-        "gpu_source": memory.gpu_source,
-        "weights_bytes": memory.weights_bytes,
-        "weights_source": memory.weights_source,
-        "cache_budget_bytes": memory.budget_bytes,
-        "bytes_per_session": memory.bytes_per_session,
-        "sessions_that_fit": memory.sessions,
-        "fits": memory.fits,
-        "largest_session_len": memory.largest_session_len,
-        "advice": list(memory.advice),
-    }
-
-
-def plan_json(plan: Plan) -> dict:
-    d = plan.decision
-    section = plan.patched_config
-    for key in d.section:
-        section = section[key]
-    kv0 = plan.kv[plan.engine.config["quant_policy"]]
-    return {
-        "model": plan.source.label,
-        "name": plan.engine.model_name,
-        "preset": plan.source.preset.name if plan.source.preset else None,
-        "repo_id": plan.source.repo_id,
-        "revision": plan.source.revision,
-        "config_source": plan.source.config_origin,
-        "architecture": plan.architecture,
-        "attention_bias": section.get("attention_bias"),
-        "turbomind_supported": turbomind_supports(plan.patched_config),
-        "native_context": d.native_context,
-        "factor": d.factor,
-        "rope_type": d.rope_type,
-        "rope_key": ".".join(d.section + (d.key,)),
-        "session_len": d.session_len,
-        "covered_context": d.covered_context,
-        "rope_scaling": d.settings,
-        "max_position_embeddings": d.max_position_embeddings,
-        "config_unchanged": d.unchanged,
-        "config_changes": [
-            {"key": c.dotted, "old": c.old, "new": None if c.removed else c.new, "removed": c.removed}
-            for c in d.changes
-        ],
-        "kv_cache": {
-            "tp": plan.engine.config["tp"],
-            "quant_policy": plan.engine.config["quant_policy"],
-            "bytes_per_token": kv0.bytes_per_token,
-            "bytes_per_session": kv0.bytes_per_session,
-            "by_quant_policy": {
-                cost.name: {"quant_policy": q, "bytes_per_token": cost.bytes_per_token,
-                            "bytes_per_session": cost.bytes_per_session}
-                for q, cost in plan.kv.items()
-            },
-        },
-        "memory": _memory_json(plan.memory),
-        "memory_note": plan.memory_note or None,
-        "engine": {
-            "backend": plan.engine.backend,
-            "class": plan.engine.config_class,
-            "config": plan.engine.config,
-            "model_name": plan.engine.model_name,
-            "trust_remote_code": plan.engine.trust_remote_code,
-            "chat_template": plan.engine.chat_template,
-            "server_name": plan.engine.host,
-            "server_port": plan.engine.port,
-        },
-        "overlay": str(plan.overlay_path) if plan.overlay_path else None,
-        "command": plan.command,
-        "command_line": command_line(plan.command),
-        "warnings": list(plan.warnings),
-    }
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:,.2f} GiB"
-
-
-def render_plan(plan: Plan) -> str:
-    d = plan.decision
-    out: list[str] = []
-    src = plan.source
-    where = src.repo_id or (str(src.path) if src.path else src.label)
-    out.append(f"model          {src.name}  ({where})")
-    out.append(f"config from    {src.config_origin}")
-    before_arch = architecture_of(src.config)
-    arch = plan.architecture
-    arch_line = arch if arch == before_arch else f"{before_arch} -> {arch}"
-    section = plan.patched_config
-    for key in d.section:
-        section = section[key]
-    if section.get("attention_bias"):
-        arch_line += " (attention bias)"
-    out.append(f"architecture   {arch_line}")
-    out.append(
-        f"RoPE           {d.rope_type} x{d.factor:g} over a native {d.native_context:,} tokens "
-        f"({'.'.join(d.section + (d.key,))}), covers {d.covered_context:,}"
-    )
-    out.append(f"session_len    {d.session_len:,} tokens")
-    out.append("")
-    if d.unchanged:
-        out.append("config.json    unchanged (it already carries these settings)")
-    else:
-        out.append("config.json changes (written to the overlay; the source is never touched):")
-        out.extend("  " + line for line in config_diff(plan).splitlines())
-    out.append("")
-    tp = plan.engine.config["tp"]
-    out.append(f"KV cache per GPU (tp {tp}), {d.session_len:,}-token session:")
-    for q, cost in plan.kv.items():
-        mark = "  <- --quant-policy" if q == plan.engine.config["quant_policy"] else ""
-        out.append(
-            f"  {cost.name:<5} {cost.bytes_per_token:>12,} B/token   {_gib(cost.bytes_per_session):>14} per session{mark}"
-        )
-    m = plan.memory
-    if m is not None:
-        out.append(
-            f"memory         GPU {_gib(m.gpu_bytes)} free ({m.gpu_source}), weights {_gib(m.weights_bytes)} "
-            f"({m.weights_source}), cache budget {_gib(m.budget_bytes)} per GPU"
-        )
-        if m.fits:
-            out.append(f"               {m.sessions} full-length session(s) fit at once")
-        else:
-            out.append("               NOT ONE full-length session fits. Would fit: " + "; ".join(m.advice))
-    else:
-        out.append(f"memory         {plan.memory_note}")
-    out.append("")
-    cfg = ", ".join(f"{k}={v!r}" for k, v in plan.engine.config.items())
-    out.append(f"engine         {plan.engine.config_class}({cfg})")
-    out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")
-    out.append("command        " + command_line(plan.command))
-    out.append("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
-               " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")
-    for warning in plan.warnings:
-        out.append(f"warning: {warning}")
-    return "\n".join(out)

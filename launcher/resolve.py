@@ -1,8 +1,9 @@
 """MODEL -> where its config (and, when needed, its files) come from.
 
 MODEL is a local model directory, a preset name, or (with the download module) a Hugging Face repo
-id. ``plan`` needs only a config: for a preset that has not been downloaded, the preset's own
-config facts stand in. ``patch`` and ``serve`` need the files.
+id. Every command first needs only a config (``resolve``): for a preset that has not been
+downloaded, the preset's own config facts stand in; a repo id fetches config.json alone. ``patch``
+and ``serve`` then plan from it, and only after every check passed get the files (``with_files``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import read_model_config
-from .paths import cached_ref, hf_cache_dir, is_commit_sha, repo_folder
+from .paths import cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -28,6 +29,7 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    complete: bool = True  # ``path`` holds what serving needs: nothing to download
 
     @property
     def has_files(self) -> bool:
@@ -67,6 +69,7 @@ def from_preset_facts(preset: Preset) -> ModelSource:
         repo_id=preset.repo,
         revision=preset.revision,
         trust_remote_code=preset.trust_remote_code,
+        complete=False,
     )
 
 
@@ -112,16 +115,18 @@ def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching, confi
     source = from_dir(result.path, label=label, preset=preset, repo_id=repo_id, revision=result.commit_sha,
                       trust_remote_code=trust)
     if config_only:  # the snapshot may hold only config.json: not a directory to serve from
-        return replace(source, path=None, config_origin=f"{repo_id}@{result.commit_sha[:12]} config.json")
+        return replace(source, path=None, complete=False,
+                       config_origin=f"{repo_id}@{result.commit_sha[:12]} config.json")
     return source
 
 
 def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None = None) -> ModelSource:
     """Find MODEL: a local directory (wins over a preset of the same name), a preset, or a repo id.
 
-    ``need_files`` (patch, serve): download what serving needs. Otherwise (plan) only a config is
-    needed: a preset uses its cached snapshot when there is one, else its own config facts (no
-    request at all); a repo id fetches config.json alone, never the weights.
+    Without ``need_files`` only a config is needed: a preset uses its cached snapshot when there is
+    one, else its own config facts (no request at all); a repo id fetches config.json alone, never
+    the weights. ``need_files``: download what serving needs at once (``launch fetch``; patch and
+    serve plan first, then call ``with_files``).
     """
     how = fetching or Fetching()
     candidate = Path(model).expanduser()
@@ -134,11 +139,10 @@ def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None =
         cached = cached_snapshot(preset.repo, how.revision or preset.revision)
         if cached is not None:
             source = from_dir(cached, label=model, preset=preset, trust_remote_code=how.trust_remote_code)
-            return replace(source, path=cached if _has_weights(cached) else None)
+            # its files are checked (and the branch followed) by ``with_files`` before they are used
+            return replace(source, path=cached if _has_weights(cached) else None, complete=False)
         return from_preset_facts(preset)
-    from .hub import looks_like_repo_id
-
-    if looks_like_repo_id(model) and not _looks_like_path(model):
+    if is_repo_id(model) and not _looks_like_path(model):
         return _fetch(model, None, model, how, config_only=not need_files)
     if _looks_like_path(model) or candidate.exists():
         raise NotAModelDir(str(candidate), "no such directory")
@@ -147,3 +151,18 @@ def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None =
 
 def _has_weights(snapshot: Path) -> bool:
     return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.bin"))
+
+
+def with_files(source: ModelSource, fetching: Fetching | None = None) -> ModelSource:
+    """``source`` with the files serving needs (downloaded when they come from the Hub).
+
+    A local directory is returned as it is. A repo id whose config was fetched alone is downloaded
+    at that config's commit, so the files are the ones planned with; a preset follows its pinned
+    revision, else the branch (one request: the branch may have moved since its snapshot was cached).
+    """
+    if source.complete or source.repo_id is None:
+        return source
+    how = fetching or Fetching()
+    if source.preset is None and source.revision:
+        how = replace(how, revision=source.revision)
+    return _fetch(source.repo_id, source.preset, source.label, how, config_only=False)

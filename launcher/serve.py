@@ -1,14 +1,15 @@
-"""`launch serve`: resolve -> plan -> checks -> fetch -> overlay -> supervised lmdeploy api_server.
+"""`launch serve`: flags -> config -> plan -> checks -> fetch -> overlay -> supervised api_server.
 
-Everything that can fail cheaply fails before anything slow: flags, the RoPE rules, the KV-cache
-fit, the engine's availability and architecture support, and the port are all checked before a
-weight is downloaded or loaded.
+Everything that can fail cheaply fails before anything slow: every flag first (before any request),
+then from the config alone the RoPE rules, the KV-cache fit, the engine's availability and
+architecture support, and the port, all before a weight is downloaded or loaded. The plan is made
+once; after the download it is made again only when the downloaded config differs from the one it
+was made from, and serve says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,8 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
+from . import checks
 from .engine import (
     DEFAULT_HEALTH_TIMEOUT_S,
+    HEALTH_TIMEOUT_MAX_S,
     TURBOMIND_ARCHS,
     architecture_of,
     spec_to_json,
@@ -27,7 +30,7 @@ from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits, RunDirNo
 from .kvcache import GiB
 from .overlay import check_overlay, slug
 from .paths import cache_dir
-from .plan import Plan, PlanRequest, build_plan, make_overlay, plan_json, render_plan
+from .plan import Plan, PlanRequest, build_plan, make_overlay, with_files
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "server.log"
@@ -57,7 +60,7 @@ def _check_engine(plan: Plan) -> None:
 
 
 def _check_gpus(plan: Plan) -> None:
-    tp = plan.engine.config["tp"]
+    tp = plan.engine.config.tp
     if plan.gpu_count is not None and tp > plan.gpu_count:
         raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
 
@@ -68,36 +71,18 @@ def _check_memory(plan: Plan) -> None:
         raise NoSessionFits(plan.decision.session_len, m.bytes_per_session / GiB, m.budget_bytes / GiB, m.advice)
 
 
-def engine_call(plan: Plan, model_path: str) -> str:
-    """The in-process lmdeploy call, as text: what the serving process will run."""
-    cfg = ", ".join(f"{k}={v!r}" for k, v in plan.engine.config.items())
-    template = "ChatTemplateConfig(...)" if plan.engine.chat_template else "None"
-    return (
-        "lmdeploy.serve.openai.api_server.serve(\n"
-        f"    {model_path!r},\n"
-        f"    model_name={plan.engine.model_name!r},\n"
-        f"    backend={plan.engine.backend!r},\n"
-        f"    backend_config={plan.engine.config_class}({cfg}),\n"
-        f"    chat_template_config={template},\n"
-        f"    server_name={plan.engine.host!r}, server_port={plan.engine.port},\n"
-        f"    api_keys={'[...]' if plan.engine.api_keys else None}, "
-        f"trust_remote_code={plan.engine.trust_remote_code})"
-    )
-
-
 def prepare(request: ServeRequest) -> Plan:
-    """The plan serve would run, from the config alone (no weights downloaded)."""
+    """The plan serve would run, from the config alone (no weights downloaded). Every flag is
+    checked before the config is looked at (for a repo id: before any request)."""
     from .address import validate_host, validate_port
     from .apikeys import resolve_api_keys
 
-    timeout = request.health_timeout_s
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise BadOption("--health-timeout", str(timeout), "must be a number of seconds greater than 0, e.g. 1800")
+    checks.number("--health-timeout", request.health_timeout_s, 0.0, HEALTH_TIMEOUT_MAX_S, low_open=True,
+                  unit="of seconds", example=1800)
     host = validate_host(request.plan.host)
     port = validate_port(request.plan.port)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
-    plan = build_plan(replace(request.plan, host=host, port=port, need_files=False))
-    return replace(plan, engine=replace(plan.engine, api_keys=tuple(keys)))
+    return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
 
 
 def _write_spec(plan: Plan, model_path: Path) -> tuple[Path, Path]:
@@ -161,6 +146,8 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             raise NoGpu(problem)
     plan = prepare(request)
     if request.dry_run:
+        from .render import engine_call, plan_json, render_plan
+
         if request.as_json:
             data = plan_json(plan)
             data["engine_call"] = engine_call(plan, str(plan.overlay_path or "<overlay>"))
@@ -185,11 +172,17 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     if plan.memory is None:
         print(f"warning: the KV-cache fit is not checked: {plan.memory_note}", file=sys.stderr)
 
-    # Now the slow part: the files, then a plan from the real config and weights.
-    full = build_plan(replace(request.plan, host=plan.engine.host, port=plan.engine.port, need_files=True))
-    full = replace(full, engine=replace(full.engine, api_keys=plan.engine.api_keys))
-    _check_memory(full)
-    _check_engine(full)
+    # Now the slow part: the files. The plan stands unless the downloaded config differs.
+    full, note = with_files(plan)
+    if note:
+        print(note, file=sys.stderr)
+        for warning in full.warnings:
+            if warning not in plan.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+        _check_gpus(full)
+        if full.architecture != plan.architecture:
+            _check_engine(full)
+    _check_memory(full)  # now with the weights' real size
     overlay = make_overlay(full)
     check_overlay(overlay.path)
     print(f"overlay: {overlay.path} ({'reused' if overlay.reused else 'written'})", file=sys.stderr)

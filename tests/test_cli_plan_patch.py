@@ -201,3 +201,42 @@ def test_debug_variable_shows_the_traceback(launch):
 def test_parser_errors_are_one_line_too(launch, argv, needle):
     result = launch(*argv)
     assert_one_line_error(result, needle, "--help`", code=2)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "llama-2-7b-chat", "--factor", "1e305"], "--factor '1e305': must be a number greater than 1 and at most"),
+    (["plan", "llama-2-7b-chat", "--factor", "1025"], "--factor"),
+    (["plan", "llama-2-7b-chat", "--gpu-memory", "1e300"], "--gpu-memory"),
+    (["plan", "llama-2-7b-chat", "--gpu-memory", "nan"], "--gpu-memory"),
+    (["plan", "llama-2-7b-chat", "--gpu-memory", "0"], "--gpu-memory"),
+    (["plan", "llama-2-7b-chat", "--session-len", "2147483648"], "--session-len '2147483648'"),
+    (["plan", "llama-2-7b-chat", "--session-len", "-1"], "--session-len"),
+    (["plan", "llama-2-7b-chat", "--tp", "0"], "--tp"),
+    (["plan", "llama-2-7b-chat", "--tp", "65"], "--tp"),
+    (["plan", "llama-2-7b-chat", "--max-batch-size", "0"], "--max-batch-size"),
+    (["plan", "llama-2-7b-chat", "--max-batch-size", "99999999999999999999"], "--max-batch-size"),
+    (["plan", "llama-2-7b-chat", "--cache-max-entry-count", "0"], "strictly between 0 and 1"),
+    (["plan", "llama-2-7b-chat", "--cache-max-entry-count", "nan"], "strictly between 0 and 1"),
+    (["plan", "llama-2-7b-chat", "--quant-policy", "16"], "choose one of 0, 8, 4"),
+    (["serve", "llama-2-7b-chat", "--dry-run", "--health-timeout", "1e300"], "--health-timeout"),
+    (["serve", "llama-2-7b-chat", "--dry-run", "--gpu-memory", "1e300"], "--gpu-memory"),
+    (["serve", "llama-2-7b-chat", "--dry-run", "--model-name", ""], "--model-name"),
+    (["serve", "llama-2-7b-chat", "--dry-run", "--revision", " main"], "--revision"),
+])
+def test_flag_numbers_have_a_type_and_a_range(launch, tmp_path, argv, needle):
+    result = launch(*argv, env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, needle, code=2)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("out, needle", [("", "is empty"), ("a\nb", "control character"), ("x" * 300, "the limit is")])
+def test_bad_out_paths_are_refused_before_anything(launch, model_dir, tmp_path, out, needle):
+    before = tree_digest(model_dir)
+    result = launch("patch", str(model_dir), "--factor", "2", "--out", out, cwd=str(tmp_path))
+    assert_one_line_error(result, "--out", needle, code=2)
+    assert tree_digest(model_dir) == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_a_session_past_lmdeploys_int32_is_refused(launch, model_dir):
+    (model_dir / "config.json").write_text(json.dumps(dict(LLAMA, max_position_embeddings=2**30)))
+    assert_one_line_error(launch("plan", str(model_dir), "--factor", "4"), "past lmdeploy's limit of", "smaller --factor")

@@ -4,11 +4,16 @@ Face cache byte-for-byte unchanged afterwards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+import pytest
+
 from launcher.hub import verify_cache
-from tests.conftest import run_launch
+from tests.conftest import assert_one_line_error, run_launch
+from tests.fakehub import TINY_CONFIG, tiny_repo_files
 
 
 def blobs(hf_home: Path) -> dict[str, bytes]:
@@ -87,3 +92,101 @@ def test_a_downloaded_preset_plans_from_its_real_config_without_a_request(hub, t
     assert data["config_source"].endswith("config.json") and hub.count() == 0
     assert data["max_position_embeddings"] == 2 * json.loads(
         Path(data["config_source"]).read_text())["max_position_embeddings"]
+
+
+# --- cheap checks first: a refused command on a repo id asks the hub for nothing ------------------
+
+
+def cache_state(root: Path) -> dict[str, str] | None:
+    """Every directory, file and link under ``root`` (None when it does not exist): a byte-for-byte
+    picture of the Hugging Face cache."""
+    if not root.exists():
+        return None
+    state = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                state[rel] = "link:" + os.readlink(full)
+            elif full.is_dir():
+                state[rel] = "dir"
+            else:
+                state[rel] = hashlib.sha256(full.read_bytes()).hexdigest()
+    return state
+
+
+FLAG_REFUSALS = [
+    (["patch", "org/tiny", "--factor", "0"], "factor must be a finite number greater than 1"),
+    (["patch", "org/tiny", "--factor", "1e305"], "--factor '1e305'"),
+    (["patch", "org/tiny", "--type", "bogus"], "unknown RoPE type 'bogus'"),
+    (["patch", "org/tiny", "--factor", "2", "--out", "FILE"], "exists and is not a directory"),
+    (["patch", "org/tiny", "--factor", "2", "--out", ""], "--out ''"),
+    (["patch", "org/tiny", "--factor", "2", "--out", "HF/hub/mine"], "inside the Hugging Face cache"),
+    (["patch", "org/tiny", "--factor", "2", "--session-len", "0"], "--session-len"),
+    (["patch", "org/tiny", "--factor", "2", "--revision", ""], "--revision"),
+    (["plan", "org/tiny", "--factor", "2", "--tp", "0"], "--tp"),
+    (["plan", "org/tiny", "--factor", "2", "--gpu-memory", "1e300"], "--gpu-memory"),
+    (["plan", "org/tiny", "--factor", "2", "--quant-policy", "3"], "--quant-policy"),
+    (["serve", "org/tiny", "--dry-run", "--factor", "0"], "factor must be a finite number greater than 1"),
+    (["serve", "org/tiny", "--dry-run", "--factor", "2", "--cache-max-entry-count", "1"], "strictly between 0 and 1"),
+    (["serve", "org/tiny", "--dry-run", "--factor", "2", "--port", "0"], "--port"),
+    (["serve", "org/tiny", "--dry-run", "--factor", "2", "--health-timeout", "1e300"], "--health-timeout"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", FLAG_REFUSALS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+@pytest.mark.parametrize("cache", ["empty", "warm"])
+def test_a_refused_flag_on_a_repo_id_makes_no_request_and_leaves_the_cache_as_it_was(
+        hub, tmp_path, isolated_env, argv, needle, cache):
+    hf_home = isolated_env / "hf"
+    env = {"LAUNCH_CACHE_DIR": str(tmp_path / "launch")}
+    if cache == "warm":  # the config alone is cached (what `plan` leaves), not the weights
+        assert run_launch("plan", "org/tiny", "--factor", "2", "--json", env=env).returncode == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    before = cache_state(hf_home)
+    hub.reset()
+    argv = [str(blocker) if a == "FILE" else a.replace("HF/", f"{hf_home}/") for a in argv]
+    result = run_launch(*argv, env=env)
+    assert_one_line_error(result, needle)
+    assert hub.requests() == []
+    assert cache_state(hf_home) == before
+    assert (before is None) == (cache == "empty")
+    assert blocker.read_text() == "mine" and not (tmp_path / "launch").exists()
+
+
+def test_a_bad_config_on_a_repo_id_is_refused_before_the_weights(hub, isolated_env, tmp_path):
+    files = tiny_repo_files()
+    files["config.json"] = b'{"architectures": [}'
+    hub.add_repo("org/badcfg", files)
+    result = run_launch("patch", "org/badcfg", "--factor", "2", env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, "is not valid config JSON")
+    assert {s.file for s in hub.requests() if s.file} == {"config.json"}
+    assert not list((isolated_env / "hf" / "hub").glob("models--org--badcfg/snapshots/*/model.safetensors"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_refusal_from_the_config_comes_before_the_weights(hub, isolated_env, tmp_path):
+    # a fine flag on its own, refused on org/tiny's config: yarn x2 over its native 256 covers 512
+    result = run_launch("patch", "org/tiny", "--factor", "2", "--type", "yarn", "--session-len", "600",
+                        env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(result, "--session-len 600", "512")
+    assert {s.file for s in hub.requests() if s.file} == {"config.json"}
+    assert not (tmp_path / "c").exists()
+
+
+def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
+    """The config is fetched alone first; the files then come from that same commit, even when the
+    branch moves in between (here: before the download starts)."""
+    from launcher.plan import PlanRequest, build_plan, with_files
+
+    plan = build_plan(PlanRequest(model="org/tiny", factor="2", quiet=True))
+    assert plan.source.path is None and plan.overlay_path is None
+    planned_sha = plan.source.revision
+    moved = dict(tiny_repo_files(), **{"config.json": json.dumps(dict(TINY_CONFIG, max_position_embeddings=512)).encode()})
+    hub.repos["org/tiny"].push(moved)
+    files, note = with_files(plan)
+    assert note is None and files.source.revision == planned_sha
+    assert json.loads((files.source.path / "config.json").read_text())["max_position_embeddings"] == 256
+    assert files.decision is plan.decision and files.overlay_path is not None

@@ -23,7 +23,7 @@ from launcher.engine import backend_config, chat_template_config, serve_kwargs, 
 from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
 from launcher.resolve import from_dir
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import assert_one_line_error, free_port, run_launch
 
 REPO = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -109,8 +109,8 @@ def test_lmdeploys_own_parser_accepts_the_command(preset):
     cfg = plan.engine.config
     assert args.model_path == plan.command[3]
     assert args.backend == plan.engine.backend
-    assert (args.session_len, args.tp, args.max_batch_size) == (cfg["session_len"], cfg["tp"], cfg["max_batch_size"])
-    assert args.cache_max_entry_count == cfg["cache_max_entry_count"] and args.quant_policy == cfg["quant_policy"]
+    assert (args.session_len, args.tp, args.max_batch_size) == (cfg.session_len, cfg.tp, cfg.max_batch_size)
+    assert args.cache_max_entry_count == cfg.cache_max_entry_count and args.quant_policy == cfg.quant_policy
     assert args.server_name == "127.0.0.1" and args.server_port == 23333
     assert args.model_name == preset
     assert args.trust_remote_code == plan.source.trust_remote_code
@@ -200,9 +200,9 @@ sys.exit(code)
 """
 
 
-def start_driver(model_dir, port, tmp_path, probe=False):
+def start_driver(model_dir, port, tmp_path, probe=False, env=None):
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), LAUNCH_API_KEYS="sk-env",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), str(port), "probe" if probe else "-"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -284,6 +284,73 @@ def test_serve_probe_prints_the_table_before_handing_over(model_dir, tmp_path):
     assert proc.returncode == 0
 
 
+# --- the plan is made once ---------------------------------------------------------------------
+
+
+def serve_until_ready(model, tmp_path, env=None):
+    """Serve ``model`` (factor 2, PyTorch backend) with the stand-in engine until ready, stop it with
+    Ctrl-C; returns (stderr, the spec the serving process was given)."""
+    proc = start_driver(model, free_port(), tmp_path, env=env)
+    try:
+        read_until(proc, "curl")
+        spec = json.loads(next((tmp_path / "cache" / "runs").glob("*/spec.json")).read_text())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err
+    return err, spec
+
+
+def test_serve_on_a_repo_id_plans_once_from_the_config_alone(hub, tmp_path):
+    """The config is fetched alone and planned with; the download is of that same commit, so the
+    downloaded config is the planned one and nothing is planned again."""
+    err, spec = serve_until_ready("org/tiny", tmp_path)
+    assert "re-planned" not in err
+    assert spec["engine_config"]["session_len"] == 512 and spec["model_name"] == "tiny"
+    config_gets = [s for s in hub.requests() if s.method == "GET" and s.file == "config.json"]
+    assert len(config_gets) == 1  # fetched once, before anything else; the download reused it
+    first_weight = next(i for i, s in enumerate(hub.requests()) if s.file == "model.safetensors")
+    assert hub.requests().index(config_gets[0]) < first_weight
+
+
+def test_serve_replans_only_when_the_downloaded_config_differs(hub, tmp_path, monkeypatch):
+    """A preset planned from its cached snapshot; the branch moved on the hub since (a new config
+    with twice the context): serve downloads the new commit, says it re-planned, and serves the
+    new plan."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "tiny.yaml").write_text(
+        "name: tiny\nrepo: org/tiny\nnative_context: 256\nrope: {type: dynamic, factor: 2.0}\nparameters: 1.0e6\n"
+        "config: {architectures: [LlamaForCausalLM], max_position_embeddings: 256, num_hidden_layers: 1,\n"
+        "         hidden_size: 16, num_attention_heads: 2, num_key_value_heads: 1, torch_dtype: float32}\n"
+    )
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    assert run_launch("fetch", "tiny").returncode == 0
+    err, spec = serve_until_ready("tiny", tmp_path / "same")
+    assert "re-planned" not in err and spec["engine_config"]["session_len"] == 512
+
+    from tests.fakehub import TINY_CONFIG, tiny_repo_files
+
+    longer = dict(TINY_CONFIG, max_position_embeddings=512)
+    hub.repos["org/tiny"].push(dict(tiny_repo_files(), **{"config.json": json.dumps(longer).encode()}))
+    err, spec = serve_until_ready("tiny", tmp_path / "moved")
+    notes = [line for line in err.splitlines() if "re-planned" in line]
+    assert len(notes) == 1 and "session_len 512 -> 1024" in notes[0], err
+    assert spec["engine_config"]["session_len"] == 1024
+    assert json.loads((Path(spec["model_path"]) / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+def test_a_planned_local_directory_is_not_planned_again(model_dir, monkeypatch):
+    import launcher.plan as plan_module
+
+    plan = build_plan(PlanRequest(model=str(model_dir), factor="2"))
+    calls = []
+    monkeypatch.setattr(plan_module, "build_plan", lambda *a, **k: calls.append(a))
+    same, note = plan_module.with_files(plan)
+    assert same is plan and note is None and calls == []
+
+
 def test_busy_port_is_an_error_before_the_overlay(model_dir, tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -302,7 +369,7 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
     from launcher.serve import _check_gpus
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
-    assert plan.engine.config["tp"] == 4
+    assert plan.engine.config.tp == 4
     _check_gpus(replace(plan, gpu_count=4))
     _check_gpus(replace(plan, gpu_count=None))  # unknown here: lmdeploy will say
     with pytest.raises(BadOption) as err:

@@ -6,7 +6,6 @@ bad value gets the same one-line error everywhere.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,7 +37,7 @@ ForceOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 OutOpt = Annotated[
-    Path | None,
+    str | None,  # as typed: Path('') would silently become the current directory
     typer.Option("--out", "-o", help="Where to write the overlay. Default: launch's cache directory.",
                  show_default=False),
 ]

@@ -28,13 +28,15 @@ def patch(
     MODEL is a preset name, a Hugging Face repo id ORG/NAME (downloaded first), or a local model
     directory.
     """
-    from ..plan import PlanRequest, build_plan, make_overlay
+    from ..plan import PlanRequest, build_plan, make_overlay, with_files
 
-    plan = build_plan(
+    # Every flag and --out first, then the config alone, then the plan; only then the files.
+    plan, note = with_files(build_plan(
         PlanRequest(model=model, factor=factor, rope_type=rope_type, session_len=session_len,
-                    force=force, out=out, need_files=True, revision=revision,
-                    trust_remote_code=trust_remote_code)
-    )
+                    force=force, out=out, revision=revision, trust_remote_code=trust_remote_code)
+    ))
+    if note:
+        typer.echo(note, err=True)
     overlay = make_overlay(plan)
     d = plan.decision
     for warning in plan.warnings:

@@ -49,7 +49,8 @@ def plan(
     MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
     directory. Nothing is written and no weights are downloaded.
     """
-    from ..plan import PlanRequest, build_plan, plan_json, render_plan
+    from ..plan import PlanRequest, build_plan
+    from ..render import plan_json, render_plan
 
     result = build_plan(
         PlanRequest(

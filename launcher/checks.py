@@ -1,0 +1,93 @@
+"""Checks of flag values, written once: each takes the flag's name and the value as given and
+returns it typed, or raises ``BadOption(option, value, reason)`` (one line, exit 2).
+
+Pure functions: no I/O. Every number from a flag gets a type and a range here, so that a value
+such as ``1e305`` or ``-0`` is refused in words instead of overflowing later.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Iterable
+from typing import TypeVar
+
+from .errors import BadOption
+
+T = TypeVar("T")
+
+
+def _shown(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def whole(option: str, value: object, low: int, high: int, example: object | None = None) -> int:
+    """A whole number in ``low..high`` (an ``int``, or text of ASCII digits)."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+-").isascii() and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    if number is None or not low <= number <= high:
+        hint = f", e.g. {option} {example}" if example is not None else ""
+        raise BadOption(option, _shown(value), f"must be a whole number from {low:,} to {high:,}{hint}")
+    return number
+
+
+def number(option: str, value: object, low: float, high: float, *, low_open: bool = False,
+           high_open: bool = False, unit: str = "", example: object | None = None) -> float:
+    """A finite number in the range ``low..high`` (either end open when asked)."""
+    result: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            result = None
+    ok = (
+        result is not None and math.isfinite(result)
+        and (result > low if low_open else result >= low)
+        and (result < high if high_open else result <= high)
+    )
+    if not ok:
+        what = f" {unit}" if unit else ""
+        hint = f", e.g. {option} {example}" if example is not None else ""
+        if low_open and high_open:
+            span = f"strictly between {low:g} and {high:g}"
+        else:
+            span = f"{'greater than' if low_open else 'at least'} {low:g} and {'less than' if high_open else 'at most'} {high:g}"
+        raise BadOption(option, _shown(value), f"must be a number{what} {span}{hint}")
+    return result  # type: ignore[return-value]
+
+
+def one_of(option: str, value: T, choices: Iterable[T]) -> T:
+    """``value`` itself when it is one of ``choices``."""
+    options = tuple(choices)
+    if value not in options or isinstance(value, bool):
+        raise BadOption(option, _shown(value), f"choose one of {', '.join(str(c) for c in options)}")
+    return value
+
+
+def word(option: str, value: object, what: str) -> str:
+    """Non-empty text without control characters or surrounding blanks (a revision, a name)."""
+    text = value if isinstance(value, str) else None
+    if not text or text != text.strip() or any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise BadOption(option, _shown(value), f"must be {what}: non-empty, without blanks at the ends or "
+                        "control characters")
+    return text
+
+
+def path_text(option: str, value: object, max_part: int = 255) -> str:
+    """A path given on the command line: non-empty, no control characters (the path is printed as
+    the last line of stdout), no part longer than the file system allows."""
+    text = value if isinstance(value, str) else (str(value) if value is not None else "")
+    if not text.strip():
+        raise BadOption(option, text, "is empty; give a directory path, e.g. ./my-overlay")
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise BadOption(option, text.encode("unicode_escape").decode(), "contains a control character; "
+                        "give a plain path")
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in text.split("/"))
+    if longest > max_part:
+        raise BadOption(option, text[:40] + "...", f"has a name of {longest} bytes; the limit is {max_part}")
+    return text
