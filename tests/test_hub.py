@@ -327,8 +327,14 @@ def test_hub_that_never_answers_the_revision_request_hits_the_deadline(hub):
     assert _wait_for(lambda: hub.hangups)  # launch closed the connection: nothing still waits
 
 
-def test_stalled_download_is_killed_and_leaves_no_partial_file(hub):
-    hub.stall_body("model.safetensors")  # headers and half the body, then silence
+def test_stalled_body_is_bounded_by_huggingface_hub_and_leaves_no_partial_file(hub, monkeypatch):
+    """A body that stops mid-way is huggingface_hub's to bound (HF_HUB_DOWNLOAD_TIMEOUT per read,
+    5 resumes); launch turns its failure into HubTimeout naming that setting. (This replaces the
+    old test of launch killing its download worker: there is no worker any more.)"""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)  # what HF_HUB_DOWNLOAD_TIMEOUT=1 sets at import
+    hub.stall_body("model.safetensors")  # headers and half the body, then silence, on every try
     seen_partial: list[str] = []
     stop = threading.Event()
 
@@ -339,15 +345,17 @@ def test_stalled_download_is_killed_and_leaves_no_partial_file(hub):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    started = time.monotonic()
     try:
-        with pytest.raises(HubTimeout, match="downloading org/tiny@main"):
-            fetch("org/tiny", timeout_s=1.5)
+        with pytest.raises(HubTimeout, match="downloading org/tiny@main.*HF_HUB_DOWNLOAD_TIMEOUT"):
+            fetch("org/tiny", timeout_s=30)
     finally:
         stop.set()
         watcher.join()
-    assert seen_partial, "the worker never started writing the blob"
-    assert incomplete_blobs() == []
-    assert _wait_for(lambda: hub.hangups)  # the killed worker's connection is gone
+    assert time.monotonic() - started < 25  # six tries of 1 s (+1 s pause each), not the 30 s deadline
+    assert seen_partial, "huggingface_hub never started writing the blob"
+    assert incomplete_blobs() == []  # huggingface_hub removed its partial file itself
+    assert _wait_for(lambda: hub.hangups)  # no connection is left waiting
     hub._stall_body.clear()
     result = fetch("org/tiny")  # nothing left behind blocks the next run
     assert (result.path / "model.safetensors").read_bytes() == tiny_repo_files()["model.safetensors"]
