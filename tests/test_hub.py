@@ -111,6 +111,8 @@ def test_bad_input_is_refused_before_any_request(hub):
         fetch("not a repo")
     with pytest.raises(BadOption, match="--revision"):
         fetch("org/tiny", revision="two words")
+    with pytest.raises(BadOption, match="--revision ''"):
+        fetch("org/tiny", revision="")  # not read as "the default branch"
     with pytest.raises(BadOption, match="--timeout"):
         fetch("org/tiny", timeout_s="-1")
     assert hub.count() == 0
@@ -393,3 +395,91 @@ def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
     assert verify_cache("org/tiny") == []
     assert hashlib.sha256((built.path / "model.safetensors").read_bytes()).hexdigest() == \
         os.path.basename(os.path.realpath(result.path / "model.safetensors"))
+
+
+# --- huggingface_hub's public API only; a silent hub; refusals -----------------------------------
+
+
+def test_launcher_imports_no_private_module_of_huggingface_hub():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "launcher"
+    offenders, hub_users = [], []
+    for source in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "huggingface_hub":
+                    hub_users.append(source.name)
+                    if any(p.startswith("_") for p in parts[1:]):
+                        offenders.append(f"{source.relative_to(root)}: {module}")
+    assert "hub.py" in hub_users  # the scan does see huggingface_hub imports
+    assert offenders == []
+
+
+class SilentHub:
+    """A real TCP server on 127.0.0.1 that accepts connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent(monkeypatch):
+    server = SilentHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("revision", [None, "0" * 40], ids=["branch", "pinned sha"])
+def test_a_hub_that_never_answers_ends_within_the_deadline(silent, revision):
+    """A branch waits on the commit lookup (a request with a timeout); a pinned sha on the file
+    listing, which huggingface_hub runs without one: launch's deadline bounds it."""
+    started = time.monotonic()
+    with pytest.raises(HubTimeout, match="org/tiny"):
+        fetch("org/tiny", revision=revision, timeout_s=1)
+    assert time.monotonic() - started < 1 + 2
+    assert silent.accepted  # it really connected and waited
+
+
+def test_launch_fetch_on_a_silent_hub_exits_within_the_deadline(silent):
+    """The whole command ends: nothing left waiting on the hub keeps the process alive. Measured
+    against the same command refused at once offline (its start-up and imports)."""
+    from tests.conftest import run_launch
+
+    started = time.monotonic()
+    baseline = run_launch("fetch", "org/tiny", "--revision", "0" * 40, env={"HF_HUB_OFFLINE": "1"})
+    startup = time.monotonic() - started
+    assert baseline.returncode == 1 and "HF_HUB_OFFLINE" in baseline.stderr
+    started = time.monotonic()
+    done = run_launch("fetch", "org/tiny", "--revision", "0" * 40, "--timeout", "2", timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1 and "sent nothing for 2 s" in done.stderr, done.stderr
+    assert elapsed - startup < 2 + 2, (elapsed, startup)
