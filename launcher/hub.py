@@ -1,27 +1,27 @@
 """Fetch checkpoints from the Hugging Face Hub into its standard cache: only what serving needs,
 with deadlines, clear errors, and no request at all when the cache can answer.
 
-Built on huggingface_hub's public API only: ``HfApi.model_info`` (with its ``timeout``) resolves a
-branch; ``snapshot_download`` / ``hf_hub_download`` (``allow_patterns``, ``revision``) download and
-write the cache (blobs, snapshots, refs, its per-commit file list); ``get_cached_repo_tree`` and
-``try_to_load_from_cache`` tell what is cached. launch never writes or deletes inside the cache.
+huggingface_hub's public API does all of it: ``HfApi.model_info`` (with its ``timeout``) resolves a
+branch; ``snapshot_download`` lists the files (and writes ``refs/`` and its per-commit listing);
+``hf_hub_download`` downloads; ``get_cached_repo_tree`` / ``try_to_load_from_cache`` read the
+cache. launch never writes or deletes anything in the cache itself.
 
-- huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` once,
-  at import. ``_Call.now`` reads them when a fetch is made and passes ``endpoint=``, ``cache_dir=``
-  and ``local_files_only=`` per call, so a call follows the environment it runs in. The token is
-  huggingface_hub's own (``get_token``, at request time).
-- Deadlines (measured, see ``tests/test_hub.py``): a stalled file body is bounded and resumed by
-  huggingface_hub itself (``HF_HUB_DOWNLOAD_TIMEOUT``, per read); HEAD requests take
-  ``etag_timeout``; the branch lookup takes ``timeout``. The file listing (``repo_info`` +
-  ``list_repo_tree`` inside ``snapshot_download``) takes none, so that stage runs in a daemon
-  thread joined with a deadline (``_bounded``). No separate process: a command exits after a
-  timeout, which closes the socket, and the test of a silent hub shows it ends in time.
+- huggingface_hub reads HF_ENDPOINT, HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE once, at import:
+  ``_Call.now`` reads them at each fetch and passes them per call, so a call follows its environment.
+- Deadlines: a stalled file body is bounded and resumed by huggingface_hub (HF_HUB_DOWNLOAD_TIMEOUT,
+  per read); HEADs take ``etag_timeout``; the file listing takes no timeout. So every hub call runs
+  in a daemon thread watched by ``_watched``: no progress for ``timeout_s`` is HubTimeout. Not in
+  ``snapshot_download``'s own pool: its threads are joined at interpreter exit, and huggingface_hub
+  retries a timed-out HEAD with 60 s timeouts, so a stalled hub held a finished ``launch fetch
+  --timeout 2`` for minutes (measured: tests/test_hub_cli.py::test_stalled_hub_ends_the_command).
+  Daemon threads do not hold the exit, so no separate process is needed.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import math
 import os
 import queue
@@ -30,12 +30,11 @@ import shutil
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import (
     BadOption,
@@ -64,18 +63,14 @@ DEFAULT_REVISION = "main"
 TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 CONFIG = "config.json"
-_GRACE_S = 0.5
-BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file, retried 5 times)"  # the metadata thread gets this much longer than the requests inside it
+WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
+_GRACE_S = 0.5  # the watch waits this much longer than the requests it watches
+BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file, retried 5 times)"
 
-# What serving reads from a repo's top level besides the weights.
-META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")
-# Weight formats; only safetensors (else .bin) are taken.
+META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")  # what serving reads besides weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx",
-                   ".ot", ".tflite", ".pkl", ".npz")
+                   ".ot", ".tflite", ".pkl", ".npz")  # only safetensors (else .bin) are taken
 NOT_WEIGHTS = frozenset({"training_args.bin"})
-
-
-# --- flags ------------------------------------------------------------------------------------
 
 
 def hub_timeout(value: float | str | None = None) -> float:
@@ -97,9 +92,8 @@ def hub_timeout(value: float | str | None = None) -> float:
 
 def check_revision(revision: str) -> str:
     """A branch, tag or commit sha as given to ``--revision``; ``''`` is refused (it is not main)."""
-    bad = (not revision or any(c.isspace() for c in revision) or ".." in revision
-           or revision.startswith("/") or revision.endswith("/") or "\\" in revision)
-    if bad:
+    if (not revision or any(c.isspace() for c in revision) or ".." in revision or "\\" in revision
+            or revision.startswith("/") or revision.endswith("/")):
         raise BadOption("--revision", revision, "give a branch, tag or commit sha, e.g. main")
     return revision
 
@@ -159,28 +153,19 @@ def select_files(paths: Iterable[str], *, trust_remote_code: bool = False,
 
 
 def _read_weight_map(index_file: Path) -> dict[str, str] | None:
-    import json
-
     try:
         data = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        return None
-    return {str(k): str(v) for k, v in weight_map.items()}
-
-
-def _exact(names: Iterable[str]) -> list[str]:
-    """allow_patterns are fnmatch patterns: escape the characters that are special there."""
-    return [re.sub(r"([*?\[])", r"[\1]", name) for name in names]
+    return {str(k): str(v) for k, v in weight_map.items()} if isinstance(weight_map, dict) and weight_map else None
 
 
 def _weight_like(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(p for p in sorted(paths) if p.endswith(WEIGHT_SUFFIXES))
 
 
-# --- one call's settings, and the foreign errors it may meet -----------------------------------
+# --- one call: its settings, the foreign errors it may meet, its threads ------------------------
 
 
 @dataclass(frozen=True)
@@ -191,7 +176,7 @@ class _Call:
     cache_dir: Path
     offline: bool
     timeout_s: float
-    wait_s: float  # for one metadata request (HEAD, branch lookup)
+    wait_s: float  # for one metadata request (HEAD, branch lookup): at most HF_HUB_ETAG_TIMEOUT
     doing: str = ""
 
     @property
@@ -202,40 +187,32 @@ class _Call:
     def now(cls, repo_id: str, revision: str, timeout_s: float) -> _Call:
         from huggingface_hub import constants
 
-        env = os.environ
-        offline = constants.is_offline_mode() or any(
-            (env.get(v) or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-            for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        return cls(repo_id, revision, (env.get("HF_ENDPOINT") or constants.ENDPOINT).strip().rstrip("/"),
-                   _usable_cache_dir(), offline, timeout_s, min(float(constants.HF_HUB_ETAG_TIMEOUT), timeout_s))
+        offline = constants.is_offline_mode() or any((os.environ.get(v) or "").strip().upper() in
+                                                     {"1", "ON", "YES", "TRUE"}
+                                                     for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip().rstrip("/")
+        return cls(repo_id, revision, endpoint, _usable_cache_dir(), offline, timeout_s,
+                   min(float(constants.HF_HUB_ETAG_TIMEOUT), timeout_s), f"downloading {repo_id}@{revision}")
 
 
 def _usable_cache_dir() -> Path:
     """The hub cache; CacheNotADirectory when HF_HOME / HF_HUB_CACHE (or a folder above) is a file."""
     cache = hf_cache_dir()
     var = "HF_HUB_CACHE" if os.environ.get("HF_HUB_CACHE") else "HF_HOME"
-    named = cache if var == "HF_HUB_CACHE" else hf_home()
-    for path in (cache, *cache.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise CacheNotADirectory(var, str(named), str(path))
-            break
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CacheNotADirectory(var, str(cache if var == "HF_HUB_CACHE" else hf_home()), str(existing))
     return cache
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text)
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", (str(exc).strip() or type(exc).__name__).splitlines()[0])
     return text[:1].lower() + text[1:]
 
 
 def _free_bytes(path: Path) -> int | None:
-    for candidate in (path, *path.parents):
-        try:
-            return shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-    return None
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None
 
 
 def _translate(exc: BaseException, call: _Call) -> LaunchError:
@@ -283,38 +260,60 @@ def _os_error(exc: OSError, call: _Call) -> LaunchError:
     return HubError(call.repo_id, call.endpoint, f"{type(exc).__name__}: {_reason(exc)}")
 
 
-T = TypeVar("T")
+def _watched(call: _Call, tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``tasks`` (huggingface_hub calls), ``WORKERS`` at a time, in daemon threads; return their
+    results. HubTimeout when none ends and the cache's blobs do not grow for ``call.timeout_s``.
+    After a failure no new task starts; those under way end first (huggingface_hub then removes
+    their partial files itself), then the first failure is raised."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(tasks)):
+        todo.put(i)
+    done: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
 
+    def worker() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, tasks[i](), None))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                done.put((i, None, exc))
 
-def _bounded(work: Callable[[], T], seconds: float, on_timeout: LaunchError) -> T:
-    """``work()`` in a daemon thread joined with a deadline: for the huggingface_hub calls that
-    take no timeout (repo_info, list_repo_tree). A thread left waiting holds no lock of ours and
-    never keeps the interpreter from exiting."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
+    for _ in range(min(WORKERS, len(tasks))):
+        threading.Thread(target=worker, name="launch-hub", daemon=True).start()
+    results: list[Any] = [None] * len(tasks)
+    total, finished, failure = len(tasks), 0, None
+    mark, last = _blob_sizes(call.storage), time.monotonic()
+    while finished < total:
         try:
-            box["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="launch-hub-metadata", daemon=True)
-    thread.start()
-    thread.join(seconds + _GRACE_S)
-    if thread.is_alive():
-        raise on_timeout
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+            i, value, exc = done.get(timeout=0.2)
+            finished, last, results[i] = finished + 1, time.monotonic(), value
+            if exc is not None and failure is None:
+                failure = exc
+                with todo.mutex:
+                    total -= len(todo.queue)
+                    todo.queue.clear()
+        except queue.Empty:
+            pass
+        if (sizes := _blob_sizes(call.storage)) != mark:
+            mark, last = sizes, time.monotonic()
+        if time.monotonic() - last > call.timeout_s + _GRACE_S:
+            with todo.mutex:
+                todo.queue.clear()
+            raise failure or HubTimeout(call.endpoint, call.timeout_s, call.doing)
+    if failure is not None:
+        raise failure
+    return results
 
 
 # --- the cache (read only) --------------------------------------------------------------------
 
 
 def _cached_tree(call: _Call, sha: str) -> dict[str, tuple[int, str]] | None:
-    """``{path: (size, git blob id)}`` of the repo at ``sha`` as huggingface_hub cached it, or None.
-    The git blob id is the cache's blob name for a plain file; an LFS file's blob is named by its
-    sha256, which this public listing does not keep."""
+    """``{path: (size, git blob id)}`` at ``sha`` as huggingface_hub cached it, or None. The git blob
+    id names a plain file's blob; an LFS file's blob is named by its sha256, not kept here."""
     from huggingface_hub import get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
@@ -339,6 +338,13 @@ def _files_on_disk(snapshot: Path) -> list[str]:
     return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _blob_sizes(storage: Path) -> dict[str, int]:
+    try:
+        return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(storage / "blobs")}
+    except OSError:
+        return {}
+
+
 @dataclass(frozen=True)
 class _Local:
     snapshot: Path
@@ -355,15 +361,10 @@ def _inspect(call: _Call, sha: str, *, trust_remote_code: bool, config_only: boo
         return _Local(snapshot, (CONFIG,), () if (snapshot / CONFIG).is_file() else (CONFIG,), None, True)
     tree = _cached_tree(call, sha)
     paths = list(tree) if tree is not None else (_files_on_disk(snapshot) if snapshot.is_dir() else [])
-    selection = select_files(paths, trust_remote_code=trust_remote_code)
-    if tree is not None and CONFIG not in tree:
-        raise HubFileMissing(call.repo_id, call.revision, CONFIG)
-    if tree is not None and selection.weights_format is None:
-        raise NoWeights(call.repo_id, call.revision, _weight_like(paths))
-    if selection.index is not None:
-        weight_map = _read_weight_map(snapshot / selection.index)
-        if weight_map is not None:
-            selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
+    selection = _check_selection(call, paths, trust_remote_code) if tree is not None else select_files(paths)
+    weight_map = _read_weight_map(snapshot / selection.index) if selection.index else None
+    if weight_map is not None:
+        selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
     missing = [f for f in selection.files if not (snapshot / f).is_file()]
     if tree is None:  # a snapshot huggingface_hub did not list: require at least config + weights
         missing += [CONFIG] if CONFIG not in missing and not (snapshot / CONFIG).is_file() else []
@@ -371,11 +372,14 @@ def _inspect(call: _Call, sha: str, *, trust_remote_code: bool, config_only: boo
     return _Local(snapshot, selection.files, tuple(missing), selection, tree is not None)
 
 
-def _blob_sizes(storage: Path) -> dict[str, int]:
-    try:
-        return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(storage / "blobs")}
-    except OSError:
-        return {}
+def _check_selection(call: _Call, paths: Iterable[str], trust_remote_code: bool) -> Selection:
+    paths = list(paths)
+    if CONFIG not in paths:
+        raise HubFileMissing(call.repo_id, call.revision, CONFIG)
+    selection = select_files(paths, trust_remote_code=trust_remote_code)
+    if selection.weights_format is None:
+        raise NoWeights(call.repo_id, call.revision, _weight_like(paths))
+    return selection
 
 
 # --- the result -------------------------------------------------------------------------------
@@ -412,50 +416,17 @@ class FetchResult:
         return f"{head}: {len(self.files)} files, {human_bytes(self.bytes)}, {tail}{extra}"
 
 
-def _result(local: _Local, call: _Call, sha: str, started: float, downloaded: int, note: str | None) -> FetchResult:
+def _result(local: _Local, call: _Call, sha: str, started: float, before: Mapping[str, int] | None,
+            note: str | None = None) -> FetchResult:
     sel = local.selection
     size = sum((local.snapshot / f).stat().st_size for f in local.files if (local.snapshot / f).is_file())
-    return FetchResult(local.snapshot, call.repo_id, call.revision, sha, local.files, size, downloaded,
-                       time.monotonic() - started, downloaded == 0, sel.weights_format if sel else None,
+    new = 0 if before is None else sum(n for b, n in _blob_sizes(call.storage).items() if b not in before)
+    return FetchResult(local.snapshot, call.repo_id, call.revision, sha, local.files, size, new,
+                       time.monotonic() - started, new == 0, sel.weights_format if sel else None,
                        sel.skipped if sel and local.tree_known else (), note)
 
 
 # --- fetching ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _hub_output(quiet: bool):
-    """huggingface_hub's chatter: launch reports a full disk itself, and ``quiet`` silences the rest."""
-    from huggingface_hub.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Not enough free disk space")
-        if quiet:
-            hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-
-
-def _bars(quiet: bool) -> Any:
-    """Progress bars only when asked for and stderr is a terminal."""
-    from huggingface_hub.utils import tqdm
-
-    try:
-        shown = not quiet and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        shown = False
-    if shown:
-        return None
-
-    class Hidden(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return Hidden
 
 
 def fetch(
@@ -470,95 +441,107 @@ def fetch(
     """Make ``repo_id`` at ``revision`` (default main) available in the Hugging Face cache and
     return where. ``config_only`` fetches config.json alone (never the weights). ``quiet`` turns
     off huggingface_hub's progress bars (shown only when stderr is a terminal) and its warnings.
-    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): the deadline of the metadata stage
-    and of each metadata request (at most huggingface_hub's ``HF_HUB_ETAG_TIMEOUT``); file bodies
-    are bounded per read by ``HF_HUB_DOWNLOAD_TIMEOUT`` and resumed by huggingface_hub.
+    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): see ``_watched``.
 
     Requests: none when the revision is a commit sha complete in the cache, or with
     HF_HUB_OFFLINE=1; one for a branch or tag already complete in the cache. An unreachable hub
     falls back to a complete cache; a partial one is IncompleteCache.
     """
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
+
     started = time.monotonic()
     if not is_repo_id(repo_id):
         raise BadRepoId(repo_id)
-    rev = DEFAULT_REVISION if revision is None else check_revision(revision)
-    call = replace(_Call.now(repo_id, rev, hub_timeout(timeout_s)), doing=f"downloading {repo_id}@{rev}")
-    with _hub_output(quiet):
-        try:
-            return _fetch(call, trust_remote_code, config_only, quiet, started)
-        except Exception as exc:
-            raise _translate(exc, call) from exc
+    call = _Call.now(repo_id, DEFAULT_REVISION if revision is None else check_revision(revision),
+                     hub_timeout(timeout_s))
+    level = hf_logging.get_verbosity()
+    try:
+        if quiet:
+            hf_logging.set_verbosity_error()
+        with disable_progress_bars() if quiet or not _is_terminal(sys.stderr) else nullcontext():
+            return _fetch(call, trust_remote_code, config_only, started)
+    except Exception as exc:
+        raise _translate(exc, call) from exc
+    finally:
+        hf_logging.set_verbosity(level)
 
 
-def _fetch(call: _Call, trust_remote_code: bool, config_only: bool, quiet: bool, started: float) -> FetchResult:
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fetch(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
     from huggingface_hub import HfApi
 
-    sha: str | None = call.revision if is_commit_sha(call.revision) else None
+    sha = call.revision if is_commit_sha(call.revision) else None
     no_hub = "HF_HUB_OFFLINE is set" if call.offline else None  # why the hub is not asked
     failure: LaunchError | None = None  # what the hub said, when a complete cache may still do
     if sha is None and not call.offline:
-        resolving = replace(call, doing=f"resolving {call.repo_id}@{call.revision}")
         try:
             sha = HfApi(endpoint=call.endpoint).model_info(call.repo_id, revision=call.revision,
                                                            timeout=call.wait_s).sha
-        except Exception as exc:  # each becomes one LaunchError; a complete cache may still do
-            failure = _translate(exc, resolving)
+        except Exception as exc:  # a private/gated repo whose token lapsed, or an outage: the cache may do
+            failure = _translate(exc, replace(call, doing=f"resolving {call.repo_id}@{call.revision}"))
             if isinstance(failure, RevisionNotFound):
                 raise failure from exc
             no_hub = (f"the hub at {call.endpoint} cannot be reached ({failure.reason})"
                       if isinstance(failure, HubUnreachable) else f"the hub refused ({type(failure).__name__})")
         if failure is None and not is_commit_sha(sha):
             raise HubError(call.repo_id, call.endpoint, "its answer names no commit sha; is HF_ENDPOINT a hub?")
-    if no_hub:
-        sha = sha or _cached_sha(call)
-        if sha is None:
-            raise failure or NotCached(call.repo_id, call.revision, str(call.cache_dir))
+    if no_hub and (sha := sha or _cached_sha(call)) is None:
+        raise failure or NotCached(call.repo_id, call.revision, str(call.cache_dir))
     assert sha is not None
     local = _inspect(call, sha, trust_remote_code=trust_remote_code, config_only=config_only)
     if not local.missing and (local.tree_known or no_hub):
-        return _result(local, call, sha, started, 0, no_hub)
+        return _result(local, call, sha, started, None, no_hub)
     if no_hub:
-        if failure is not None and not isinstance(failure, HubUnreachable):
-            raise failure
-        if not local.snapshot.is_dir():
+        if failure is not None and not isinstance(failure, HubUnreachable) or not local.snapshot.is_dir():
             raise failure or NotCached(call.repo_id, call.revision, str(call.cache_dir))
         raise IncompleteCache(call.repo_id, call.revision, str(local.snapshot), local.missing, no_hub)
-    return _download(call, trust_remote_code, config_only, quiet, started)
+    return _download(call, trust_remote_code, config_only, started)
 
 
-def _download(call: _Call, trust_remote_code: bool, config_only: bool, quiet: bool, started: float) -> FetchResult:
+def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
     from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hf_logging
 
     common = {"cache_dir": call.cache_dir, "endpoint": call.endpoint, "etag_timeout": call.wait_s}
     before = _blob_sizes(call.storage)
-    timeout = HubTimeout(call.endpoint, call.timeout_s, call.doing)
     if config_only:
-        got = _bounded(lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision, tqdm_class=_bars(True),
-                                               **common), call.timeout_s, timeout)
-        path = Path(got).parent
-        return _result(_Local(path, (CONFIG,), (), None, True), call, path.name, started, _new_bytes(call, before), None)
-    # The metadata stage, under our deadline: the branch's commit (huggingface_hub writes refs/) and
-    # the file list (it caches it by commit). No pattern matches, so nothing is downloaded yet.
+        path = Path(_watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision,
+                                                              **common)])[0]).parent
+        return _result(_Local(path, (CONFIG,), (), None, True), call, path.name, started, before)
+    # The file list, at the commit the branch points at now: no pattern matches, so nothing is
+    # downloaded yet (and its "No files matched" warning is not for the user).
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its "No files matched" warning
+    hf_logging.set_verbosity_error()
     try:
-        path = Path(_bounded(lambda: snapshot_download(call.repo_id, revision=call.revision, allow_patterns=[],
-                                                       tqdm_class=_bars(True), **common), call.timeout_s, timeout))
+        with disable_progress_bars():
+            path = Path(_watched(call, [lambda: snapshot_download(call.repo_id, revision=call.revision,
+                                                                  allow_patterns=[], **common)])[0])
     finally:
         hf_logging.set_verbosity(level)
     sha = path.name
     tree = _cached_tree(call, sha)
     if tree is None:
         raise HubError(call.repo_id, call.endpoint, "huggingface_hub kept no file list for it")
-    if CONFIG not in tree:
-        raise HubFileMissing(call.repo_id, call.revision, CONFIG)
-    selection = select_files(tree, trust_remote_code=trust_remote_code)
-    if selection.weights_format is None:
-        raise NoWeights(call.repo_id, call.revision, _weight_like(tree))
+    selection = _check_selection(call, tree, trust_remote_code)
+
+    def get(names: Iterable[str]) -> None:
+        blobs = call.storage / "blobs"  # an LFS blob cached for another commit counts: an over-estimate
+        needed = sum(tree[f][0] for f in names if f in tree and not (blobs / tree[f][1]).exists())
+        if (free := _free_bytes(call.cache_dir)) is not None and needed > free:
+            raise DiskFull(str(call.cache_dir), needed, free)
+        _watched(call, [lambda name=name: hf_hub_download(call.repo_id, name, revision=sha, **common)
+                        for name in names])
+
     if selection.index is not None:  # the index names the shards: fetch it (and the small files) first
-        _check_space(call, tree, selection.meta)
-        _download_files(call, sha, selection.meta, quiet)
+        get(selection.meta)
         weight_map = _read_weight_map(path / selection.index)
         if weight_map is None:
             raise HubError(call.repo_id, call.endpoint, f"its {selection.index} has no weight_map")
@@ -566,80 +549,8 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, quiet: bo
         absent = [w for w in selection.weights if w not in tree]
         if absent:
             raise HubFileMissing(call.repo_id, call.revision, f"{absent[0]} (named in {selection.index})")
-    _check_space(call, tree, selection.files)
-    _download_files(call, sha, selection.files, quiet)
-    return _result(_Local(path, selection.files, (), selection, True), call, sha, started,
-                   _new_bytes(call, before), None)
-
-
-def _download_files(call: _Call, sha: str, files: Iterable[str], quiet: bool, workers: int = 8) -> None:
-    """``hf_hub_download`` of each file at commit ``sha``, ``workers`` at a time, in daemon threads
-    watched for progress (bytes growing in the cache's blobs, or a file done): HubTimeout after
-    ``call.timeout_s`` without any. Why not ``snapshot_download`` here: its pool threads are joined
-    when the interpreter exits, and a HEAD request that timed out is retried by huggingface_hub with
-    60 s timeouts, so a hub that stalls there held a finished ``launch fetch --timeout 2`` for
-    minutes (measured; tests/test_hub_cli.py::test_stalled_hub_ends_the_command). Daemon threads do
-    not hold the exit, so no separate process is needed either."""
-    from huggingface_hub import hf_hub_download
-
-    todo: queue.Queue[str] = queue.Queue()
-    for name in files:
-        todo.put(name)
-    total, done = todo.qsize(), queue.Queue()  # type: ignore[var-annotated]
-    bars = _bars(quiet)
-
-    def worker() -> None:
-        while True:
-            try:
-                name = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                hf_hub_download(call.repo_id, name, revision=sha, cache_dir=call.cache_dir, endpoint=call.endpoint,
-                                etag_timeout=call.wait_s, tqdm_class=bars)
-                done.put(None)
-            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-                done.put(exc)
-
-    for _ in range(min(workers, total)):
-        threading.Thread(target=worker, name="launch-hub-download", daemon=True).start()
-    finished, mark, last = 0, _blob_sizes(call.storage), time.monotonic()
-    failure: BaseException | None = None
-    while finished < total:
-        try:
-            failed = done.get(timeout=0.2)
-        except queue.Empty:
-            pass
-        else:
-            finished, last = finished + 1, time.monotonic()
-            if failed is not None and failure is None:
-                failure = failed
-                with todo.mutex:  # start no more files; let those under way end (huggingface_hub
-                    total -= len(todo.queue)  # then removes their partial files itself)
-                    todo.queue.clear()
-        sizes = _blob_sizes(call.storage)
-        if sizes != mark:
-            mark, last = sizes, time.monotonic()
-        if time.monotonic() - last > call.timeout_s + _GRACE_S:
-            with todo.mutex:
-                todo.queue.clear()
-            raise failure or HubTimeout(call.endpoint, call.timeout_s, call.doing)
-    if failure is not None:
-        raise failure
-
-
-def _new_bytes(call: _Call, before: Mapping[str, int]) -> int:
-    return sum(size for name, size in _blob_sizes(call.storage).items() if name not in before)
-
-
-def _check_space(call: _Call, tree: Mapping[str, tuple[int, str]], files: Iterable[str]) -> None:
-    """DiskFull before downloading when the listed sizes of the blobs not cached yet do not fit (an
-    LFS file cached under another commit counts as needed: an over-estimate)."""
-    blobs = call.storage / "blobs"
-    needed = sum(tree[f][0] for f in files if f in tree and not (blobs / tree[f][1]).exists())
-    free = _free_bytes(call.cache_dir)
-    if free is not None and needed > free:
-        raise DiskFull(str(call.cache_dir), needed, free)
+    get(selection.files)
+    return _result(_Local(path, selection.files, (), selection, True), call, sha, started, before)
 
 
 # --- integrity ----------------------------------------------------------------------------------
@@ -653,19 +564,11 @@ class CacheMismatch:
     algorithm: str  # "sha256", "git-sha1", or "link" (the file is missing or not the listed blob)
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
-    digest = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_cache(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | None = None) -> list[CacheMismatch]:
-    """Check a cached snapshot without the network: every file's content must hash to the name of
-    its blob (the ETag: sha256 for LFS files, git blob sha1 otherwise), and, when huggingface_hub
-    cached the file list, be the blob that list names. An empty list means pristine.
-    (``HfApi().verify_repo_checksums`` does the same against the Hub, so it needs the network.)"""
+    """Check a cached snapshot without the network: every file must be a blob whose content hashes
+    to its name (the ETag: sha256 for LFS files, git blob sha1 otherwise), and a plain file the blob
+    huggingface_hub's cached file list names. An empty list means pristine. (``HfApi().
+    verify_repo_checksums`` does the same against the Hub, so it needs the network.)"""
     if not is_repo_id(repo_id):
         raise BadRepoId(repo_id)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hf_cache_dir()
@@ -674,23 +577,24 @@ def verify_cache(repo_id: str, revision: str | None = None, *, cache_dir: str | 
     snapshot = call.storage / "snapshots" / (sha or "-")
     if sha is None or not snapshot.is_dir():
         raise NotCached(repo_id, call.revision, str(cache), "there is nothing to verify")
-    tree = _cached_tree(call, sha) or {}
-    blobs = (call.storage / "blobs").resolve()
+    tree, blobs = _cached_tree(call, sha) or {}, (call.storage / "blobs").resolve()
     mismatches: list[CacheMismatch] = []
     for rel in _files_on_disk(snapshot):
-        real = Path(os.path.realpath(snapshot / rel))
-        listed = tree.get(rel, (0, None))[1]
+        real, listed = Path(os.path.realpath(snapshot / rel)), tree.get(rel, (0, None))[1]
         if not real.is_file():
             mismatches.append(CacheMismatch(rel, listed or "a file", "missing", "link"))
             continue
         if real.parent != blobs:
             continue  # a plain file huggingface_hub did not write: nothing to compare with
-        if listed and len(real.name) == 40 and real.name != listed:  # a plain file's blob is its git id
+        if listed and len(real.name) == 40 and real.name != listed:
             mismatches.append(CacheMismatch(rel, listed, real.name, "link"))
-        algorithm = "sha256" if len(real.name) == 64 else "git-sha1"
-        actual = _hash_file(real, algorithm)
-        if actual != real.name:
-            mismatches.append(CacheMismatch(rel, real.name, actual, algorithm))
+        sha256 = len(real.name) == 64
+        digest = hashlib.sha256() if sha256 else hashlib.sha1(b"blob %d\0" % real.stat().st_size)
+        with open(real, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != real.name:
+            mismatches.append(CacheMismatch(rel, real.name, digest.hexdigest(), "sha256" if sha256 else "git-sha1"))
     return mismatches
 
 
