@@ -13,7 +13,7 @@ cache. launch never writes or deletes anything in the cache itself.
   in a daemon thread watched by ``_watched``: no progress for ``timeout_s`` is HubTimeout. Not in
   ``snapshot_download``'s own pool: its threads are joined at interpreter exit, and huggingface_hub
   retries a timed-out HEAD with 60 s timeouts, so a stalled hub held a finished ``launch fetch
-  --timeout 2`` for minutes (measured: tests/test_hub_cli.py::test_stalled_hub_ends_the_command).
+  --timeout 2`` for over a minute (measured: tests/test_hub_cli.py::test_stalled_hub_ends_the_command).
   Daemon threads do not hold the exit, so no separate process is needed.
 """
 
@@ -361,7 +361,8 @@ def _inspect(call: _Call, sha: str, *, trust_remote_code: bool, config_only: boo
         return _Local(snapshot, (CONFIG,), () if (snapshot / CONFIG).is_file() else (CONFIG,), None, True)
     tree = _cached_tree(call, sha)
     paths = list(tree) if tree is not None else (_files_on_disk(snapshot) if snapshot.is_dir() else [])
-    selection = _check_selection(call, paths, trust_remote_code) if tree is not None else select_files(paths)
+    selection = (_check_selection(call, paths, trust_remote_code) if tree is not None
+                 else select_files(paths, trust_remote_code=trust_remote_code))
     weight_map = _read_weight_map(snapshot / selection.index) if selection.index else None
     if weight_map is not None:
         selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
@@ -553,6 +554,35 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
     return _result(_Local(path, selection.files, (), selection, True), call, sha, started, before)
 
 
+def read_config(repo_id: str, *, revision: str | None = None, timeout_s: float | str | None = None) -> tuple[bytes, str]:
+    """``(config.json bytes, commit sha)`` of ``repo_id`` at ``revision``, for checks that may still
+    refuse the command: nothing is written that stays, the Hugging Face cache included. Read from
+    the cache when it holds that commit's config (no request for a pinned sha or offline, one for a
+    branch), else downloaded by huggingface_hub into a temporary directory removed afterwards."""
+    import tempfile
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    if not is_repo_id(repo_id):
+        raise BadRepoId(repo_id)
+    call = _Call.now(repo_id, DEFAULT_REVISION if revision is None else check_revision(revision),
+                     hub_timeout(timeout_s))
+    try:
+        sha = _cached_sha(call) if call.offline else call.revision if is_commit_sha(call.revision) else (
+            HfApi(endpoint=call.endpoint).model_info(repo_id, revision=call.revision, timeout=call.wait_s).sha)
+        if sha is None or (call.offline and not (call.storage / "snapshots" / sha / CONFIG).is_file()):
+            raise NotCached(repo_id, call.revision, str(call.cache_dir))
+        cached = call.storage / "snapshots" / sha / CONFIG
+        if cached.is_file():
+            return cached.read_bytes(), sha
+        with tempfile.TemporaryDirectory(prefix="launch-config-") as tmp:
+            got = _watched(call, [lambda: hf_hub_download(repo_id, CONFIG, revision=sha, local_dir=tmp,
+                                                          endpoint=call.endpoint, etag_timeout=call.wait_s)])[0]
+            return Path(got).read_bytes(), sha
+    except Exception as exc:
+        raise _translate(exc, replace(call, doing=f"reading {repo_id}@{call.revision} config.json")) from exc
+
+
 # --- integrity ----------------------------------------------------------------------------------
 
 
@@ -599,4 +629,4 @@ def verify_cache(repo_id: str, revision: str | None = None, *, cache_dir: str | 
 
 
 __all__ = ["CacheMismatch", "FetchResult", "Selection", "check_revision", "fetch", "hub_timeout", "is_commit_sha",
-           "looks_like_repo_id", "repo_folder", "select_files", "verify_cache"]
+           "looks_like_repo_id", "read_config", "repo_folder", "select_files", "verify_cache"]

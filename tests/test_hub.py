@@ -483,3 +483,30 @@ def test_launch_fetch_on_a_silent_hub_exits_within_the_deadline(silent):
     elapsed = time.monotonic() - started
     assert done.returncode == 1 and "sent nothing for 2 s" in done.stderr, done.stderr
     assert elapsed - startup < 2 + 2, (elapsed, startup)
+
+
+# --- config.json alone, for checks that may refuse (nothing written) --------------------------------
+
+
+def cache_files(root: Path) -> dict[str, object]:
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+
+def test_read_config_writes_nothing_and_reads_the_cache_when_it_can(hub):
+    from launcher.hub import read_config
+
+    home = Path(os.environ["HF_HOME"])
+    sha = hub.repos["org/tiny"].refs["main"]
+    text, commit = read_config("org/tiny")
+    assert json.loads(text) == TINY_CONFIG and commit == sha
+    assert cache_files(home) == {}  # nothing in the Hugging Face cache, not even refs/
+    assert requested_files(hub) == {"config.json"}
+    with pytest.raises(RepoNotFound):
+        read_config("org/missing")
+    fetch("org/tiny", config_only=True)
+    hub.reset()
+    assert read_config("org/tiny", revision=sha) == (text, sha) and hub.count() == 0  # cached, pinned
+    before = cache_files(home)
+    assert read_config("org/tiny")[1] == sha and hub.count() == 1  # a branch: one request, no download
+    assert cache_files(home) == before
