@@ -460,19 +460,12 @@ def fetch(
     try:
         if quiet:
             hf_logging.set_verbosity_error()
-        with disable_progress_bars() if quiet or not _is_terminal(sys.stderr) else nullcontext():
+        with disable_progress_bars() if quiet or not sys.stderr.isatty() else nullcontext():
             return _fetch(call, trust_remote_code, config_only, started)
     except Exception as exc:
         raise _translate(exc, call) from exc
     finally:
         hf_logging.set_verbosity(level)
-
-
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _fetch(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
@@ -512,6 +505,9 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
     from huggingface_hub.utils import logging as hf_logging
 
     common = {"cache_dir": call.cache_dir, "endpoint": call.endpoint, "etag_timeout": call.wait_s}
+    existing = next((p for p in (call.storage, *call.storage.parents) if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK):  # huggingface_hub would list the files, then fail or warn
+        raise CacheNotWritable(str(call.cache_dir), f"{existing} is read-only or not writable by this user")
     before = _blob_sizes(call.storage)
     if config_only:
         path = Path(_watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision,

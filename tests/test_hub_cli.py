@@ -234,3 +234,19 @@ def test_hf_home_that_is_a_file_is_named_as_such(hub, tmp_path):
     done = run_launch("fetch", "org/tiny", env={"HF_HOME": str(not_a_dir)})
     assert_one_line_error(done, f"HF_HOME is {not_a_dir}", "not a directory")
     assert hub.count() == 0 and not_a_dir.read_text() == "a file\n"
+
+
+def test_read_only_cache_is_one_clear_line(hub, tmp_path):
+    """A real EROFS: a read-only tmpfs over HF_HOME in a private mount namespace (as above)."""
+    home = Path(os.environ["HF_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not _namespaces_work(tmp_path):
+        pytest.skip("needs unshare(1) with user and mount namespaces to mount a tmpfs")
+    script = 'mount -t tmpfs -o ro,size=64k tmpfs "$HF_HOME" || exit 97\n"$PY" -m launcher fetch org/tiny --quiet'
+    env = {**os.environ, "PY": sys.executable, "HF_ENDPOINT": hub.url}
+    done = subprocess.run([shutil.which("unshare"), "-Urm", "sh", "-c", script], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=90, check=False)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"launch: error: cannot write the Hugging Face cache at {hf_cache_dir()}")
+    assert "HF_HOME" in done.stderr
