@@ -35,9 +35,10 @@ def fetch(
     ] = False,
     timeout: Annotated[
         str | None,
-        typer.Option("--timeout", help="Give up when the hub does not answer a metadata request "
-                     "or list its files within this many seconds (file bodies: huggingface_hub's "
-                     "HF_HUB_DOWNLOAD_TIMEOUT per read). Default: $LAUNCH_HUB_TIMEOUT, else 600.", show_default=False),
+        typer.Option("--timeout", help="Give up when the hub does not answer a request or list the "
+                     "repo's files within this many seconds, or a download makes no progress for that long "
+                     "(a stalled file is also bounded by huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT). "
+                     "Default: $LAUNCH_HUB_TIMEOUT, else 600.", show_default=False),
     ] = None,
 ) -> None:
     """Download what serving MODEL needs into the Hugging Face cache; print the snapshot path.
