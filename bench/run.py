@@ -4,7 +4,10 @@ Targets (exit 1 when one is missed):
 * `launch --help`, `launch presets` and `launch plan PRESET --json` each under 0.5 s and at least
   10x faster than `lmdeploy serve api_server --help` (which imports torch);
 * patching a model directory whose weights total 10 GB takes the same time as one of 10 MB
-  (nothing is copied): ratio of medians under 1.5.
+  (nothing is copied): ratio of medians under 1.5;
+* `launch fetch` of a repo (BENCH_FETCH_MB of random weights in two shards, default 300) from the
+  tests' hub on 127.0.0.1 (tests/fakehub.py) takes at most 1.05x the time of huggingface_hub's own
+  `hf download` of the same files into an empty cache: whole-process medians, runs alternated.
 
 Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
 """
@@ -25,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 BASELINE_RUNS = int(os.environ.get("BENCH_BASELINE_RUNS", "3"))
+FETCH_RUNS = int(os.environ.get("BENCH_FETCH_RUNS", "5"))
+FETCH_MB = int(os.environ.get("BENCH_FETCH_MB", "300"))
 
 
 def timed(argv: list[str], runs: int, env: dict | None = None, setup=None) -> list[float]:
@@ -54,6 +59,45 @@ def make_model(directory: Path, total_bytes: int, shards: int) -> Path:
             f.truncate(total_bytes // shards)
     (directory / "tokenizer.json").write_text("{}")
     return directory
+
+
+def bench_fetch(env: dict) -> dict:
+    """`launch fetch` vs `hf download` of the same files from a loopback hub, each into a fresh cache."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fakehub import FakeHub, tiny_repo_files
+
+    half = FETCH_MB * 1000**2 // 2
+    shards = {f"model-0000{i}-of-00002.safetensors": os.urandom(half) for i in (1, 2)}
+    index = {"metadata": {"total_size": 2 * half}, "weight_map": {f"w{i}": name for i, name in enumerate(shards)}}
+    files = {name: data for name, data in tiny_repo_files().items() if not name.startswith("model")}
+    files.update(shards, **{"model.safetensors.index.json": json.dumps(index).encode()})
+    work = Path(tempfile.mkdtemp(prefix="launch-bench-fetch-"))
+    times: dict[str, list[float]] = {"launch": [], "hf": []}
+    try:
+        with FakeHub() as hub:
+            hub.add_repo("org/bench", files)
+            run_env = dict(env, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
+                           HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+                           no_proxy="127.0.0.1,localhost", HF_HOME=str(work / "hf"))
+            wanted = [line for line in subprocess.run(
+                [sys.executable, "-m", "launcher", "fetch", "org/bench", "-q"], env=run_env, capture_output=True,
+                text=True, check=True).stdout.splitlines()][-1:]
+            served = sorted(p.name for p in Path(wanted[0]).iterdir())  # launch's selection: hf gets the same
+            commands = {"launch": [sys.executable, "-m", "launcher", "fetch", "org/bench", "-q"],
+                        "hf": [str(VENV_BIN / "hf"), "download", "org/bench", *served, "--quiet"]}
+
+            def fresh(_i):
+                shutil.rmtree(work / "hf", ignore_errors=True)
+
+            for i in range(FETCH_RUNS):
+                for name in (("launch", "hf") if i % 2 == 0 else ("hf", "launch")):
+                    times[name] += timed(commands[name], 1, run_env, fresh)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    launch_s, hf_s = statistics.median(times["launch"]), statistics.median(times["hf"])
+    ratio = launch_s / hf_s
+    return {"megabytes": FETCH_MB, "files": len(served), "runs": FETCH_RUNS, "launch_median_s": launch_s,
+            "hf_download_median_s": hf_s, "ratio": ratio, "pass": ratio <= 1.05}
 
 
 def main() -> int:
@@ -104,12 +148,19 @@ def main() -> int:
     results["patch"] = {"10MB_median_s": t_small, "10GB_median_s": t_big, "ratio_10GB_over_10MB": patch_ratio,
                         "overlay_bytes_on_disk": overlay_bytes, "pass": patch_pass}
 
+    fetched = bench_fetch(env)
+    ok &= fetched["pass"]
+    results["fetch"] = fetched
+
     print(f"baseline: lmdeploy serve api_server --help  median {baseline:.3f} s ({BASELINE_RUNS} runs)")
     for label, median, ratio, passed in rows:
         print(f"{label:<42} median {median:.3f} s   {ratio:5.1f}x faster   {'PASS' if passed else 'FAIL'}"
               "  (target < 0.5 s and >= 10x)")
     print(f"{'launch patch, 10 GB of weights vs 10 MB':<42} {t_big:.3f} s vs {t_small:.3f} s   ratio {patch_ratio:.2f}"
           f"   overlay {overlay_bytes:,} B   {'PASS' if patch_pass else 'FAIL'}  (target ratio < 1.5, nothing copied)")
+    print(f"{'launch fetch vs hf download, ' + str(FETCH_MB) + ' MB':<42} {fetched['launch_median_s']:.3f} s vs "
+          f"{fetched['hf_download_median_s']:.3f} s   ratio {fetched['ratio']:.3f}   "
+          f"{'PASS' if fetched['pass'] else 'FAIL'}  (target <= 1.05, {FETCH_RUNS} runs each, same files)")
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

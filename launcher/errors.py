@@ -467,17 +467,23 @@ class ServerDied(LaunchError):
 class BadRepoId(LaunchError):
     value: str
     exit_code = 2
+    message = ("{value!r} is not a Hugging Face repo id. Give ORG/NAME (e.g. internlm/internlm2_5-7b-chat) "
+               "or a preset name (`launch presets`).")
 
 
 class RepoNotFound(LaunchError):
     repo_id: str
     endpoint: str
+    message = ("repository {repo_id} was not found on {endpoint}. Check the name; if it is private, set "
+               "HF_TOKEN to a token that can read it.")
 
 
 class RevisionNotFound(LaunchError):
     repo_id: str
     revision: str
     endpoint: str
+    message = ("{repo_id} has no revision {revision!r} (branch, tag or commit) on {endpoint}. Check --revision "
+               "or the preset's revision.")
 
 
 class GatedRepo(LaunchError):
@@ -487,17 +493,31 @@ class GatedRepo(LaunchError):
     url: str
     has_token: bool
 
+    def message(self) -> str:
+        if self.has_token:
+            return (f"{self.repo_id} is gated and your token has no access to it: accept the licence on the "
+                    f"model page {self.url} with the account of that token, or set HF_TOKEN to a token of an "
+                    "account that has.")
+        return (f"{self.repo_id} is gated: accept the licence on the model page {self.url}, then set HF_TOKEN "
+                "to a read token of that account (https://huggingface.co/settings/tokens).")
+
 
 class HubFileMissing(LaunchError):
     repo_id: str
     revision: str
     filename: str
+    message = "{repo_id}@{revision} has no {filename}; it is not a transformers checkpoint launch can serve."
 
 
 class NoWeights(LaunchError):
     repo_id: str
     revision: str
     found: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        found = f" (it has: {', '.join(self.found[:4])})" if self.found else ""
+        return (f"{self.repo_id}@{self.revision} has no safetensors or PyTorch .bin weights at its top level"
+                f"{found}; launch serves transformers checkpoints. Pick the repo of the original (non-GGUF) model.")
 
 
 class HubUnreachable(LaunchError):
@@ -508,6 +528,8 @@ class HubUnreachable(LaunchError):
     endpoint: str
     reason: str
     cache_dir: str
+    message = ("cannot reach the hub at {endpoint} ({reason}) and {repo_id}@{revision} is not in the cache at "
+               "{cache_dir}. Check the network, proxy or HF_ENDPOINT, then run `launch fetch {repo_id}` again.")
 
 
 class NotCached(LaunchError):
@@ -517,6 +539,8 @@ class NotCached(LaunchError):
     revision: str
     cache_dir: str
     reason: str = "HF_HUB_OFFLINE is set"
+    message = ("{repo_id}@{revision} is not in the Hugging Face cache at {cache_dir} ({reason}). Run "
+               "`launch fetch {repo_id}` with the hub reachable and HF_HUB_OFFLINE unset to download it.")
 
 
 class IncompleteCache(LaunchError):
@@ -528,11 +552,20 @@ class IncompleteCache(LaunchError):
     missing: tuple[str, ...]
     reason: str
 
+    def message(self) -> str:
+        more = f" and {len(self.missing) - 3} more" if len(self.missing) > 3 else ""
+        return (f"the cached copy of {self.repo_id}@{self.revision} at {self.path} lacks {len(self.missing)} "
+                f"file(s) ({', '.join(self.missing[:3])}{more}) and {self.reason}. Run `launch fetch "
+                f"{self.repo_id}` where the hub can be reached to complete it.")
+
 
 class HubTimeout(LaunchError):
     endpoint: str
     seconds: float
     doing: str
+    knob: str = "--timeout (or LAUNCH_HUB_TIMEOUT)"
+    message = ("the hub at {endpoint} sent nothing for {seconds:g} s while {doing}, so launch gave up. Check the "
+               "network or HF_ENDPOINT, or allow longer with {knob}.")
 
 
 class HubError(LaunchError):
@@ -541,6 +574,7 @@ class HubError(LaunchError):
     repo_id: str
     endpoint: str
     detail: str
+    message = "the hub at {endpoint} failed for {repo_id}: {detail}. Try again later."
 
 
 class DiskFull(LaunchError):
@@ -548,10 +582,28 @@ class DiskFull(LaunchError):
     needed: int | None = None
     free: int | None = None
 
+    def message(self) -> str:
+        need = f": the download needs {human_bytes(self.needed)} more" if self.needed else ""
+        free = f", {human_bytes(self.free)} is free" if self.free is not None else ""
+        return (f"not enough disk space for the Hugging Face cache at {self.cache_dir}{need}{free}. Free some "
+                "space, or move the cache with HF_HOME (or HF_HUB_CACHE) to a disk with room.")
+
 
 class CacheNotWritable(LaunchError):
     cache_dir: str
     problem: str
+    message = ("cannot write the Hugging Face cache at {cache_dir}: {problem}. Set HF_HOME (or HF_HUB_CACHE) to "
+               "a writable directory.")
+
+
+class CacheNotADirectory(LaunchError):
+    """HF_HOME or HF_HUB_CACHE (or a folder above it) is a file, so no cache can live there."""
+
+    variable: str
+    value: str
+    file: str
+    message = ("{variable} is {value}, but {file} is a file, not a directory, so the Hugging Face cache cannot "
+               "be there. Point {variable} at a directory (or unset it).")
 
 
 def human_bytes(n: float | None) -> str:
@@ -564,84 +616,6 @@ def human_bytes(n: float | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} TB"
-
-
-def _gated(e: GatedRepo) -> str:
-    if e.has_token:
-        return (
-            f"{e.repo_id} is gated and your token has no access to it: accept the licence on the model "
-            f"page {e.url} with the account of that token, or set HF_TOKEN to a token of an account that has."
-        )
-    return (
-        f"{e.repo_id} is gated: accept the licence on the model page {e.url}, then set HF_TOKEN to a "
-        "read token of that account (https://huggingface.co/settings/tokens)."
-    )
-
-
-def _incomplete(e: IncompleteCache) -> str:
-    sample = ", ".join(e.missing[:3]) + (f" and {len(e.missing) - 3} more" if len(e.missing) > 3 else "")
-    return (
-        f"the cached copy of {e.repo_id}@{e.revision} at {e.path} lacks {len(e.missing)} file(s) "
-        f"({sample}) and {e.reason}. Run `launch fetch {e.repo_id}` where the hub can be reached to "
-        "complete it."
-    )
-
-
-def _disk_full(e: DiskFull) -> str:
-    need = f": the download needs {human_bytes(e.needed)} more" if e.needed else ""
-    free = f", {human_bytes(e.free)} is free" if e.free is not None else ""
-    return (
-        f"not enough disk space for the Hugging Face cache at {e.cache_dir}{need}{free}. Free some space, "
-        "or move the cache with HF_HOME (or HF_HUB_CACHE) to a disk with room."
-    )
-
-
-def _no_weights(e: NoWeights) -> str:
-    found = f" (it has: {', '.join(e.found[:4])})" if e.found else ""
-    return (
-        f"{e.repo_id}@{e.revision} has no safetensors or PyTorch .bin weights at its top level{found}; "
-        "launch serves transformers checkpoints. Pick the repo of the original (non-GGUF) model."
-    )
-
-
-MESSAGES.update({
-    BadRepoId: (
-        "{value!r} is not a Hugging Face repo id. Give ORG/NAME (e.g. internlm/internlm2_5-7b-chat) "
-        "or a preset name (`launch presets`)."
-    ),
-    RepoNotFound: (
-        "repository {repo_id} was not found on {endpoint}. Check the name; if it is private, set "
-        "HF_TOKEN to a token that can read it."
-    ),
-    RevisionNotFound: (
-        "{repo_id} has no revision {revision!r} (branch, tag or commit) on {endpoint}. Check --revision "
-        "or the preset's revision."
-    ),
-    GatedRepo: _gated,
-    HubFileMissing: (
-        "{repo_id}@{revision} has no {filename}; it is not a transformers checkpoint launch can serve."
-    ),
-    NoWeights: _no_weights,
-    HubUnreachable: (
-        "cannot reach the hub at {endpoint} ({reason}) and {repo_id}@{revision} is not in the cache at "
-        "{cache_dir}. Check the network, proxy or HF_ENDPOINT, then run `launch fetch {repo_id}` again."
-    ),
-    NotCached: (
-        "{repo_id}@{revision} is not in the Hugging Face cache at {cache_dir} ({reason}). Run "
-        "`launch fetch {repo_id}` with the hub reachable and HF_HUB_OFFLINE unset to download it."
-    ),
-    IncompleteCache: _incomplete,
-    HubTimeout: (
-        "the hub at {endpoint} sent nothing for {seconds:g} s while {doing}, so launch gave up. Check the "
-        "network or HF_ENDPOINT, or allow longer with --timeout (or LAUNCH_HUB_TIMEOUT)."
-    ),
-    HubError: "the hub at {endpoint} failed for {repo_id}: {detail}. Try again later.",
-    DiskFull: _disk_full,
-    CacheNotWritable: (
-        "cannot write the Hugging Face cache at {cache_dir}: {problem}. Set HF_HOME (or HF_HUB_CACHE) to "
-        "a writable directory."
-    ),
-})
 
 
 # --- serve: engine and memory checks before loading (launcher/serve.py, launcher/gpu.py) -------------

@@ -1,29 +1,20 @@
 """Fetch checkpoints from the Hugging Face Hub into its standard cache: only what serving needs,
 with deadlines, clear errors, and no request at all when the cache can answer.
 
-Why it is built this way:
+huggingface_hub's public API does all of it: ``HfApi.model_info`` (with its ``timeout``) resolves a
+branch; ``snapshot_download`` lists the files (and writes ``refs/`` and its per-commit listing);
+``hf_hub_download`` downloads; ``get_cached_repo_tree`` / ``try_to_load_from_cache`` read the
+cache. launch never writes or deletes anything in the cache itself.
 
-- huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and
-  ``HF_TOKEN`` once, when it is imported. launch reads them at every call (``HubSettings.from_env``)
-  and passes ``endpoint=``, ``cache_dir=``, ``token=`` explicitly, so a call follows the environment
-  it runs in.
-- What to download is decided from the repo's own file list (one tree listing, which
-  huggingface_hub caches by commit): config, tokenizer and generation files, the safetensors
-  weights named by their index, remote code only with trust_remote_code. ``.bin``/``.pth``/GGUF
-  copies and ``original/`` folders are left out; ``.bin`` weights are taken only when a repo has
-  no safetensors.
-- Cache hits are free: a commit sha (pinned by a preset or ``--revision``) that is complete in the
-  cache makes no request; a branch makes one, to learn its commit. Both run in this process.
-- A hub that accepts a connection and never answers can hold huggingface_hub for many minutes (its
-  repo-info and tree calls have no timeout, downloads retry). Everything that downloads runs in a
-  worker process that launch kills when the hub has sent nothing for ``timeout_s``: a killed process
-  really stops waiting, whereas a stuck thread cannot be stopped and would hold the interpreter at
-  exit (huggingface_hub's download threads are joined at exit). The one request made in this
-  process has its own timeout.
-- The cache stays the Hugging Face cache: files are written only by huggingface_hub (blobs named
-  by their ETag, snapshots of symlinks); launch writes only ``refs/<branch>`` after a download,
-  and removes the partial files of a worker it had to kill. ``verify_cache`` checks every blob
-  against its ETag without the network.
+- huggingface_hub reads HF_ENDPOINT, HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE once, at import:
+  ``_Call.now`` reads them at each fetch and passes them per call, so a call follows its environment.
+- Deadlines: a stalled file body is bounded and resumed by huggingface_hub (HF_HUB_DOWNLOAD_TIMEOUT,
+  per read); HEADs take ``etag_timeout``; the file listing takes no timeout. So every hub call runs
+  in a daemon thread watched by ``_watched``: no progress for ``timeout_s`` is HubTimeout. Not in
+  ``snapshot_download``'s own pool: its threads are joined at interpreter exit, and huggingface_hub
+  retries a timed-out HEAD with 60 s timeouts, so a stalled hub held a finished ``launch fetch
+  --timeout 2`` for over a minute (measured: tests/test_hub_cli.py::test_stalled_hub_ends_the_command).
+  Daemon threads do not hold the exit, so no separate process is needed.
 """
 
 from __future__ import annotations
@@ -36,20 +27,19 @@ import os
 import queue
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import quote
+from typing import Any
 
-from . import errors as _errors
 from .errors import (
     BadOption,
     BadRepoId,
+    CacheNotADirectory,
     CacheNotWritable,
     DiskFull,
     GatedRepo,
@@ -65,48 +55,27 @@ from .errors import (
     RevisionNotFound,
     human_bytes,
 )
-from .paths import cached_ref, hf_cache_dir, hf_home, is_commit_sha, repo_folder
+from .paths import hf_cache_dir, hf_home, is_commit_sha, is_repo_id, repo_folder
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
+looks_like_repo_id = is_repo_id  # the one repo-id rule lives in launcher.paths
+
 DEFAULT_REVISION = "main"
 TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_REQUEST_TIMEOUT_S = 10.0  # huggingface_hub's own default for metadata requests
 CONFIG = "config.json"
+WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
+_GRACE_S = 0.5  # the watch waits this much longer than the requests it watches
+BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file, retried 5 times)"
 
-_POLL_S = 0.2
-_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-_REPO_ID_RE = re.compile(rf"^{_NAME}/{_NAME}$")
-
-# What serving reads from a repo's top level besides the weights.
-META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")
-# Weight formats; only safetensors (else .bin) are taken.
+META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")  # what serving reads besides weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx",
-                   ".ot", ".tflite", ".pkl", ".npz")
+                   ".ot", ".tflite", ".pkl", ".npz")  # only safetensors (else .bin) are taken
 NOT_WEIGHTS = frozenset({"training_args.bin"})
 
 
-# --- names and settings -----------------------------------------------------------------------
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``ORG/NAME`` as the Hub spells repo ids. Purely syntactic: callers check local paths and
-    preset names first (a relative path ``models/x`` looks like a repo id too)."""
-    return (
-        bool(_REPO_ID_RE.match(text))
-        and "--" not in text
-        and ".." not in text
-        and not text.endswith(".git")
-    )
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hub_timeout(value: float | str | None = None) -> float:
-    """The stall deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else
-    600. BadOption for anything that is not a number of seconds > 0."""
+    """The deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else 600.
+    BadOption for anything that is not a number of seconds > 0."""
     option = "--timeout"
     if value is None:
         value, option = os.environ.get(TIMEOUT_ENV), TIMEOUT_ENV
@@ -121,58 +90,15 @@ def hub_timeout(value: float | str | None = None) -> float:
     return seconds
 
 
-@dataclass(frozen=True)
-class HubSettings:
-    """The Hub environment of one call, read when the call is made (not at import)."""
-
-    endpoint: str
-    cache_dir: Path
-    offline: bool
-    token: str | bool  # a token, or False: send none (never a stale login from import time)
-    request_timeout: float
-
-    @property
-    def has_token(self) -> bool:
-        return bool(self.token)
-
-    @classmethod
-    def from_env(cls) -> HubSettings:
-        env = os.environ
-        token: str | bool = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or ""
-        if not token:
-            token_file = Path(env.get("HF_TOKEN_PATH") or hf_home() / "token").expanduser()
-            try:
-                token = token_file.read_text(encoding="utf-8").strip()
-            except OSError:
-                token = ""
-        try:
-            request_timeout = float(env.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_REQUEST_TIMEOUT_S)
-        except ValueError:
-            request_timeout = DEFAULT_REQUEST_TIMEOUT_S
-        return cls(
-            endpoint=(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/"),
-            cache_dir=hf_cache_dir(),
-            offline=_truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
-            token=token or False,
-            request_timeout=request_timeout if request_timeout > 0 else DEFAULT_REQUEST_TIMEOUT_S,
-        )
-
-
-def _check_revision(revision: str) -> str:
-    bad = (
-        not revision
-        or any(c.isspace() for c in revision)
-        or ".." in revision
-        or revision.startswith("/")
-        or revision.endswith("/")
-        or "\\" in revision
-    )
-    if bad:
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit sha as given to ``--revision``; ``''`` is refused (it is not main)."""
+    if (not revision or any(c.isspace() for c in revision) or ".." in revision or "\\" in revision
+            or revision.startswith("/") or revision.endswith("/")):
         raise BadOption("--revision", revision, "give a branch, tag or commit sha, e.g. main")
     return revision
 
 
-# --- what to download -------------------------------------------------------------------------
+# --- what to download (pure) ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -190,12 +116,8 @@ class Selection:
         return tuple(f for f in self.files if f not in self.weights)
 
 
-def select_files(
-    paths: Iterable[str],
-    *,
-    trust_remote_code: bool = False,
-    weight_map: Mapping[str, str] | None = None,
-) -> Selection:
+def select_files(paths: Iterable[str], *, trust_remote_code: bool = False,
+                 weight_map: Mapping[str, str] | None = None) -> Selection:
     """Choose from a repo's file list. Top level only (``original/``, ``onnx/``... are other
     formats). Config/tokenizer/generation files (``*.json``, ``*.model``, ``*.tiktoken``,
     ``*.txt``, ``*.jinja``); ``*.py`` only with ``trust_remote_code``; safetensors weights, or
@@ -215,7 +137,7 @@ def select_files(
     index = None
     if index_suffix:
         indexes = [p for p in top if p.endswith(index_suffix)]
-        preferred = "model" + index_suffix if fmt == "safetensors" else "pytorch_model" + index_suffix
+        preferred = ("model" if fmt == "safetensors" else "pytorch_model") + index_suffix
         index = preferred if preferred in indexes else (indexes[0] if indexes else None)
     if index is None:
         weights = tuple(candidates)
@@ -236,64 +158,191 @@ def _read_weight_map(index_file: Path) -> dict[str, str] | None:
     except (OSError, ValueError):
         return None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        return None
-    return {str(k): str(v) for k, v in weight_map.items()}
+    return {str(k): str(v) for k, v in weight_map.items()} if isinstance(weight_map, dict) and weight_map else None
 
 
-def _exact(names: Iterable[str]) -> list[str]:
-    """allow_patterns are fnmatch patterns: escape the characters that are special there."""
-    return [re.sub(r"([*?\[])", r"[\1]", name) for name in names]
+def _weight_like(paths: Iterable[str]) -> tuple[str, ...]:
+    return tuple(p for p in sorted(paths) if p.endswith(WEIGHT_SUFFIXES))
 
 
-# --- the cache --------------------------------------------------------------------------------
+# --- one call: its settings, the foreign errors it may meet, its threads ------------------------
 
 
 @dataclass(frozen=True)
-class _Entry:
-    size: int
-    etag: str | None  # the blob name: sha256 for LFS files, git blob sha1 otherwise
+class _Call:
+    repo_id: str
+    revision: str
+    endpoint: str
+    cache_dir: Path
+    offline: bool
+    timeout_s: float
+    wait_s: float  # for one metadata request (HEAD, branch lookup): at most HF_HUB_ETAG_TIMEOUT
+    doing: str = ""
+
+    @property
+    def storage(self) -> Path:
+        return self.cache_dir / repo_folder(self.repo_id)
+
+    @classmethod
+    def now(cls, repo_id: str, revision: str, timeout_s: float) -> _Call:
+        from huggingface_hub import constants
+
+        offline = constants.is_offline_mode() or any((os.environ.get(v) or "").strip().upper() in
+                                                     {"1", "ON", "YES", "TRUE"}
+                                                     for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip().rstrip("/")
+        return cls(repo_id, revision, endpoint, _usable_cache_dir(), offline, timeout_s,
+                   min(float(constants.HF_HUB_ETAG_TIMEOUT), timeout_s), f"downloading {repo_id}@{revision}")
 
 
-def _cached_tree(storage: Path, sha: str, repo_id: str, cache_dir: Path) -> dict[str, _Entry] | None:
-    """The repo's file list at ``sha`` as huggingface_hub cached it (``trees/<sha>.json``), or None.
-    No network."""
-    try:
-        from huggingface_hub._tree_cache import read_tree_cache
-    except ImportError:  # a future huggingface_hub: the public reader (without LFS hashes)
+def _usable_cache_dir() -> Path:
+    """The hub cache; CacheNotADirectory when HF_HOME / HF_HUB_CACHE (or a folder above) is a file."""
+    cache = hf_cache_dir()
+    var = "HF_HUB_CACHE" if os.environ.get("HF_HUB_CACHE") else "HF_HOME"
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CacheNotADirectory(var, str(cache if var == "HF_HUB_CACHE" else hf_home()), str(existing))
+    return cache
+
+
+def _reason(exc: BaseException) -> str:
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", (str(exc).strip() or type(exc).__name__).splitlines()[0])
+    return text[:1].lower() + text[1:]
+
+
+def _free_bytes(path: Path) -> int | None:
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None
+
+
+def _translate(exc: BaseException, call: _Call) -> LaunchError:
+    """The one table of foreign exceptions (huggingface_hub, its HTTP client, the OS): the first row
+    whose type matches builds the LaunchError."""
+    if isinstance(exc, LaunchError):
+        return exc
+    import httpx2
+    from huggingface_hub import constants, get_token
+    from huggingface_hub import errors as hf
+
+    c = call
+    cause = exc.__cause__ or exc.__context__
+    timed_out = isinstance(cause, httpx2.TimeoutException)
+    unreachable = (lambda reason: HubUnreachable(c.repo_id, c.revision, c.endpoint, reason, str(c.cache_dir)))
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    url = str(getattr(getattr(exc, "response", None), "url", "") or "")
+    table: list[tuple[type | tuple[type, ...], Callable[[], LaunchError]]] = [
+        (hf.GatedRepoError, lambda: GatedRepo(c.repo_id, f"{c.endpoint}/{c.repo_id}", bool(get_token()))),
+        (hf.RepositoryNotFoundError, lambda: RepoNotFound(c.repo_id, c.endpoint)),
+        (hf.RevisionNotFoundError, lambda: RevisionNotFound(c.repo_id, c.revision, c.endpoint)),
+        (hf.RemoteEntryNotFoundError, lambda: HubFileMissing(
+            c.repo_id, c.revision, url.split("/resolve/", 1)[1].split("/", 1)[-1] if "/resolve/" in url
+            else "a file it lists")),
+        (hf.HfHubHTTPError, lambda: RepoNotFound(c.repo_id, c.endpoint) if status == 401
+            else HubError(c.repo_id, c.endpoint, f"HTTP {status}" if status else _reason(exc))),
+        ((hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled), lambda: HubTimeout(c.endpoint, c.wait_s, c.doing)
+            if timed_out else unreachable(_reason(cause) if cause is not None else "it cannot be reached")),
+        (httpx2.TimeoutException, lambda: HubTimeout(c.endpoint, c.wait_s, c.doing) if c.doing.startswith(
+            "resolving") else HubTimeout(c.endpoint, constants.HF_HUB_DOWNLOAD_TIMEOUT, c.doing, BODY_KNOB)),
+        (httpx2.TransportError, lambda: unreachable(_reason(exc))),
+        (OSError, lambda: _os_error(exc, c)),
+    ]
+    for kind, build in table:
+        if isinstance(exc, kind):
+            return build()
+    return HubError(c.repo_id, c.endpoint, f"{type(exc).__name__}: {_reason(exc)}")
+
+
+def _os_error(exc: OSError, call: _Call) -> LaunchError:
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DiskFull(str(call.cache_dir), None, _free_bytes(call.cache_dir))
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheNotWritable(str(call.cache_dir), exc.strerror or str(exc))
+    return HubError(call.repo_id, call.endpoint, f"{type(exc).__name__}: {_reason(exc)}")
+
+
+def _watched(call: _Call, tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``tasks`` (huggingface_hub calls), ``WORKERS`` at a time, in daemon threads; return their
+    results. HubTimeout when none ends and the cache's blobs do not grow for ``call.timeout_s``.
+    After a failure no new task starts; those under way end first (huggingface_hub then removes
+    their partial files itself), then the first failure is raised."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(tasks)):
+        todo.put(i)
+    done: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
+
+    def worker() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, tasks[i](), None))
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                done.put((i, None, exc))
+
+    for _ in range(min(WORKERS, len(tasks))):
+        threading.Thread(target=worker, name="launch-hub", daemon=True).start()
+    results: list[Any] = [None] * len(tasks)
+    total, finished, failure = len(tasks), 0, None
+    mark, last = _blob_sizes(call.storage), time.monotonic()
+    while finished < total:
         try:
-            from huggingface_hub import get_cached_repo_tree
+            i, value, exc = done.get(timeout=0.2)
+            finished, last, results[i] = finished + 1, time.monotonic(), value
+            if exc is not None and failure is None:
+                failure = exc
+                with todo.mutex:
+                    total -= len(todo.queue)
+                    todo.queue.clear()
+        except queue.Empty:
+            pass
+        if (sizes := _blob_sizes(call.storage)) != mark:
+            mark, last = sizes, time.monotonic()
+        if time.monotonic() - last > call.timeout_s + _GRACE_S:
+            with todo.mutex:
+                todo.queue.clear()
+            raise failure or HubTimeout(call.endpoint, call.timeout_s, call.doing)
+    if failure is not None:
+        raise failure
+    return results
 
-            files = get_cached_repo_tree(repo_id, revision=sha, cache_dir=cache_dir)
-        except Exception:  # noqa: BLE001 - CachedRepoTreeNotFoundError or anything: "not cached"
-            return None
-        return {f.path: _Entry(int(f.size), None) for f in files}
-    entries = read_tree_cache(str(storage), sha)
-    if entries is None:
+
+# --- the cache (read only) --------------------------------------------------------------------
+
+
+def _cached_tree(call: _Call, sha: str) -> dict[str, tuple[int, str]] | None:
+    """``{path: (size, git blob id)}`` at ``sha`` as huggingface_hub cached it, or None. The git blob
+    id names a plain file's blob; an LFS file's blob is named by its sha256, not kept here."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        files = get_cached_repo_tree(call.repo_id, revision=sha, cache_dir=call.cache_dir)
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
         return None
-    return {path: _Entry(int(e.size), e.lfs_sha256 or e.blob_id) for path, e in entries.items()}
+    return {f.path: (int(f.size), f.blob_id) for f in files}
+
+
+def _cached_sha(call: _Call) -> str | None:
+    """The commit ``call.revision`` points at in the cache (huggingface_hub's refs), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if is_commit_sha(call.revision):
+        return call.revision
+    found = try_to_load_from_cache(call.repo_id, CONFIG, cache_dir=call.cache_dir, revision=call.revision)
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def _files_on_disk(snapshot: Path) -> list[str]:
-    out = []
-    for root, _dirs, names in os.walk(snapshot):
-        for name in names:
-            out.append(os.path.relpath(os.path.join(root, name), snapshot).replace(os.sep, "/"))
-    return sorted(out)
+    return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def _write_ref(storage: Path, revision: str, sha: str) -> None:
-    """Record ``revision -> sha`` the way huggingface_hub does (atomically; best effort)."""
-    ref = storage / "refs" / revision
+def _blob_sizes(storage: Path) -> dict[str, int]:
     try:
-        if ref.is_file() and ref.read_text(encoding="utf-8").strip() == sha:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-        tmp.write_text(sha, encoding="utf-8")
-        os.replace(tmp, ref)
+        return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(storage / "blobs")}
     except OSError:
-        pass
+        return {}
 
 
 @dataclass(frozen=True)
@@ -305,195 +354,33 @@ class _Local:
     tree_known: bool
 
 
-def _inspect_cache(repo_id: str, revision: str, sha: str, settings: HubSettings, *, trust_remote_code: bool,
-                   config_only: bool) -> _Local:
+def _inspect(call: _Call, sha: str, *, trust_remote_code: bool, config_only: bool) -> _Local:
     """What the cache holds of ``sha`` and what it lacks, by launch's selection rules. No network."""
-    storage = settings.cache_dir / repo_folder(repo_id)
-    snapshot = storage / "snapshots" / sha
+    snapshot = call.storage / "snapshots" / sha
     if config_only:
-        missing = () if (snapshot / CONFIG).is_file() else (CONFIG,)
-        return _Local(snapshot, (CONFIG,), missing, None, True)
-    tree = _cached_tree(storage, sha, repo_id, settings.cache_dir)
-    paths = list(tree) if tree is not None else _files_on_disk(snapshot)
-    selection = select_files(paths, trust_remote_code=trust_remote_code)
-    if tree is not None:
-        if CONFIG not in tree:
-            raise HubFileMissing(repo_id, revision, CONFIG)
-        if selection.weights_format is None:
-            raise NoWeights(repo_id, revision, _weight_like(paths))
-    if selection.index is not None and (snapshot / selection.index).is_file():
-        weight_map = _read_weight_map(snapshot / selection.index)
-        if weight_map is not None:
-            selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
+        return _Local(snapshot, (CONFIG,), () if (snapshot / CONFIG).is_file() else (CONFIG,), None, True)
+    tree = _cached_tree(call, sha)
+    paths = list(tree) if tree is not None else (_files_on_disk(snapshot) if snapshot.is_dir() else [])
+    selection = (_check_selection(call, paths, trust_remote_code) if tree is not None
+                 else select_files(paths, trust_remote_code=trust_remote_code))
+    weight_map = _read_weight_map(snapshot / selection.index) if selection.index else None
+    if weight_map is not None:
+        selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
     missing = [f for f in selection.files if not (snapshot / f).is_file()]
     if tree is None:  # a snapshot huggingface_hub did not list: require at least config + weights
-        if CONFIG not in missing and not (snapshot / CONFIG).is_file():
-            missing.append(CONFIG)
-        if selection.weights_format is None:
-            missing.append("model weights")
+        missing += [CONFIG] if CONFIG not in missing and not (snapshot / CONFIG).is_file() else []
+        missing += ["model weights"] if selection.weights_format is None else []
     return _Local(snapshot, selection.files, tuple(missing), selection, tree is not None)
 
 
-def _weight_like(paths: Iterable[str]) -> tuple[str, ...]:
-    return tuple(p for p in sorted(paths) if p.endswith(WEIGHT_SUFFIXES))
-
-
-def _size_of(snapshot: Path, files: Iterable[str]) -> int:
-    total = 0
-    for name in files:
-        try:
-            total += (snapshot / name).stat().st_size
-        except OSError:
-            pass
-    return total
-
-
-def _blob_sizes(storage: Path) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    try:
-        entries = list(os.scandir(storage / "blobs"))
-    except OSError:
-        return sizes
-    for entry in entries:
-        try:
-            sizes[entry.name] = entry.stat(follow_symlinks=False).st_size
-        except OSError:
-            pass
-    return sizes
-
-
-def _free_bytes(path: Path) -> int | None:
-    for candidate in (path, *path.parents):
-        try:
-            return shutil.disk_usage(candidate).free
-        except OSError:
-            continue
-    return None
-
-
-def _remove_abandoned_partials(storage: Path, cache_dir: Path, before: Iterable[str]) -> None:
-    """Remove the ``*.incomplete`` files a killed worker left in ``blobs/``: only new ones, and only
-    when no other process holds the blob's download lock (a concurrent download keeps its file)."""
-    known = set(before)
-    locks = cache_dir / ".locks" / storage.name
-    for name in _blob_sizes(storage):
-        if not name.endswith(".incomplete") or name in known:
-            continue
-        if _nobody_holds(locks / f"{name.split('.', 1)[0]}.lock"):
-            try:
-                os.unlink(storage / "blobs" / name)
-            except OSError:
-                pass
-
-
-def _nobody_holds(lock: Path) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # no flock here: leave the file, it never blocks a later download
-        return False
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-# --- errors from huggingface_hub and the network -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Context:
-    repo_id: str
-    revision: str
-    endpoint: str
-    cache_dir: Path
-    has_token: bool
-
-
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text)
-    return text[:1].lower() + text[1:] if text else type(exc).__name__
-
-
-def _hub_error(exc: BaseException, ctx: _Context, needed: int | None = None) -> LaunchError:
-    """One LaunchError for whatever huggingface_hub, httpx2 or the OS raised."""
-    if isinstance(exc, LaunchError):
-        return exc
-    from huggingface_hub import errors as hfe
-
-    if isinstance(exc, hfe.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
-        return GatedRepo(ctx.repo_id, f"{ctx.endpoint}/{ctx.repo_id}", ctx.has_token)
-    if isinstance(exc, hfe.RepositoryNotFoundError):
-        return RepoNotFound(ctx.repo_id, ctx.endpoint)
-    if isinstance(exc, hfe.RevisionNotFoundError):
-        return RevisionNotFound(ctx.repo_id, ctx.revision, ctx.endpoint)
-    if isinstance(exc, hfe.RemoteEntryNotFoundError):
-        url = str(getattr(getattr(exc, "response", None), "url", "") or "")
-        name = url.split("/resolve/", 1)[1].split("/", 1)[-1] if "/resolve/" in url else "a file it lists"
-        return HubFileMissing(ctx.repo_id, ctx.revision, name)
-    if isinstance(exc, hfe.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status == 401:
-            return RepoNotFound(ctx.repo_id, ctx.endpoint)
-        return HubError(ctx.repo_id, ctx.endpoint, f"HTTP {status}" if status else _short_reason(exc))
-    if isinstance(exc, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled)):
-        cause = exc.__cause__ or exc.__context__
-        reason = _short_reason(cause) if cause is not None else "it cannot be reached"
-        return HubUnreachable(ctx.repo_id, ctx.revision, ctx.endpoint, reason, str(ctx.cache_dir))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        free = _free_bytes(ctx.cache_dir)
-        # The listing's sizes said it would fit; say how much is needed only when that still adds up.
-        plausible = needed is not None and (free is None or needed > free)
-        return DiskFull(str(ctx.cache_dir), needed if plausible else None, free)
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return CacheNotWritable(str(ctx.cache_dir), exc.strerror or str(exc))
-    try:
-        import httpx2
-    except ImportError:  # pragma: no cover - huggingface_hub 2.x always has it
-        httpx2 = None
-    if httpx2 is not None and isinstance(exc, httpx2.TransportError):
-        return HubUnreachable(ctx.repo_id, ctx.revision, ctx.endpoint, _short_reason(exc), str(ctx.cache_dir))
-    return HubError(ctx.repo_id, ctx.endpoint, f"{type(exc).__name__}: {_short_reason(exc)}")
-
-
-class _Unreachable(Exception):
-    def __init__(self, reason: str, stalled: bool, seconds: float) -> None:
-        super().__init__(reason)
-        self.reason, self.stalled, self.seconds = reason, stalled, seconds
-
-
-def _resolve_commit(ctx: _Context, settings: HubSettings, timeout: float) -> str:
-    """The commit a branch or tag points at: ONE request with its own timeout. Made with a fresh
-    client rather than huggingface_hub's shared session, whose offline switch was fixed at import."""
-    import httpx2
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
-
-    url = f"{settings.endpoint}/api/models/{ctx.repo_id}/revision/{quote(ctx.revision, safe='')}"
-    try:
-        with httpx2.Client(timeout=timeout, follow_redirects=True) as client:
-            response = client.get(url, headers=build_hf_headers(token=settings.token))
-    except httpx2.TimeoutException:
-        raise _Unreachable(f"no answer within {timeout:g} s", True, timeout) from None
-    except httpx2.TransportError as exc:
-        raise _Unreachable(_short_reason(exc), False, timeout) from None
-    try:
-        hf_raise_for_status(response)
-        sha = response.json().get("sha")
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one LaunchError line
-        raise _hub_error(exc, ctx) from None
-    if not is_commit_sha(sha):
-        raise HubError(ctx.repo_id, settings.endpoint, "its answer names no commit sha; is HF_ENDPOINT a hub?")
-    return sha
+def _check_selection(call: _Call, paths: Iterable[str], trust_remote_code: bool) -> Selection:
+    paths = list(paths)
+    if CONFIG not in paths:
+        raise HubFileMissing(call.repo_id, call.revision, CONFIG)
+    selection = select_files(paths, trust_remote_code=trust_remote_code)
+    if selection.weights_format is None:
+        raise NoWeights(call.repo_id, call.revision, _weight_like(paths))
+    return selection
 
 
 # --- the result -------------------------------------------------------------------------------
@@ -530,7 +417,17 @@ class FetchResult:
         return f"{head}: {len(self.files)} files, {human_bytes(self.bytes)}, {tail}{extra}"
 
 
-# --- fetching -----------------------------------------------------------------------------------
+def _result(local: _Local, call: _Call, sha: str, started: float, before: Mapping[str, int] | None,
+            note: str | None = None) -> FetchResult:
+    sel = local.selection
+    size = sum((local.snapshot / f).stat().st_size for f in local.files if (local.snapshot / f).is_file())
+    new = 0 if before is None else sum(n for b, n in _blob_sizes(call.storage).items() if b not in before)
+    return FetchResult(local.snapshot, call.repo_id, call.revision, sha, local.files, size, new,
+                       time.monotonic() - started, new == 0, sel.weights_format if sel else None,
+                       sel.skipped if sel and local.tree_known else (), note)
+
+
+# --- fetching ---------------------------------------------------------------------------------
 
 
 def fetch(
@@ -545,345 +442,141 @@ def fetch(
     """Make ``repo_id`` at ``revision`` (default main) available in the Hugging Face cache and
     return where. ``config_only`` fetches config.json alone (never the weights). ``quiet`` turns
     off huggingface_hub's progress bars (shown only when stderr is a terminal) and its warnings.
-    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): give up when the hub has sent nothing
-    for that long; a download that keeps receiving data is never cut off.
+    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): see ``_watched``.
 
     Requests: none when the revision is a commit sha complete in the cache, or with
     HF_HUB_OFFLINE=1; one for a branch or tag already complete in the cache. An unreachable hub
     falls back to a complete cache; a partial one is IncompleteCache.
     """
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
+
     started = time.monotonic()
-    if not looks_like_repo_id(repo_id):
+    if not is_repo_id(repo_id):
         raise BadRepoId(repo_id)
-    rev = _check_revision(revision or DEFAULT_REVISION)
-    deadline = hub_timeout(timeout_s)
-    settings = HubSettings.from_env()
-    ctx = _Context(repo_id, rev, settings.endpoint, settings.cache_dir, settings.has_token)
-    storage = settings.cache_dir / repo_folder(repo_id)
-
-    no_hub: str | None = None  # why the hub will not be asked
-    hub_failure: LaunchError | None = None  # what the hub said, when a complete cache may still do
-    if is_commit_sha(rev):
-        sha: str | None = rev
-        if settings.offline:
-            no_hub = "HF_HUB_OFFLINE is set"
-    elif settings.offline:
-        no_hub = "HF_HUB_OFFLINE is set"
-        sha = cached_ref(storage, rev)
-    else:
-        try:
-            sha = _resolve_commit(ctx, settings, min(settings.request_timeout, deadline))
-        except _Unreachable as exc:
-            sha = cached_ref(storage, rev)
-            if sha is None and exc.stalled:
-                raise HubTimeout(settings.endpoint, exc.seconds, f"resolving {repo_id}@{rev}") from None
-            no_hub = f"the hub at {settings.endpoint} cannot be reached ({exc.reason})"
-            hub_failure = HubUnreachable(repo_id, rev, settings.endpoint, exc.reason, str(settings.cache_dir))
-        except (RepoNotFound, GatedRepo, HubError) as exc:
-            # Like huggingface_hub: a private/gated repo whose token lapsed, or a hub outage, still
-            # serves what is fully cached.
-            sha, hub_failure = cached_ref(storage, rev), exc
-            if sha is None:
-                raise
-            no_hub = f"the hub refused ({type(exc).__name__})"
-
-    if sha is None:  # only when the hub is not asked and no ref is cached
-        if hub_failure is not None:
-            raise hub_failure
-        raise NotCached(repo_id, rev, str(settings.cache_dir))
-
-    local = _inspect_cache(repo_id, rev, sha, settings, trust_remote_code=trust_remote_code,
-                           config_only=config_only)
-    if not local.missing and (local.tree_known or no_hub):
-        return _result(local, repo_id, rev, sha, started, downloaded=0, note=no_hub)
-    if no_hub:
-        if hub_failure is not None and not isinstance(hub_failure, HubUnreachable):
-            raise hub_failure
-        if not local.snapshot.is_dir():
-            if hub_failure is not None:
-                raise hub_failure
-            raise NotCached(repo_id, rev, str(settings.cache_dir))
-        raise IncompleteCache(repo_id, rev, str(local.snapshot), local.missing, no_hub)
-
-    before = _blob_sizes(storage)
-    outcome = _run_worker(
-        {
-            "repo_id": repo_id,
-            "revision": rev,
-            "sha": sha,
-            "endpoint": settings.endpoint,
-            "cache_dir": str(settings.cache_dir),
-            "token": settings.token,
-            "etag_timeout": min(settings.request_timeout, deadline),
-            "trust_remote_code": trust_remote_code,
-            "config_only": config_only,
-        },
-        ctx=ctx,
-        storage=storage,
-        timeout_s=deadline,
-        quiet=quiet,
-    )
-    if not is_commit_sha(rev):
-        _write_ref(storage, rev, sha)
-    after = _blob_sizes(storage)
-    downloaded = sum(size for name, size in after.items() if name not in before and not name.endswith(".incomplete"))
-    done = _Local(local.snapshot, tuple(outcome["files"]), (), None, True)
-    return _result(done, repo_id, rev, sha, started, downloaded=downloaded, note=None,
-                   weights_format=outcome.get("weights_format"), skipped=tuple(outcome.get("skipped", ())))
-
-
-def _result(local: _Local, repo_id: str, rev: str, sha: str, started: float, *, downloaded: int,
-            note: str | None, weights_format: str | None = None, skipped: tuple[str, ...] = ()) -> FetchResult:
-    if local.selection is not None:
-        weights_format = local.selection.weights_format
-        skipped = local.selection.skipped if local.tree_known else ()
-    return FetchResult(
-        path=local.snapshot,
-        repo_id=repo_id,
-        revision=rev,
-        commit_sha=sha,
-        files=local.files,
-        bytes=_size_of(local.snapshot, local.files),
-        downloaded_bytes=downloaded,
-        seconds=time.monotonic() - started,
-        from_cache=downloaded == 0,
-        weights_format=weights_format,
-        skipped=skipped,
-        note=note,
-    )
-
-
-# --- the worker process ---------------------------------------------------------------------------
-
-_WORKER_CODE = "from launcher.hub import _worker_main; _worker_main()"
-
-
-def _stderr_is_terminal() -> bool:
+    call = _Call.now(repo_id, DEFAULT_REVISION if revision is None else check_revision(revision),
+                     hub_timeout(timeout_s))
+    level = hf_logging.get_verbosity()
     try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _pump(stream: IO[bytes], lines: queue.Queue[bytes | None]) -> None:
-    try:
-        for line in iter(stream.readline, b""):
-            lines.put(line)
-    finally:
-        lines.put(None)
-
-
-def _run_worker(request: dict, *, ctx: _Context, storage: Path, timeout_s: float, quiet: bool) -> dict:
-    """Run the download in a child process; kill it when neither it nor the cache's blobs show any
-    progress for ``timeout_s``. Its stderr is ours (huggingface_hub's progress bars and warnings);
-    its stdout carries JSON lines: events, then one result or error."""
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    bars = not quiet and _stderr_is_terminal()
-    if not bars:
-        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if quiet:
-        env["HF_HUB_VERBOSITY"] = "error"
-    # Plain HTTP downloads grow a ``blobs/*.incomplete`` file as bytes arrive, which is what the
-    # stall watchdog below watches; Xet transfers assemble chunks elsewhere and would look stalled.
-    env["HF_HUB_DISABLE_XET"] = "1"
-    before = set(_blob_sizes(storage))
-    doing = f"downloading {ctx.repo_id}@{ctx.revision}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER_CODE],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        start_new_session=True,  # Ctrl-C reaches launch, which then stops the worker itself
-    )
-    lines: queue.Queue[bytes | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-    outcome: dict | None = None
-    finished = False
-    try:
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(request).encode())
-            proc.stdin.close()
-        except OSError:
-            pass  # the worker died at once; its exit status tells
-        last = time.monotonic()
-        mark = _blob_sizes(storage)
-        while True:
-            try:
-                line = lines.get(timeout=_POLL_S)
-            except queue.Empty:
-                line = b""
-            if line is None:
-                break
-            now = time.monotonic()
-            if line.strip():
-                last = now
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    message = {}
-                if "result" in message or "error" in message:
-                    outcome = message
-            current = _blob_sizes(storage)
-            if current != mark:
-                mark, last = current, now
-            if now - last > timeout_s:
-                if bars:
-                    sys.stderr.write("\n")
-                raise HubTimeout(ctx.endpoint, timeout_s, doing)
-        proc.wait()
-        finished = True
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if not finished:
-            _remove_abandoned_partials(storage, ctx.cache_dir, before)
-    if outcome is None:
-        raise HubError(ctx.repo_id, ctx.endpoint,
-                       f"the download process ended with status {proc.returncode} and no result")
-    if "error" in outcome:
-        raise _rebuild_error(outcome["error"], ctx)
-    return outcome["result"]
-
-
-def _rebuild_error(data: Mapping[str, Any], ctx: _Context) -> LaunchError:
-    cls = getattr(_errors, str(data.get("type", "")), None)
-    if isinstance(cls, type) and issubclass(cls, LaunchError):
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(data.get("fields", {})).items()}
-        try:
-            return cls(**fields)
-        except TypeError:
-            pass
-    return HubError(ctx.repo_id, ctx.endpoint, str(data))
-
-
-def _worker_main() -> None:
-    """Entry point of the worker process (see ``_run_worker``)."""
-    channel = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the channel
-    sys.stdout = sys.stderr
-    lock = threading.Lock()
-
-    def emit(**message: Any) -> None:
-        with lock:
-            channel.write(json.dumps(message) + "\n")
-            channel.flush()
-
-    parent = os.getppid()
-
-    def orphaned() -> None:  # launch was killed outright: stop downloading for nobody
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=orphaned, daemon=True).start()
-    request: dict = {}
-    try:
-        request = json.loads(sys.stdin.read())
-        emit(result=_worker_fetch(request, emit))
-    except LaunchError as err:
-        emit(error={"type": type(err).__name__, "fields": err.facts()})
-    except BaseException as exc:  # noqa: BLE001 - the parent turns it into one line
-        emit(error={"type": "HubError", "fields": {
-            "repo_id": request.get("repo_id", "?"), "endpoint": request.get("endpoint", "?"),
-            "detail": f"{type(exc).__name__}: {_short_reason(exc)}"}})
-
-
-def _worker_fetch(request: dict, emit: Callable[..., None]) -> dict:
-    import logging
-    import warnings
-
-    # launch reports a full disk itself, in one line (huggingface_hub only warns, then fails).
-    warnings.filterwarnings("ignore", message="Not enough free disk space")
-    logging.getLogger("huggingface_hub._snapshot_download").setLevel(logging.ERROR)  # "No files matched"
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    repo_id, sha, rev = request["repo_id"], request["sha"], request["revision"]
-    cache_dir = Path(request["cache_dir"])
-    storage = cache_dir / repo_folder(repo_id)
-    ctx = _Context(repo_id, rev, request["endpoint"], cache_dir, bool(request["token"]))
-    common = {
-        "cache_dir": str(cache_dir),
-        "endpoint": request["endpoint"],
-        "token": request["token"],
-        "etag_timeout": request["etag_timeout"],
-    }
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    class quiet_bars(hf_tqdm):  # no bars for the small first steps: one set, for the real download
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    needed: int | None = None
-    try:
-        if request["config_only"]:
-            hf_hub_download(repo_id, CONFIG, revision=sha, **common)
-            return {"files": [CONFIG], "skipped": [], "weights_format": None}
-        # First config.json alone: huggingface_hub lists the tree once and caches it by commit.
-        snapshot_download(repo_id, revision=sha, allow_patterns=[CONFIG], tqdm_class=quiet_bars, **common)
-        emit(event="listed")
-        tree = _cached_tree(storage, sha, repo_id, cache_dir) or _list_tree(repo_id, sha, common)
-        if CONFIG not in tree:
-            raise HubFileMissing(repo_id, rev, CONFIG)
-        trust = bool(request["trust_remote_code"])
-        selection = select_files(tree, trust_remote_code=trust)
-        if selection.weights_format is None:
-            raise NoWeights(repo_id, rev, _weight_like(tree))
-        snapshot = storage / "snapshots" / sha
-        if selection.index is not None:
-            needed = _needed(tree, selection.meta, storage)
-            _check_space(needed, cache_dir)
-            snapshot_download(repo_id, revision=sha, allow_patterns=_exact(selection.meta), tqdm_class=quiet_bars,
-                              **common)
-            emit(event="metadata")
-            weight_map = _read_weight_map(snapshot / selection.index)
-            if weight_map is None:
-                raise HubError(repo_id, request["endpoint"], f"its {selection.index} has no weight_map")
-            selection = select_files(tree, trust_remote_code=trust, weight_map=weight_map)
-            absent = [w for w in selection.weights if w not in tree]
-            if absent:
-                raise HubFileMissing(repo_id, rev, f"{absent[0]} (named in {selection.index})")
-        needed = _needed(tree, selection.files, storage)
-        _check_space(needed, cache_dir)
-        snapshot_download(repo_id, revision=sha, allow_patterns=_exact(selection.files), **common)
-        return {"files": list(selection.files), "skipped": list(selection.skipped),
-                "weights_format": selection.weights_format}
+        if quiet:
+            hf_logging.set_verbosity_error()
+        with disable_progress_bars() if quiet or not sys.stderr.isatty() else nullcontext():
+            return _fetch(call, trust_remote_code, config_only, started)
     except Exception as exc:
-        raise _hub_error(exc, ctx, needed) from exc
+        raise _translate(exc, call) from exc
+    finally:
+        hf_logging.set_verbosity(level)
 
 
-def _list_tree(repo_id: str, sha: str, common: dict) -> dict[str, _Entry]:
+def _fetch(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
 
-    api = HfApi(endpoint=common["endpoint"], token=common["token"])
-    return {
-        f.path: _Entry(int(f.size), f.lfs.sha256 if f.lfs is not None else f.blob_id)
-        for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
-        if isinstance(f, RepoFile)
-    }
+    sha = call.revision if is_commit_sha(call.revision) else None
+    no_hub = "HF_HUB_OFFLINE is set" if call.offline else None  # why the hub is not asked
+    failure: LaunchError | None = None  # what the hub said, when a complete cache may still do
+    if sha is None and not call.offline:
+        try:
+            sha = HfApi(endpoint=call.endpoint).model_info(call.repo_id, revision=call.revision,
+                                                           timeout=call.wait_s).sha
+        except Exception as exc:  # a private/gated repo whose token lapsed, or an outage: the cache may do
+            failure = _translate(exc, replace(call, doing=f"resolving {call.repo_id}@{call.revision}"))
+            if isinstance(failure, RevisionNotFound):
+                raise failure from exc
+            no_hub = (f"the hub at {call.endpoint} cannot be reached ({failure.reason})"
+                      if isinstance(failure, HubUnreachable) else f"the hub refused ({type(failure).__name__})")
+        if failure is None and not is_commit_sha(sha):
+            raise HubError(call.repo_id, call.endpoint, "its answer names no commit sha; is HF_ENDPOINT a hub?")
+    if no_hub and (sha := sha or _cached_sha(call)) is None:
+        raise failure or NotCached(call.repo_id, call.revision, str(call.cache_dir))
+    assert sha is not None
+    local = _inspect(call, sha, trust_remote_code=trust_remote_code, config_only=config_only)
+    if not local.missing and (local.tree_known or no_hub):
+        return _result(local, call, sha, started, None, no_hub)
+    if no_hub:
+        if failure is not None and not isinstance(failure, HubUnreachable) or not local.snapshot.is_dir():
+            raise failure or NotCached(call.repo_id, call.revision, str(call.cache_dir))
+        raise IncompleteCache(call.repo_id, call.revision, str(local.snapshot), local.missing, no_hub)
+    return _download(call, trust_remote_code, config_only, started)
 
 
-def _needed(tree: Mapping[str, _Entry], files: Iterable[str], storage: Path) -> int:
-    """Bytes still to download: files whose blob is not in the cache yet."""
-    total = 0
-    for name in files:
-        entry = tree.get(name)
-        if entry is None:
-            continue
-        if entry.etag is None or not (storage / "blobs" / entry.etag).exists():
-            total += entry.size
-    return total
+def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
+
+    common = {"cache_dir": call.cache_dir, "endpoint": call.endpoint, "etag_timeout": call.wait_s}
+    existing = next((p for p in (call.storage, *call.storage.parents) if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK):  # huggingface_hub would list the files, then fail or warn
+        raise CacheNotWritable(str(call.cache_dir), f"{existing} is read-only or not writable by this user")
+    before = _blob_sizes(call.storage)
+    if config_only:
+        path = Path(_watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision,
+                                                              **common)])[0]).parent
+        return _result(_Local(path, (CONFIG,), (), None, True), call, path.name, started, before)
+    # The file list, at the commit the branch points at now: no pattern matches, so nothing is
+    # downloaded yet (and its "No files matched" warning is not for the user).
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with disable_progress_bars():
+            path = Path(_watched(call, [lambda: snapshot_download(call.repo_id, revision=call.revision,
+                                                                  allow_patterns=[], **common)])[0])
+    finally:
+        hf_logging.set_verbosity(level)
+    sha = path.name
+    tree = _cached_tree(call, sha)
+    if tree is None:
+        raise HubError(call.repo_id, call.endpoint, "huggingface_hub kept no file list for it")
+    selection = _check_selection(call, tree, trust_remote_code)
+
+    def get(names: Iterable[str]) -> None:
+        blobs = call.storage / "blobs"  # an LFS blob cached for another commit counts: an over-estimate
+        needed = sum(tree[f][0] for f in names if f in tree and not (blobs / tree[f][1]).exists())
+        if (free := _free_bytes(call.cache_dir)) is not None and needed > free:
+            raise DiskFull(str(call.cache_dir), needed, free)
+        _watched(call, [lambda name=name: hf_hub_download(call.repo_id, name, revision=sha, **common)
+                        for name in names])
+
+    if selection.index is not None:  # the index names the shards: fetch it (and the small files) first
+        get(selection.meta)
+        weight_map = _read_weight_map(path / selection.index)
+        if weight_map is None:
+            raise HubError(call.repo_id, call.endpoint, f"its {selection.index} has no weight_map")
+        selection = select_files(tree, trust_remote_code=trust_remote_code, weight_map=weight_map)
+        absent = [w for w in selection.weights if w not in tree]
+        if absent:
+            raise HubFileMissing(call.repo_id, call.revision, f"{absent[0]} (named in {selection.index})")
+    get(selection.files)
+    return _result(_Local(path, selection.files, (), selection, True), call, sha, started, before)
 
 
-def _check_space(needed: int, cache_dir: Path) -> None:
-    free = _free_bytes(cache_dir)
-    if free is not None and needed > free:
-        raise DiskFull(str(cache_dir), needed, free)
+def read_config(repo_id: str, *, revision: str | None = None, timeout_s: float | str | None = None) -> tuple[bytes, str]:
+    """``(config.json bytes, commit sha)`` of ``repo_id`` at ``revision``, for checks that may still
+    refuse the command: nothing is written that stays, the Hugging Face cache included. Read from
+    the cache when it holds that commit's config (no request for a pinned sha or offline, one for a
+    branch), else downloaded by huggingface_hub into a temporary directory removed afterwards."""
+    import tempfile
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    if not is_repo_id(repo_id):
+        raise BadRepoId(repo_id)
+    call = _Call.now(repo_id, DEFAULT_REVISION if revision is None else check_revision(revision),
+                     hub_timeout(timeout_s))
+    try:
+        sha = _cached_sha(call) if call.offline else call.revision if is_commit_sha(call.revision) else (
+            HfApi(endpoint=call.endpoint).model_info(repo_id, revision=call.revision, timeout=call.wait_s).sha)
+        if sha is None or (call.offline and not (call.storage / "snapshots" / sha / CONFIG).is_file()):
+            raise NotCached(repo_id, call.revision, str(call.cache_dir))
+        cached = call.storage / "snapshots" / sha / CONFIG
+        if cached.is_file():
+            return cached.read_bytes(), sha
+        with tempfile.TemporaryDirectory(prefix="launch-config-") as tmp:
+            got = _watched(call, [lambda: hf_hub_download(repo_id, CONFIG, revision=sha, local_dir=tmp,
+                                                          endpoint=call.endpoint, etag_timeout=call.wait_s)])[0]
+            return Path(got).read_bytes(), sha
+    except Exception as exc:
+        raise _translate(exc, replace(call, doing=f"reading {repo_id}@{call.revision} config.json")) from exc
 
 
 # --- integrity ----------------------------------------------------------------------------------
@@ -897,66 +590,39 @@ class CacheMismatch:
     algorithm: str  # "sha256", "git-sha1", or "link" (the file is missing or not the listed blob)
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
-    if algorithm == "sha256":
-        digest = hashlib.sha256()
-    else:
-        digest = hashlib.sha1()
-        digest.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_cache(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | None = None) -> list[CacheMismatch]:
-    """Check a cached snapshot without the network: every file's content must hash to the name of
-    its blob (the ETag: sha256 for LFS files, git blob sha1 otherwise), and, when huggingface_hub
-    cached the file list, be the blob that list names. An empty list means pristine.
-    (``HfApi().verify_repo_checksums`` does the same against the Hub, so it needs the network.)"""
-    if not looks_like_repo_id(repo_id):
+    """Check a cached snapshot without the network: every file must be a blob whose content hashes
+    to its name (the ETag: sha256 for LFS files, git blob sha1 otherwise), and a plain file the blob
+    huggingface_hub's cached file list names. An empty list means pristine. (``HfApi().
+    verify_repo_checksums`` does the same against the Hub, so it needs the network.)"""
+    if not is_repo_id(repo_id):
         raise BadRepoId(repo_id)
-    rev = _check_revision(revision or DEFAULT_REVISION)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else hf_cache_dir()
-    storage = cache / repo_folder(repo_id)
-    sha = rev if is_commit_sha(rev) else cached_ref(storage, rev)
-    snapshot = storage / "snapshots" / (sha or "-")
+    call = _Call(repo_id, check_revision(revision or DEFAULT_REVISION), "", cache, True, 1.0, 1.0)
+    sha = _cached_sha(call)
+    snapshot = call.storage / "snapshots" / (sha or "-")
     if sha is None or not snapshot.is_dir():
-        raise NotCached(repo_id, rev, str(cache), "there is nothing to verify")
-    tree = _cached_tree(storage, sha, repo_id, cache) or {}
-    blobs = (storage / "blobs").resolve()
+        raise NotCached(repo_id, call.revision, str(cache), "there is nothing to verify")
+    tree, blobs = _cached_tree(call, sha) or {}, (call.storage / "blobs").resolve()
     mismatches: list[CacheMismatch] = []
     for rel in _files_on_disk(snapshot):
-        path = snapshot / rel
-        real = Path(os.path.realpath(path))
-        listed = tree.get(rel)
+        real, listed = Path(os.path.realpath(snapshot / rel)), tree.get(rel, (0, None))[1]
         if not real.is_file():
-            mismatches.append(CacheMismatch(rel, listed.etag if listed and listed.etag else "a file", "missing",
-                                            "link"))
+            mismatches.append(CacheMismatch(rel, listed or "a file", "missing", "link"))
             continue
-        in_blobs = real.parent == blobs
-        expected = listed.etag if listed is not None and listed.etag else (real.name if in_blobs else None)
-        if expected is None:
-            continue  # a plain file nobody listed: nothing to compare with
-        if in_blobs and real.name != expected:
-            mismatches.append(CacheMismatch(rel, expected, real.name, "link"))
-        algorithm = "sha256" if len(expected) == 64 else "git-sha1"
-        actual = _hash_file(real, algorithm)
-        if actual != expected:
-            mismatches.append(CacheMismatch(rel, expected, actual, algorithm))
+        if real.parent != blobs:
+            continue  # a plain file huggingface_hub did not write: nothing to compare with
+        if listed and len(real.name) == 40 and real.name != listed:
+            mismatches.append(CacheMismatch(rel, listed, real.name, "link"))
+        sha256 = len(real.name) == 64
+        digest = hashlib.sha256() if sha256 else hashlib.sha1(b"blob %d\0" % real.stat().st_size)
+        with open(real, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != real.name:
+            mismatches.append(CacheMismatch(rel, real.name, digest.hexdigest(), "sha256" if sha256 else "git-sha1"))
     return mismatches
 
 
-__all__ = [
-    "CacheMismatch",
-    "FetchResult",
-    "HubSettings",
-    "Selection",
-    "fetch",
-    "hub_timeout",
-    "is_commit_sha",
-    "looks_like_repo_id",
-    "repo_folder",
-    "select_files",
-    "verify_cache",
-]
+__all__ = ["CacheMismatch", "FetchResult", "Selection", "check_revision", "fetch", "hub_timeout", "is_commit_sha",
+           "looks_like_repo_id", "read_config", "repo_folder", "select_files", "verify_cache"]

@@ -111,6 +111,8 @@ def test_bad_input_is_refused_before_any_request(hub):
         fetch("not a repo")
     with pytest.raises(BadOption, match="--revision"):
         fetch("org/tiny", revision="two words")
+    with pytest.raises(BadOption, match="--revision ''"):
+        fetch("org/tiny", revision="")  # not read as "the default branch"
     with pytest.raises(BadOption, match="--timeout"):
         fetch("org/tiny", timeout_s="-1")
     assert hub.count() == 0
@@ -327,8 +329,14 @@ def test_hub_that_never_answers_the_revision_request_hits_the_deadline(hub):
     assert _wait_for(lambda: hub.hangups)  # launch closed the connection: nothing still waits
 
 
-def test_stalled_download_is_killed_and_leaves_no_partial_file(hub):
-    hub.stall_body("model.safetensors")  # headers and half the body, then silence
+def test_stalled_body_is_bounded_by_huggingface_hub_and_leaves_no_partial_file(hub, monkeypatch):
+    """A body that stops mid-way is huggingface_hub's to bound (HF_HUB_DOWNLOAD_TIMEOUT per read,
+    5 resumes); launch turns its failure into HubTimeout naming that setting. (This replaces the
+    old test of launch killing its download worker: there is no worker any more.)"""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)  # what HF_HUB_DOWNLOAD_TIMEOUT=1 sets at import
+    hub.stall_body("model.safetensors")  # headers and half the body, then silence, on every try
     seen_partial: list[str] = []
     stop = threading.Event()
 
@@ -339,15 +347,17 @@ def test_stalled_download_is_killed_and_leaves_no_partial_file(hub):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    started = time.monotonic()
     try:
-        with pytest.raises(HubTimeout, match="downloading org/tiny@main"):
-            fetch("org/tiny", timeout_s=1.5)
+        with pytest.raises(HubTimeout, match="downloading org/tiny@main.*HF_HUB_DOWNLOAD_TIMEOUT"):
+            fetch("org/tiny", timeout_s=30)
     finally:
         stop.set()
         watcher.join()
-    assert seen_partial, "the worker never started writing the blob"
-    assert incomplete_blobs() == []
-    assert _wait_for(lambda: hub.hangups)  # the killed worker's connection is gone
+    assert time.monotonic() - started < 25  # six tries of 1 s (+1 s pause each), not the 30 s deadline
+    assert seen_partial, "huggingface_hub never started writing the blob"
+    assert incomplete_blobs() == []  # huggingface_hub removed its partial file itself
+    assert _wait_for(lambda: hub.hangups)  # no connection is left waiting
     hub._stall_body.clear()
     result = fetch("org/tiny")  # nothing left behind blocks the next run
     assert (result.path / "model.safetensors").read_bytes() == tiny_repo_files()["model.safetensors"]
@@ -385,3 +395,118 @@ def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
     assert verify_cache("org/tiny") == []
     assert hashlib.sha256((built.path / "model.safetensors").read_bytes()).hexdigest() == \
         os.path.basename(os.path.realpath(result.path / "model.safetensors"))
+
+
+# --- huggingface_hub's public API only; a silent hub; refusals -----------------------------------
+
+
+def test_launcher_imports_no_private_module_of_huggingface_hub():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "launcher"
+    offenders, hub_users = [], []
+    for source in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "huggingface_hub":
+                    hub_users.append(source.name)
+                    if any(p.startswith("_") for p in parts[1:]):
+                        offenders.append(f"{source.relative_to(root)}: {module}")
+    assert "hub.py" in hub_users  # the scan does see huggingface_hub imports
+    assert offenders == []
+
+
+class SilentHub:
+    """A real TCP server on 127.0.0.1 that accepts connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent(monkeypatch):
+    server = SilentHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("revision", [None, "0" * 40], ids=["branch", "pinned sha"])
+def test_a_hub_that_never_answers_ends_within_the_deadline(silent, revision):
+    """A branch waits on the commit lookup (a request with a timeout); a pinned sha on the file
+    listing, which huggingface_hub runs without one: launch's deadline bounds it."""
+    started = time.monotonic()
+    with pytest.raises(HubTimeout, match="org/tiny"):
+        fetch("org/tiny", revision=revision, timeout_s=1)
+    assert time.monotonic() - started < 1 + 2
+    assert silent.accepted  # it really connected and waited
+
+
+def test_launch_fetch_on_a_silent_hub_exits_within_the_deadline(silent):
+    """The whole command ends: nothing left waiting on the hub keeps the process alive. Measured
+    against the same command refused at once offline (its start-up and imports)."""
+    from tests.conftest import run_launch
+
+    started = time.monotonic()
+    baseline = run_launch("fetch", "org/tiny", "--revision", "0" * 40, env={"HF_HUB_OFFLINE": "1"})
+    startup = time.monotonic() - started
+    assert baseline.returncode == 1 and "HF_HUB_OFFLINE" in baseline.stderr
+    started = time.monotonic()
+    done = run_launch("fetch", "org/tiny", "--revision", "0" * 40, "--timeout", "2", timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1 and "sent nothing for 2 s" in done.stderr, done.stderr
+    assert elapsed - startup < 2 + 2, (elapsed, startup)
+
+
+# --- config.json alone, for checks that may refuse (nothing written) --------------------------------
+
+
+def cache_files(root: Path) -> dict[str, object]:
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+
+def test_read_config_writes_nothing_and_reads_the_cache_when_it_can(hub):
+    from launcher.hub import read_config
+
+    home = Path(os.environ["HF_HOME"])
+    sha = hub.repos["org/tiny"].refs["main"]
+    text, commit = read_config("org/tiny")
+    assert json.loads(text) == TINY_CONFIG and commit == sha
+    assert cache_files(home) == {}  # nothing in the Hugging Face cache, not even refs/
+    assert requested_files(hub) == {"config.json"}
+    with pytest.raises(RepoNotFound):
+        read_config("org/missing")
+    fetch("org/tiny", config_only=True)
+    hub.reset()
+    assert read_config("org/tiny", revision=sha) == (text, sha) and hub.count() == 0  # cached, pinned
+    before = cache_files(home)
+    assert read_config("org/tiny")[1] == sha and hub.count() == 1  # a branch: one request, no download
+    assert cache_files(home) == before

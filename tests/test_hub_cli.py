@@ -91,10 +91,12 @@ def test_preset_brings_repo_pinned_revision_and_remote_code(hub, tmp_path):
     assert unknown.returncode != 0 and unknown.stderr.startswith("launch: error: no preset")
 
 
-def test_stalled_hub_ends_the_command_and_its_worker(hub):
-    """The hub answers the revision request but never a file request: the download worker waits,
-    launch kills it at --timeout, and the whole command exits (the subprocess timeout would catch a
-    hang). The hub sees the worker's connection close: no process is left waiting on it."""
+def test_stalled_hub_ends_the_command(hub):
+    """The hub answers the revision request and the file list but never a file request. launch
+    gives up at --timeout and the whole command exits (the subprocess timeout would catch a hang):
+    huggingface_hub retries a timed-out HEAD with 60 s timeouts, and a snapshot_download pool thread
+    stuck there held the finished command for minutes, which is why launch downloads in daemon
+    threads of its own. The hub sees the connections close: nothing is left waiting on it."""
     hub.stall(lambda method, path, file: "/resolve/" in path)
     done = run_launch("fetch", "org/tiny", "--timeout", "2", timeout=60)
     assert done.returncode == 1
@@ -161,9 +163,9 @@ def test_full_disk_is_one_clear_line_and_the_next_run_works(hub, tmp_path, listi
     assert "rc2=0" in out, (done.stdout, done.stderr)
 
 
-def test_worker_stops_when_launch_is_killed_outright(hub):
-    """SIGKILL gives launch no chance to stop its download worker: the worker notices it was
-    orphaned and exits, closing its connection to the hub."""
+def test_nothing_waits_on_the_hub_when_launch_is_killed_outright(hub):
+    """SIGKILL gives launch no chance to clean up: its connection to the hub still closes, because
+    the download runs in launch's own process (there is no worker process to leave behind)."""
     import signal
     import time
 
@@ -174,7 +176,7 @@ def test_worker_stops_when_launch_is_killed_outright(hub):
         end = time.monotonic() + 20
         while not hub.count(contains="/resolve/") and time.monotonic() < end:
             time.sleep(0.05)
-        assert hub.count(contains="/resolve/"), "the worker never reached the hub"
+        assert hub.count(contains="/resolve/"), "launch never reached the hub"
         launch.send_signal(signal.SIGKILL)
         launch.wait(timeout=10)
         end = time.monotonic() + 10
@@ -184,3 +186,67 @@ def test_worker_stops_when_launch_is_killed_outright(hub):
     finally:
         if launch.poll() is None:
             launch.kill()
+
+
+# --- refusals: no request, the Hugging Face cache unchanged -----------------------------------------
+
+
+def cache_state(root: Path) -> dict[str, object]:
+    """Every path under ``root`` with its bytes (or link target): equal states are byte-for-byte equal."""
+    state: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            state[rel] = ("link", os.readlink(path))
+        elif path.is_file():
+            state[rel] = path.read_bytes()
+        else:
+            state[rel] = "dir"
+    return state
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["org/tiny", "--revision", ""], "--revision ''"),
+    (["org/tiny", "--revision", "two words"], "--revision 'two words'"),
+    (["org/tiny", "--timeout", "soon"], "--timeout 'soon'"),
+    (["org/tiny", "--timeout", "0"], "--timeout '0'"),
+    (["org/..", ], "no preset"),
+    (["a--b/c"], "no preset"),
+])
+def test_refused_fetch_makes_no_request_and_leaves_the_cache_as_it_was(hub, argv, needle):
+    from tests.conftest import assert_one_line_error
+
+    assert run_launch("fetch", "org/tiny", "-q").returncode == 0
+    home = Path(os.environ["HF_HOME"])
+    before = cache_state(home)
+    hub.reset()
+    refused = run_launch("fetch", *argv)
+    assert_one_line_error(refused, needle)
+    assert hub.count() == 0
+    assert cache_state(home) == before
+
+
+def test_hf_home_that_is_a_file_is_named_as_such(hub, tmp_path):
+    from tests.conftest import assert_one_line_error
+
+    not_a_dir = tmp_path / "hf-home"
+    not_a_dir.write_text("a file\n")
+    done = run_launch("fetch", "org/tiny", env={"HF_HOME": str(not_a_dir)})
+    assert_one_line_error(done, f"HF_HOME is {not_a_dir}", "not a directory")
+    assert hub.count() == 0 and not_a_dir.read_text() == "a file\n"
+
+
+def test_read_only_cache_is_one_clear_line(hub, tmp_path):
+    """A real EROFS: a read-only tmpfs over HF_HOME in a private mount namespace (as above)."""
+    home = Path(os.environ["HF_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not _namespaces_work(tmp_path):
+        pytest.skip("needs unshare(1) with user and mount namespaces to mount a tmpfs")
+    script = 'mount -t tmpfs -o ro,size=64k tmpfs "$HF_HOME" || exit 97\n"$PY" -m launcher fetch org/tiny --quiet'
+    env = {**os.environ, "PY": sys.executable, "HF_ENDPOINT": hub.url}
+    done = subprocess.run([shutil.which("unshare"), "-Urm", "sh", "-c", script], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=90, check=False)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"launch: error: cannot write the Hugging Face cache at {hf_cache_dir()}")
+    assert "HF_HOME" in done.stderr

@@ -35,7 +35,9 @@ def fetch(
     ] = False,
     timeout: Annotated[
         str | None,
-        typer.Option("--timeout", help="Give up when the hub sends nothing for this many seconds. "
+        typer.Option("--timeout", help="Give up when the hub does not answer a request or list the "
+                     "repo's files within this many seconds, or a download makes no progress for that long "
+                     "(a stalled file is also bounded by huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT). "
                      "Default: $LAUNCH_HUB_TIMEOUT, else 600.", show_default=False),
     ] = None,
 ) -> None:
@@ -44,9 +46,11 @@ def fetch(
     Config, tokenizer and safetensors weights only. Uses the cache when it can: no request for a
     pinned commit, one for a branch; works offline (HF_HUB_OFFLINE=1) from a complete cache.
     """
-    from ..hub import hub_timeout
+    from ..hub import check_revision, hub_timeout
     from ..resolve import Fetching, resolve
 
+    if revision is not None:
+        check_revision(revision)  # '' is refused here, not read as "the default"
     seconds = hub_timeout(timeout) if timeout is not None else None
     how = Fetching(revision=revision, quiet=quiet, timeout_s=seconds, trust_remote_code=trust_remote_code)
     source = resolve(model, need_files=True, fetching=how)
