@@ -793,6 +793,11 @@ class LayoutRefused(LaunchError):
     )
 
 
+class LayoutUncheckable(LaunchError):
+    reason: str
+    message = "cannot check the layout with lmdeploy's own parallel-config function: {reason}. Run `make install`."
+
+
 class LayoutHeadsIndivisible(LaunchError):
     what: str
     count: int
