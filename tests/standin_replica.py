@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import standin_openai  # noqa: E402 - the path above first
+import standin_openai  # (found through the path above)
 
 STUCK = threading.Event()
 _original = standin_openai.make_handler
