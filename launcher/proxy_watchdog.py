@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .errors import LaunchError
 from .http import redact
-from .proxy import check_health_all, deregister, proxy_nodes, register
+from .proxy import Node, check_health_all, deregister, node_url, proxy_nodes, register
 
 INTERVAL_S = 2.0
 TIMEOUT_S = 2.0
@@ -85,6 +85,7 @@ class Watchdog:
             say("watchdog: the proxy answers again")
             self._proxy_down = False
 
+        registered = self._normalise(registered, say)
         for url, node in registered.items():
             member = self.members.get(url)
             if member is None:
@@ -120,6 +121,30 @@ class Watchdog:
             say(f"watchdog: took {url} out of the proxy: /health {result.detail} "
                 f"({member.failures} checks in a row); it is added back when it answers")
         return lines
+
+    def _normalise(self, registered: dict[str, Node], say: Callable[[str], None]) -> dict[str, Node]:
+        """A node registered as ``http://h:p/`` (or ``.../v1``) by someone else is the same node as
+        ``http://h:p`` to everyone but lmdeploy, which would route to both as two: keep one, spelled
+        as ``node_url`` spells it."""
+        out = dict(registered)
+        for url, node in registered.items():
+            try:
+                clean = node_url(url)
+            except LaunchError:
+                continue  # 0.0.0.0 and the like: reported by `launch proxy status`, not guessed at
+            if clean == url:
+                continue
+            try:
+                if clean not in out:
+                    register(self.proxy, clean, node.models, timeout=self.timeout_s)
+                    out[clean] = Node(clean, node.models, node.unfinished)
+                deregister(self.proxy, url, timeout=self.timeout_s)
+            except LaunchError as err:
+                say(f"watchdog: could not replace {url} by {clean}: {err}")
+                continue
+            del out[url]
+            say(f"watchdog: {url} was registered with a path; kept it once, as {clean}")
+        return out
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:

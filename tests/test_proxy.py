@@ -195,7 +195,7 @@ def test_remove_and_status(empty_proxy, replicas, launch):
     add_node(a, proxy, KEY)
     add_node(b, proxy, KEY)
     rows = proxy_status(proxy)
-    assert [(r.node.url, r.node.models, r.health.ok) for r in rows] == [(a, (MODEL,), True), (b, (MODEL,), True)]
+    assert [(r.node.url, r.node.models, r.health.ok) for r in rows] == [(u, (MODEL,), True) for u in sorted((a, b))]
     text = launch("proxy", "status", "--proxy", proxy)
     assert text.returncode == 0, text.stderr
     assert text.stdout.splitlines()[0] == f"proxy {proxy}: 2 node(s), 2 healthy"
@@ -211,6 +211,17 @@ def test_remove_and_status(empty_proxy, replicas, launch):
     assert list(proxy_nodes(proxy)) == [a]
     remove_node(a, proxy)
     assert "no nodes" in render_status(proxy, proxy_status(proxy))
+
+
+def test_the_watchdog_keeps_a_node_registered_with_a_trailing_slash_once(empty_proxy, replicas):
+    proxy = empty_proxy["url"]
+    a, b = replicas.start(), replicas.start()
+    add_node(a, proxy, KEY)
+    for url in (a + "/", b + "/"):  # as lmdeploy's node API takes them from anyone: duplicates there
+        assert http.post(proxy + "/nodes/add", {"url": url, "status": {"models": [MODEL]}}, timeout=5).ok
+    assert len(proxy_nodes(proxy)) == 3
+    assert wait_for(lambda: set(proxy_nodes(proxy)) == {a, b}, REMOVAL_LIMIT_S, 0.2), proxy_nodes(proxy)
+    assert all(answered(r) for r in chat(proxy, n=4))
 
 
 # --- done when: spread, kill -9, back again ------------------------------------------------------------
