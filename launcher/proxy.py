@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from . import http
 from .errors import (
     BadOption,
+    LaunchError,
     NodeBadModels,
     NodeNotHealthy,
     NodeNotRegistered,
@@ -225,6 +226,29 @@ def remove_node(url: str, proxy: str) -> Node:
     if url in proxy_nodes(proxy):
         raise ProxyRefused(http.redact(proxy), f"remove {url}", "the node is still in its node list afterwards")
     return nodes[url]
+
+
+def advertise_url(host: str, port: int, advertise: str | None = None) -> str:
+    """The URL a replica registers under: ``advertise`` (``--advertise-url``) normalised, else the
+    address it listens on. A wildcard listen address needs ``advertise``: the proxy cannot reach
+    ``0.0.0.0``, and which of this machine's addresses it can reach is not for launch to guess."""
+    if advertise:
+        return node_url(advertise, "--advertise-url")
+    if host.strip("[]") in _WILDCARDS:
+        raise BadOption("--advertise-url", "", f"the server listens on all interfaces ({host}); give the address "
+                        "the proxy reaches it at, e.g. --advertise-url http://10.0.0.5:23333")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return node_url(f"http://{shown}:{port}", "--host")
+
+
+def leave(url: str, proxy: str) -> bool:
+    """Take a stopping replica out of the proxy. ``False`` (never an error: a stop must not fail
+    for it) when it was not registered or the proxy does not answer."""
+    try:
+        remove_node(url, proxy)
+    except LaunchError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

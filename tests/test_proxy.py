@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 
 from launcher import http
-from launcher.errors import NodeNotHealthy, NodeNotRegistered, NodeUnauthorized, ProxyUnreachable
+from launcher.errors import BadOption, NodeNotHealthy, NodeNotRegistered, NodeUnauthorized, ProxyUnreachable
 from launcher.proxy import (
     add_node,
+    advertise_url,
     check_health_all,
     deregister,
+    leave,
     node_url,
     proxy_nodes,
     proxy_status,
@@ -328,7 +331,13 @@ def test_bad_input_is_one_line_and_changes_nothing(launch, tmp_path):
     assert_one_line_error(launch("proxy", "status", "--proxy", "ftp://x"), "http(s) address")
     with pytest.raises(ProxyUnreachable):
         add_node("http://127.0.0.1:1", closed)
-    assert not (tmp_path / "cache").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = launch("proxy", "start", "--port", str(port), env={"LAUNCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert_one_line_error(result, f"port {port} on 127.0.0.1 is already in use")
+    assert not (tmp_path / "cache").exists()  # refused before the run directory was made
 
 
 def test_urls_are_normalised():
@@ -339,6 +348,29 @@ def test_urls_are_normalised():
         with pytest.raises(Exception) as err:
             node_url(bad)
         assert "p@" not in str(err.value)
+
+
+def test_a_replica_advertises_a_url_the_proxy_can_reach_and_leaves_quietly(empty_proxy, replicas):
+    assert advertise_url("127.0.0.1", 23333) == "http://127.0.0.1:23333"
+    assert advertise_url("0.0.0.0", 23333, "http://10.0.0.5:23333/") == "http://10.0.0.5:23333"
+    with pytest.raises(BadOption, match="--advertise-url"):
+        advertise_url("0.0.0.0", 23333)
+    proxy = empty_proxy["url"]
+    url = replicas.start()
+    add_node(advertise_url("127.0.0.1", int(url.rsplit(":", 1)[1])), proxy, KEY)
+    assert leave(url, proxy) is True and proxy_nodes(proxy) == {}
+    assert leave(url, proxy) is False  # not there any more: no error on a stop path
+    assert leave(url, f"http://127.0.0.1:{free_port()}") is False  # proxy gone: no error either
+
+
+def test_the_client_commands_import_nothing_heavy(proxy):
+    from tests.test_startup import BLOCKER, HEAVY
+
+    for argv in (["proxy", "--help"], ["proxy", "status", "--proxy", proxy["url"], "--json"]):
+        code = BLOCKER.format(heavy=HEAVY, argv=argv)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stderr.split("MODULES=")[-1]) == []
 
 
 def test_a_node_that_is_not_healthy_is_not_added(empty_proxy):
