@@ -420,3 +420,22 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
     assert _group_members(child) == []
     assert http.status_of(f"http://127.0.0.1:{port}/nodes/status", timeout=1) is None
     assert cache_file.exists() == existed  # nothing written into lmdeploy's installation
+
+
+def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path):
+    env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        kids = wait_for(lambda: children_of(proc.pid), 30, 0.05)
+        assert kids, "the proxy process was not started"
+        child = kids[0]
+        time.sleep(0.5)  # importing lmdeploy: not listening yet
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Proxy ready" not in out
+    assert _group_members(child) == []
