@@ -118,9 +118,17 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     waits for ``/nodes/status`` (``ServerStartFailed`` / ``ServerStartTimeout`` with the log's last
     lines), prints the ready lines on ``out`` and the watchdog's changes on ``err``. ``ServerDied``
     if the proxy ends on its own."""
+    from . import http
     from .apikeys import resolve_api_keys
     from .proxy_watchdog import Watchdog
-    from .supervise import ServerProcess, StartProgress, check_port_free, server_root_url, validate_host
+    from .supervise import (
+        ServerProcess,
+        StartProgress,
+        check_port_free,
+        client_host,
+        server_root_url,
+        validate_host,
+    )
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -141,7 +149,12 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
         except (OSError, ValueError):
             pass
 
-    server = ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME)
+    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
+    # where each request goes ("A request is dispatched to ...").
+    env = dict(os.environ)
+    env.setdefault("UVICORN_LOG_LEVEL", "warning")
+    server = ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME,
+                           env=env)
     watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say)
     with _Signals() as signals:
         try:
@@ -154,7 +167,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
                 return 0
             watchdog.start()
             removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
-            for line in (
+            lines = [
                 f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
                 f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
                 f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
@@ -162,7 +175,11 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
                  f"taken out within {removal:g} s and added back when it answers"),
                 f"  log {server.log_path}",
                 "  equivalent: " + " ".join(proxy_command(host, port, routing)),
-            ):
+            ]
+            if client_host(host) != host or not http.parse_url(root).is_loopback:
+                lines.append(f"  listening on {host}: its node API (/nodes/add, /nodes/remove) takes no API key, so "
+                             f"whoever reaches port {port} can change the nodes; keep it on a private network")
+            for line in lines:
                 print(line, file=out)
             out.flush()
             while not signals.event.wait(0.2):

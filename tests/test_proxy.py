@@ -61,7 +61,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
 
 
 def start_launch_proxy(tmp: Path, port: int, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
-    env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=str(REPO))
+    env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=str(REPO), HOME=str(tmp),
+               XDG_CACHE_HOME=str(tmp / "xdg-cache"))  # a module fixture: set up before the per-test HOME
     env.pop("LAUNCH_API_KEYS", None)
     out, err = tmp / "proxy.out", tmp / "proxy.err"
     with open(out, "wb") as o, open(err, "wb") as e:
