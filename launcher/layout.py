@@ -230,6 +230,8 @@ class NodeLayout:
     nnodes: int
     gpus_per_node: int
     dist_init_addr: str
+    host: str  # where rank 0 serves HTTP
+    port: int
     nodes: tuple[NodeCommand, ...]
     sessions: int | None  # full-length sessions the one engine holds (None: memory unknown)
     kv_heads_per_gpu: int
@@ -266,7 +268,7 @@ def node_layout(
         NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", addr]))
         for rank in range(nnodes)
     )
-    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, nodes, sessions, kv)
+    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv)
 
 
 # --- from a plan ------------------------------------------------------------------------------
@@ -312,8 +314,8 @@ def replicas_json(layout: ReplicaLayout) -> list[dict]:
 
 def nodes_json(layout: NodeLayout) -> list[dict]:
     return [
-        {"rank": n.rank, "gpus": layout.gpus_per_node, "serves_http": n.serves_http, "command": list(n.argv),
-         "command_line": shlex.join(n.argv)}
+        {"rank": n.rank, "gpus": [str(i) for i in range(layout.gpus_per_node)], "serves_http": n.serves_http,
+         "port": layout.port if n.serves_http else None, "command": list(n.argv), "command_line": shlex.join(n.argv)}
         for n in layout.nodes
     ]
 
@@ -334,7 +336,8 @@ def render_nodes(layout: NodeLayout) -> str:
     lines = [(f"nodes          {layout.nnodes} x {layout.gpus_per_node} GPU(s), tp {layout.tp} in all, "
               f"rendezvous {layout.dist_init_addr}; rank 0 serves HTTP")]
     for n in layout.nodes:
-        lines.append(f"  node {n.rank}: {shlex.join(n.argv)}")
+        role = f"serves http://{layout.host}:{layout.port}" if n.serves_http else "engine only"
+        lines.append(f"  node {n.rank} ({role}, local GPUs 0-{layout.gpus_per_node - 1}): {shlex.join(n.argv)}")
     if layout.sessions is not None:
         lines.append(f"capacity       {layout.sessions} full-length session(s) at once")
     return "\n".join(lines)

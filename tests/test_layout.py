@@ -98,7 +98,8 @@ def test_done_when_tp16_over_two_nodes_gives_two_commands_lmdeploy_parses(serve_
         assert (args.tp, args.nnodes, args.node_rank, args.dist_init_addr) == (16, 2, rank, "10.0.0.1:29500")
         assert args.session_len == 131072
     assert layout.total_sessions == plan.memory.sessions  # one engine: the KV plan per GPU with tp 16
-    assert [d["rank"] for d in nodes_json(layout)] == [0, 1]
+    data = nodes_json(layout)
+    assert [(d["rank"], d["port"], len(d["gpus"])) for d in data] == [(0, 23333, 8), (1, None, 8)]
     assert "--node-rank 1 --dist-init-addr 10.0.0.1:29500" in render_nodes(layout)
 
 
