@@ -60,11 +60,6 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @property
-    def taken_out(self) -> tuple[str, ...]:
-        """The nodes this watchdog removed and will add back once healthy."""
-        return tuple(url for url, m in self.members.items() if m.removed)
-
     # -- one round ------------------------------------------------------------------------------
     def step(self) -> list[str]:
         """One round; returns the lines it reported."""
