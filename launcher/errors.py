@@ -441,10 +441,11 @@ class ServerStartTimeout(LaunchError):
     timeout_s: float
     log_path: str
     tail: tuple[str, ...] = ()
+    flag: str = "--health-timeout"  # the flag that sets timeout_s
 
     def message(self) -> str:
-        return _with_tail(f"the server did not answer /health within {self.timeout_s:g} s, so launch stopped "
-                          f"it. If the model needs longer to load, raise --health-timeout; full log: "
+        return _with_tail(f"the server did not become ready within {self.timeout_s:g} s, so launch stopped "
+                          f"it. If it needs longer to start, raise {self.flag}; full log: "
                           f"{self.log_path}.", self.tail)
 
 
@@ -652,3 +653,126 @@ class NoSessionFits(LaunchError):
     advice: tuple[str, ...]
     message = ("not even one {session_len}-token session fits: it needs {per_session_gib:.2f} GiB of KV cache "
                "per GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}")
+
+
+# --- scale-out (launcher/proxy*, launcher/layout.py) ---
+# lmdeploy's proxy driven through its node API, launch's watchdog, and the replica / multi-node
+# layouts. URLs in these messages are shown without credentials (``http.redact``).
+
+
+class RoutingRefused(LaunchError):
+    """A routing strategy of lmdeploy's proxy that launch will not run."""
+
+    value: str
+    choices: tuple[str, ...]
+    exit_code = 2
+
+    def message(self) -> str:
+        if self.value == "min_observed_latency":
+            return (
+                "--routing min_observed_latency is refused: lmdeploy 0.18's proxy counts a node without "
+                "finished requests as infinitely slow, so it sends every request to the first registered "
+                f"node. Use one of: {', '.join(self.choices)} (min_expected_latency spreads evenly)."
+            )
+        return f"--routing {self.value!r} is not a routing strategy; choose one of: {', '.join(self.choices)}."
+
+
+class ProxyUnreachable(LaunchError):
+    url: str
+    reason: str
+    message = (
+        "the proxy at {url} does not answer its node API ({reason}). Is `launch proxy start` running "
+        "there? Check --proxy."
+    )
+
+
+class ProxyRefused(LaunchError):
+    """The proxy's node API answered, but not with success."""
+
+    url: str
+    action: str
+    detail: str
+    message = "the proxy at {url} refused to {action}: {detail}"
+
+
+class NodeNotHealthy(LaunchError):
+    url: str
+    detail: str
+    message = (
+        "the node at {url} is not healthy ({detail}); launch registers a node only once its /health "
+        "answers 200. Wait until its server is ready (`launch serve` prints a ready line), then add it again."
+    )
+
+
+class NodeUnauthorized(LaunchError):
+    url: str
+    with_key: bool
+    exit_code = 2
+
+    def message(self) -> str:
+        if self.with_key:
+            return (f"the node at {self.url} rejected the API key given with --api-key (HTTP 401 on "
+                    "/v1/models). Give one of the keys that server was started with.")
+        return (f"the node at {self.url} needs an API key (HTTP 401 on /v1/models): give it with "
+                "--api-key KEY (or LAUNCH_API_KEY).")
+
+
+class NodeBadModels(LaunchError):
+    url: str
+    detail: str
+    message = (
+        "cannot read the served model names from {url}/v1/models ({detail}); is it an lmdeploy "
+        "api_server (`launch serve`)?"
+    )
+
+
+class NodeNotRegistered(LaunchError):
+    url: str
+    proxy: str
+    known: tuple[str, ...]
+    exit_code = 2
+
+    def message(self) -> str:
+        known = ", ".join(self.known) if self.known else "none"
+        return (f"{self.url} is not a node of the proxy at {self.proxy} (its nodes: {known}). "
+                "See `launch proxy status --proxy URL`.")
+
+
+class LayoutNeedsMoreGpus(LaunchError):
+    replicas: int
+    tp: int
+    gpus: int
+
+    def message(self) -> str:
+        return (f"--replicas {self.replicas} x --tp {self.tp} needs {self.replicas * self.tp} GPUs, but "
+                f"{self.gpus} are visible here (CUDA_VISIBLE_DEVICES counts). Use fewer --replicas or a "
+                "smaller --tp.")
+
+
+class LayoutRefused(LaunchError):
+    """lmdeploy's own parallel-config function refuses the layout."""
+
+    tp: int
+    nnodes: int
+    gpus_per_node: int
+    reason: str
+    message = (
+        "TurboMind cannot run --tp {tp} on {nnodes} node(s) with {gpus_per_node} GPU(s) each: {reason}. "
+        "Every node needs tp / nnodes GPUs; use a tp that is nnodes x the GPUs of one node."
+    )
+
+
+class LayoutUncheckable(LaunchError):
+    reason: str
+    message = "cannot check the layout with lmdeploy's own parallel-config function: {reason}. Run `make install`."
+
+
+class LayoutHeadsIndivisible(LaunchError):
+    what: str
+    count: int
+    tp: int
+    exit_code = 2
+    message = (
+        "--tp {tp} does not divide the model's {count} {what}: TurboMind splits them evenly over the tp "
+        "GPUs. Use a tp that divides {count}."
+    )

@@ -1,0 +1,106 @@
+"""`launch proxy start | add | remove | status`: lmdeploy's proxy in front of several replicas."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .options import JsonOpt
+
+proxy_app = typer.Typer(
+    name="proxy",
+    help=(
+        "lmdeploy's proxy in front of several `launch serve` replicas, watched by launch.\n\n"
+        "Example: launch proxy start --port 8000, then on each replica's box: launch proxy add "
+        "http://10.0.0.5:23333 --proxy http://PROXY:8000"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(proxy_app, name="proxy")
+
+ProxyOpt = Annotated[
+    str, typer.Option("--proxy", help="The proxy's address, e.g. http://127.0.0.1:8000.", show_default=False)
+]
+NodeArg = Annotated[str, typer.Argument(help="The replica's address, e.g. http://10.0.0.5:23333.", show_default=False)]
+
+
+@proxy_app.command(
+    epilog="Examples:  launch proxy start   |   launch proxy start --host 0.0.0.0 --port 8000 --api-key $KEY"
+)
+def start(
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = "127.0.0.1",
+    port: Annotated[str, typer.Option("--port", help="Port of the proxy (OpenAI API and node API).")] = "8000",
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
+                     show_default=False),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
+    ] = None,
+    routing: Annotated[
+        str, typer.Option("--routing", help="min_expected_latency (even spread) or random (weighted by speed).")
+    ] = "min_expected_latency",
+    start_timeout: Annotated[
+        float, typer.Option("--start-timeout", help="Seconds to wait for the proxy to answer.")
+    ] = 120.0,
+) -> None:
+    """Run lmdeploy's proxy, supervised, with launch's watchdog over its nodes' /health.
+
+    A node that dies or stops answering /health is taken out within seconds (lmdeploy alone waits
+    90 s and meanwhile answers with errors) and added back when it answers again. Ctrl-C stops it all.
+    """
+    from ..proxy_start import ProxyRequest, run_proxy
+
+    raise typer.Exit(run_proxy(ProxyRequest(host=host, port=port, api_keys=tuple(api_key or ()),
+                                            api_key_file=api_key_file, routing=routing,
+                                            start_timeout_s=start_timeout)))
+
+
+@proxy_app.command(
+    epilog="Examples:  launch proxy add http://10.0.0.5:23333 --proxy http://10.0.0.1:8000 --api-key $KEY"
+)
+def add(
+    url: NodeArg,
+    proxy: ProxyOpt,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", help="The replica's API key, to read its model names. Also LAUNCH_API_KEY.",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Register a replica with the proxy, once its /health answers, with the models it serves."""
+    from ..proxy import add_node
+
+    node = add_node(url, proxy, api_key or os.environ.get("LAUNCH_API_KEY") or None)
+    print(f"added {node.url} ({', '.join(node.models)})")
+
+
+@proxy_app.command(epilog="Example:  launch proxy remove http://10.0.0.5:23333 --proxy http://10.0.0.1:8000")
+def remove(url: NodeArg, proxy: ProxyOpt) -> None:
+    """Take a replica out of the proxy (the replica keeps running)."""
+    from ..proxy import remove_node
+
+    node = remove_node(url, proxy)
+    print(f"removed {node.url}")
+
+
+@proxy_app.command(epilog="Examples:  launch proxy status --proxy http://127.0.0.1:8000   |   ... --json")
+def status(proxy: ProxyOpt, as_json: JsonOpt = False) -> None:
+    """The proxy's nodes, their models and their /health now."""
+    from ..proxy import proxy_status, render_status, status_json
+
+    rows = proxy_status(proxy)
+    if as_json:
+        print(json.dumps(status_json(proxy, rows), indent=2))
+    else:
+        print(render_status(proxy, rows))

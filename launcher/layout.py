@@ -1,0 +1,343 @@
+"""Scale-out layouts, as pure functions: N replicas of one engine on one machine, or one engine
+across N nodes (TurboMind tensor parallel over nodes).
+
+Replicas: replica i gets its own ``tp`` GPUs (``CUDA_VISIBLE_DEVICES``, disjoint sets taken in
+order from the GPUs this process sees) and its own loopback port; lmdeploy's proxy sits in front.
+Refused when ``replicas x tp`` exceeds the visible GPUs.
+
+Nodes: every node runs the same ``lmdeploy serve api_server`` command with the TOTAL ``--tp`` and
+``--nnodes N --node-rank R --dist-init-addr HOST:PORT`` (rank 0 hosts the rendezvous and serves
+HTTP); each node uses its local GPUs ``0 .. tp/N - 1``.
+
+Both are checked the way TurboMind checks them before it loads a weight: the parallel layout with
+lmdeploy's own ``lmdeploy.turbomind.parallel_config.derive_parallel_config`` (a pure-stdlib module,
+loaded from the installed lmdeploy by file so that ``plan`` imports neither lmdeploy's package nor
+torch), and the model's head counts: attention heads and hidden size must divide by tp (TurboMind
+splits them evenly); KV heads fewer than, or not divisible by, tp are repeated up to a multiple of
+tp (so each GPU holds ``ceil(kv_heads / tp)``). The commands come from ``engine.api_server_argv``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from .engine import EngineSpec, api_server_argv
+from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
+
+REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
+
+
+# --- lmdeploy's own parallel-config check ------------------------------------------------------
+
+_derive: Callable | None = None
+
+
+def lmdeploy_derive_parallel_config() -> Callable:
+    """``derive_parallel_config`` of the installed lmdeploy (``turbomind/parallel_config.py``).
+
+    Loaded from its file as a private module: importing ``lmdeploy.turbomind`` would import torch
+    (seconds), and the file itself imports only the standard library."""
+    global _derive
+    if _derive is None:
+        spec = importlib.util.find_spec("lmdeploy")
+        if spec is None or not spec.submodule_search_locations:
+            raise LayoutUncheckable("lmdeploy is not installed (or not importable) here")
+        path = os.path.join(next(iter(spec.submodule_search_locations)), "turbomind", "parallel_config.py")
+        file_spec = importlib.util.spec_from_file_location("_launch_lmdeploy_parallel_config", path)
+        if file_spec is None or file_spec.loader is None or not os.path.isfile(path):
+            raise LayoutUncheckable(f"the installed lmdeploy has no {path}")
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[file_spec.name] = module  # its @dataclass looks the module up while it runs
+        file_spec.loader.exec_module(module)
+        _derive = module.derive_parallel_config
+    return _derive
+
+
+@dataclass(frozen=True)
+class ParallelCheck:
+    tp: int
+    nnodes: int
+    gpus_per_node: int
+    device_num: int  # what lmdeploy derived: GPUs used in all
+
+
+def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None) -> ParallelCheck:
+    """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
+    ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
+    one of the tp GPUs; ``LayoutRefused`` with its reason otherwise."""
+    _positive("--tp", tp)
+    _positive("--nnodes", nnodes)
+    if gpus_per_node is None:
+        if tp % nnodes:
+            raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
+        gpus_per_node = tp // nnodes
+    _positive("GPUs per node", gpus_per_node)
+    derive = lmdeploy_derive_parallel_config()
+    try:
+        parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available
+    except AssertionError as err:
+        raise LayoutRefused(tp, nnodes, gpus_per_node, f"lmdeploy says: {err}") from None
+    if parallel.device_num != tp or parallel.device_num % nnodes:
+        raise LayoutRefused(tp, nnodes, gpus_per_node,
+                            f"lmdeploy would use {parallel.device_num} GPU(s), not {tp} split evenly over the nodes")
+    return ParallelCheck(tp, nnodes, parallel.device_num // nnodes, parallel.device_num)
+
+
+def kv_heads_per_gpu(section: Mapping, tp: int) -> int:
+    """Check the config's head counts against ``tp`` (``LayoutHeadsIndivisible``) and return the KV
+    heads each GPU holds after TurboMind repeats them up to a multiple of tp."""
+    heads = _config_int(section, "num_attention_heads")
+    hidden = _config_int(section, "hidden_size")
+    kv_heads = _config_int(section, "num_key_value_heads", default=heads)
+    if heads % tp:
+        raise LayoutHeadsIndivisible("attention heads", heads, tp)
+    if hidden % tp:
+        raise LayoutHeadsIndivisible("hidden size (embedding columns)", hidden, tp)
+    return math.ceil(kv_heads / tp)
+
+
+def _config_int(section: Mapping, key: str, default: int | None = None) -> int:
+    value = section.get(key, default)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadOption("MODEL", key, f"the config's {key} must be a positive integer, found {value!r}")
+    return value
+
+
+def _positive(option: str, value: int, high: int = 4096) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise BadOption(option, str(value), f"must be a whole number from 1 to {high}")
+
+
+# --- replicas on one machine -------------------------------------------------------------------
+
+
+def visible_devices(gpu_count: int | None, environ: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
+    """The GPU ids CUDA uses here, as ``CUDA_VISIBLE_DEVICES`` spells them (indices or UUIDs), or
+    ``0 .. gpu_count-1``; ``None`` when neither is known (planning without a GPU)."""
+    env = os.environ if environ is None else environ
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is not None and value.strip():
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if gpu_count is None:
+        return None
+    return tuple(str(i) for i in range(gpu_count))
+
+
+@dataclass(frozen=True)
+class Replica:
+    index: int
+    devices: tuple[str, ...]
+    host: str
+    port: int
+    argv: tuple[str, ...]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    tp: int
+    replicas: tuple[Replica, ...]
+    sessions_per_replica: int | None  # full-length sessions one replica holds (None: memory unknown)
+    kv_heads_per_gpu: int
+    devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
+
+    @property
+    def total_sessions(self) -> int | None:
+        if self.sessions_per_replica is None:
+            return None
+        return self.sessions_per_replica * len(self.replicas)
+
+
+def replica_layout(
+    engine: EngineSpec,
+    model_path: str,
+    section: Mapping,
+    *,
+    replicas: int,
+    devices: Sequence[str] | None,
+    first_port: int,
+    sessions_per_replica: int | None = None,
+) -> ReplicaLayout:
+    """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
+    i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``first_port + i`` on loopback.
+
+    ``devices``: ``visible_devices(...)``; ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
+    ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
+    ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
+    tp = engine.config.tp
+    _positive("--replicas", replicas, 256)
+    kv = kv_heads_per_gpu(section, tp)
+    if engine.backend == "turbomind":
+        check_parallel(tp, gpus_per_node=tp)
+    assumed = devices is None
+    pool = tuple(str(i) for i in range(replicas * tp)) if devices is None else tuple(devices)
+    if replicas * tp > len(pool):
+        raise LayoutNeedsMoreGpus(replicas, tp, len(pool))
+    if isinstance(first_port, bool) or not isinstance(first_port, int) or first_port < 1 \
+            or first_port + replicas - 1 > 65535:
+        raise BadOption("--port", str(first_port), f"leaves no room for {replicas} replica ports up to 65535")
+    out = []
+    for i in range(replicas):
+        spec = replace(engine, host=REPLICA_HOST, port=first_port + i)
+        out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
+                           tuple(api_server_argv(model_path, spec))))
+    return ReplicaLayout(tp, tuple(out), sessions_per_replica, kv, assumed)
+
+
+# --- one engine across nodes -------------------------------------------------------------------
+
+
+def parse_dist_init_addr(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` of node 0's rendezvous, as TurboMind splits it (one ``:``; no IPv6 literal)."""
+    text = (value or "").strip()
+    host, sep, port = text.partition(":")
+    if not sep or not host or ":" in port or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadOption("--dist-init-addr", value, "give node 0's address and a free port, HOST:PORT, "
+                        "e.g. 10.0.0.1:29500 (TurboMind splits it at its one ':')")
+    if host in ("0.0.0.0", "*"):
+        raise BadOption("--dist-init-addr", value, "the other nodes connect there: give node 0's real address")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    rank: int
+    argv: tuple[str, ...]
+
+    @property
+    def serves_http(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    tp: int
+    nnodes: int
+    gpus_per_node: int
+    dist_init_addr: str
+    host: str  # where rank 0 serves HTTP
+    port: int
+    nodes: tuple[NodeCommand, ...]
+    sessions: int | None  # full-length sessions the one engine holds (None: memory unknown)
+    kv_heads_per_gpu: int
+
+    @property
+    def total_sessions(self) -> int | None:
+        return self.sessions
+
+
+def node_layout(
+    engine: EngineSpec,
+    model_path: str,
+    section: Mapping,
+    *,
+    nnodes: int,
+    dist_init_addr: str,
+    sessions: int | None = None,
+) -> NodeLayout:
+    """One engine with ``engine``'s TOTAL tp over ``nnodes`` nodes: the command of every rank.
+    ``sessions``: full-length sessions of the KV plan made per GPU with that total tp."""
+    tp = engine.config.tp
+    _positive("--nnodes", nnodes, 256)
+    if nnodes < 2:
+        raise BadOption("--nnodes", str(nnodes), "one node needs no multi-node layout; give 2 or more")
+    if engine.backend != "turbomind":
+        raise BadOption("--nnodes", str(nnodes), "launch lays out TurboMind across nodes; lmdeploy's PyTorch "
+                        "engine spans nodes through Ray (ray start on each node, then one api_server)")
+    host, port = parse_dist_init_addr(dist_init_addr)
+    kv = kv_heads_per_gpu(section, tp)
+    check = check_parallel(tp, nnodes=nnodes)
+    addr = f"{host}:{port}"
+    base = api_server_argv(model_path, engine)
+    nodes = tuple(
+        NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", addr]))
+        for rank in range(nnodes)
+    )
+    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv)
+
+
+# --- from a plan ------------------------------------------------------------------------------
+
+
+def _plan_parts(plan) -> tuple[str, Mapping, int | None]:
+    section = plan.patched_config
+    for key in plan.decision.section:
+        section = section[key]
+    sessions = plan.memory.sessions if plan.memory is not None else None
+    return str(plan.overlay_path or "<overlay>"), section, sessions
+
+
+def replicas_for_plan(plan, replicas: int, *, first_port: int | None = None,
+                      environ: Mapping[str, str] | None = None) -> ReplicaLayout:
+    """``replica_layout`` for a ``launcher.plan.Plan`` (read only): its engine, overlay, config and
+    KV plan; replicas on ports after the plan's port (the proxy's) unless ``first_port`` says."""
+    model_path, section, sessions = _plan_parts(plan)
+    return replica_layout(plan.engine, model_path, section, replicas=replicas,
+                          devices=visible_devices(plan.gpu_count, environ),
+                          first_port=first_port if first_port is not None else plan.engine.port + 1,
+                          sessions_per_replica=sessions)
+
+
+def nodes_for_plan(plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
+    """``node_layout`` for a ``launcher.plan.Plan`` made with the TOTAL tp (its KV plan is per GPU)."""
+    model_path, section, sessions = _plan_parts(plan)
+    return node_layout(plan.engine, model_path, section, nnodes=nnodes, dist_init_addr=dist_init_addr,
+                       sessions=sessions)
+
+
+# --- showing them ------------------------------------------------------------------------------
+
+
+def replicas_json(layout: ReplicaLayout) -> list[dict]:
+    return [
+        {"index": r.index, "gpus": list(r.devices), "cuda_visible_devices": ",".join(r.devices), "host": r.host,
+         "port": r.port, "url": r.url, "env": r.env, "command": list(r.argv), "command_line": shlex.join(r.argv),
+         "sessions": layout.sessions_per_replica}
+        for r in layout.replicas
+    ]
+
+
+def nodes_json(layout: NodeLayout) -> list[dict]:
+    return [
+        {"rank": n.rank, "gpus": [str(i) for i in range(layout.gpus_per_node)], "serves_http": n.serves_http,
+         "port": layout.port if n.serves_http else None, "command": list(n.argv), "command_line": shlex.join(n.argv)}
+        for n in layout.nodes
+    ]
+
+
+def render_replicas(layout: ReplicaLayout) -> str:
+    lines = [f"replicas       {len(layout.replicas)} x tp {layout.tp}"
+             + (" (GPU ids assumed: no GPU seen here)" if layout.devices_assumed else "")]
+    for r in layout.replicas:
+        lines.append(f"  replica {r.index}  GPUs {','.join(r.devices):<12} {r.url}")
+        lines.append(f"    CUDA_VISIBLE_DEVICES={','.join(r.devices)} {shlex.join(r.argv)}")
+    if layout.total_sessions is not None:
+        lines.append(f"capacity       {layout.total_sessions} full-length session(s) at once "
+                     f"({layout.sessions_per_replica} per replica)")
+    return "\n".join(lines)
+
+
+def render_nodes(layout: NodeLayout) -> str:
+    lines = [(f"nodes          {layout.nnodes} x {layout.gpus_per_node} GPU(s), tp {layout.tp} in all, "
+              f"rendezvous {layout.dist_init_addr}; rank 0 serves HTTP")]
+    for n in layout.nodes:
+        role = f"serves http://{layout.host}:{layout.port}" if n.serves_http else "engine only"
+        lines.append(f"  node {n.rank} ({role}, local GPUs 0-{layout.gpus_per_node - 1}): {shlex.join(n.argv)}")
+    if layout.sessions is not None:
+        lines.append(f"capacity       {layout.sessions} full-length session(s) at once")
+    return "\n".join(lines)

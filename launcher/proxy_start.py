@@ -1,0 +1,193 @@
+"""``launch proxy start``: lmdeploy's proxy in a supervised child process, and launch's watchdog.
+
+The proxy runs as ``python -m launcher.proxy_server SPEC`` (lmdeploy's own proxy, API keys from a
+0600 spec file) in its own process group, its output in ``<launch cache>/runs/proxy-PORT/proxy.log``.
+It is ready when ``GET /nodes/status`` answers 200 (the proxy has no ``/health``). Then the
+watchdog (``launcher.proxy_watchdog``) runs in a thread of this process until Ctrl-C / SIGTERM /
+SIGHUP, which stop the proxy's whole process group; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .errors import BadOption, RoutingRefused, RunDirNotWritable, ServerDied, ServerStartTimeout
+from .paths import cache_dir
+
+ROUTINGS = ("min_expected_latency", "random")  # lmdeploy's, less min_observed_latency (it starves)
+DEFAULT_ROUTING = "min_expected_latency"
+DEFAULT_PROXY_HOST = "127.0.0.1"
+DEFAULT_PROXY_PORT = 8000
+DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
+SPEC_NAME = "proxy-spec.json"
+LOG_NAME = "proxy.log"
+GRACE_S = 10.0
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    host: str = DEFAULT_PROXY_HOST
+    port: int | str = DEFAULT_PROXY_PORT
+    api_keys: tuple[str, ...] = ()  # --api-key flags; LAUNCH_API_KEYS and api_key_file add to them
+    api_key_file: Path | None = None
+    routing: str = DEFAULT_ROUTING
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    watch_interval_s: float = 2.0
+    watch_timeout_s: float = 2.0
+
+
+def check_routing(value: str) -> str:
+    """``value`` if launch runs the proxy with it; ``min_observed_latency`` is refused (lmdeploy
+    0.18 then sends everything to the first registered node)."""
+    text = (value or "").strip()
+    if text not in ROUTINGS:
+        raise RoutingRefused(text, ROUTINGS)
+    return text
+
+
+def proxy_command(host: str, port: int, routing: str) -> list[str]:
+    """The ``lmdeploy serve proxy`` command line equivalent to what launch runs (keys left out)."""
+    return ["lmdeploy", "serve", "proxy", "--server-name", host, "--server-port", str(port),
+            "--routing-strategy", routing, "--disable-cache-status", "--log-level", "INFO"]
+
+
+def run_dir(port: int) -> Path:
+    return cache_dir() / "runs" / f"proxy-{port}"
+
+
+def _write_spec(directory: Path, host: str, port: int, routing: str, keys: Sequence[str]) -> Path:
+    spec = directory / SPEC_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{SPEC_NAME}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"server_name": host, "server_port": port, "routing_strategy": routing,
+                       "api_keys": list(keys)}, handle, indent=2)
+        os.replace(tmp, spec)
+    except OSError as err:
+        raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
+    return spec
+
+
+class _Signals:
+    """SIGINT / SIGTERM / SIGHUP set an event (no exception mid-cleanup); the second one hurries the
+    stop. Handlers are installed only from the main thread, and restored on exit."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        if threading.current_thread() is threading.main_thread():
+            for signum in _STOP_SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous == signal.SIG_IGN:
+                    continue
+                self._saved[signum] = previous
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._saved.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        self.event.set()
+
+    def hurried(self) -> bool:
+        return self.count > 1
+
+
+def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the proxy and its watchdog until a stop signal; 0 after a clean stop.
+
+    Checks everything before starting (host, port free, routing, keys, timeout), then starts,
+    waits for ``/nodes/status`` (``ServerStartFailed`` / ``ServerStartTimeout`` with the log's last
+    lines), prints the ready lines on ``out`` and the watchdog's changes on ``err``. ``ServerDied``
+    if the proxy ends on its own."""
+    from . import http
+    from .address import check_port_free, client_host, server_root_url, validate_host
+    from .apikeys import resolve_api_keys
+    from .process import ServerProcess
+    from .progress import StartProgress
+    from .proxy_watchdog import Watchdog
+    from .supervise import wait_ready
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    timeout = request.start_timeout_s
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise BadOption("--start-timeout", str(timeout), "must be a number of seconds greater than 0, e.g. 120")
+    routing = check_routing(request.routing)
+    host = validate_host(request.host)
+    keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
+    port = check_port_free(host, request.port)
+    directory = run_dir(port)
+    spec = _write_spec(directory, host, port, routing, keys)
+    root = server_root_url(host, port)
+
+    def say(line: str) -> None:
+        try:
+            print(f"launch: {line}", file=err, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
+    # where each request goes ("A request is dispatched to ...").
+    env = dict(os.environ)
+    env.setdefault("UVICORN_LOG_LEVEL", "warning")
+    server = ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME,
+                           env=env)
+    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say)
+    with _Signals() as signals:
+        try:
+            progress = StartProgress(err, log_path=server.log_path)
+            server.start()
+            try:
+                ready = wait_ready(server, root + "/nodes/status", timeout_s=timeout, grace_s=GRACE_S,
+                                   progress=progress, stop_requested=signals.event.is_set)
+            except ServerStartTimeout as late:
+                raise ServerStartTimeout(late.timeout_s, late.log_path, late.tail, "--start-timeout") from None
+            if not ready:
+                progress.clear()
+                return 0
+            watchdog.start()
+            removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
+            lines = [
+                f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
+                f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
+                f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
+                (f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
+                 f"taken out within {removal:g} s and added back when it answers"),
+                f"  log {server.log_path}",
+                "  equivalent: " + " ".join(proxy_command(host, port, routing)),
+            ]
+            if client_host(host) != host or not http.parse_url(root).is_loopback:
+                lines.append(f"  listening on {host}: its node API (/nodes/add, /nodes/remove) takes no API key, so "
+                             f"whoever reaches port {port} can change the nodes; keep it on a private network")
+            for line in lines:
+                print(line, file=out)
+            out.flush()
+            while not signals.event.wait(0.2):
+                code = server.poll()
+                if code is not None:
+                    watchdog.stop()
+                    server.stop(GRACE_S)
+                    raise ServerDied(code, str(server.log_path), tuple(server.log_tail()))
+            return 0
+        finally:
+            watchdog.stop()
+            server.stop(GRACE_S, hurry=signals.hurried)

@@ -1,0 +1,168 @@
+"""launch's watchdog over lmdeploy's proxy: takes a dead or stuck node out within seconds and puts
+it back when it answers again.
+
+Why: lmdeploy 0.18's proxy drops a dead node only after its heartbeat expiry (90 s by default), and
+meanwhile answers requests routed there with HTTP 200 and ``{"error_code": 10402, ...}``; its
+heartbeat checks the nodes one after the other without a timeout, so one node whose ``/health``
+hangs stops the check of all of them.
+
+Each round (every ``interval_s``, on a fixed schedule) reads the proxy's node list, then checks
+``/health`` of every node it knows at once, each within ``timeout_s``. A node that fails
+``failures`` rounds in a row is removed through ``POST /nodes/remove``; the watchdog remembers its
+models and adds it back (``POST /nodes/add`` with them) on the first round it answers 200. With the
+defaults (2 s, 2 s, 2) a killed node is out within about 4 s and a hanging one within about 6 s.
+
+A node that leaves the proxy's list without the watchdog removing it (``launch proxy remove``) is
+forgotten, not added back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import LaunchError
+from .http import redact
+from .proxy import Node, check_health_all, deregister, node_url, proxy_nodes, register
+
+INTERVAL_S = 2.0
+TIMEOUT_S = 2.0
+FAILURES = 2
+
+
+@dataclass
+class _Member:
+    models: tuple[str, ...]
+    failures: int = 0
+    removed: bool = False  # taken out by this watchdog, to be added back when healthy
+
+
+class Watchdog:
+    """Keeps the proxy's node list to the nodes that answer ``/health``.
+
+    ``report(line)`` gets one line per change (a node taken out or put back, the proxy not
+    answering); it must not raise. ``step()`` runs one round (the tests call it directly);
+    ``start()`` runs rounds in a daemon thread until ``stop()``."""
+
+    def __init__(self, proxy: str, *, interval_s: float = INTERVAL_S, timeout_s: float = TIMEOUT_S,
+                 failures: int = FAILURES, report: Callable[[str], None] = lambda line: None) -> None:
+        if not (interval_s > 0 and timeout_s > 0 and failures >= 1):
+            raise ValueError("interval_s and timeout_s must be > 0 and failures >= 1")
+        self.proxy = proxy
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self.report = report
+        self.members: dict[str, _Member] = {}
+        self._proxy_down = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one round ------------------------------------------------------------------------------
+    def step(self) -> list[str]:
+        """One round; returns the lines it reported."""
+        lines: list[str] = []
+
+        def say(line: str) -> None:
+            lines.append(line)
+            self.report(line)
+
+        try:
+            registered = proxy_nodes(self.proxy, timeout=self.timeout_s)
+        except LaunchError as err:
+            if not self._proxy_down:
+                say(f"watchdog: the proxy does not answer ({err}); retrying")
+            self._proxy_down = True
+            return lines
+        if self._proxy_down:
+            say("watchdog: the proxy answers again")
+            self._proxy_down = False
+
+        registered = self._normalise(registered, say)
+        for url, node in registered.items():
+            member = self.members.get(url)
+            if member is None:
+                self.members[url] = _Member(node.models)
+            else:
+                member.models, member.removed = node.models or member.models, False
+        for url in [u for u, m in self.members.items() if not m.removed and u not in registered]:
+            del self.members[url]  # removed by someone else: not ours to add back
+
+        health = check_health_all(list(self.members), self.timeout_s)
+        for url, member in list(self.members.items()):
+            result = health[url]
+            if result.ok:
+                member.failures = 0
+                if member.removed:
+                    try:
+                        register(self.proxy, url, member.models, timeout=self.timeout_s)
+                    except LaunchError as err:
+                        say(f"watchdog: {url} answers again but could not be added back: {err}")
+                        continue
+                    member.removed = False
+                    say(f"watchdog: {url} answers /health again: added back ({', '.join(member.models)})")
+                continue
+            member.failures += 1
+            if member.removed or member.failures < self.failures:
+                continue
+            try:
+                deregister(self.proxy, url, timeout=self.timeout_s)
+            except LaunchError as err:
+                say(f"watchdog: could not take {url} out of the proxy: {err}")
+                continue
+            member.removed = True
+            say(f"watchdog: took {url} out of the proxy: /health {result.detail} "
+                f"({member.failures} checks in a row); it is added back when it answers")
+        return lines
+
+    def _normalise(self, registered: dict[str, Node], say: Callable[[str], None]) -> dict[str, Node]:
+        """A node registered as ``http://h:p/`` (or ``.../v1``) by someone else is the same node as
+        ``http://h:p`` to everyone but lmdeploy, which would route to both as two: keep one, spelled
+        as ``node_url`` spells it."""
+        out = dict(registered)
+        for url, node in registered.items():
+            try:
+                clean = node_url(url)
+            except LaunchError:
+                continue  # 0.0.0.0 and the like: reported by `launch proxy status`, not guessed at
+            if clean == url:
+                continue
+            try:
+                if clean not in out:
+                    register(self.proxy, clean, node.models, timeout=self.timeout_s)
+                    out[clean] = Node(clean, node.models, node.unfinished)
+                deregister(self.proxy, url, timeout=self.timeout_s)
+            except LaunchError as err:
+                say(f"watchdog: could not replace {url} by {clean}: {err}")
+                continue
+            del out[url]
+            say(f"watchdog: {url} was registered with a path; kept it once, as {clean}")
+        return out
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_round = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - the watchdog must outlive one bad round
+                self.report(f"watchdog: round failed ({type(err).__name__}: {err}); continuing")
+            next_round += self.interval_s
+            now = time.monotonic()
+            next_round = max(next_round, now)  # after a slow round, start the next one now
+            self._stop.wait(next_round - now)
+
+    def start(self) -> Watchdog:
+        if self._thread is not None:
+            raise RuntimeError("this watchdog was already started")
+        self._thread = threading.Thread(target=self._run, name=f"watchdog {redact(self.proxy)}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread (waits for the round in progress: at most about ``2 x timeout_s``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else 3 * self.timeout_s + 1.0)

@@ -1,0 +1,54 @@
+"""STAND-IN for one lmdeploy api_server replica behind the proxy (the GPU engine cannot run here).
+
+It is tests/standin_openai.py (same endpoints, JSON shapes and API-key rule as lmdeploy 0.18's
+api_server: ``/health``, ``/v1/models``, ``/v1/chat/completions``, ``/metrics`` whose
+``lmdeploy:request_success_total`` counts the chats this replica answered), plus one behaviour the
+proxy tests need:
+
+- ``SIGUSR1`` toggles "stuck": ``/health`` still accepts the connection and reads the request but
+  never answers (a wedged engine), while the other endpoints keep working.
+
+    python tests/standin_replica.py --port P [--model-name NAME] [--api-keys k1,k2] [--unhealthy-seconds S]
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import standin_openai  # (found through the path above)
+
+STUCK = threading.Event()
+_original = standin_openai.make_handler
+
+
+def make_handler(state):
+    base = _original(state)
+
+    class Handler(base):
+        def do_GET(self) -> None:
+            if STUCK.is_set() and self.path.split("?", 1)[0] == "/health":
+                standin_openai.log("standin_replica: /health request held (stuck)")
+                while True:  # the connection stays open, nothing is ever sent
+                    threading.Event().wait(3600)
+            super().do_GET()
+
+    return Handler
+
+
+def _toggle(signum, frame) -> None:
+    if STUCK.is_set():
+        STUCK.clear()
+    else:
+        STUCK.set()
+    standin_openai.log(f"standin_replica: stuck={STUCK.is_set()}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGUSR1, _toggle)
+    standin_openai.make_handler = make_handler
+    sys.exit(standin_openai.main())

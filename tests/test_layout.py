@@ -1,0 +1,215 @@
+"""Scale-out layouts (launcher/layout.py): replicas on one machine and one engine across nodes,
+checked with the installed lmdeploy's own parallel-config function, and every command parsed by
+lmdeploy's own `lmdeploy serve` parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launcher.engine import EngineConfig, EngineSpec
+from launcher.errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
+from launcher.layout import (
+    check_parallel,
+    kv_heads_per_gpu,
+    lmdeploy_derive_parallel_config,
+    node_layout,
+    nodes_for_plan,
+    nodes_json,
+    parse_dist_init_addr,
+    render_nodes,
+    render_replicas,
+    replica_layout,
+    replicas_for_plan,
+    replicas_json,
+    visible_devices,
+)
+from launcher.plan import PlanRequest, build_plan
+from tests.conftest import LLAMA
+
+
+def lmdeploy_serve_parser() -> argparse.ArgumentParser:
+    """lmdeploy's own `lmdeploy serve` sub-commands (api_server, proxy), built on a fresh parser so
+    that lmdeploy's module-level parser (which other tests fill) is left as it was."""
+    from lmdeploy.cli.serve import SubCliServe
+
+    parser = argparse.ArgumentParser(prog="lmdeploy serve")
+    saved = SubCliServe.subparsers
+    SubCliServe.subparsers = parser.add_subparsers()
+    try:
+        SubCliServe.add_parsers()
+    finally:
+        SubCliServe.subparsers = saved
+    return parser
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    return lmdeploy_serve_parser()
+
+
+def parse(parser, argv) -> argparse.Namespace:
+    assert list(argv[:2]) == ["lmdeploy", "serve"]
+    return parser.parse_args(list(argv[2:]))
+
+
+def engine(tp: int, backend: str = "turbomind") -> EngineSpec:
+    return EngineSpec(backend=backend, config=EngineConfig(tp=tp, session_len=4096, max_batch_size=8,
+                                                           cache_max_entry_count=0.8, quant_policy=0),
+                      model_name="tiny", trust_remote_code=False, port=9000)
+
+
+# --- done when -----------------------------------------------------------------------------------
+
+
+def test_done_when_four_replicas_on_disjoint_gpu_pairs_at_131072(serve_parser):
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=2, gpu_memory_gib=80))
+    layout = replicas_for_plan(plan, 4, environ={})
+    assert layout.devices_assumed  # no GPU here: ids 0..7 assumed, and said so
+    assert [r.devices for r in layout.replicas] == [("0", "1"), ("2", "3"), ("4", "5"), ("6", "7")]
+    assert [r.port for r in layout.replicas] == [23334, 23335, 23336, 23337]  # after the proxy's 23333
+    for replica in layout.replicas:
+        args = parse(serve_parser, replica.argv)
+        assert args.session_len == 131072 and args.tp == 2 and args.backend == "turbomind"
+        assert (args.server_name, args.server_port) == ("127.0.0.1", replica.port)
+        assert replica.env == {"CUDA_VISIBLE_DEVICES": ",".join(replica.devices)}
+    assert plan.memory.sessions >= 1
+    assert layout.total_sessions == 4 * plan.memory.sessions
+    data = json.loads(json.dumps(replicas_json(layout)))
+    assert [d["cuda_visible_devices"] for d in data] == ["0,1", "2,3", "4,5", "6,7"]
+    assert all(parse(serve_parser, d["command"]).session_len == 131072 for d in data)
+    text = render_replicas(layout)
+    assert "CUDA_VISIBLE_DEVICES=6,7 lmdeploy serve api_server" in text
+    assert f"{layout.total_sessions} full-length session(s)" in text
+
+
+def test_done_when_tp16_over_two_nodes_gives_two_commands_lmdeploy_parses(serve_parser):
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, gpu_memory_gib=80))
+    layout = nodes_for_plan(plan, 2, "10.0.0.1:29500")
+    assert (layout.nnodes, layout.gpus_per_node, layout.tp) == (2, 8, 16)
+    assert layout.kv_heads_per_gpu == 1  # 8 KV heads repeated up to 16: one per GPU
+    assert [n.serves_http for n in layout.nodes] == [True, False]
+    for rank, node in enumerate(layout.nodes):
+        args = parse(serve_parser, node.argv)
+        assert (args.tp, args.nnodes, args.node_rank, args.dist_init_addr) == (16, 2, rank, "10.0.0.1:29500")
+        assert args.session_len == 131072
+    assert layout.total_sessions == plan.memory.sessions  # one engine: the KV plan per GPU with tp 16
+    data = nodes_json(layout)
+    assert [(d["rank"], d["port"], len(d["gpus"])) for d in data] == [(0, 23333, 8), (1, None, 8)]
+    assert "--node-rank 1 --dist-init-addr 10.0.0.1:29500" in render_nodes(layout)
+
+
+# --- lmdeploy's own check --------------------------------------------------------------------------
+
+
+def test_the_check_is_lmdeploys_own_function():
+    from lmdeploy.turbomind import parallel_config  # the package import (torch); the layout avoids it
+
+    ours = lmdeploy_derive_parallel_config()
+    assert ours.__code__.co_filename == parallel_config.derive_parallel_config.__code__.co_filename
+    for args in [(1, 8, 1, 1, None, 8), (1, 16, 1, 1, None, 16), (1, 2, 1, 1, None, 2)]:
+        assert vars(ours(*args)) == vars(parallel_config.derive_parallel_config(*args))
+
+
+@pytest.mark.parametrize("tp, nnodes, per_node", [(8, 1, 4), (16, 2, 4), (8, 2, 2)])
+def test_layouts_lmdeploy_refuses_are_refused(tp, nnodes, per_node):
+    with pytest.raises(LayoutRefused) as err:
+        check_parallel(tp, nnodes=nnodes, gpus_per_node=per_node)
+    assert "no valid parallel config" in str(err.value)  # lmdeploy's own reason, passed on
+
+
+@pytest.mark.parametrize("tp, nnodes, per_node", [(2, 1, 2), (8, 1, 8), (16, 2, 8), (32, 4, 8), (4, 1, 8)])
+def test_layouts_lmdeploy_accepts(tp, nnodes, per_node):
+    check = check_parallel(tp, nnodes=nnodes, gpus_per_node=per_node)
+    assert check.device_num == tp and check.gpus_per_node == tp // nnodes
+
+
+def test_tp_that_does_not_split_over_the_nodes_is_refused():
+    with pytest.raises(LayoutRefused, match="equal node shares"):
+        check_parallel(6, nnodes=4)
+
+
+# --- head counts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads, tp, per_gpu", [(8, 2, 4), (8, 16, 1), (2, 4, 1), (6, 4, 2), (32, 32, 1)])
+def test_kv_heads_are_repeated_up_to_tp(kv_heads, tp, per_gpu):
+    section = {"num_attention_heads": 32, "hidden_size": 4096, "num_key_value_heads": kv_heads}
+    assert kv_heads_per_gpu(section, tp) == per_gpu
+
+
+def test_heads_that_tp_does_not_divide_are_refused():
+    with pytest.raises(LayoutHeadsIndivisible, match="32 attention heads"):
+        kv_heads_per_gpu({"num_attention_heads": 32, "hidden_size": 4096}, 3)
+    with pytest.raises(LayoutHeadsIndivisible, match="hidden size"):
+        kv_heads_per_gpu({"num_attention_heads": 4, "hidden_size": 66}, 4)
+    with pytest.raises(BadOption, match="num_attention_heads"):
+        kv_heads_per_gpu({"num_attention_heads": "32", "hidden_size": 4096}, 2)
+
+
+# --- replicas ----------------------------------------------------------------------------------------
+
+
+def test_more_gpus_than_visible_is_refused_before_anything():
+    devices = visible_devices(None, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5"})
+    with pytest.raises(LayoutNeedsMoreGpus) as err:
+        replica_layout(engine(2), "/m", LLAMA, replicas=4, devices=devices, first_port=9001)
+    assert "needs 8 GPUs, but 6 are visible" in str(err.value)
+
+
+def test_replicas_take_the_visible_gpus_in_order(serve_parser):
+    devices = visible_devices(8, {"CUDA_VISIBLE_DEVICES": "3,5,GPU-aa,7"})
+    layout = replica_layout(engine(2), "/m", LLAMA, replicas=2, devices=devices, first_port=9001)
+    assert [r.devices for r in layout.replicas] == [("3", "5"), ("GPU-aa", "7")]
+    assert not layout.devices_assumed and layout.total_sessions is None
+    assert visible_devices(3, {}) == ("0", "1", "2") and visible_devices(None, {}) is None
+    flat = [d for r in layout.replicas for d in r.devices]
+    assert len(flat) == len(set(flat))
+    assert [parse(serve_parser, r.argv).server_port for r in layout.replicas] == [9001, 9002]
+
+
+def test_replica_ports_must_fit():
+    with pytest.raises(BadOption, match="65535"):
+        replica_layout(engine(1), "/m", LLAMA, replicas=3, devices=None, first_port=65534)
+
+
+def test_pytorch_replicas_skip_turbomind_check_but_not_the_heads():
+    layout = replica_layout(engine(4, "pytorch"), "/m", LLAMA, replicas=1, devices=None, first_port=9001)
+    assert layout.kv_heads_per_gpu == 1
+    with pytest.raises(BadOption, match="Ray"):
+        node_layout(engine(4, "pytorch"), "/m", LLAMA, nnodes=2, dist_init_addr="10.0.0.1:29500")
+
+
+# --- nodes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1", "10.0.0.1:", ":29500", "10.0.0.1:99999", "[::1]:29500",
+                                   "0.0.0.0:29500", "host:port"])
+def test_bad_dist_init_addr_is_refused(value):
+    with pytest.raises(BadOption) as err:
+        parse_dist_init_addr(value)
+    assert err.value.option == "--dist-init-addr"
+
+
+def test_one_node_is_not_a_multi_node_layout():
+    with pytest.raises(BadOption, match="2 or more"):
+        node_layout(engine(2), "/m", LLAMA, nnodes=1, dist_init_addr="h:1")
+
+
+def test_layouts_import_neither_lmdeploy_nor_torch():
+    code = (
+        "import sys, json\n"
+        "from launcher.plan import PlanRequest, build_plan\n"
+        "from launcher.layout import replicas_for_plan, nodes_for_plan\n"
+        "plan = build_plan(PlanRequest(model='internlm2_5-7b-chat', factor='2', tp=2, gpu_memory_gib=80))\n"
+        "replicas_for_plan(plan, 2, environ={})\n"
+        "nodes_for_plan(plan, 2, '10.0.0.1:29500')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('lmdeploy', 'torch'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
