@@ -44,10 +44,11 @@ def whole_number(value: Any, low: int = 1, high: int = INT32_MAX) -> int:
 
 def real_number(value: Any, low: float = 0.0, high: float = float(INT32_MAX), *, low_open: bool = True) -> float:
     """``value`` as a finite float within (low, high] (or [low, high]), or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be a number, found {shown(value)}")
-    number = float(value) if abs(value) < 1e308 else math.inf
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = (float(value) if abs(value) < 1e308 else math.inf) if is_number else math.nan
     below = number <= low if low_open else number < low
+    if not is_number:
+        raise ValueError(f"must be a number, found {shown(value)}")
     if not math.isfinite(number) or below or number > high:
         bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
         raise ValueError(f"must be a finite number {bound} and at most {high:g}, found {shown(value)}")
