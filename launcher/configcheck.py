@@ -35,11 +35,12 @@ def shown(value: Any) -> str:
 def whole_number(value: Any, low: int = 1, high: int = INT32_MAX) -> int:
     """``value`` as an int within [low, high], or ValueError saying what it must be. Booleans are
     not numbers; a float is taken only when it is whole (``32768.0``)."""
+    number = value
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
         raise ValueError(f"must be a whole number from {low:,} to {high:,}, found {shown(value)}")
-    return value
+    return number
 
 
 def real_number(value: Any, low: float = 0.0, high: float = float(INT32_MAX), *, low_open: bool = True) -> float:
