@@ -268,8 +268,8 @@ def _check_replaceable(target: Path) -> None:
 
 
 def _remove_own(path: Path) -> None:
-    """Remove what the manifest of ``path`` names, then the directories it leaves empty. Anything
-    else stays where it is (and so does ``path`` then)."""
+    """Remove what the manifest of ``path`` names (its provenance last), then the directories that
+    leaves empty. Anything else stays where it is (and so does ``path`` then)."""
     manifest = _manifest(path) or set()
     for root, subdirs, names in os.walk(path, topdown=False):
         rel_root = os.path.relpath(root, path)
@@ -286,10 +286,9 @@ def _remove_own(path: Path) -> None:
             except OSError:
                 pass
     try:
-        if set(os.listdir(path)) <= {PROVENANCE}:
-            if (path / PROVENANCE).exists():
-                os.unlink(path / PROVENANCE)
-            os.rmdir(path)
+        if PROVENANCE in manifest:
+            os.unlink(path / PROVENANCE)
+        os.rmdir(path)
     except OSError:
         pass
 

@@ -134,6 +134,8 @@ def _scaling_type(settings: dict | None, source: str, where: str) -> str | None:
 def _per_attention_kinds(settings: dict) -> tuple[str, ...]:
     """The keys of a transformers-5 ``rope_parameters`` that is keyed per attention type (Gemma 3:
     ``{"full_attention": {...}, "sliding_attention": {...}}``), else ()."""
+    if "rope_type" in settings or "type" in settings:
+        return ()
     return tuple(str(k) for k, v in settings.items() if isinstance(v, dict))
 
 
