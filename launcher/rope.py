@@ -330,9 +330,8 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     if before.rope_type is not None and before.rope_type != rope_type:
         if not request.force:
             raise ReplacesScaling(before.rope_type, before.factor, rope_type)
-        warnings.append(
-            f"replacing the config's {before.rope_type} x{before.factor:g} scaling with {rope_type} (--force)"
-        )
+        had = f" x{before.factor:g}" if before.factor is not None else ""
+        warnings.append(f"replacing the config's {before.rope_type}{had} scaling with {rope_type} (--force)")
 
     changes = _v1_changes(config, source)
     if _already_right(before, rope_type, factor):
