@@ -72,7 +72,10 @@ _MISSING = object()
 
 
 def parse_factor(value: str | float) -> float:
-    """A finite number greater than 1, from a flag or a preset."""
+    """A finite number greater than 1, from a flag or a preset (plain ASCII digits: Python's float()
+    would also take "３" or "1_0")."""
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        raise BadFactor(ascii(value)[1:-1])
     try:
         factor = float(value)
     except (TypeError, ValueError):

@@ -135,6 +135,18 @@ def test_out_names_that_cannot_be_a_directory_get_one_clean_line(tmp_path, capsy
     assert "\x01" not in err and digest(tmp_path) == before
 
 
+def test_a_source_with_a_very_long_name_gets_a_default_overlay_that_fits(tmp_path, capsys):
+    src = make_model(tmp_path / ("m" * 250), LLAMA)
+    code, out, err = cli(capsys, "patch", str(src), "--factor", "2")
+    assert code == 0, err
+    assert len(Path(out.splitlines()[-1]).name.encode()) <= 255
+
+
+@pytest.mark.parametrize("factor", ["\uff13", "1_0", "\u0663"])
+def test_a_factor_must_be_written_in_ascii_digits(capsys, model_dir, factor):
+    refused(cli(capsys, "plan", str(model_dir), "--factor", factor), "factor must be")
+
+
 def test_a_linked_subdirectory_comes_out_complete(tmp_path, capsys):
     shared = tmp_path / "shared_tok"
     (shared / "deeper").mkdir(parents=True)
