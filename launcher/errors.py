@@ -100,7 +100,20 @@ class UnknownRopeType(LaunchError):
 # --- RoPE rules -------------------------------------------------------------------------------
 
 
-class UnsupportedRopeType(LaunchError):
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a path, an escape sequence) written as escapes,
+    so that a message stays one line and cannot drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+class _Printable(LaunchError):
+    """Errors whose facts come from file names and file contents: shown through ``printable``."""
+
+    def __str__(self) -> str:
+        return printable(user_message(self))
+
+
+class UnsupportedRopeType(_Printable):
     """A type launch can write, but the chosen engine does not implement, or vice versa."""
 
     rope_type: str
@@ -112,7 +125,7 @@ class UnsupportedRopeType(LaunchError):
     )
 
 
-class ExistingScalingUnsupported(LaunchError):
+class ExistingScalingUnsupported(_Printable):
     rope_type: str
     message = (
         "the config already uses {rope_type!r} RoPE scaling, which launch cannot extend. "
@@ -120,7 +133,7 @@ class ExistingScalingUnsupported(LaunchError):
     )
 
 
-class PerAttentionRope(LaunchError):
+class PerAttentionRope(_Printable):
     """A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3's shape)."""
 
     source: str
@@ -133,7 +146,7 @@ class PerAttentionRope(LaunchError):
     )
 
 
-class ReplacesScaling(LaunchError):
+class ReplacesScaling(_Printable):
     existing: str
     existing_factor: float | None
     requested: str
@@ -147,7 +160,7 @@ class ReplacesScaling(LaunchError):
         )
 
 
-class ShrinksContext(LaunchError):
+class ShrinksContext(_Printable):
     served: int
     requested: int
     rope_type: str
@@ -158,7 +171,7 @@ class ShrinksContext(LaunchError):
     )
 
 
-class ContextTooLong(LaunchError):
+class ContextTooLong(_Printable):
     """N x F past what lmdeploy can hold (its session length is a 32-bit int)."""
 
     source: str
@@ -171,7 +184,7 @@ class ContextTooLong(LaunchError):
     )
 
 
-class SessionBeyondScaling(LaunchError):
+class SessionBeyondScaling(_Printable):
     session_len: int
     covered: int
     rope_type: str
@@ -181,7 +194,7 @@ class SessionBeyondScaling(LaunchError):
     )
 
 
-class BadConfig(LaunchError):
+class BadConfig(_Printable):
     """config.json (or a preset's stand-in for it) lacks a fact the rules need, or has one of the
     wrong type or range; ``problem`` names the field and the value."""
 
@@ -193,7 +206,7 @@ class BadConfig(LaunchError):
 # --- presets ----------------------------------------------------------------------------------
 
 
-class UnknownPreset(LaunchError):
+class UnknownPreset(_Printable):
     name: str
     suggestions: tuple[str, ...] = ()
 
@@ -205,21 +218,21 @@ class UnknownPreset(LaunchError):
         )
 
 
-class InvalidPreset(LaunchError):
+class InvalidPreset(_Printable):
     path: str
     field_name: str
     problem: str
     message = "invalid preset {path}: field {field_name!r}: {problem}"
 
 
-class DuplicatePreset(LaunchError):
+class DuplicatePreset(_Printable):
     name: str
     first: str
     second: str
     message = "preset {name!r} is defined twice: {first} and {second}. Rename or remove one."
 
 
-class PresetsDirNotADir(LaunchError):
+class PresetsDirNotADir(_Printable):
     path: str
     message = (
         "LAUNCH_PRESETS_DIR names {path}, which is not a directory. Point it at directories of "
@@ -230,20 +243,20 @@ class PresetsDirNotADir(LaunchError):
 # --- model directories and overlays -----------------------------------------------------------
 
 
-class NotAModelDir(LaunchError):
+class NotAModelDir(_Printable):
     path: str
     problem: str
     exit_code = 2
     message = "{path}: {problem}"
 
 
-class MalformedConfig(LaunchError):
+class MalformedConfig(_Printable):
     path: str
     problem: str
     message = "{path} is not valid config JSON: {problem}. Re-download the checkpoint."
 
 
-class OverlayNotWritable(LaunchError):
+class OverlayNotWritable(_Printable):
     path: str
     problem: str
     message = (
@@ -252,7 +265,7 @@ class OverlayNotWritable(LaunchError):
     )
 
 
-class OverlayConflict(LaunchError):
+class OverlayConflict(_Printable):
     """--out (or an overlay's place) holds something launch cannot prove it wrote."""
 
     path: str
@@ -260,7 +273,7 @@ class OverlayConflict(LaunchError):
     message = "{path}: {problem}"
 
 
-class BadOutPath(LaunchError):
+class BadOutPath(_Printable):
     """An --out that cannot name an overlay directory (empty, too long, control characters)."""
 
     path: str
@@ -269,7 +282,7 @@ class BadOutPath(LaunchError):
     message = "--out {path}: {problem}"
 
 
-class StaleOverlay(LaunchError):
+class StaleOverlay(_Printable):
     path: str
     missing: tuple[str, ...] = ()
     message = (

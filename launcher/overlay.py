@@ -78,6 +78,8 @@ def read_model_config(model_dir: Path) -> dict:
         raise MalformedConfig(str(path), f"{err.msg} at line {err.lineno} column {err.colno}") from None
     except RecursionError:
         raise MalformedConfig(str(path), "it nests too deeply to be a model config") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise MalformedConfig(str(path), str(err).split(";")[0]) from None
     if not isinstance(config, dict):
         raise MalformedConfig(str(path), "the top level is not an object")
     return check_config(config, str(path))

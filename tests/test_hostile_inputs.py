@@ -221,13 +221,21 @@ def test_config_values_of_the_wrong_type_or_range_are_refused_naming_file_field_
     [("[" * 100_000 + "]" * 100_000, "nests too deeply"),
      ('{"a":' * 5000 + "1" + "}" * 5000, "nests too deeply"),
      ('{"x":' * 70 + "1" + "}" * 70, "more than 64 levels"),
-     ("[1, 2]", "not an object"), ('"config"', "not an object")],
+     ("[1, 2]", "not an object"), ('"config"', "not an object"),
+     ('{"max_position_embeddings": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+     ('\ufeff{"a": 1}', "BOM")],
 )
 def test_config_json_nested_absurdly_deep_or_not_an_object(tmp_path, capsys, text, needle):
     src = make_model(tmp_path / "model", text)
     before = digest(tmp_path)
     refused(cli(capsys, "plan", str(src), "--factor", "2"), "config.json", needle)
     assert digest(tmp_path) == before
+
+
+def test_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
+    src = make_model(tmp_path / "two\nlines\x1b[31m", _with(head_dim="x"))
+    err = refused(cli(capsys, "plan", str(src), "--factor", "2"), "two\\nlines\\x1b[31m", "head_dim")
+    assert "\x1b" not in err
 
 
 @pytest.mark.parametrize("factor", ["1e305", "1e308", "9999999999"])
