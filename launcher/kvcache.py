@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from .configcheck import SHAPE_MAX, config_int, optional_int, optional_text
+from .engine import EngineSettings
 
 GiB = 1024**3
 BLOCK_TOKENS = 64
@@ -132,7 +133,7 @@ def plan_memory(
     gpu_bytes: int,
     weights_bytes: int,
     tp: int = 1,
-    cache_max_entry_count: float = 0.8,
+    cache_max_entry_count: float = EngineSettings.cache_max_entry_count,
     quant_policy: int = 0,
     native_context: int | None = None,
     gpu_source: str = "--gpu-memory",

@@ -256,6 +256,15 @@ def _check_replaceable(target: Path) -> None:
             raise OverlayNotWritable(str(target), err.strerror or str(err)) from None
         if not present:
             return
+        prov = _provenance_of(target)
+        files, _dirs = _entries(target)
+        if prov is not None and prov.get("tool") == "launch" and all(
+                name in OWN_FILES or os.path.islink(target / name) for name in files):
+            raise OverlayConflict(
+                str(target),
+                "looks like an overlay of an older launch, which kept no manifest of its entries, so launch "
+                "cannot prove all of it is its own. Delete it yourself if it is, or choose another --out",
+            )
         raise OverlayConflict(
             str(target),
             f"exists and is not a launch overlay (it holds {_describe(present)}); launch replaces only "

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .configcheck import INT32_MAX, whole_number
-from .engine import BACKENDS
+from .engine import BACKENDS, EngineSettings
 from .errors import DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
 from .kvcache import QUANT_POLICIES
 from .paths import builtin_presets_dir, is_repo_id, user_presets_dirs
@@ -210,11 +210,13 @@ class ShippedConfig:
 
 @dataclass(frozen=True)
 class EngineDefaults:
-    backend: str = _spec(_one_of(*BACKENDS), BACKENDS[0])
-    tp: int = _spec(_positive_int, 1)
-    max_batch_size: int = _spec(_positive_int, 64)
-    cache_max_entry_count: float = _spec(_ratio, 0.8)
-    quant_policy: int = _spec(_one_of(*QUANT_POLICIES), 0)
+    """A preset's engine settings; the defaults are the engine's own (``engine.EngineSettings``)."""
+
+    backend: str = _spec(_one_of(*BACKENDS), EngineSettings.backend)
+    tp: int = _spec(_positive_int, EngineSettings.tp)
+    max_batch_size: int = _spec(_positive_int, EngineSettings.max_batch_size)
+    cache_max_entry_count: float = _spec(_ratio, EngineSettings.cache_max_entry_count)
+    quant_policy: int = _spec(_one_of(*QUANT_POLICIES), EngineSettings.quant_policy)
 
 
 @dataclass(frozen=True)

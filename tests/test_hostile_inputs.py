@@ -104,6 +104,18 @@ def test_a_launch_patch_json_without_a_manifest_proves_nothing(tmp_path, capsys,
     assert digest(tmp_path) == before
 
 
+def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path, capsys, model_dir):
+    out = tmp_path / "old"
+    code, _stdout, err = cli(capsys, "patch", str(model_dir), "--factor", "2", "--out", str(out))
+    assert code == 0, err
+    prov = json.loads((out / "launch-patch.json").read_text())
+    del prov["files"]
+    (out / "launch-patch.json").write_text(json.dumps(prov))
+    before = digest(tmp_path)
+    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), "older launch", "Delete it yourself if it is")
+    assert digest(tmp_path) == before
+
+
 def test_an_empty_out_directory_is_used(tmp_path, capsys, model_dir):
     out = tmp_path / "empty"
     out.mkdir()
