@@ -451,3 +451,31 @@ def test_patching_is_idempotent_and_never_mutates_the_source(config, request):
     assert math.isclose(first.covered_context / first.native_context, first.factor, rel_tol=0.01) or (
         first.unchanged and first.rope_type in ("yarn", "llama3")
     )
+
+
+def test_the_one_config_number_checker():
+    from launcher.configcheck import INT32_MAX, depth_within, real_number, whole_number
+
+    assert whole_number(4096) == 4096 and whole_number(4096.0) == 4096
+    for bad in (0, -1, True, "4096", 2.5, float("nan"), float("inf"), 10**400, INT32_MAX + 1, None, [1]):
+        with pytest.raises(ValueError):
+            whole_number(bad)
+    assert real_number(1e6) == 1e6 and real_number(0, low_open=False) == 0.0
+    for bad in (0, -1.0, True, "1", float("nan"), 1e300, 10**400):
+        with pytest.raises(ValueError):
+            real_number(bad)
+    nested: object = 1
+    for _ in range(64):
+        nested = {"x": nested}
+    assert depth_within(nested) and not depth_within({"x": nested})
+    assert not depth_within([[[[]]]], limit=3) and depth_within([[[]]], limit=3)
+
+
+def test_a_factor_whose_context_passes_int32_is_refused():
+    from launcher.errors import ContextTooLong
+
+    for factor in (1e305, 1e308, 2**31):
+        with pytest.raises(ContextTooLong) as err:
+            decide(llama(256, None), RopeRequest(factor=factor))
+        assert "2147483647" in str(err.value)
+    assert decide(llama(256, None), RopeRequest(factor=(2**31 - 1) / 256)).session_len == 2**31 - 1
