@@ -278,6 +278,20 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
+def check_out(target: Path | str) -> Path:
+    """Everything about an overlay's place that can be checked before any download: a usable name
+    (``check_out_path``), not inside the Hugging Face cache, and either new, an empty directory, or
+    an overlay launch can prove it wrote. Reads only; returns the target as a Path."""
+    target = check_out_path(target)
+    if _inside(target, hf_cache_dir()):
+        raise OverlayConflict(str(target), "is inside the Hugging Face cache; launch never writes there")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
+    if target.exists():
+        _check_replaceable(target)
+    return target
+
+
 def _remove_own(path: Path) -> None:
     """Remove what the manifest of ``path`` names (its provenance last), then the directories that
     leaves empty. Anything else stays where it is (and so does ``path`` then)."""
@@ -367,7 +381,8 @@ def build_overlay(source: Path, patched_config: dict, provenance: dict, target: 
     an existing ``target`` is replaced only when launch can prove it wrote all of it."""
     source = Path(source)
     target = check_out_path(target)
-    _check_target(target, source)
+    _check_target(target, source)  # the more precise message first
+    check_out(target)
     files = source_files(source)
     own_names = [CONFIG, PROVENANCE] + ([CHAT_TEMPLATE] if chat_template else [])
     provenance = {**provenance, "tool": provenance.get("tool", "launch"), "source": os.path.realpath(source),
@@ -376,12 +391,8 @@ def build_overlay(source: Path, patched_config: dict, provenance: dict, target: 
     if chat_template:
         own[CHAT_TEMPLATE] = config_bytes(chat_template)
 
-    if target.exists() or target.is_symlink():
-        if target.is_symlink() or not target.is_dir():
-            raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
-        if _matches(target, source, own, files):
-            return Overlay(target, source, reused=True, files=len(files))
-        _check_replaceable(target)
+    if target.exists() and _matches(target, source, own, files):
+        return Overlay(target, source, reused=True, files=len(files))
 
     created: list[Path] = []
     try:

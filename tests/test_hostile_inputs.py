@@ -116,6 +116,22 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
     assert digest(tmp_path) == before
 
 
+def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
+    from launcher.errors import BadOutPath, OverlayConflict
+    from launcher.overlay import check_out
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "a.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    before = digest(tmp_path)
+    assert check_out(tmp_path / "new") == tmp_path / "new"
+    for bad, error in ((tmp_path / "foreign", OverlayConflict), (tmp_path / "file", OverlayConflict),
+                       (Path(os.environ["HF_HOME"]) / "hub" / "x", OverlayConflict), ("", BadOutPath)):
+        with pytest.raises(error):
+            check_out(bad)
+    assert digest(tmp_path) == before
+
+
 def test_an_empty_out_directory_is_used(tmp_path, capsys, model_dir):
     out = tmp_path / "empty"
     out.mkdir()
