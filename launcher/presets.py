@@ -341,20 +341,29 @@ def _load(path: Path, mtime_ns: int) -> Preset:
 
 
 def _check_consistent(preset: Preset, path: Path) -> None:
-    """The preset's own numbers must agree with what the RoPE rules read from its config facts."""
-    from .errors import BadConfig
-    from .rope import read_rope
+    """The preset's own numbers must agree with what the RoPE rules read from its config facts, and
+    its default RoPE must be one the rules accept on those facts (else every use would fail later
+    with a message that does not name the preset)."""
+    from .errors import BadConfig, LaunchError
+    from .rope import RopeRequest, decide, read_rope
 
     try:
         state = read_rope(preset.stub_config(), f"preset {preset.name}")
     except BadConfig as err:
         raise InvalidPreset(str(path), "config", err.problem) from None
+    except LaunchError as err:
+        raise InvalidPreset(str(path), "config", str(err)) from None
     if state.native_context != preset.native_context:
         raise InvalidPreset(
             str(path),
             "native_context",
             f"{preset.native_context} disagrees with the config facts, which give {state.native_context}",
         )
+    request = RopeRequest(factor=preset.rope.factor, rope_type=preset.rope.type, engine=preset.engine.backend)
+    try:
+        decide(preset.stub_config(), request, f"preset {preset.name}")
+    except LaunchError as err:
+        raise InvalidPreset(str(path), "rope", str(err)) from None
 
 
 def load_preset_file(path: Path) -> Preset:

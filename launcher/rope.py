@@ -19,8 +19,13 @@ Nothing reads files, imports an engine or prints. The facts behind the rules (lm
   ``text_config`` / ``llm_config`` / ``language_config``.
 * InternLM v1 is Llama with biases on the attention projections: rewritten to
   ``LlamaForCausalLM`` with ``attention_bias: true`` so that current TurboMind loads it.
-* Never silently: shrink the context, replace another scaling type, or write a type the engine
-  does not implement.
+* Never silently: shrink the context a trained scaling (linear, yarn, llama3) serves, replace
+  another scaling type, or write a type the engine does not implement. Dynamic over dynamic takes
+  the factor asked for, smaller included, with a note: dynamic NTK is training-free, and lmdeploy
+  serves such a config at N anyway (InternLM3 ships dynamic x6).
+* Every number read has a type and a range (``configcheck``); N x F must fit lmdeploy's int32.
+* A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3) is refused, never rewritten:
+  lmdeploy reads it only in its own Gemma code, as a fixed linear scaling.
 """
 
 from __future__ import annotations

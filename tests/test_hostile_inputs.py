@@ -343,6 +343,13 @@ def test_a_preset_repo_that_is_not_a_repo_id_fails_the_schema(tmp_path, capsys, 
     refused(cli(capsys, "plan", "mine"), "mine.yaml", "'repo'", repr(repo))
 
 
+def test_a_preset_whose_default_rope_the_rules_refuse_is_invalid_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(tmp_path))
+    config = {**GOOD["config"], "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**GOOD, "config": config}))
+    refused(cli(capsys, "presets"), "mine.yaml", "'rope'", "would replace it")
+
+
 def test_yaml_beside_yml_is_an_error_naming_both(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(tmp_path))
     for suffix in (".yaml", ".yml"):
