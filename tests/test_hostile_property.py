@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 INT32_MAX = 2**31 - 1
 _ENV = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME", "LAUNCH_CACHE_DIR", "LAUNCH_PRESETS_DIR")
@@ -272,6 +276,35 @@ def lmdeploy_reads(section: dict, build_rotary_params) -> dict:
     return {"type": rope_type, "factor": float(params.get("scaling_factor", 1.0)), "threshold": threshold}
 
 
+# Every success is also handed, at the end, to TurboMind's own parser (in a subprocess: it needs a
+# stand-in for its CUDA extension, see tests/lmdeploy_contract.py).
+TURBOMIND_CASES: list[dict] = []
+
+_TURBOMIND_READER = r"""
+import json, sys
+from tests.lmdeploy_contract import install_standin
+install_standin()
+from lmdeploy.turbomind.models.utils import parse_rope_param
+out = []
+for case in json.load(open(sys.argv[1])):
+    p, max_pos = parse_rope_param(case["section"], 64)
+    threshold = {"dynamic": p.max_position_embeddings, "yarn": p.max_position_embeddings,
+                 "llama3": p.original_max_position_embeddings}.get(p.type)
+    out.append({"type": p.type, "factor": float(p.factor), "threshold": threshold})
+print(json.dumps(out))
+"""
+
+
+def turbomind_reads(cases: list[dict], workdir: Path) -> list[dict]:
+    path = workdir / "cases.json"
+    path.write_text(json.dumps([{"section": c["section"]} for c in cases]))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", _TURBOMIND_READER, str(path)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=str(REPO), check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def check_read_as_planned(read: dict, rope_type: str, factor: float, native: int) -> None:
     assert read["type"] == rope_type, read
     assert math.isclose(read["factor"], factor), read
@@ -297,6 +330,7 @@ def check_patch_success(root: Path, src: Path, out_text: str | None, before: dic
         assert overlay.parent == root / "home" / ".cache" / "launch" / "overlays"
     written = json.loads((overlay / "config.json").read_text())
     check_read_as_planned(lmdeploy_reads(_text_section(written), build_rotary_params), rope_type, factor, native)
+    TURBOMIND_CASES.append({"section": _text_section(written), "type": rope_type, "factor": factor, "native": native})
     # complete: every file of the source (the linked tokenizer directory included) is there
     assert (overlay / "tokdir" / "tokenizer.json").read_text() == "{}"
     assert (overlay / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
@@ -316,6 +350,8 @@ def check_plan_success(root: Path, before: dict, out: str, build_rotary_params) 
                "max_position_embeddings": plan["max_position_embeddings"]}
     check_read_as_planned(lmdeploy_reads(section, build_rotary_params), plan["rope_type"], plan["factor"],
                           plan["native_context"])
+    TURBOMIND_CASES.append({"section": section, "type": plan["rope_type"], "factor": plan["factor"],
+                            "native": plan["native_context"]})
     assert digest(root) == before
 
 
@@ -327,11 +363,12 @@ def check_refusal(root: Path, before: dict, code: int, out: str, err: str) -> No
     assert digest(root) == before
 
 
-def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsys):
+def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsys, tmp_path):
     # Imported here, under the test's own HOME (importing lmdeploy writes a cache there).
     from lmdeploy.pytorch.nn.rotary_embedding import build_rotary_params
 
     outcomes: dict[str, int] = {}
+    TURBOMIND_CASES.clear()
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(config=configs(), argv=flags(), command=st.sampled_from(["patch", "plan"]), out_kind=OUT)
@@ -361,5 +398,14 @@ def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsy
 
     check()
     # The generators reach both sides of the contract (else the test would prove little).
-    print(outcomes)
     assert all(outcomes.get(f"{c} {o}", 0) >= 5 for c in ("patch", "plan") for o in ("success", "refusal")), outcomes
+
+    # TurboMind reads every successful overlay and plan as planned too. (It takes yarn's factor
+    # from max_position_embeddings / original, which launch writes as round(N x F).)
+    cases = TURBOMIND_CASES[:]
+    assert len(cases) == outcomes["patch success"] + outcomes["plan success"]
+    for case, read in zip(cases, turbomind_reads(cases, tmp_path)):
+        assert read["type"] == case["type"], (case, read)
+        assert math.isclose(read["factor"], case["factor"], rel_tol=0.01), (case, read)
+        if case["type"] != "linear":
+            assert read["threshold"] == case["native"], (case, read)
