@@ -423,33 +423,52 @@ def _remove_empty(directories: list[Path]) -> None:
             break
 
 
+_BUSY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+_ATTEMPTS = 8
+
+
 def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes], files: dict[str, str]) -> None:
-    try:
-        os.rename(tmp, target)  # atomic; replaces an empty directory; fails on a non-empty one
-        return
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise
-    if _matches(target, source, own, files):
-        return  # a concurrent run finished the same overlay first: adopt it
-    _check_replaceable(target)  # an older overlay of launch's own, and nothing else in it
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    foreign = _foreign(old)
-    if foreign or foreign is None and any(old.iterdir()):
-        # Something appeared in it since the check: put it back untouched and refuse.
+    """Rename ``tmp`` to ``target``. When ``target`` is taken: adopt it if it is this very overlay,
+    else replace it if launch can prove it wrote all of it (concurrent runs with other settings:
+    the last one wins, none fails), else refuse."""
+    for _attempt in range(_ATTEMPTS):
         try:
-            os.rename(old, target)
-        except OSError:
-            pass
-        raise OverlayConflict(str(target), "changed while launch was replacing it; nothing was removed. Run again")
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not _matches(target, source, own, files):
-            raise
-    finally:
-        _remove_own(old)
+            os.rename(tmp, target)  # atomic; replaces an empty directory; fails on a non-empty one
+            return
+        except OSError as err:
+            if err.errno not in _BUSY:
+                raise
+        if _matches(target, source, own, files):
+            return  # a concurrent run finished the same overlay first: adopt it
+        if not target.is_dir() or target.is_symlink():
+            if not target.exists() and not target.is_symlink():
+                continue  # another run moved it away meanwhile
+            raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
+        try:
+            _check_replaceable(target)  # an overlay of launch's own, and nothing else in it
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        except (FileNotFoundError, OverlayNotWritable):
+            if target.exists():
+                raise
+            continue  # another run moved it away meanwhile
+        foreign = _foreign(old)
+        if foreign or foreign is None and any(old.iterdir()):
+            # Something appeared in it since the check: put it back untouched and refuse.
+            try:
+                os.rename(old, target)
+            except OSError:
+                pass
+            raise OverlayConflict(str(target), "changed while launch was replacing it; nothing was removed. Run again")
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError as err:
+            if err.errno not in _BUSY:
+                raise
+        finally:
+            _remove_own(old)
+    raise OverlayNotWritable(str(target), "other launch runs kept replacing it at the same time")
 
 
 def check_overlay(path: Path) -> None:
