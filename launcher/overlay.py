@@ -50,6 +50,8 @@ NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 # The temporary names beside the target add ".", ".tmp-<pid>-<8 hex>" / ".old-<8 hex>".
 _TMP_SUFFIX = 40
 PATH_MAX = 4000
+_BUSY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # a rename's target is taken
+_ATTEMPTS = 8  # concurrent runs replacing one overlay: how often to look again
 
 
 # --- reading a model directory ----------------------------------------------------------------
@@ -206,16 +208,34 @@ def _provenance_of(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _manifest(path: Path) -> set[str] | None:
-    """The entries launch's provenance in ``path`` says it wrote, or None when there is no
-    provenance of launch with a manifest (then launch cannot prove anything there is its own)."""
+def _manifest(path: Path) -> dict[str, str] | None:
+    """What launch's provenance in ``path`` says it wrote: relative path -> ``link:TARGET`` or
+    ``sha256:HEX`` (its own provenance: ``self``). None when there is no provenance of launch with a
+    manifest: then launch cannot prove anything there is its own."""
     prov = _provenance_of(path)
-    names = prov.get(MANIFEST) if prov else None
-    if prov is None or prov.get("tool") != "launch" or not isinstance(names, list):
+    entries = prov.get(MANIFEST) if prov else None
+    if prov is None or prov.get("tool") != "launch" or not isinstance(entries, dict):
         return None
-    if not all(isinstance(n, str) for n in names) or PROVENANCE not in names:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
         return None
-    return set(names)
+    return entries if entries.get(PROVENANCE) == "self" else None
+
+
+def _stamp(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _as_written(full: str, expected: str) -> bool:
+    """The entry at ``full`` is still exactly what launch wrote there."""
+    if expected.startswith("link:"):
+        return os.path.islink(full) and os.readlink(full) == expected[5:]
+    if expected.startswith("sha256:") and os.path.isfile(full) and not os.path.islink(full):
+        try:
+            with open(full, "rb") as handle:
+                return _stamp(handle.read(MAX_CONFIG_BYTES + 1)) == expected
+        except OSError:
+            return False
+    return expected == "self" and os.path.isfile(full) and not os.path.islink(full)
 
 
 def _entries(path: Path) -> tuple[set[str], set[str]]:
@@ -232,14 +252,16 @@ def _entries(path: Path) -> tuple[set[str], set[str]]:
 
 
 def _foreign(path: Path) -> list[str] | None:
-    """What in ``path`` launch did not write: [] when its manifest names every entry, None when
-    there is no manifest at all."""
+    """What in ``path`` launch did not write, or changed since: [] when its manifest names every
+    entry and each is as launch wrote it (the same link, the same bytes); None when there is no
+    manifest at all."""
     manifest = _manifest(path)
     if manifest is None:
         return None
     files, dirs = _entries(path)
     parents = {str(p) for n in manifest for p in Path(n).parents if str(p) != "."}
-    return sorted((files - manifest) | (dirs - parents))
+    changed = {n for n in files & set(manifest) if not _as_written(os.path.join(path, n), manifest[n])}
+    return sorted((files - set(manifest)) | changed | (dirs - parents))
 
 
 def _describe(names: list[str]) -> str:
@@ -273,9 +295,32 @@ def _check_replaceable(target: Path) -> None:
     if foreign:
         raise OverlayConflict(
             str(target),
-            f"holds {_describe(foreign)}, which launch did not write; launch replaces only what it wrote "
-            "itself. Move those away, or choose another --out",
+            f"holds {_describe(foreign)}, which launch did not write (or which changed since); launch "
+            "replaces only what it wrote itself. Move those away, or choose another --out",
         )
+
+
+def _provenance_bytes(path: Path) -> bytes | None:
+    try:
+        return (path / PROVENANCE).read_bytes()
+    except OSError:
+        return None
+
+
+def _check_replaceable_steady(target: Path) -> None:
+    """``_check_replaceable``, telling a real conflict from another launch run swapping its own
+    overlay in while this one looked (then the check is simply repeated)."""
+    for _attempt in range(_ATTEMPTS):
+        seen = _provenance_bytes(target)
+        try:
+            _check_replaceable(target)
+            return
+        except (OverlayConflict, OverlayNotWritable):
+            if _provenance_bytes(target) == seen and target.exists():
+                raise
+            if not target.exists():
+                return
+    _check_replaceable(target)
 
 
 def check_out(target: Path | str) -> Path:
@@ -288,21 +333,22 @@ def check_out(target: Path | str) -> Path:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
     if target.exists():
-        _check_replaceable(target)
+        _check_replaceable_steady(target)
     return target
 
 
 def _remove_own(path: Path) -> None:
     """Remove what the manifest of ``path`` names (its provenance last), then the directories that
     leaves empty. Anything else stays where it is (and so does ``path`` then)."""
-    manifest = _manifest(path) or set()
+    manifest = _manifest(path) or {}
     for root, subdirs, names in os.walk(path, topdown=False):
         rel_root = os.path.relpath(root, path)
         prefix = "" if rel_root == "." else rel_root + "/"
         for name in names + [d for d in subdirs if os.path.islink(os.path.join(root, d))]:
-            if prefix + name in manifest and prefix + name != PROVENANCE:
+            rel, full = prefix + name, os.path.join(root, name)
+            if rel in manifest and rel != PROVENANCE and _as_written(full, manifest[rel]):
                 try:
-                    os.unlink(os.path.join(root, name))
+                    os.unlink(full)
                 except OSError:
                     pass
         if root != str(path):
@@ -384,12 +430,14 @@ def build_overlay(source: Path, patched_config: dict, provenance: dict, target: 
     _check_target(target, source)  # the more precise message first
     check_out(target)
     files = source_files(source)
-    own_names = [CONFIG, PROVENANCE] + ([CHAT_TEMPLATE] if chat_template else [])
-    provenance = {**provenance, "tool": provenance.get("tool", "launch"), "source": os.path.realpath(source),
-                  MANIFEST: sorted([*files, *own_names])}
-    own = {CONFIG: config_bytes(patched_config), PROVENANCE: config_bytes(provenance)}
+    own = {CONFIG: config_bytes(patched_config)}
     if chat_template:
         own[CHAT_TEMPLATE] = config_bytes(chat_template)
+    manifest = {rel: "link:" + real for rel, real in files.items()}
+    manifest.update({name: _stamp(data) for name, data in own.items()}, **{PROVENANCE: "self"})
+    provenance = {**provenance, "tool": provenance.get("tool", "launch"), "source": os.path.realpath(source),
+                  MANIFEST: dict(sorted(manifest.items()))}
+    own[PROVENANCE] = config_bytes(provenance)
 
     if target.exists() and _matches(target, source, own, files):
         return Overlay(target, source, reused=True, files=len(files))
@@ -423,10 +471,6 @@ def _remove_empty(directories: list[Path]) -> None:
             break
 
 
-_BUSY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
-_ATTEMPTS = 8
-
-
 def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes], files: dict[str, str]) -> None:
     """Rename ``tmp`` to ``target``. When ``target`` is taken: adopt it if it is this very overlay,
     else replace it if launch can prove it wrote all of it (concurrent runs with other settings:
@@ -445,7 +489,7 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
                 continue  # another run moved it away meanwhile
             raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
         try:
-            _check_replaceable(target)  # an overlay of launch's own, and nothing else in it
+            _check_replaceable_steady(target)  # an overlay of launch's own, and nothing else in it
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
         except (FileNotFoundError, OverlayNotWritable):

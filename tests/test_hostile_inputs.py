@@ -93,6 +93,19 @@ def test_a_user_file_in_out_survives_and_launch_replaces_only_its_own_overlay(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ov", "tiny"]  # no leftovers beside it
 
 
+@pytest.mark.parametrize("edit", ["config.json", "model.safetensors"])
+def test_an_entry_the_user_changed_inside_an_overlay_is_not_launchs_any_more(tmp_path, capsys, model_dir, edit):
+    out = tmp_path / "ov"
+    code, _stdout, err = cli(capsys, "patch", str(model_dir), "--factor", "2", "--out", str(out))
+    assert code == 0, err
+    entry = out / edit
+    entry.unlink()  # the user's own copy in place of launch's file or link
+    entry.write_text("edited by hand")
+    before = digest(tmp_path)
+    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), edit, "did not write")
+    assert digest(tmp_path) == before
+
+
 def test_a_launch_patch_json_without_a_manifest_proves_nothing(tmp_path, capsys, model_dir):
     out = tmp_path / "mine"
     out.mkdir()
