@@ -76,18 +76,3 @@ def word(option: str, value: object, what: str) -> str:
         raise BadOption(option, _shown(value), f"must be {what}: non-empty, without blanks at the ends or "
                         "control characters")
     return text
-
-
-def path_text(option: str, value: object, max_part: int = 255) -> str:
-    """A path given on the command line: non-empty, no control characters (the path is printed as
-    the last line of stdout), no part longer than the file system allows."""
-    text = value if isinstance(value, str) else (str(value) if value is not None else "")
-    if not text.strip():
-        raise BadOption(option, text, "is empty; give a directory path, e.g. ./my-overlay")
-    if any(unicodedata.category(ch).startswith("C") for ch in text):
-        raise BadOption(option, text.encode("unicode_escape").decode(), "contains a control character; "
-                        "give a plain path")
-    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in text.split("/"))
-    if longest > max_part:
-        raise BadOption(option, text[:40] + "...", f"has a name of {longest} bytes; the limit is {max_part}")
-    return text

@@ -14,7 +14,8 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from .kvcache import QUANT_BITS
+from .configcheck import INT32_MAX
+from .kvcache import DEFAULT_CACHE_RATIO
 from .overlay import CHAT_TEMPLATE
 
 # lmdeploy 0.18 lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (a contract test checks it).
@@ -30,12 +31,11 @@ TURBOMIND_ARCHS = frozenset(
     }
 )
 BACKENDS = ("turbomind", "pytorch")
-QUANT_POLICIES = tuple(QUANT_BITS)  # KV cache: 0 fp16, 8 int8, 4 int4 (kvcache owns their bits)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
 DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
 # Ranges of the engine flags. lmdeploy keeps session_len in an int32 (TurboMind's C++ side).
-SESSION_LEN_MAX = 2**31 - 1
+SESSION_LEN_MAX = INT32_MAX
 TP_MAX = 64
 MAX_BATCH_SIZE_MAX = 65536
 GPU_MEMORY_MAX_GIB = 4096.0  # per GPU; today's largest have under 300
@@ -50,7 +50,7 @@ class EngineSettings:
     backend: str = "turbomind"
     tp: int = 1
     max_batch_size: int = 64
-    cache_max_entry_count: float = 0.8
+    cache_max_entry_count: float = DEFAULT_CACHE_RATIO
     quant_policy: int = 0
 
 

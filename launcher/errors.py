@@ -107,147 +107,200 @@ class UnknownRopeType(LaunchError):
 # --- RoPE rules -------------------------------------------------------------------------------
 
 
-class UnsupportedRopeType(LaunchError):
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a path, an escape sequence) written as escapes,
+    so that a message stays one line and cannot drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+class _Printable(LaunchError):
+    """Errors whose facts come from file names and file contents: shown through ``printable``."""
+
+    def __str__(self) -> str:
+        return printable(user_message(self))
+
+
+class UnsupportedRopeType(_Printable):
     """A type launch can write, but the chosen engine does not implement, or vice versa."""
 
     rope_type: str
     engine: str
     supported: tuple[str, ...]
+    message = (
+        "RoPE type {rope_type!r} is not implemented by the {engine} engine "
+        "(it has: {supported_list}). Choose another --type or --backend."
+    )
 
 
-class ExistingScalingUnsupported(LaunchError):
+class ExistingScalingUnsupported(_Printable):
     rope_type: str
+    message = (
+        "the config already uses {rope_type!r} RoPE scaling, which launch cannot extend. "
+        "Serve it as it is with lmdeploy, or pick a checkpoint without it."
+    )
 
 
-class ReplacesScaling(LaunchError):
+class PerAttentionRope(_Printable):
+    """A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3's shape)."""
+
+    source: str
+    key: str
+    kinds: tuple[str, ...]
+    message = (
+        "{source}: {key} holds separate RoPE settings per attention type ({kinds_list}); lmdeploy reads "
+        "that shape only in its own model code (a fixed linear scaling), so launch does not patch it. "
+        "Serve this checkpoint as it is with lmdeploy."
+    )
+
+
+class ReplacesScaling(_Printable):
     existing: str
     existing_factor: float | None
     requested: str
 
+    def message(self) -> str:
+        factor = f" x{self.existing_factor:g}" if self.existing_factor else ""
+        return (
+            f"the config already has {self.existing}{factor} RoPE scaling; writing {self.requested} "
+            f"would replace it. Use --type {self.existing} to extend it, or add --force to replace it "
+            "on purpose."
+        )
 
-class ShrinksContext(LaunchError):
+
+class ShrinksContext(_Printable):
     served: int
     requested: int
     rope_type: str
     factor: float
+    message = (
+        "{rope_type} x{factor:g} serves {requested} tokens, less than the {served} the config "
+        "already serves. Use a larger --factor, or add --force to shrink it on purpose."
+    )
 
 
-class SessionBeyondScaling(LaunchError):
+class ContextTooLong(_Printable):
+    """N x F past what lmdeploy can hold (its session length is a 32-bit int)."""
+
+    source: str
+    native: int
+    factor: float
+    limit: int
+    message = (
+        "{source}: factor {factor:g} over the native {native} tokens is past lmdeploy's limit of "
+        "{limit} tokens per session. Use a smaller --factor."
+    )
+
+
+class SessionBeyondScaling(_Printable):
     session_len: int
     covered: int
     rope_type: str
+    message = (
+        "--session-len {session_len} is past the {covered} tokens that {rope_type} scaling covers. "
+        "Raise --factor, or add --force to serve it anyway."
+    )
 
 
-class BadConfig(LaunchError):
-    """config.json (or a preset's stand-in for it) lacks a fact the rules need."""
+class BadConfig(_Printable):
+    """config.json (or a preset's stand-in for it) lacks a fact the rules need, or has one of the
+    wrong type or range; ``problem`` names the field and the value."""
 
     source: str
     problem: str
+    message = "{source}: {problem}. Fix the config, or pick a checkpoint with a valid one."
 
 
 # --- presets ----------------------------------------------------------------------------------
 
 
-class UnknownPreset(LaunchError):
+class UnknownPreset(_Printable):
     name: str
     suggestions: tuple[str, ...] = ()
 
+    def message(self) -> str:
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        return (
+            f"no preset or model directory named {self.name!r}.{hint} "
+            "`launch presets` lists the presets; a path to a local model directory also works."
+        )
 
-class InvalidPreset(LaunchError):
+
+class InvalidPreset(_Printable):
     path: str
     field_name: str
     problem: str
+    message = "invalid preset {path}: field {field_name!r}: {problem}"
 
 
-class DuplicatePreset(LaunchError):
+class DuplicatePreset(_Printable):
     name: str
     first: str
     second: str
+    message = "preset {name!r} is defined twice: {first} and {second}. Rename or remove one."
+
+
+class PresetsDirNotADir(_Printable):
+    path: str
+    message = (
+        "LAUNCH_PRESETS_DIR names {path}, which is not a directory. Point it at directories of "
+        "preset files (several separated by ':'), or unset it."
+    )
 
 
 # --- model directories and overlays -----------------------------------------------------------
 
 
-class NotAModelDir(LaunchError):
+class NotAModelDir(_Printable):
     path: str
     problem: str
     exit_code = 2
+    message = "{path}: {problem}"
 
 
-class MalformedConfig(LaunchError):
+class MalformedConfig(_Printable):
     path: str
     problem: str
+    message = "{path} is not valid config JSON: {problem}. Re-download the checkpoint."
 
 
-class OverlayNotWritable(LaunchError):
+class OverlayNotWritable(_Printable):
     path: str
     problem: str
-
-
-class OverlayConflict(LaunchError):
-    path: str
-    problem: str
-
-
-class StaleOverlay(LaunchError):
-    path: str
-    missing: tuple[str, ...] = ()
-
-
-def _suggest(err: UnknownPreset) -> str:
-    hint = f" Did you mean: {', '.join(err.suggestions)}?" if err.suggestions else ""
-    return (
-        f"no preset or model directory named {err.name!r}.{hint} "
-        "`launch presets` lists the presets; a path to a local model directory also works."
+    message = (
+        "cannot write the overlay at {path}: {problem}. "
+        "Pick another place with --out or LAUNCH_CACHE_DIR."
     )
 
 
-def _replaces(err: ReplacesScaling) -> str:
-    factor = f" x{err.existing_factor:g}" if err.existing_factor else ""
-    return (
-        f"the config already has {err.existing}{factor} RoPE scaling; writing {err.requested} "
-        f"would replace it. Use --type {err.existing} to extend it, or add --force to replace it "
-        "on purpose."
+class OverlayConflict(_Printable):
+    """--out (or an overlay's place) holds something launch cannot prove it wrote."""
+
+    path: str
+    problem: str
+    message = "{path}: {problem}"
+
+
+class BadOutPath(_Printable):
+    """An --out that cannot name an overlay directory (empty, too long, control characters)."""
+
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--out {path}: {problem}"
+
+
+class StaleOverlay(_Printable):
+    path: str
+    missing: tuple[str, ...] = ()
+    message = (
+        "overlay {path} points at files that are gone ({missing_list}); the source was moved or "
+        "its cache pruned. Fetch the model again, then re-run."
     )
 
 
 Message = Union[str, Callable[[LaunchError], str]]  # noqa: UP007 - a runtime alias on Python 3.10
 
 MESSAGES: dict[type[LaunchError], Message] = {
-    UnsupportedRopeType: (
-        "RoPE type {rope_type!r} is not implemented by the {engine} engine "
-        "(it has: {supported_list}). Choose another --type or --backend."
-    ),
-    ExistingScalingUnsupported: (
-        "the config already uses {rope_type!r} RoPE scaling, which launch cannot extend. "
-        "Serve it as it is with lmdeploy, or pick a checkpoint without it."
-    ),
-    ReplacesScaling: _replaces,
-    ShrinksContext: (
-        "{rope_type} x{factor:g} serves {requested} tokens, less than the {served} the config "
-        "already serves. Use a larger --factor, or add --force to shrink it on purpose."
-    ),
-    SessionBeyondScaling: (
-        "--session-len {session_len} is past the {covered} tokens that {rope_type} scaling covers. "
-        "Raise --factor, or add --force to serve it anyway."
-    ),
-    BadConfig: "{source}: {problem}",
-    UnknownPreset: _suggest,
-    InvalidPreset: "invalid preset {path}: field {field_name!r}: {problem}",
-    DuplicatePreset: (
-        "preset {name!r} is defined twice: {first} and {second}. Rename or remove one."
-    ),
-    NotAModelDir: "{path}: {problem}",
-    MalformedConfig: "{path} is not valid config JSON: {problem}. Re-download the checkpoint.",
-    OverlayNotWritable: (
-        "cannot write the overlay at {path}: {problem}. "
-        "Pick another place with --out or LAUNCH_CACHE_DIR."
-    ),
-    OverlayConflict: "{path}: {problem}",
-    StaleOverlay: (
-        "overlay {path} points at files that are gone ({missing_list}); the source was moved or "
-        "its cache pruned. Fetch the model again, then re-run."
-    ),
 }
 
 

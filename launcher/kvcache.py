@@ -16,11 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import BadConfig
+from .configcheck import SHAPE_MAX, config_int, optional_int, optional_text
 
 GiB = 1024**3
 BLOCK_TOKENS = 64
+# The KV-cache quant policies lmdeploy takes (the one list: flags and presets import it).
 QUANT_BITS = {0: 16, 8: 8, 4: 4}
+# lmdeploy's default share of free GPU memory (after weights) for the KV cache; engine.EngineSettings uses it.
+DEFAULT_CACHE_RATIO = 0.8
+QUANT_POLICIES = tuple(QUANT_BITS)  # 0 fp16, 8 int8, 4 int4: most precise first
 QUANT_NAMES = {0: "fp16", 8: "int8", 4: "int4"}
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -35,20 +39,17 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, section: dict, source: str = "config.json") -> ModelShape:
-        """Read the shape from a config dict (the language-model section of a multimodal one)."""
-
-        def need(key: str) -> int:
-            value = section.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise BadConfig(source, f"{key} must be a positive integer, found {value!r}")
-            return value
-
-        layers = need("num_hidden_layers")
-        heads = need("num_attention_heads")
-        kv_heads = section.get("num_key_value_heads") or heads
-        head_dim = section.get("head_dim") or need("hidden_size") // heads
-        dtype = str(section.get("torch_dtype") or section.get("dtype") or "bfloat16")
-        return cls(layers, heads, int(kv_heads), int(head_dim), dtype)
+        """Read the shape from a config dict (the language-model section of a multimodal one).
+        Every number is a whole number in range (BadConfig names the file, field and value)."""
+        layers = config_int(section, "num_hidden_layers", source, high=SHAPE_MAX)
+        heads = config_int(section, "num_attention_heads", source, high=SHAPE_MAX)
+        kv_heads = optional_int(section, "num_key_value_heads", source, high=heads)
+        head_dim = optional_int(section, "head_dim", source, high=SHAPE_MAX)
+        if head_dim is None:
+            hidden = config_int(section, "hidden_size", source, low=heads, high=SHAPE_MAX * SHAPE_MAX)
+            head_dim = hidden // heads
+        dtype = optional_text(section, "torch_dtype", source) or optional_text(section, "dtype", source)
+        return cls(layers, heads, kv_heads or heads, head_dim, dtype or "bfloat16")
 
 
 def kv_heads_per_gpu(kv_heads: int, tp: int) -> int:
@@ -133,7 +134,7 @@ def plan_memory(
     gpu_bytes: int,
     weights_bytes: int,
     tp: int = 1,
-    cache_max_entry_count: float = 0.8,
+    cache_max_entry_count: float = DEFAULT_CACHE_RATIO,
     quant_policy: int = 0,
     native_context: int | None = None,
     gpu_source: str = "--gpu-memory",

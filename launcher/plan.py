@@ -22,7 +22,6 @@ from .engine import (
     DEFAULTS,
     GPU_MEMORY_MAX_GIB,
     MAX_BATCH_SIZE_MAX,
-    QUANT_POLICIES,
     SESSION_LEN_MAX,
     TP_MAX,
     EngineSettings,
@@ -34,6 +33,7 @@ from .engine import (
 )
 from .errors import BadConfig, BadOption
 from .kvcache import (
+    QUANT_POLICIES,
     GiB,
     KvCost,
     MemoryPlan,
@@ -93,9 +93,8 @@ def check_request(request: PlanRequest) -> PlanRequest:
         factor = checks.number("--factor", factor, 1.0, FACTOR_MAX, low_open=True, example=2)
     out = r.out
     if out is not None:
-        text = checks.path_text("--out", str(out) if isinstance(out, Path) else out)
         local = Path(r.model).expanduser()
-        out = check_target(Path(text), local if local.is_dir() else None)
+        out = check_target(out, local if local.is_dir() else None)
     return replace(
         r,
         factor=factor,

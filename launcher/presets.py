@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,10 +21,18 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidPreset, UnknownPreset
-from .paths import builtin_presets_dir, user_presets_dirs
+from .configcheck import INT32_MAX, whole_number
+from .engine import BACKENDS, EngineSettings
+from .errors import DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
+from .kvcache import QUANT_POLICIES
+from .paths import builtin_presets_dir, is_repo_id, user_presets_dirs
+from .rope import WRITABLE_TYPES
 
 SUFFIXES = (".yaml", ".yml")
+# A preset is a page of YAML. Bounding its size and refusing aliases keeps a hostile file (an
+# "alias bomb": a few lines that expand to billions of nodes) from growing memory.
+MAX_PRESET_BYTES = 256 * 1024
+MAX_PRESET_EVENTS = 20_000
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
 
 # --- the schema ----------------------------------------------------------------------------------
@@ -59,9 +66,7 @@ def _flag(value: Any) -> bool:
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"must be a whole number greater than 0, found {value!r}")
-    return value
+    return whole_number(value, 1, INT32_MAX)
 
 
 def _number(value: Any) -> float:
@@ -72,6 +77,8 @@ def _number(value: Any) -> float:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"must be a number, found {value!r}")
+    if abs(value) > 1e300:
+        raise ValueError(f"must be a number of a sensible size, found {value!r}")
     return float(value)
 
 
@@ -117,11 +124,8 @@ def _mapping(value: Any) -> dict:
     return dict(value)
 
 
-_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
 def _repo(value: Any) -> str:
-    if not isinstance(value, str) or not _REPO.match(value):
+    if not is_repo_id(value):
         raise ValueError(f"must be a Hugging Face repo id ORG/NAME, found {value!r}")
     return value
 
@@ -171,7 +175,7 @@ def _plain(section: Any) -> dict:
 
 @dataclass(frozen=True)
 class RopeDefaults:
-    type: str = _spec(_one_of("dynamic", "linear", "yarn", "llama3"))
+    type: str = _spec(_one_of(*WRITABLE_TYPES))
     factor: float = _spec(_factor)
 
 
@@ -206,11 +210,13 @@ class ShippedConfig:
 
 @dataclass(frozen=True)
 class EngineDefaults:
-    backend: str = _spec(_one_of("turbomind", "pytorch"), "turbomind")
-    tp: int = _spec(_positive_int, 1)
-    max_batch_size: int = _spec(_positive_int, 64)
-    cache_max_entry_count: float = _spec(_ratio, 0.8)
-    quant_policy: int = _spec(_one_of(0, 4, 8), 0)
+    """A preset's engine settings; the defaults are the engine's own (``engine.EngineSettings``)."""
+
+    backend: str = _spec(_one_of(*BACKENDS), EngineSettings.backend)
+    tp: int = _spec(_positive_int, EngineSettings.tp)
+    max_batch_size: int = _spec(_positive_int, EngineSettings.max_batch_size)
+    cache_max_entry_count: float = _spec(_ratio, EngineSettings.cache_max_entry_count)
+    quant_policy: int = _spec(_one_of(*QUANT_POLICIES), EngineSettings.quant_policy)
 
 
 @dataclass(frozen=True)
@@ -260,12 +266,21 @@ class PresetFile:
 
 
 def _files_in(directory: Path, builtin: bool) -> dict[str, PresetFile]:
+    """The preset files of one directory; ``x.yaml`` beside ``x.yml`` is an error naming both."""
     found: dict[str, PresetFile] = {}
     if not directory.is_dir():
+        if not builtin and directory.exists():
+            raise PresetsDirNotADir(str(directory))
         return found
-    for path in sorted(directory.iterdir()):
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError:
+        return found
+    for path in paths:
         if path.suffix in SUFFIXES and path.is_file():
-            found.setdefault(path.stem, PresetFile(path.stem, path, builtin))
+            if path.stem in found:
+                raise DuplicatePreset(path.stem, str(found[path.stem].path), str(path))
+            found[path.stem] = PresetFile(path.stem, path, builtin)
     return found
 
 
@@ -278,12 +293,36 @@ def preset_files() -> dict[str, PresetFile]:
     return dict(sorted(files.items()))
 
 
+def _yaml_refusal(text: str) -> str | None:
+    """Why ``text`` is not loaded at all (aliases, too many nodes), else None. Scans the parser's
+    events, which never expands an alias."""
+    if "*" not in text and "&" not in text and len(text) < MAX_PRESET_EVENTS:
+        return None  # no alias possible, and fewer characters than the event limit
+    for count, event in enumerate(yaml.parse(text, Loader=_YamlLoader)):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
+            return f"uses a YAML anchor or alias (line {mark.line + 1}); write the values out instead"
+        if count > MAX_PRESET_EVENTS:
+            return f"has more than {MAX_PRESET_EVENTS:,} YAML nodes; a preset is a short file"
+    return None
+
+
 @lru_cache(maxsize=64)
 def _load(path: Path, mtime_ns: int) -> Preset:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_PRESET_BYTES + 1)
+        if len(raw) > MAX_PRESET_BYTES:
+            raise InvalidPreset(str(path), "(file)", f"is larger than {MAX_PRESET_BYTES // 1024} KiB; a preset is a short file")
+        text = raw.decode("utf-8")
+        refusal = _yaml_refusal(text)
+        if refusal:
+            raise InvalidPreset(str(path), "(file)", refusal)
+        data = yaml.load(text, Loader=_YamlLoader)
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidPreset(str(path), "(file)", f"cannot read it: {err}") from None
+    except RecursionError:
+        raise InvalidPreset(str(path), "(file)", "nests too deeply; a preset is a short file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -302,20 +341,29 @@ def _load(path: Path, mtime_ns: int) -> Preset:
 
 
 def _check_consistent(preset: Preset, path: Path) -> None:
-    """The preset's own numbers must agree with what the RoPE rules read from its config facts."""
-    from .errors import BadConfig
-    from .rope import read_rope
+    """The preset's own numbers must agree with what the RoPE rules read from its config facts, and
+    its default RoPE must be one the rules accept on those facts (else every use would fail later
+    with a message that does not name the preset)."""
+    from .errors import BadConfig, LaunchError
+    from .rope import RopeRequest, decide, read_rope
 
     try:
         state = read_rope(preset.stub_config(), f"preset {preset.name}")
     except BadConfig as err:
         raise InvalidPreset(str(path), "config", err.problem) from None
+    except LaunchError as err:
+        raise InvalidPreset(str(path), "config", str(err)) from None
     if state.native_context != preset.native_context:
         raise InvalidPreset(
             str(path),
             "native_context",
             f"{preset.native_context} disagrees with the config facts, which give {state.native_context}",
         )
+    request = RopeRequest(factor=preset.rope.factor, rope_type=preset.rope.type, engine=preset.engine.backend)
+    try:
+        decide(preset.stub_config(), request, f"preset {preset.name}")
+    except LaunchError as err:
+        raise InvalidPreset(str(path), "rope", str(err)) from None
 
 
 def load_preset_file(path: Path) -> Preset:

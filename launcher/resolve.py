@@ -2,7 +2,7 @@
 
 MODEL is a local model directory, a preset name, or (with the download module) a Hugging Face repo
 id. Every command first needs only a config (``resolve``): for a preset that has not been
-downloaded, the preset's own config facts stand in; a repo id fetches config.json alone. ``patch``
+downloaded, the preset's own config facts stand in; a repo id reads config.json alone (nothing written into the Hugging Face cache). ``patch``
 and ``serve`` then plan from it, and only after every check passed get the files (``with_files``).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
-from .overlay import read_model_config
+from .overlay import parse_model_config, read_model_config
 from .paths import cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
 from .presets import Preset, find_preset, suggestions
 
@@ -95,29 +95,45 @@ class Fetching:
     trust_remote_code: bool | None = None
 
 
-def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching, config_only: bool) -> ModelSource:
+def _trust(how: Fetching, preset: Preset | None) -> bool:
+    if how.trust_remote_code is not None:
+        return how.trust_remote_code
+    return preset.trust_remote_code if preset else False
+
+
+def _config_only(repo_id: str, preset: Preset | None, label: str, how: Fetching) -> ModelSource:
+    """The config of ``repo_id`` alone, read without writing anything into the Hugging Face cache
+    (the command may still be refused on it); its commit pins the files ``with_files`` gets."""
+    from .hub import read_config
+
+    data, sha = read_config(repo_id, revision=how.revision or (preset.revision if preset else None),
+                            timeout_s=how.timeout_s)
+    origin = f"{repo_id}@{sha[:12]} config.json"
+    return ModelSource(
+        label=label, name=preset.name if preset else repo_id.split("/")[-1],
+        config=parse_model_config(data, origin), config_origin=origin, preset=preset, repo_id=repo_id,
+        revision=sha, trust_remote_code=_trust(how, preset), complete=False,
+    )
+
+
+def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching) -> ModelSource:
     from .hub import fetch
 
-    trust = how.trust_remote_code if how.trust_remote_code is not None else (
-        preset.trust_remote_code if preset else False)
+    trust = _trust(how, preset)
     result = fetch(
         repo_id,
         revision=how.revision or (preset.revision if preset else None),
         trust_remote_code=trust,
-        config_only=config_only,
+        config_only=False,
         quiet=how.quiet,
         timeout_s=how.timeout_s,
     )
-    if not config_only and not how.quiet:
+    if not how.quiet:
         import sys
 
         print(result.summary(), file=sys.stderr)
-    source = from_dir(result.path, label=label, preset=preset, repo_id=repo_id, revision=result.commit_sha,
-                      trust_remote_code=trust)
-    if config_only:  # the snapshot may hold only config.json: not a directory to serve from
-        return replace(source, path=None, complete=False,
-                       config_origin=f"{repo_id}@{result.commit_sha[:12]} config.json")
-    return source
+    return from_dir(result.path, label=label, preset=preset, repo_id=repo_id, revision=result.commit_sha,
+                    trust_remote_code=trust)
 
 
 def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None = None) -> ModelSource:
@@ -135,7 +151,7 @@ def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None =
     preset = find_preset(model)
     if preset is not None:
         if need_files:
-            return _fetch(preset.repo, preset, model, how, config_only=False)
+            return _fetch(preset.repo, preset, model, how)
         cached = cached_snapshot(preset.repo, how.revision or preset.revision)
         if cached is not None:
             source = from_dir(cached, label=model, preset=preset, trust_remote_code=how.trust_remote_code)
@@ -143,7 +159,7 @@ def resolve(model: str, *, need_files: bool = False, fetching: Fetching | None =
             return replace(source, path=cached if _has_weights(cached) else None, complete=False)
         return from_preset_facts(preset)
     if is_repo_id(model) and not _looks_like_path(model):
-        return _fetch(model, None, model, how, config_only=not need_files)
+        return _fetch(model, None, model, how) if need_files else _config_only(model, None, model, how)
     if _looks_like_path(model) or candidate.exists():
         raise NotAModelDir(str(candidate), "no such directory")
     raise UnknownPreset(model, suggestions(model))
@@ -165,4 +181,4 @@ def with_files(source: ModelSource, fetching: Fetching | None = None) -> ModelSo
     how = fetching or Fetching()
     if source.preset is None and source.revision:
         how = replace(how, revision=source.revision)
-    return _fetch(source.repo_id, source.preset, source.label, how, config_only=False)
+    return _fetch(source.repo_id, source.preset, source.label, how)

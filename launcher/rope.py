@@ -19,8 +19,13 @@ Nothing reads files, imports an engine or prints. The facts behind the rules (lm
   ``text_config`` / ``llm_config`` / ``language_config``.
 * InternLM v1 is Llama with biases on the attention projections: rewritten to
   ``LlamaForCausalLM`` with ``attention_bias: true`` so that current TurboMind loads it.
-* Never silently: shrink the context, replace another scaling type, or write a type the engine
-  does not implement.
+* Never silently: shrink the context a trained scaling (linear, yarn, llama3) serves, replace
+  another scaling type, or write a type the engine does not implement. Dynamic over dynamic takes
+  the factor asked for, smaller included, with a note: dynamic NTK is training-free, and lmdeploy
+  serves such a config at N anyway (InternLM3 ships dynamic x6).
+* Every number read has a type and a range (``configcheck``); N x F must fit lmdeploy's int32.
+* A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3) is refused, never rewritten:
+  lmdeploy reads it only in its own Gemma code, as a fixed linear scaling.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .configcheck import INT32_MAX, check_config, config_int, optional_number, shown
 from .errors import (
     BadConfig,
     BadFactor,
     BadOption,
+    ContextTooLong,
     ExistingScalingUnsupported,
     MissingFactor,
+    PerAttentionRope,
     ReplacesScaling,
     SessionBeyondScaling,
     ShrinksContext,
@@ -43,7 +51,7 @@ from .errors import (
     UnsupportedRopeType,
 )
 
-# Types launch knows how to write.
+# Types launch knows how to write (the one list: presets, flags and the contract test import it).
 WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")
 # Types each lmdeploy engine implements (turbomind: models/utils.py parse_rope_param;
 # pytorch: nn/rotary_embedding.py build_rotary_params). A contract test checks these.
@@ -69,7 +77,10 @@ _MISSING = object()
 
 
 def parse_factor(value: str | float) -> float:
-    """A finite number greater than 1, from a flag or a preset."""
+    """A finite number greater than 1, from a flag or a preset (plain ASCII digits: Python's float()
+    would also take "３" or "1_0")."""
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        raise BadFactor(ascii(value)[1:-1])
     try:
         factor = float(value)
     except (TypeError, ValueError):
@@ -117,18 +128,23 @@ def _get_section(config: dict, path: tuple[str, ...]) -> dict:
     return section
 
 
-def _scaling_type(settings: dict | None) -> str | None:
+def _scaling_type(settings: dict | None, source: str, where: str) -> str | None:
     if not isinstance(settings, dict):
         return None
+    for key in ("rope_type", "type"):
+        name = settings.get(key)
+        if name is not None and not isinstance(name, str):
+            raise BadConfig(source, f"{where}{key} must be a RoPE type name, found {shown(name)}")
     name = settings.get("rope_type") or settings.get("type")
-    return None if name in _NO_SCALING else str(name)
+    return None if name in _NO_SCALING else name
 
 
-def _positive_int(section: dict, key: str, source: str, where: str) -> int:
-    value = section.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or value != int(value):
-        raise BadConfig(source, f"{where}{key} must be a positive integer, found {value!r}")
-    return int(value)
+def _per_attention_kinds(settings: dict) -> tuple[str, ...]:
+    """The keys of a transformers-5 ``rope_parameters`` that is keyed per attention type (Gemma 3:
+    ``{"full_attention": {...}, "sliding_attention": {...}}``), else ()."""
+    if "rope_type" in settings or "type" in settings:
+        return ()
+    return tuple(str(k) for k, v in settings.items() if isinstance(v, dict))
 
 
 def served_context(rope_type: str | None, factor: float | None, max_pos: int, native: int) -> int:
@@ -142,28 +158,31 @@ def served_context(rope_type: str | None, factor: float | None, max_pos: int, na
 
 
 def read_rope(config: dict, source: str = "config.json") -> RopeState:
-    """Read the RoPE state of ``config`` (raises BadConfig when a needed fact is missing)."""
-    if not isinstance(config, dict):
-        raise BadConfig(source, "the config is not a JSON object")
+    """Read the RoPE state of ``config`` (raises BadConfig when a needed fact is missing or has
+    the wrong type or range, naming the file, the field and the value)."""
+    check_config(config, source)
     path = text_section_path(config)
     section = _get_section(config, path)
     where = "".join(f"{p}." for p in path)
     key = "rope_parameters" if "rope_parameters" in section else "rope_scaling"
     settings = section.get(key)
     if settings is not None and not isinstance(settings, dict):
-        raise BadConfig(source, f"{where}{key} must be an object or null, found {settings!r}")
-    rope_type = _scaling_type(settings)
-    max_pos = _positive_int(section, "max_position_embeddings", source, where)
+        raise BadConfig(source, f"{where}{key} must be an object or null, found {shown(settings)}")
+    if settings is not None:
+        kinds = _per_attention_kinds(settings)
+        if kinds:
+            raise PerAttentionRope(source, f"{where}{key}", kinds)
+    optional_number(section, "rope_theta", source, where)
+    rope_type = _scaling_type(settings, source, f"{where}{key}.")
+    max_pos = config_int(section, "max_position_embeddings", source, where)
     factor = None
+    if settings is not None:
+        optional_number(settings, "rope_theta", source, f"{where}{key}.")
     if rope_type is not None:
-        raw = settings.get("factor")
-        if raw is not None:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-                raise BadConfig(source, f"{where}{key}.factor must be a number, found {raw!r}")
-            factor = float(raw)
+        factor = optional_number(settings, "factor", source, f"{where}{key}.")
     native = max_pos
     if rope_type in ("yarn", "llama3") and settings.get("original_max_position_embeddings") is not None:
-        native = _positive_int(settings, "original_max_position_embeddings", source, f"{where}{key}.")
+        native = config_int(settings, "original_max_position_embeddings", source, f"{where}{key}.")
     return RopeState(
         section=path,
         key=key,
@@ -225,7 +244,7 @@ class RopeDecision:
         return not self.changes
 
 
-def _v1_changes(config: dict) -> list[Change]:
+def _v1_changes(config: dict, source: str) -> list[Change]:
     """InternLM v1 -> Llama with attention bias (lmdeploy dropped InternLM v1 in 0.14)."""
     if INTERNLM_V1_ARCH not in (config.get("architectures") or []):
         return []
@@ -233,13 +252,15 @@ def _v1_changes(config: dict) -> list[Change]:
         Change(("architectures",), config.get("architectures"), ["LlamaForCausalLM"]),
         Change(("model_type",), config.get("model_type"), "llama", added="model_type" not in config),
     ]
-    bias = bool(config.get("bias", True))
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise BadConfig(source, f"bias must be true or false, found {shown(bias)}")
     for key, value in (("attention_bias", bias), ("mlp_bias", False)):
         if config.get(key, _MISSING) != value:
             changes.append(Change((key,), config.get(key), value, added=key not in config))
     if "rope_theta" not in config and "rope_parameters" not in config:
         rotary = config.get("rotary") if isinstance(config.get("rotary"), dict) else {}
-        theta = float(rotary.get("base", 10000.0))
+        theta = optional_number(rotary, "base", source, "rotary.") or 10000.0
         changes.append(Change(("rope_theta",), None, theta, added=True))
     auto_map = config.get("auto_map")
     if isinstance(auto_map, dict) and any(k in auto_map for k in _REMOTE_MODEL_CLASSES):
@@ -310,25 +331,34 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     if factor is None:
         raise MissingFactor(source)
     factor = parse_factor(factor)
+    if before.native_context * factor > INT32_MAX:
+        raise ContextTooLong(source, before.native_context, factor, INT32_MAX)
 
     warnings: list[str] = []
     if before.rope_type is not None and before.rope_type != rope_type:
         if not request.force:
             raise ReplacesScaling(before.rope_type, before.factor, rope_type)
-        warnings.append(
-            f"replacing the config's {before.rope_type} x{before.factor:g} scaling with {rope_type} (--force)"
-        )
+        had = f" x{before.factor:g}" if before.factor is not None else ""
+        warnings.append(f"replacing the config's {before.rope_type}{had} scaling with {rope_type} (--force)")
 
-    changes = _v1_changes(config)
+    changes = _v1_changes(config, source)
     if _already_right(before, rope_type, factor):
         settings, max_pos = dict(before.settings or {}), before.max_position_embeddings
     else:
         settings, max_pos = _new_settings(before, rope_type, factor)
     covered = served_context(rope_type, factor, max_pos, before.native_context)
     if covered < before.served_context:
-        if not request.force:
+        if before.rope_type == rope_type == "dynamic":
+            # Dynamic NTK is training-free, and lmdeploy serves such a config at N anyway (it never
+            # multiplies by the factor): a smaller factor is the user's choice, not a loss.
+            warnings.append(
+                f"the config had dynamic x{before.factor:g} ({before.served_context} tokens); writing "
+                f"dynamic x{factor:g} as asked ({covered} tokens)"
+            )
+        elif not request.force:
             raise ShrinksContext(before.served_context, covered, rope_type, factor)
-        warnings.append(f"shrinking the served context from {before.served_context} to {covered} (--force)")
+        else:
+            warnings.append(f"shrinking the served context from {before.served_context} to {covered} (--force)")
 
     path = before.section
     if settings != before.settings:
@@ -340,9 +370,10 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
 
     session_len = covered
     if request.session_len is not None:
-        session_len = int(request.session_len)
-        if session_len <= 0:
-            raise BadOption("--session-len", str(request.session_len), "must be a positive number of tokens")
+        session_len = request.session_len
+        if isinstance(session_len, bool) or not isinstance(session_len, int) or not 0 < session_len <= INT32_MAX:
+            raise BadOption("--session-len", str(request.session_len),
+                            f"must be a whole number of tokens from 1 to {INT32_MAX:,} (lmdeploy's limit)")
         if session_len > covered:
             if rope_type == "dynamic":
                 warnings.append(

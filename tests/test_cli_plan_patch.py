@@ -229,7 +229,7 @@ def test_flag_numbers_have_a_type_and_a_range(launch, tmp_path, argv, needle):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("out, needle", [("", "is empty"), ("a\nb", "control character"), ("x" * 300, "the limit is")])
+@pytest.mark.parametrize("out, needle", [("", "names no new directory"), ("a\nb", "control character"), ("x" * 300, "300 bytes long")])
 def test_bad_out_paths_are_refused_before_anything(launch, model_dir, tmp_path, out, needle):
     before = tree_digest(model_dir)
     result = launch("patch", str(model_dir), "--factor", "2", "--out", out, cwd=str(tmp_path))

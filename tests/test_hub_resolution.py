@@ -141,8 +141,8 @@ def test_a_refused_flag_on_a_repo_id_makes_no_request_and_leaves_the_cache_as_it
         hub, tmp_path, isolated_env, argv, needle, cache):
     hf_home = isolated_env / "hf"
     env = {"LAUNCH_CACHE_DIR": str(tmp_path / "launch")}
-    if cache == "warm":  # the config alone is cached (what `plan` leaves), not the weights
-        assert run_launch("plan", "org/tiny", "--factor", "2", "--json", env=env).returncode == 0
+    if cache == "warm":  # the model is cached (`plan` alone writes nothing there)
+        assert run_launch("fetch", "org/tiny", "--quiet", env=env).returncode == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
     before = cache_state(hf_home)
@@ -190,3 +190,21 @@ def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
     assert note is None and files.source.revision == planned_sha
     assert json.loads((files.source.path / "config.json").read_text())["max_position_embeddings"] == 256
     assert files.decision is plan.decision and files.overlay_path is not None
+
+
+def test_plan_and_a_config_refusal_on_a_repo_id_write_nothing_into_the_cache(hub, tmp_path, isolated_env):
+    """`plan` reads config.json alone without a trace in the HF cache, and so does a command the
+    config itself refuses (a --session-len past what linear x2 covers)."""
+    hf_home = isolated_env / "hf"
+    env = {"LAUNCH_CACHE_DIR": str(tmp_path / "launch")}
+    result = run_launch("plan", "org/tiny", "--factor", "2", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    planned = json.loads(result.stdout)
+    assert planned["session_len"] == 2 * planned["native_context"]
+    assert cache_state(hf_home) is None
+    assert [s.file for s in hub.requests() if s.method == "GET" and s.file] == ["config.json"]
+    refused = run_launch("patch", "org/tiny", "--factor", "2", "--type", "linear", "--session-len", "4096",
+                         env=env)
+    assert_one_line_error(refused, "4096")
+    assert cache_state(hf_home) is None
+    assert not any(s.file == "model.safetensors" for s in hub.requests())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from launcher.errors import BadConfig
 from launcher.kvcache import (
     GiB,
     ModelShape,
@@ -81,3 +82,28 @@ def test_kv_costs_table():
     assert [c.name for c in costs.values()] == ["fp16", "int8", "int4"]
     assert costs[0].bytes_per_session == 8 * GiB
     assert largest_session(8 * GiB, 131072) == 65536
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"num_key_value_heads": 8}, "num_key_value_heads must be a whole number from 1 to 4, found 8"),
+        ({"num_key_value_heads": "abc"}, "found 'abc'"),
+        ({"head_dim": [128]}, "head_dim must be a whole number from 1 to 1,048,576, found [128]"),
+        ({"num_attention_heads": -4}, "num_attention_heads must be a whole number"),
+        ({"num_hidden_layers": True}, "found True"),
+        ({"hidden_size": 2}, "hidden_size must be a whole number from 4"),  # fewer than the heads: head_dim 0
+        ({"torch_dtype": 16}, "torch_dtype must be text, found 16"),
+    ],
+)
+def test_model_shape_numbers_have_a_type_and_a_range(changes, needle):
+    section = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, **changes}
+    with pytest.raises(BadConfig) as err:
+        ModelShape.from_config(section, "m/config.json")
+    assert str(err.value).startswith("m/config.json: ") and needle in str(err.value)
+
+
+def test_model_shape_defaults_and_whole_floats():
+    shape = ModelShape.from_config({"num_hidden_layers": 2.0, "hidden_size": 64, "num_attention_heads": 4})
+    assert shape == ModelShape(layers=2, heads=4, kv_heads=4, head_dim=16, dtype="bfloat16")
+    assert bytes_per_token(shape) == 2 * 2 * 4 * 16 * 2 > 0

@@ -249,3 +249,45 @@ def test_slug_is_one_safe_path_component():
     from launcher.overlay import slug
 
     assert slug("../../etc") == "etc" and "/" not in slug("a/b") and slug("..") == "model"
+
+
+_RACE_OTHER = r"""
+import sys, json
+from pathlib import Path
+from launcher.overlay import build_overlay
+src, target, barrier, factor = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+config = json.loads((Path(src) / "config.json").read_text())
+config["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": factor}
+while not barrier.exists():
+    pass
+o = build_overlay(Path(src), config, {"tool": "launch"}, Path(target))
+print(o.path, o.reused)
+"""
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_builds_with_other_settings_all_succeed_and_leave_one_complete_overlay(tmp_path, round_):
+    src = tmp_path / "model"
+    (src / "deep").mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps(LLAMA))
+    for i in range(100):
+        (src / "deep" / f"shard-{i}.safetensors").write_bytes(b"x")
+    target = tmp_path / "overlays" / "same"
+    barrier = tmp_path / "go"
+    factors = ("2", "3", "4", "5")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _RACE_OTHER, str(src), str(target), str(barrier), factor],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for factor in factors
+    ]
+    barrier.write_text("go")
+    results = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    final = json.loads((target / "config.json").read_text())["rope_scaling"]["factor"]
+    assert str(int(final)) in factors
+    files = source_files(src)
+    assert {str(p.relative_to(target)) for p in target.rglob("*") if not p.is_dir()} == {
+        *files, "config.json", PROVENANCE}
+    for rel, real in files.items():
+        assert os.readlink(target / rel) == real
+    assert sorted(p.name for p in target.parent.iterdir()) == ["same"]  # no .tmp / .old leftovers

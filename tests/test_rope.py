@@ -113,12 +113,12 @@ def test_absent_rope_scaling_key_means_none():
 @pytest.mark.parametrize(
     "config, problem",
     [
-        ({"architectures": ["X"]}, "max_position_embeddings must be a positive integer"),
-        (llama(max_pos=0), "max_position_embeddings must be a positive integer"),
-        (llama(max_pos="4096"), "max_position_embeddings must be a positive integer"),
+        ({"architectures": ["X"]}, "max_position_embeddings is missing"),
+        (llama(max_pos=0), "max_position_embeddings must be a whole number from 1 to 2,147,483,647, found 0"),
+        (llama(max_pos="4096"), "max_position_embeddings must be a whole number from 1 to 2,147,483,647, found '4096'"),
         (llama(rope_scaling="dynamic"), "rope_scaling must be an object or null"),
         (llama(rope_scaling={"type": "dynamic", "factor": "two"}), "factor must be a number"),
-        ([1, 2], "not a JSON object"),
+        ([1, 2], "must be a JSON object, found list"),
     ],
 )
 def test_configs_missing_facts_are_refused(config, problem):
@@ -297,12 +297,29 @@ def test_replacing_another_type_is_refused_then_allowed_with_force():
 
 
 def test_shrinking_is_refused_then_allowed_with_force():
-    config = llama(32768, {"type": "dynamic", "factor": 2.0})
+    config = llama(32768, {"type": "linear", "factor": 2.0})
     with pytest.raises(ShrinksContext) as err:
         decide(config, RopeRequest(factor=1.5))
     assert "49152" in str(err.value) and "65536" in str(err.value)
     d = decide(config, RopeRequest(factor=1.5, force=True))
     assert d.session_len == 49152 and any("shrinking" in w for w in d.warnings)
+
+
+def test_a_smaller_dynamic_factor_is_honoured_with_a_note_of_what_the_config_had():
+    # InternLM3-8B-Instruct ships dynamic x6; lmdeploy serves that config at N (it never multiplies
+    # by the factor) and dynamic NTK is training-free: x4 is a legitimate choice, not a shrink.
+    internlm3 = llama(32768, {"rope_type": "dynamic", "factor": 6.0})
+    d = decide(internlm3, RopeRequest(factor=4.0))
+    assert d.session_len == 131072 and d.settings["factor"] == 4.0 and d.max_position_embeddings == 32768
+    assert d.warnings == ("the config had dynamic x6 (196608 tokens); writing dynamic x4 as asked (131072 tokens)",)
+    # trained scalings still refuse a shrink, and so does replacing the type
+    for trained in ({"rope_type": "linear", "factor": 6.0},
+                    {"rope_type": "yarn", "factor": 6.0, "original_max_position_embeddings": 32768}):
+        config = llama(32768 if trained["rope_type"] == "linear" else 196608, trained)
+        with pytest.raises(ShrinksContext):
+            decide(config, RopeRequest(factor=4.0))
+    with pytest.raises(ReplacesScaling):
+        decide(internlm3, RopeRequest(factor=4.0, rope_type="linear"))
 
 
 def test_llama3_factor_that_declares_less_than_shipped_is_a_shrink():
@@ -428,9 +445,37 @@ def test_patching_is_idempotent_and_never_mutates_the_source(config, request):
     assert again.unchanged, again.changes
     assert apply(reparsed, again) == reparsed
     assert again.session_len == first.session_len
-    # the served context never shrinks unless forced
-    if not request.force:
+    # the served context never shrinks unless forced (or dynamic on dynamic: training-free)
+    if not request.force and not (first.before.rope_type == first.rope_type == "dynamic"):
         assert first.covered_context >= read_rope(original).served_context
     assert math.isclose(first.covered_context / first.native_context, first.factor, rel_tol=0.01) or (
         first.unchanged and first.rope_type in ("yarn", "llama3")
     )
+
+
+def test_the_one_config_number_checker():
+    from launcher.configcheck import INT32_MAX, depth_within, real_number, whole_number
+
+    assert whole_number(4096) == 4096 and whole_number(4096.0) == 4096
+    for bad in (0, -1, True, "4096", 2.5, float("nan"), float("inf"), 10**400, INT32_MAX + 1, None, [1]):
+        with pytest.raises(ValueError):
+            whole_number(bad)
+    assert real_number(1e6) == 1e6 and real_number(0, low_open=False) == 0.0
+    for bad in (0, -1.0, True, "1", float("nan"), 1e300, 10**400):
+        with pytest.raises(ValueError):
+            real_number(bad)
+    nested: object = 1
+    for _ in range(64):
+        nested = {"x": nested}
+    assert depth_within(nested) and not depth_within({"x": nested})
+    assert not depth_within([[[[]]]], limit=3) and depth_within([[[]]], limit=3)
+
+
+def test_a_factor_whose_context_passes_int32_is_refused():
+    from launcher.errors import ContextTooLong
+
+    for factor in (1e305, 1e308, 2**31):
+        with pytest.raises(ContextTooLong) as err:
+            decide(llama(256, None), RopeRequest(factor=factor))
+        assert "2147483647" in str(err.value)
+    assert decide(llama(256, None), RopeRequest(factor=(2**31 - 1) / 256)).session_len == 2**31 - 1
