@@ -25,8 +25,10 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from launcher.hub import fetch, hub_timeout, looks_like_repo_id, repo_folder, select_files, verify_cache
-from launcher.paths import hf_cache_dir
+from launcher.hub import fetch, hub_timeout, looks_like_repo_id
+from launcher.paths import hf_cache_dir, repo_folder
+from launcher.selection import select_files
+from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
 
 SERVING_FILES = {
@@ -310,7 +312,7 @@ def test_dropped_connection_resumes_with_a_range_request(hub):
     ranged = [s for s in hub.requests() if s.file == "model.safetensors" and s.range]
     assert [(s.range, s.status) for s in ranged] == [(f"bytes={chunk}-", 206)]
     assert (result.path / "model.safetensors").read_bytes() == weights
-    assert verify_cache("org/big") == []
+    assert cache_mismatches(hub.url, "org/big") == []
 
 
 def _wait_for(predicate, seconds: float = 5.0) -> bool:
@@ -361,25 +363,28 @@ def test_stalled_body_is_bounded_by_huggingface_hub_and_leaves_no_partial_file(h
     hub._stall_body.clear()
     result = fetch("org/tiny")  # nothing left behind blocks the next run
     assert (result.path / "model.safetensors").read_bytes() == tiny_repo_files()["model.safetensors"]
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
 
 
 # --- integrity ----------------------------------------------------------------------------------------
 
 
-def test_verify_cache_proves_blobs_match_their_etags_and_catches_edits(hub):
+def test_cache_check_proves_blobs_match_their_etags_and_catches_edits(hub):
     from huggingface_hub import HfApi
 
     result = fetch("org/tiny")
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
     online = HfApi(endpoint=hub.url).verify_repo_checksums("org/tiny", cache_dir=hf_cache_dir())
     assert online.mismatches == [] and online.checked_count == len(SERVING_FILES)
     # The danger the overlay exists for: writing config.json in place goes through the symlink.
     (result.path / "config.json").write_text('{"edited": true}')
-    mismatches = verify_cache("org/tiny")
-    assert [m.path for m in mismatches] == ["config.json"] and mismatches[0].algorithm == "git-sha1"
-    with pytest.raises(NotCached):
-        verify_cache("org/never")
+    mismatches = cache_mismatches(hub.url, "org/tiny")
+    assert [m["path"] for m in mismatches] == ["config.json"] and mismatches[0]["algorithm"] == "git-sha1"
+    os.remove(os.path.realpath(result.path / "model.safetensors"))  # a pruned blob: the link dangles
+    assert [(m["path"], m["algorithm"]) for m in cache_mismatches(hub.url, "org/tiny")][-1] == \
+        ("model.safetensors", "link")
+    with pytest.raises(ValueError, match="not present in cache"):
+        cache_mismatches(hub.url, "org/never")
 
 
 def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
@@ -392,7 +397,7 @@ def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
     built = overlay.build_overlay(result.path, patched, {"test": "pristine"}, tmp_path / "overlay")
     assert json.loads((built.path / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
     assert result.config_path.read_bytes() == original
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
     assert hashlib.sha256((built.path / "model.safetensors").read_bytes()).hexdigest() == \
         os.path.basename(os.path.realpath(result.path / "model.safetensors"))
 
