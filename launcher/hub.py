@@ -20,7 +20,6 @@ cache. launch never writes or deletes anything in the cache itself.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .errors import (
     BadOption,
     BadRepoId,
@@ -60,6 +60,7 @@ looks_like_repo_id = is_repo_id  # the one repo-id rule lives in launcher.paths
 DEFAULT_REVISION = "main"
 TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_MAX_S = 7 * 24 * 3600.0
 CONFIG = "config.json"
 WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
 _GRACE_S = 0.5  # the watch waits this much longer than the requests it watches
@@ -68,19 +69,12 @@ BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file,
 
 def hub_timeout(value: float | str | None = None) -> float:
     """The deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else 600.
-    BadOption for anything that is not a number of seconds > 0."""
-    option = "--timeout"
-    if value is None:
-        value, option = os.environ.get(TIMEOUT_ENV), TIMEOUT_ENV
-        if value is None or not str(value).strip():
-            return DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise BadOption(option, str(value), "give a number of seconds greater than 0, e.g. 600")
-    return seconds
+    BadOption for anything that is not a number of seconds > 0 (and at most a week)."""
+    if value is not None:
+        return checks.number("--timeout", value, 0.0, TIMEOUT_MAX_S, low_open=True, unit="of seconds", example=600)
+    value = os.environ.get(TIMEOUT_ENV) or ""
+    return checks.number(TIMEOUT_ENV, value, 0.0, TIMEOUT_MAX_S, low_open=True,
+                         unit="of seconds") if value.strip() else DEFAULT_TIMEOUT_S
 
 
 def check_revision(revision: str) -> str:
@@ -127,13 +121,13 @@ class _Call:
         revision = DEFAULT_REVISION if revision is None else check_revision(revision)
         seconds = hub_timeout(timeout_s)
         offline = constants.is_offline_mode() or any((os.environ.get(v) or "").strip().upper() in
-                                                     {"1", "ON", "YES", "TRUE"}
+                                                     constants.ENV_VARS_TRUE_VALUES
                                                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip().rstrip("/")
         cache = hf_cache_dir()
         if not _existing(cache).is_dir():  # HF_HOME / HF_HUB_CACHE, or a folder above, is a file
-            var = "HF_HUB_CACHE" if os.environ.get("HF_HUB_CACHE") else "HF_HOME"
-            raise CacheNotADirectory(var, str(cache if var == "HF_HUB_CACHE" else hf_home()), str(_existing(cache)))
+            var, value = ("HF_HUB_CACHE", cache) if os.environ.get("HF_HUB_CACHE") else ("HF_HOME", hf_home())
+            raise CacheNotADirectory(var, str(value), str(_existing(cache)))
         return cls(repo_id, revision, endpoint, cache, offline, seconds,
                    min(float(constants.HF_HUB_ETAG_TIMEOUT), seconds), f"downloading {repo_id}@{revision}")
 
@@ -146,8 +140,6 @@ def _reason(exc: BaseException) -> str:
 def _translate(exc: BaseException, call: _Call) -> LaunchError:
     """The one table of foreign exceptions (huggingface_hub, its HTTP client, the OS): the first row
     whose type matches builds the LaunchError."""
-    if isinstance(exc, LaunchError):
-        return exc
     import httpx2
     from huggingface_hub import constants, get_token
     from huggingface_hub import errors as hf
@@ -278,7 +270,8 @@ def _blob_sizes(storage: Path) -> dict[str, int]:
 
 
 def _serving(call: _Call, paths: Iterable[str], trust_remote_code: bool) -> Selection:
-    """What serving needs of a repo's listing: HubFileMissing without config.json, NoWeights without weights."""
+    """What serving needs of a repo's listing; HubFileMissing without config.json, NoWeights without
+    weights."""
     paths = list(paths)
     if CONFIG not in paths:
         raise HubFileMissing(call.repo_id, call.revision, CONFIG)
@@ -376,7 +369,8 @@ def _commit(call: _Call) -> tuple[str, LaunchError | None]:
                 raise failure from exc
         else:
             if not is_commit_sha(sha):
-                raise HubError(call.repo_id, call.endpoint, "its answer names no commit sha; is HF_ENDPOINT a hub?")
+                raise HubError(call.repo_id, call.endpoint,
+                               "its answer names no commit sha; is HF_ENDPOINT a hub?")
             return str(sha), None
     sha = _cached_sha(call)
     if sha is None:
@@ -427,6 +421,8 @@ def fetch(
             if not isinstance(failure, (NotCached, HubUnreachable)) or not snapshot.is_dir():
                 raise failure
             raise IncompleteCache(call.repo_id, call.revision, str(snapshot), missing, _why(failure))
+    except LaunchError:
+        raise
     except Exception as exc:
         raise _translate(exc, call) from exc
 
@@ -440,8 +436,9 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
         raise CacheNotWritable(str(call.cache_dir), f"{existing} is read-only or not writable by this user")
     before = _blob_sizes(call.storage)
     if config_only:
-        got = _watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision, **common)])
-        return _result(call, Path(got[0]).parent, None, started, before)
+        got = _watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision,
+                                                      **common)])[0]
+        return _result(call, Path(got).parent, None, started, before)
     # The file list, at the commit the branch points at now: no pattern matches, so nothing is
     # downloaded yet (and its "No files matched" warning is not for the user).
     with _hf_output(warnings=False, bars=False):
@@ -473,7 +470,8 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
     return _result(call, path, selection, started, before)
 
 
-def read_config(repo_id: str, *, revision: str | None = None, timeout_s: float | str | None = None) -> tuple[bytes, str]:
+def read_config(repo_id: str, *, revision: str | None = None,
+                timeout_s: float | str | None = None) -> tuple[bytes, str]:
     """``(config.json bytes, commit sha)`` of ``repo_id`` at ``revision``, for checks that may still
     refuse the command: nothing is written that stays, the Hugging Face cache included. Read from
     the cache when it holds that commit's config (no request for a pinned sha or offline, one for a
@@ -494,6 +492,8 @@ def read_config(repo_id: str, *, revision: str | None = None, timeout_s: float |
             got = _watched(call, [lambda: hf_hub_download(repo_id, CONFIG, revision=sha, local_dir=tmp,
                                                           endpoint=call.endpoint, etag_timeout=call.wait_s)])
             return Path(got[0]).read_bytes(), sha
+    except LaunchError:
+        raise
     except Exception as exc:
         raise _translate(exc, call) from exc
 

@@ -99,10 +99,11 @@ def cache_mismatches(endpoint: str, repo_id: str, revision: str | None = None) -
 
     from launcher.paths import hf_cache_dir
 
-    checked = HfApi(endpoint=endpoint).verify_repo_checksums(repo_id, revision=revision, cache_dir=hf_cache_dir())
+    api = HfApi(endpoint=endpoint)
+    checked = api.verify_repo_checksums(repo_id, revision=revision, cache_dir=hf_cache_dir())
     root = checked.verified_path
-    dangling = [{"path": str(p.relative_to(root)), "expected": "a file", "actual": "missing", "algorithm": "link"}
-                for p in sorted(root.rglob("*")) if p.is_symlink() and not p.is_file()]
+    dangling = [{"path": str(p.relative_to(root)), "expected": "a file", "actual": "missing",
+                 "algorithm": "link"} for p in sorted(root.rglob("*")) if p.is_symlink() and not p.is_file()]
     return [*checked.mismatches, *dangling]
 
 

@@ -124,6 +124,8 @@ def test_timeout_comes_from_flag_then_env(monkeypatch):
     assert hub_timeout() == 600
     monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "42")
     assert hub_timeout() == 42 and hub_timeout("3") == 3
+    with pytest.raises(BadOption, match="--timeout '1e305'"):
+        hub_timeout("1e305")  # a range, not only a sign: a week at most
     monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "soon")
     with pytest.raises(BadOption, match="LAUNCH_HUB_TIMEOUT"):
         hub_timeout()
