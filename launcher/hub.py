@@ -47,13 +47,12 @@ from .errors import (
     IncompleteCache,
     LaunchError,
     NotCached,
-    NoWeights,
     RepoNotFound,
     RevisionNotFound,
     human_bytes,
 )
 from .paths import hf_cache_dir, hf_home, is_commit_sha, is_repo_id, repo_folder
-from .selection import Selection, read_weight_map, select_files, weight_like
+from .selection import Selection, read_weight_map, select_files, serving_files
 
 looks_like_repo_id = is_repo_id  # the one repo-id rule lives in launcher.paths
 
@@ -70,11 +69,12 @@ BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file,
 def hub_timeout(value: float | str | None = None) -> float:
     """The deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else 600.
     BadOption for anything that is not a number of seconds > 0 (and at most a week)."""
-    if value is not None:
-        return checks.number("--timeout", value, 0.0, TIMEOUT_MAX_S, low_open=True, unit="of seconds", example=600)
-    value = os.environ.get(TIMEOUT_ENV) or ""
-    return checks.number(TIMEOUT_ENV, value, 0.0, TIMEOUT_MAX_S, low_open=True,
-                         unit="of seconds") if value.strip() else DEFAULT_TIMEOUT_S
+    option, example = "--timeout", 600
+    if value is None:
+        option, value, example = TIMEOUT_ENV, os.environ.get(TIMEOUT_ENV, ""), None
+        if not value.strip():
+            return DEFAULT_TIMEOUT_S
+    return checks.number(option, value, 0.0, TIMEOUT_MAX_S, low_open=True, unit="of seconds", example=example)
 
 
 def check_revision(revision: str) -> str:
@@ -269,28 +269,18 @@ def _blob_sizes(storage: Path) -> dict[str, int]:
         return {}
 
 
-def _serving(call: _Call, paths: Iterable[str], trust_remote_code: bool) -> Selection:
-    """What serving needs of a repo's listing; HubFileMissing without config.json, NoWeights without
-    weights."""
-    paths = list(paths)
-    if CONFIG not in paths:
-        raise HubFileMissing(call.repo_id, call.revision, CONFIG)
-    selection = select_files(paths, trust_remote_code=trust_remote_code)
-    if selection.weights_format is None:
-        raise NoWeights(call.repo_id, call.revision, weight_like(paths))
-    return selection
-
-
 def _in_cache(call: _Call, sha: str, trust_remote_code: bool) -> tuple[Selection, tuple[str, ...], bool]:
     """What the cache holds of ``sha`` by launch's selection rules, without the network: the
     selection, the files of it missing, and whether huggingface_hub's listing was there to choose
     from (else the snapshot's own files are taken, and at least config + weights are required)."""
     snapshot = call.snapshot(sha)
     tree = _cached_tree(call, sha)
-    paths = list(tree) if tree is not None else sorted(
-        str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
-    selection = (_serving(call, paths, trust_remote_code) if tree is not None
-                 else select_files(paths, trust_remote_code=trust_remote_code))
+    if tree is not None:
+        paths = list(tree)
+        selection = serving_files(paths, call.repo_id, call.revision, trust_remote_code=trust_remote_code)
+    else:
+        paths = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
+        selection = select_files(paths, trust_remote_code=trust_remote_code)
     if selection.index and (weight_map := read_weight_map(snapshot / selection.index)):
         selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
     missing = [f for f in selection.files if not (snapshot / f).is_file()]
@@ -447,7 +437,7 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
     tree = _cached_tree(call, path.name)
     if tree is None:
         raise HubError(call.repo_id, call.endpoint, "huggingface_hub kept no file list for it")
-    selection = _serving(call, tree, trust_remote_code)
+    selection = serving_files(tree, call.repo_id, call.revision, trust_remote_code=trust_remote_code)
 
     def get(names: Iterable[str]) -> None:
         blobs = call.storage / "blobs"  # an LFS blob cached for another commit counts: an over-estimate

@@ -1,5 +1,5 @@
-"""Which files of a checkpoint repo serving needs, decided from its file list alone (pure: no
-network, no cache). launcher/hub.py downloads what this chooses."""
+"""Which files of a checkpoint repo serving needs, decided from its file list alone (no network,
+no cache; only a weight index is read from a file). launcher/hub.py downloads what this chooses."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import HubFileMissing, NoWeights
 
 META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")  # what serving reads besides weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx",
@@ -65,6 +67,19 @@ def select_files(paths: Iterable[str], *, trust_remote_code: bool = False,
     return Selection(files=files, weights=weights, weights_format=fmt, index=index, skipped=skipped)
 
 
+def serving_files(paths: Iterable[str], repo_id: str, revision: str, *,
+                  trust_remote_code: bool = False) -> Selection:
+    """``select_files`` for a repo that must be served: HubFileMissing without a config.json,
+    NoWeights (naming what weight-like files it has) without safetensors or .bin weights."""
+    paths = list(paths)
+    if "config.json" not in paths:
+        raise HubFileMissing(repo_id, revision, "config.json")
+    selection = select_files(paths, trust_remote_code=trust_remote_code)
+    if selection.weights_format is None:
+        raise NoWeights(repo_id, revision, tuple(p for p in sorted(paths) if p.endswith(WEIGHT_SUFFIXES)))
+    return selection
+
+
 def read_weight_map(index_file: Path) -> dict[str, str] | None:
     """The ``weight_map`` of a weight index file; None when it is unreadable, not JSON, or has none."""
     try:
@@ -74,7 +89,3 @@ def read_weight_map(index_file: Path) -> dict[str, str] | None:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     return {str(k): str(v) for k, v in weight_map.items()} if isinstance(weight_map, dict) and weight_map else None
 
-
-def weight_like(paths: Iterable[str]) -> tuple[str, ...]:
-    """The files that look like weights of any format (to name them when none can be served)."""
-    return tuple(p for p in sorted(paths) if p.endswith(WEIGHT_SUFFIXES))

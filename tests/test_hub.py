@@ -27,25 +27,9 @@ from launcher.errors import (
 )
 from launcher.hub import fetch, hub_timeout, looks_like_repo_id
 from launcher.paths import hf_cache_dir, repo_folder
-from launcher.selection import select_files
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
-
-SERVING_FILES = {
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-    "merges.txt",
-    "model.safetensors",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-}
-SKIPPED = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.json", "modeling_tiny.py",
-           "README.md", ".gitattributes"}
-
-
+from tests.test_selection import SERVING_FILES, SKIPPED  # what fetch takes and leaves of org/tiny
 
 
 def storage(repo_id: str = "org/tiny") -> Path:
@@ -63,39 +47,6 @@ def requested_files(hub: FakeHub) -> set[str]:
 def incomplete_blobs(repo_id: str = "org/tiny") -> list[str]:
     blobs = storage(repo_id) / "blobs"
     return sorted(p.name for p in blobs.iterdir() if p.name.endswith(".incomplete")) if blobs.is_dir() else []
-
-
-# --- choosing files (pure) ---------------------------------------------------------------------
-
-
-def test_selection_takes_serving_files_and_skips_other_formats():
-    paths = list(tiny_repo_files())
-    chosen = select_files(paths)
-    assert set(chosen.files) == SERVING_FILES
-    assert set(chosen.skipped) == SKIPPED
-    assert chosen.weights == ("model.safetensors",) and chosen.weights_format == "safetensors"
-    with_code = select_files(paths, trust_remote_code=True)
-    assert set(with_code.files) == SERVING_FILES | {"modeling_tiny.py"}
-
-
-def test_selection_follows_the_weight_index():
-    paths = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-             "model-00002-of-00002.safetensors", "consolidated.safetensors", "pytorch_model.bin.index.json",
-             "pytorch_model-00001-of-00002.bin", "tokenizer.json"]
-    before = select_files(paths)
-    assert before.index == "model.safetensors.index.json" and before.weights == ()
-    assert "pytorch_model.bin.index.json" not in before.files and "model.safetensors.index.json" in before.meta
-    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
-    after = select_files(paths, weight_map=shards)
-    assert after.weights == tuple(sorted(shards.values()))
-    assert "consolidated.safetensors" in after.skipped and "pytorch_model-00001-of-00002.bin" in after.skipped
-
-
-def test_selection_falls_back_to_bin_and_reports_no_weights():
-    chosen = select_files(["config.json", "pytorch_model.bin", "training_args.bin", "model.gguf"])
-    assert chosen.weights == ("pytorch_model.bin",) and chosen.weights_format == "bin"
-    assert {"training_args.bin", "model.gguf"} <= set(chosen.skipped)
-    assert select_files(["config.json", "model.Q4_K_M.gguf"]).weights_format is None
 
 
 @pytest.mark.parametrize("text, expected", [
