@@ -90,6 +90,23 @@ def assert_one_line_error(result, *needles: str, code: int | None = None) -> Non
     assert result.stdout == ""
 
 
+def cache_mismatches(endpoint: str, repo_id: str, revision: str | None = None) -> list[dict]:
+    """huggingface_hub's own integrity check of the cached snapshot of ``repo_id`` against the hub at
+    ``endpoint`` (``HfApi.verify_repo_checksums``: each file hashed, sha256 for LFS files, git blob
+    sha1 otherwise, and compared with the hub's listing), plus a ``"link"`` entry for each snapshot
+    entry that is no readable file (a dangling link), which that check passes over. [] is pristine."""
+    from huggingface_hub import HfApi
+
+    from launcher.paths import hf_cache_dir
+
+    api = HfApi(endpoint=endpoint)
+    checked = api.verify_repo_checksums(repo_id, revision=revision, cache_dir=hf_cache_dir())
+    root = checked.verified_path
+    dangling = [{"path": str(p.relative_to(root)), "expected": "a file", "actual": "missing",
+                 "algorithm": "link"} for p in sorted(root.rglob("*")) if p.is_symlink() and not p.is_file()]
+    return [*checked.mismatches, *dangling]
+
+
 @pytest.fixture
 def hub(monkeypatch):
     """A fake Hugging Face Hub (tests/fakehub.py, a real HTTP server on 127.0.0.1) serving org/tiny;

@@ -25,25 +25,11 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from launcher.hub import fetch, hub_timeout, looks_like_repo_id, repo_folder, select_files, verify_cache
-from launcher.paths import hf_cache_dir
+from launcher.hub import fetch, hub_timeout, looks_like_repo_id
+from launcher.paths import hf_cache_dir, repo_folder
+from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
-
-SERVING_FILES = {
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-    "merges.txt",
-    "model.safetensors",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-}
-SKIPPED = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.json", "modeling_tiny.py",
-           "README.md", ".gitattributes"}
-
-
+from tests.test_selection import SERVING_FILES, SKIPPED  # what fetch takes and leaves of org/tiny
 
 
 def storage(repo_id: str = "org/tiny") -> Path:
@@ -61,39 +47,6 @@ def requested_files(hub: FakeHub) -> set[str]:
 def incomplete_blobs(repo_id: str = "org/tiny") -> list[str]:
     blobs = storage(repo_id) / "blobs"
     return sorted(p.name for p in blobs.iterdir() if p.name.endswith(".incomplete")) if blobs.is_dir() else []
-
-
-# --- choosing files (pure) ---------------------------------------------------------------------
-
-
-def test_selection_takes_serving_files_and_skips_other_formats():
-    paths = list(tiny_repo_files())
-    chosen = select_files(paths)
-    assert set(chosen.files) == SERVING_FILES
-    assert set(chosen.skipped) == SKIPPED
-    assert chosen.weights == ("model.safetensors",) and chosen.weights_format == "safetensors"
-    with_code = select_files(paths, trust_remote_code=True)
-    assert set(with_code.files) == SERVING_FILES | {"modeling_tiny.py"}
-
-
-def test_selection_follows_the_weight_index():
-    paths = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-             "model-00002-of-00002.safetensors", "consolidated.safetensors", "pytorch_model.bin.index.json",
-             "pytorch_model-00001-of-00002.bin", "tokenizer.json"]
-    before = select_files(paths)
-    assert before.index == "model.safetensors.index.json" and before.weights == ()
-    assert "pytorch_model.bin.index.json" not in before.files and "model.safetensors.index.json" in before.meta
-    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
-    after = select_files(paths, weight_map=shards)
-    assert after.weights == tuple(sorted(shards.values()))
-    assert "consolidated.safetensors" in after.skipped and "pytorch_model-00001-of-00002.bin" in after.skipped
-
-
-def test_selection_falls_back_to_bin_and_reports_no_weights():
-    chosen = select_files(["config.json", "pytorch_model.bin", "training_args.bin", "model.gguf"])
-    assert chosen.weights == ("pytorch_model.bin",) and chosen.weights_format == "bin"
-    assert {"training_args.bin", "model.gguf"} <= set(chosen.skipped)
-    assert select_files(["config.json", "model.Q4_K_M.gguf"]).weights_format is None
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -122,6 +75,8 @@ def test_timeout_comes_from_flag_then_env(monkeypatch):
     assert hub_timeout() == 600
     monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "42")
     assert hub_timeout() == 42 and hub_timeout("3") == 3
+    with pytest.raises(BadOption, match="--timeout '1e305'"):
+        hub_timeout("1e305")  # a range, not only a sign: a week at most
     monkeypatch.setenv("LAUNCH_HUB_TIMEOUT", "soon")
     with pytest.raises(BadOption, match="LAUNCH_HUB_TIMEOUT"):
         hub_timeout()
@@ -310,7 +265,7 @@ def test_dropped_connection_resumes_with_a_range_request(hub):
     ranged = [s for s in hub.requests() if s.file == "model.safetensors" and s.range]
     assert [(s.range, s.status) for s in ranged] == [(f"bytes={chunk}-", 206)]
     assert (result.path / "model.safetensors").read_bytes() == weights
-    assert verify_cache("org/big") == []
+    assert cache_mismatches(hub.url, "org/big") == []
 
 
 def _wait_for(predicate, seconds: float = 5.0) -> bool:
@@ -361,25 +316,28 @@ def test_stalled_body_is_bounded_by_huggingface_hub_and_leaves_no_partial_file(h
     hub._stall_body.clear()
     result = fetch("org/tiny")  # nothing left behind blocks the next run
     assert (result.path / "model.safetensors").read_bytes() == tiny_repo_files()["model.safetensors"]
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
 
 
 # --- integrity ----------------------------------------------------------------------------------------
 
 
-def test_verify_cache_proves_blobs_match_their_etags_and_catches_edits(hub):
+def test_cache_check_proves_blobs_match_their_etags_and_catches_edits(hub):
     from huggingface_hub import HfApi
 
     result = fetch("org/tiny")
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
     online = HfApi(endpoint=hub.url).verify_repo_checksums("org/tiny", cache_dir=hf_cache_dir())
     assert online.mismatches == [] and online.checked_count == len(SERVING_FILES)
     # The danger the overlay exists for: writing config.json in place goes through the symlink.
     (result.path / "config.json").write_text('{"edited": true}')
-    mismatches = verify_cache("org/tiny")
-    assert [m.path for m in mismatches] == ["config.json"] and mismatches[0].algorithm == "git-sha1"
-    with pytest.raises(NotCached):
-        verify_cache("org/never")
+    mismatches = cache_mismatches(hub.url, "org/tiny")
+    assert [m["path"] for m in mismatches] == ["config.json"] and mismatches[0]["algorithm"] == "git-sha1"
+    os.remove(os.path.realpath(result.path / "model.safetensors"))  # a pruned blob: the link dangles
+    assert [(m["path"], m["algorithm"]) for m in cache_mismatches(hub.url, "org/tiny")][-1] == \
+        ("model.safetensors", "link")
+    with pytest.raises(ValueError, match="not present in cache"):
+        cache_mismatches(hub.url, "org/never")
 
 
 def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
@@ -392,7 +350,7 @@ def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
     built = overlay.build_overlay(result.path, patched, {"test": "pristine"}, tmp_path / "overlay")
     assert json.loads((built.path / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
     assert result.config_path.read_bytes() == original
-    assert verify_cache("org/tiny") == []
+    assert cache_mismatches(hub.url, "org/tiny") == []
     assert hashlib.sha256((built.path / "model.safetensors").read_bytes()).hexdigest() == \
         os.path.basename(os.path.realpath(result.path / "model.safetensors"))
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.hub import repo_folder
-from launcher.paths import hf_cache_dir
+from launcher.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, run_launch
 from tests.fakehub import FakeHub, tiny_repo_files
 

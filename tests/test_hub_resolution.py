@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.hub import verify_cache
-from tests.conftest import assert_one_line_error, run_launch
-from tests.fakehub import TINY_CONFIG, tiny_repo_files
+from tests.conftest import assert_one_line_error, cache_mismatches, run_launch
+from tests.fakehub import TINY_CONFIG, FakeHub, tiny_repo_files
 
 
 def blobs(hf_home: Path) -> dict[str, bytes]:
@@ -57,7 +56,9 @@ def test_done_when_fetch_patch_plan_online_then_offline(hub, tmp_path, isolated_
         assert result.returncode == 0, (argv, result.stderr)
     assert Path(run_launch("patch", "org/tiny", "--factor", "2", env=offline).stdout.splitlines()[-1]) == overlay
     assert blobs(hf_home) == before
-    assert verify_cache("org/tiny") == []
+    with FakeHub() as again:  # the same repos served again, for huggingface_hub's own check
+        again.repos = hub.repos
+        assert cache_mismatches(again.url, "org/tiny") == []
 
 
 def test_plan_on_a_repo_id_fetches_only_the_config(hub, isolated_env):
