@@ -381,12 +381,11 @@ def fetch(
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    config_only: bool = False,
     quiet: bool = False,
     timeout_s: float | str | None = None,
 ) -> FetchResult:
     """Make ``repo_id`` at ``revision`` (default main) available in the Hugging Face cache and
-    return where. ``config_only`` fetches config.json alone (never the weights). ``quiet`` turns
+    return where (``read_config`` reads config.json alone, writing nothing). ``quiet`` turns
     off huggingface_hub's progress bars (shown only when stderr is a terminal) and its warnings.
     ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): see ``_watched``.
 
@@ -400,14 +399,11 @@ def fetch(
         with _hf_output(warnings=not quiet, bars=not quiet and sys.stderr.isatty()):
             sha, failure = _commit(call)
             snapshot = call.snapshot(sha)
-            if config_only:
-                selection, missing, listed = None, () if (snapshot / CONFIG).is_file() else (CONFIG,), True
-            else:
-                selection, missing, listed = _in_cache(call, sha, trust_remote_code)
+            selection, missing, listed = _in_cache(call, sha, trust_remote_code)
             if not missing and (listed or failure):
                 return _result(call, snapshot, selection, started, note=failure and _why(failure))
             if failure is None:
-                return _download(call, trust_remote_code, config_only, started)
+                return _download(call, trust_remote_code, started)
             if not isinstance(failure, (NotCached, HubUnreachable)) or not snapshot.is_dir():
                 raise failure
             raise IncompleteCache(call.repo_id, call.revision, str(snapshot), missing, _why(failure))
@@ -417,7 +413,7 @@ def fetch(
         raise _translate(exc, call) from exc
 
 
-def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: float) -> FetchResult:
+def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResult:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     common = {"cache_dir": call.cache_dir, "endpoint": call.endpoint, "etag_timeout": call.wait_s}
@@ -425,10 +421,6 @@ def _download(call: _Call, trust_remote_code: bool, config_only: bool, started: 
     if not os.access(existing, os.W_OK):  # huggingface_hub would list the files, then fail or warn
         raise CacheNotWritable(str(call.cache_dir), f"{existing} is read-only or not writable by this user")
     before = _blob_sizes(call.storage)
-    if config_only:
-        got = _watched(call, [lambda: hf_hub_download(call.repo_id, CONFIG, revision=call.revision,
-                                                      **common)])[0]
-        return _result(call, Path(got).parent, None, started, before)
     # The file list, at the commit the branch points at now: no pattern matches, so nothing is
     # downloaded yet (and its "No files matched" warning is not for the user).
     with _hf_output(warnings=False, bars=False):

@@ -124,7 +124,6 @@ def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching) -> Mo
         repo_id,
         revision=how.revision or (preset.revision if preset else None),
         trust_remote_code=trust,
-        config_only=False,
         quiet=how.quiet,
         timeout_s=how.timeout_s,
     )

@@ -25,7 +25,7 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from launcher.hub import fetch, hub_timeout, looks_like_repo_id
+from launcher.hub import fetch, hub_timeout, looks_like_repo_id, read_config
 from launcher.paths import hf_cache_dir, repo_folder
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
@@ -141,14 +141,6 @@ def test_following_a_branch_picks_up_a_new_commit_and_reuses_blobs(hub):
     assert second.downloaded_bytes == len(files["config.json"])
 
 
-def test_config_only_never_touches_the_weights(hub):
-    result = fetch("org/tiny", config_only=True)
-    assert result.files == ("config.json",) and json.loads(result.config_path.read_text()) == TINY_CONFIG
-    assert requested_files(hub) == {"config.json"}
-    hub.reset()
-    assert fetch("org/tiny", config_only=True).from_cache and hub.count() == 1
-
-
 def test_sharded_repo_takes_the_indexed_shards_only(hub):
     shard1, shard2 = safetensors_bytes({"a": (4, 4)}), safetensors_bytes({"b": (4, 4)}, fill=7)
     index = {"metadata": {"total_size": 128}, "weight_map": {
@@ -210,7 +202,7 @@ def test_stopped_hub_complete_cache_works_nothing_cached_is_clear(hub):
 
 @pytest.mark.parametrize("how", ["stopped", "offline"])
 def test_partial_cache_without_hub_is_a_clear_error(hub, monkeypatch, how):
-    fetch("org/tiny", config_only=True)  # the cache now holds config.json and nothing else
+    cache_config_alone(hub)  # the cache now holds config.json and nothing else
     if how == "stopped":
         hub.stop()
     else:
@@ -452,7 +444,6 @@ def cache_files(root: Path) -> dict[str, object]:
 
 
 def test_read_config_writes_nothing_and_reads_the_cache_when_it_can(hub):
-    from launcher.hub import read_config
 
     home = Path(os.environ["HF_HOME"])
     sha = hub.repos["org/tiny"].refs["main"]
@@ -462,9 +453,17 @@ def test_read_config_writes_nothing_and_reads_the_cache_when_it_can(hub):
     assert requested_files(hub) == {"config.json"}
     with pytest.raises(RepoNotFound):
         read_config("org/missing")
-    fetch("org/tiny", config_only=True)
+    cache_config_alone(hub)
     hub.reset()
     assert read_config("org/tiny", revision=sha) == (text, sha) and hub.count() == 0  # cached, pinned
     before = cache_files(home)
     assert read_config("org/tiny")[1] == sha and hub.count() == 1  # a branch: one request, no download
     assert cache_files(home) == before
+
+
+def cache_config_alone(hub) -> None:
+    """A partial cache, as huggingface_hub itself leaves it after fetching config.json alone."""
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download("org/tiny", "config.json", endpoint=hub.url,
+                    cache_dir=Path(os.environ["HF_HOME"]) / "hub")
