@@ -68,6 +68,27 @@ def launch():
     return run_launch
 
 
+def tree_state(root: Path) -> dict[str, str] | None:
+    """A byte-for-byte picture of everything under ``root`` (links not followed): each directory,
+    each file's SHA-256 and each link's target; None when ``root`` does not exist."""
+    import hashlib
+
+    if not Path(root).exists():
+        return None
+    state = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                state[rel] = "link:" + os.readlink(full)
+            elif full.is_dir():
+                state[rel] = "dir"
+            else:
+                state[rel] = hashlib.sha256(full.read_bytes()).hexdigest()
+    return state
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -6,7 +6,6 @@ itself (the YAML alias bomb runs in a subprocess with a memory limit)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -18,23 +17,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.conftest import LLAMA, REPO
-
-
-def digest(root: Path) -> dict[str, str]:
-    """Every entry under ``root``: file contents, link targets, directories (links not followed)."""
-    out = {}
-    for dirpath, dirs, names in os.walk(root):
-        for name in dirs + names:
-            full = Path(dirpath) / name
-            rel = str(full.relative_to(root))
-            if full.is_symlink():
-                out[rel] = "link:" + os.readlink(full)
-            elif full.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(full.read_bytes()).hexdigest()
-    return out
+from tests.conftest import LLAMA, REPO, tree_state
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -78,11 +61,11 @@ def test_a_user_file_in_out_survives_and_launch_replaces_only_its_own_overlay(tm
 
     (out / "notes.txt").write_text("my own notes")
     (out / "sub").mkdir()
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     for factor in ("2", "3"):  # the same settings, and other ones
         refused(cli(capsys, "patch", str(model_dir), "--factor", factor, "--out", str(out)),
                 str(out), "notes.txt", "sub", "did not write")
-        assert digest(tmp_path) == before
+        assert tree_state(tmp_path) == before
 
     # Without the user's things it is launch's own overlay again: replaced in place.
     (out / "notes.txt").unlink()
@@ -101,9 +84,9 @@ def test_an_entry_the_user_changed_inside_an_overlay_is_not_launchs_any_more(tmp
     entry = out / edit
     entry.unlink()  # the user's own copy in place of launch's file or link
     entry.write_text("edited by hand")
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), edit, "did not write")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_a_launch_patch_json_without_a_manifest_proves_nothing(tmp_path, capsys, model_dir):
@@ -111,10 +94,10 @@ def test_a_launch_patch_json_without_a_manifest_proves_nothing(tmp_path, capsys,
     out.mkdir()
     (out / "launch-patch.json").write_text(json.dumps({"tool": "launch", "source": str(model_dir)}))
     (out / "thesis.tex").write_text("years of work")
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(model_dir), "--factor", "2", "--out", str(out)),
             "not a launch overlay", "thesis.tex")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path, capsys, model_dir):
@@ -124,9 +107,9 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
     prov = json.loads((out / "launch-patch.json").read_text())
     del prov["files"]
     (out / "launch-patch.json").write_text(json.dumps(prov))
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), "older launch", "Delete it yourself if it is")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
@@ -136,13 +119,13 @@ def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "a.txt").write_text("mine")
     (tmp_path / "file").write_text("x")
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     assert check_out(tmp_path / "new") == tmp_path / "new"
     for bad, error in ((tmp_path / "foreign", OverlayConflict), (tmp_path / "file", OverlayConflict),
                        (Path(os.environ["HF_HOME"]) / "hub" / "x", OverlayConflict), ("", BadOutPath)):
         with pytest.raises(error):
             check_out(bad)
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_an_empty_out_directory_is_used(tmp_path, capsys, model_dir):
@@ -171,9 +154,9 @@ def test_removing_an_old_overlay_takes_only_what_its_manifest_names(tmp_path, mo
 def test_out_names_that_cannot_be_a_directory_get_one_clean_line(tmp_path, capsys, model_dir, monkeypatch, out,
                                                                  needle):
     monkeypatch.chdir(tmp_path)
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     err = refused(cli(capsys, "patch", str(model_dir), "--factor", "2", "--out", out), needle)
-    assert "\x01" not in err and digest(tmp_path) == before
+    assert "\x01" not in err and tree_state(tmp_path) == before
 
 
 def test_a_source_with_a_very_long_name_gets_a_default_overlay_that_fits(tmp_path, capsys):
@@ -207,9 +190,9 @@ def test_a_directory_link_loop_is_refused(tmp_path, capsys):
     src = make_model(tmp_path / "model", LLAMA)
     (src / "sub").mkdir()
     os.symlink("..", src / "sub" / "up")
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(src), "--factor", "2", "--out", str(tmp_path / "ov")), "sub/up", "loop")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 # --- 2/3. config values: a type and a range, the error names file, field and value ----------
@@ -251,9 +234,9 @@ def _with(**changes) -> dict:
 def test_config_values_of_the_wrong_type_or_range_are_refused_naming_file_field_value(
         tmp_path, capsys, command, config, needles):
     src = make_model(tmp_path / "model", config)
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, command, str(src), "--factor", "2"), str(src / "config.json"), *needles)
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
     assert not (Path(os.environ["XDG_CACHE_HOME"]) / "launch").exists()
 
 
@@ -268,9 +251,9 @@ def test_config_values_of_the_wrong_type_or_range_are_refused_naming_file_field_
 )
 def test_config_json_nested_absurdly_deep_or_not_an_object(tmp_path, capsys, text, needle):
     src = make_model(tmp_path / "model", text)
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "plan", str(src), "--factor", "2"), "config.json", needle)
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
@@ -281,19 +264,19 @@ def test_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("factor", ["1e305", "1e308", "9999999999"])
 def test_a_huge_factor_is_refused_by_the_flag_range(tmp_path, capsys, model_dir, factor):
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(model_dir), "--factor", factor, "--out", str(tmp_path / "o")),
             "--factor", "at most 1024")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 @pytest.mark.parametrize("factor", ["4", "1000"])
 def test_a_factor_whose_context_overflows_is_refused_by_the_rope_rules(tmp_path, capsys, factor):
     src = make_model(tmp_path / "model", json.dumps(_with(max_position_embeddings=2**30)))
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(src), "--factor", factor, "--out", str(tmp_path / "o")),
             "2147483647 tokens")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_a_session_len_past_int32_is_refused(tmp_path, capsys, model_dir):
@@ -324,11 +307,11 @@ def test_gemma3_per_attention_rope_parameters_are_refused_never_dropped(tmp_path
     src = make_model(tmp_path / "gemma", GEMMA3_TEXT)
     nested = make_model(tmp_path / "gemma-mm", {"architectures": ["Gemma3ForConditionalGeneration"],
                                                 "text_config": GEMMA3_TEXT})
-    before = digest(tmp_path)
+    before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(src), *flags, "--out", str(tmp_path / "o")),
             "rope_parameters", "full_attention, sliding_attention", "as it is")
     refused(cli(capsys, "plan", str(nested), *flags), "text_config.rope_parameters", "per attention type")
-    assert digest(tmp_path) == before
+    assert tree_state(tmp_path) == before
 
 
 def test_lmdeploy_reads_the_gemma3_shape_only_as_a_fixed_linear_scaling():

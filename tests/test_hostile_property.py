@@ -14,7 +14,6 @@ Then, on every example, exactly one of:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.cli import main
+from tests.conftest import tree_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,21 +149,6 @@ def flags(draw):
 
 
 # --- the world each example runs in -------------------------------------------------------------
-
-
-def digest(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirs, names in os.walk(root):
-        for name in dirs + names:
-            full = Path(dirpath) / name
-            rel = str(full.relative_to(root))
-            if full.is_symlink():
-                out[rel] = "link:" + os.readlink(full)
-            elif full.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(full.read_bytes()).hexdigest()
-    return out
 
 
 @contextmanager
@@ -336,7 +321,7 @@ def check_patch_success(root: Path, src: Path, out_text: str | None, before: dic
     assert (overlay / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     # nothing else changed: the overlay's own tree is the only difference
     rel = str(overlay.relative_to(root))
-    after = {k: v for k, v in digest(root).items() if not (k == rel or k.startswith(rel + "/"))}
+    after = {k: v for k, v in tree_state(root).items() if not (k == rel or k.startswith(rel + "/"))}
     kept = {k: v for k, v in before.items() if not (k == rel or k.startswith(rel + "/"))}
     created_parents = {k for k in set(after) - set(kept) if after[k] == "dir" and rel.startswith(k + "/")}
     assert {k: v for k, v in after.items() if k not in created_parents} == kept
@@ -352,7 +337,7 @@ def check_plan_success(root: Path, before: dict, out: str, build_rotary_params) 
                           plan["native_context"])
     TURBOMIND_CASES.append({"section": section, "type": plan["rope_type"], "factor": plan["factor"],
                             "native": plan["native_context"]})
-    assert digest(root) == before
+    assert tree_state(root) == before
 
 
 def check_refusal(root: Path, before: dict, code: int, out: str, err: str) -> None:
@@ -360,7 +345,7 @@ def check_refusal(root: Path, before: dict, code: int, out: str, err: str) -> No
     assert out == "", out
     assert err.count("\n") == 1 and err.startswith("launch: error: "), err
     assert "Traceback" not in err
-    assert digest(root) == before
+    assert tree_state(root) == before
 
 
 def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsys, tmp_path):
@@ -383,7 +368,7 @@ def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsy
                     args += ["--out", out_text]
             else:
                 args += ["--json", "--gpu-memory", "80"]
-            before = digest(root)
+            before = tree_state(root)
             code, out, err = run_cli(capsys, args)
             if code == 0:
                 outcomes[f"{command} success"] = outcomes.get(f"{command} success", 0) + 1

@@ -4,14 +4,12 @@ Face cache byte-for-byte unchanged afterwards."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cache_mismatches, run_launch
+from tests.conftest import assert_one_line_error, cache_mismatches, run_launch, tree_state
 from tests.fakehub import TINY_CONFIG, FakeHub, tiny_repo_files
 
 
@@ -98,25 +96,6 @@ def test_a_downloaded_preset_plans_from_its_real_config_without_a_request(hub, t
 # --- cheap checks first: a refused command on a repo id asks the hub for nothing ------------------
 
 
-def cache_state(root: Path) -> dict[str, str] | None:
-    """Every directory, file and link under ``root`` (None when it does not exist): a byte-for-byte
-    picture of the Hugging Face cache."""
-    if not root.exists():
-        return None
-    state = {}
-    for dirpath, dirs, names in os.walk(root):
-        for name in dirs + names:
-            full = Path(dirpath) / name
-            rel = str(full.relative_to(root))
-            if full.is_symlink():
-                state[rel] = "link:" + os.readlink(full)
-            elif full.is_dir():
-                state[rel] = "dir"
-            else:
-                state[rel] = hashlib.sha256(full.read_bytes()).hexdigest()
-    return state
-
-
 FLAG_REFUSALS = [
     (["patch", "org/tiny", "--factor", "0"], "factor must be a finite number greater than 1"),
     (["patch", "org/tiny", "--factor", "1e305"], "--factor '1e305'"),
@@ -146,13 +125,13 @@ def test_a_refused_flag_on_a_repo_id_makes_no_request_and_leaves_the_cache_as_it
         assert run_launch("fetch", "org/tiny", "--quiet", env=env).returncode == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    before = cache_state(hf_home)
+    before = tree_state(hf_home)
     hub.reset()
     argv = [str(blocker) if a == "FILE" else a.replace("HF/", f"{hf_home}/") for a in argv]
     result = run_launch(*argv, env=env)
     assert_one_line_error(result, needle)
     assert hub.requests() == []
-    assert cache_state(hf_home) == before
+    assert tree_state(hf_home) == before
     assert (before is None) == (cache == "empty")
     assert blocker.read_text() == "mine" and not (tmp_path / "launch").exists()
 
@@ -202,10 +181,10 @@ def test_plan_and_a_config_refusal_on_a_repo_id_write_nothing_into_the_cache(hub
     assert result.returncode == 0, result.stderr
     planned = json.loads(result.stdout)
     assert planned["session_len"] == 2 * planned["native_context"]
-    assert cache_state(hf_home) is None
+    assert tree_state(hf_home) is None
     assert [s.file for s in hub.requests() if s.method == "GET" and s.file] == ["config.json"]
     refused = run_launch("patch", "org/tiny", "--factor", "2", "--type", "linear", "--session-len", "4096",
                          env=env)
     assert_one_line_error(refused, "4096")
-    assert cache_state(hf_home) is None
+    assert tree_state(hf_home) is None
     assert not any(s.file == "model.safetensors" for s in hub.requests())
