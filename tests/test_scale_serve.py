@@ -7,11 +7,25 @@ the GPU engine cannot run here)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error
+from launcher import http
+from launcher.process import group_members
+from launcher.proxy import proxy_nodes
+from tests.conftest import assert_one_line_error, free_port
 from tests.test_layout import lmdeploy_serve_parser, parse
+from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
+from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +135,207 @@ def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80", *flags,
                     env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     assert_one_line_error(result, *needles)
+
+
+# --- launch serve: through the real CLI on a pretended GPU, STAND-IN engines -------------------
+
+REPO = Path(__file__).resolve().parent.parent
+STANDIN_ENGINE = REPO / "tests" / "standin_engine_server.py"
+KEY = "sk-scale-test"
+# The CLI itself, on the pretended GPU (tests/test_serve.py's seam), with the stand-in engine as
+# the serving process (serve's server_argv, the stand-in seam test_serve.py's driver uses).
+CLI_DRIVER = PRETEND_GPU + (
+    "import functools, sys\n"
+    "import launcher.serve\n"
+    f"launcher.serve.serve = functools.partial(launcher.serve.serve, server_argv=(sys.executable, {str(STANDIN_ENGINE)!r}))\n"
+    "from launcher.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def start_serve(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    err = tmp_path / "serve.err"
+    full_env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO), **(env or {}))
+    with open(err, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, "serve", *args], cwd=REPO, env=full_env,
+                                stdout=subprocess.PIPE, stderr=handle, text=True)
+    return proc, err
+
+
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 all free on 127.0.0.1."""
+    for _ in range(200):
+        first = free_port()
+        if first + n - 1 > 65535:
+            continue
+        try:
+            held = []
+            for port in range(first, first + n):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise AssertionError("no run of free ports")
+
+
+def closed(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sigint_stops_all(model_dir, tmp_path):
+    port = free_ports(3)
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
+                            "--port", str(port), env={"LAUNCH_API_KEYS": KEY, "CUDA_VISIBLE_DEVICES": "0,1"})
+    root = f"http://127.0.0.1:{port}"
+    replicas = [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"]
+    groups: list[int] = []
+    try:
+        ready = "".join(read_until(proc, "curl", timeout=240))
+        assert f"OpenAI API at {root}/v1 through lmdeploy's proxy, 2 replica(s)" in ready, ready
+        assert f"replica 0  {replicas[0]}  GPUs 0" in ready and f"replica 1  {replicas[1]}  GPUs 1" in ready
+        assert {u: n.models for u, n in proxy_nodes(root).items()} == {u: ("tiny",) for u in replicas}
+        # each replica on its own GPU set, from the same overlay
+        kids = children_of(proc.pid)
+        engines = sorted((p for p in kids if str(STANDIN_ENGINE) in cmdline(p)), key=lambda p: cmdline(p))
+        proxies = [p for p in kids if "launcher.proxy_server" in cmdline(p)]
+        assert len(engines) == 2 and len(proxies) == 1, [cmdline(p) for p in kids]
+        groups = [*engines, *proxies]
+        assert sorted(environ_of(p)["CUDA_VISIBLE_DEVICES"] for p in engines) == ["0", "1"]
+        specs = [json.loads(Path(cmdline(p).split()[-1]).read_text()) for p in engines]
+        assert len({s["model_path"] for s in specs}) == 1  # one overlay
+        assert sorted(s["server_port"] for s in specs) == [port + 1, port + 2]
+        assert all(s["server_name"] == "127.0.0.1" and s["api_keys"] == [KEY] for s in specs)
+        # chats through the proxy: all answered, and both replicas answered some
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
+        assert http.post(root + "/v1/chat/completions", body, timeout=20).status == 401  # the proxy wants a key
+        for _ in range(12):
+            reply = http.post(root + "/v1/chat/completions", body, api_key=KEY, timeout=20)
+            assert reply.status == 200 and "error_code" not in reply.json(), reply.body
+            assert reply.json()["choices"][0]["message"]["content"]
+        counts = []
+        for url in replicas:
+            metrics = http.get(url + "/metrics", api_key=KEY, timeout=5).body.decode()
+            counts.append(int(re.search(r"^lmdeploy_prompts_total (\d+)$", metrics, re.MULTILINE).group(1)))
+        assert sum(counts) == 12 and min(counts) >= 1, counts
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert all(group_members(pgid) == [] for pgid in groups)  # every process group is empty
+    assert all(closed(p) for p in (port, port + 1, port + 2))
+
+
+def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    result = launch_with_gpu("serve", str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "3",
+                             env={"LAUNCH_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert_one_line_error(result, "--replicas 3 x --tp 1 needs 3 GPUs", "2 are visible")
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--replicas", "2", "--proxy-url", "http://127.0.0.1:9"], ["--proxy-url", "runs its own proxy"]),
+    (["--advertise-url", "http://10.0.0.5:23333"], ["--advertise-url", "--proxy-url"]),
+    (["--host", "0.0.0.0", "--api-key", "k", "--proxy-url", "http://127.0.0.1:9"], ["--advertise-url", "0.0.0.0"]),
+    (["--nnodes", "2", "--dist-init-addr", "10.0.0.1:29500"], ["--node-rank", "0 to 1"]),
+])
+def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
+    cache = tmp_path / "cache"
+    result = launch_with_gpu("serve", str(model_dir), "--factor", "2", "--backend", "pytorch", *flags,
+                             env={"LAUNCH_CACHE_DIR": str(cache)})
+    assert_one_line_error(result, *needles)
+    assert not cache.exists()
+
+
+def test_an_unreachable_proxy_url_stops_serve_before_anything_slow(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    result = launch_with_gpu("serve", str(model_dir), "--factor", "2", "--backend", "pytorch",
+                             "--proxy-url", f"http://127.0.0.1:{free_port()}", env={"LAUNCH_CACHE_DIR": str(cache)})
+    assert_one_line_error(result, "does not answer its node API")
+    assert not (cache / "overlays").exists()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("proxy")
+    port = free_port()
+    proc, _out, err = start_launch_proxy(tmp, port)
+    yield f"http://127.0.0.1:{port}"
+    assert stop(proc) == 0, err.read_text()[-2000:]
+
+
+def test_proxy_url_registers_only_after_health_and_leaves_on_stop(model_dir, tmp_path, proxy):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:  # when the node first shows in the proxy, and when its /health first answered 200
+        while not done.is_set():
+            now = time.monotonic()
+            if "healthy" not in seen and http.status_of(url + "/health", timeout=0.5) == 200:
+                seen["healthy"] = now
+            if "registered" not in seen and url in proxy_nodes(proxy):
+                seen["registered"] = time.monotonic()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--port", str(port),
+                            "--proxy-url", proxy + "/")
+    try:
+        ready = "".join(read_until(proc, "registered with the proxy", timeout=120))
+        assert f"as {url} (it leaves the proxy when stopped)" in ready
+        assert {u: n.models for u, n in proxy_nodes(proxy).items()} == {url: ("tiny",)}
+        assert wait_for(lambda: "registered" in seen, 5)
+        assert "healthy" in seen and seen["healthy"] <= seen["registered"], seen
+        chat = http.post(proxy + "/v1/chat/completions",
+                         {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, timeout=20)
+        assert chat.status == 200 and "error_code" not in chat.json(), chat.body
+    finally:
+        done.set()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    # gone at once: before launch's watchdog (2 s rounds, 2 failures) could have taken it out
+    assert proxy_nodes(proxy) == {}
+    assert "left the proxy at" in err.read_text()
+    assert closed(port)
+
+
+def test_a_replica_the_proxy_cannot_reach_is_stopped_with_one_line(model_dir, tmp_path, proxy):
+    port = free_port()
+    wrong = f"http://127.0.0.1:{free_port()}"  # the proxy would route to a port nobody serves
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--port", str(port),
+                            "--proxy-url", proxy, "--advertise-url", wrong)
+    out, _ = proc.communicate(timeout=120)
+    lines = [line for line in err.read_text().splitlines() if line.startswith("launch: error:")]
+    assert proc.returncode == 1 and len(lines) == 1, err.read_text()
+    assert "could not be registered with the proxy" in lines[0] and "it was stopped" in lines[0]
+    assert "Serving" not in out  # never announced
+    assert proxy_nodes(proxy) == {} and closed(port)
