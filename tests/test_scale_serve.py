@@ -339,3 +339,67 @@ def test_a_replica_the_proxy_cannot_reach_is_stopped_with_one_line(model_dir, tm
     assert "could not be registered with the proxy" in lines[0] and "it was stopped" in lines[0]
     assert "Serving" not in out  # never announced
     assert proxy_nodes(proxy) == {} and closed(port)
+
+
+def test_smoke_replicas_mode_parses_and_refuses_cleanly_without_gpus(tmp_path):
+    from launcher.gpu import nvidia_problem
+
+    if nvidia_problem() is None:
+        pytest.skip("this machine has a GPU: the smoke test would run")
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "smoke.py"), "--replicas", "2"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, env=dict(os.environ, SMOKE_OUT=str(tmp_path / "smoke")),
+                         check=False)
+    assert run.returncode == 1 and "SMOKE PASSED" not in run.stdout
+    assert run.stderr.strip() == ("SMOKE FAILED: --replicas 2 needs 2 NVIDIA GPUs: " + nvidia_problem())
+    assert not (tmp_path / "smoke").exists()  # stopped before building the model
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "smoke.py"), "--replicas", "zero"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert bad.returncode == 2 and "--replicas" in bad.stderr
+
+
+# --- launch serve --nnodes: what can be checked without GPUs --------------------------------------
+
+
+def test_serve_nnodes_dry_run_shows_the_node_layout(launch):
+    args = ("serve", "internlm2_5-7b-chat", "--factor", "4", "--tp", "16", "--nnodes", "2",
+            "--dist-init-addr", "10.0.0.1:29500", "--gpu-memory", "80", "--dry-run")
+    result = launch(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [n["rank"] for n in data["nodes"]] == [0, 1] and data["kv_cache"]["tp"] == 16
+    assert data["overlay_sha256"].startswith("sha256:")
+    assert "TurbomindEngineConfig(" in data["engine_call"] and "tp=16" in data["engine_call"]
+
+
+def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
+    """What the serving process of node 1 gets: lmdeploy's real TurbomindEngineConfig with the
+    total tp, nnodes, node_rank and dist_init_addr (the fields `lmdeploy serve api_server --nnodes`
+    sets from its flags)."""
+    from lmdeploy.messages import TurbomindEngineConfig
+
+    from launcher.engine import backend_config
+    from launcher.plan import PlanRequest, build_plan
+    from launcher.serve import _write_spec
+
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
+    spec_path, _log = _write_spec(plan, tmp_path / "overlay",
+                                  {"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:29500"})
+    config = backend_config(json.loads(spec_path.read_text()))
+    assert type(config) is TurbomindEngineConfig
+    assert (config.tp, config.nnodes, config.node_rank, config.dist_init_addr) == (16, 2, 1, "10.0.0.1:29500")
+    assert config.session_len == 131072
+
+
+def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
+    from dataclasses import replace
+
+    from launcher.errors import BadOption
+    from launcher.plan import PlanRequest, build_plan
+    from launcher.serve import _check_gpus
+
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
+    _check_gpus(replace(plan, gpu_count=8))  # 16 over 2 nodes: 8 here
+    with pytest.raises(BadOption) as err:
+        _check_gpus(replace(plan, gpu_count=4))
+    assert "each node needs 8 GPUs" in str(err.value) and "has 4" in str(err.value)
