@@ -98,6 +98,9 @@ def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joinin
     """``--proxy-url`` / ``--advertise-url`` checked against each other and the layout (no request)."""
     from .proxy import advertise_url, proxy_url
 
+    if request.probe and scale.kind == "replicas":
+        raise BadOption("--probe", "with --replicas", "probes one engine: serve the replicas, then `launch probe --url "
+                        "http://127.0.0.1:PORT+1` for the first replica (or the proxy's PORT for all)")
     if request.proxy_url is None:
         if request.advertise_url is not None:
             raise BadOption("--advertise-url", request.advertise_url, "is the URL a proxy reaches this server at: "
@@ -118,16 +121,20 @@ def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
     from .proxy import add_node, leave
 
     shown = http.redact(joining.proxy)
+    joined: list[bool] = []
 
     def join(info) -> None:
         try:
             add_node(joining.url, joining.proxy, info.api_key)
         except LaunchError as exc:
             raise ReplicaNotRegistered(joining.url, shown, str(exc)) from None
+        joined.append(True)
         print(f"  registered with the proxy at {shown} as {joining.url} (it leaves the proxy when stopped)",
               file=out)
 
     def part() -> None:
+        if not joined:  # never registered: nothing to take out
+            return
         left = leave(joining.url, joining.proxy)
         print(f"launch: {'left' if left else 'could not leave (not registered, or it does not answer)'} "
               f"the proxy at {shown}", file=sys.stderr, flush=True)
@@ -235,7 +242,8 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
         else:
             print(render_plan(plan, layout), file=out)
-            print("\nengine call (in the serving process):", file=out)
+            where = "each replica's serving process, on its own port" if scale.kind == "replicas" else "the serving process"
+            print(f"\nengine call (in {where}):", file=out)
             print(engine_call(plan, str(plan.overlay_path or "<overlay: made after download>")), file=out)
         return 0
 

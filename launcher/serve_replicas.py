@@ -64,7 +64,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
     from . import http
-    from .address import is_wildcard, server_root_url
+    from .address import is_loopback, is_wildcard, server_root_url
     from .errors import LaunchError, ReplicaNotRegistered, ServerDied
     from .progress import StartProgress
     from .proxy import add_node
@@ -126,6 +126,10 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 (f"  proxy log {proxy.log_path}   routing {run.routing}; launch's watchdog takes out a replica "
                 "that stops answering /health"),
             ]
+            if not is_loopback(run.proxy_host):
+                lines.append(f"  listening on {run.proxy_host}: the proxy's node API (/nodes/add, /nodes/remove) "
+                             f"takes no API key, so whoever reaches port {run.proxy_port} can change the nodes; keep "
+                             "it on a private network")
             if is_wildcard(run.proxy_host):
                 lines.append(f"  listening on all interfaces ({run.proxy_host}): other machines use this machine's "
                              f"address, port {run.proxy_port}")

@@ -160,9 +160,9 @@ def run_supervised(
     ``ServerLogNotWritable``; ``ServerStartFailed`` / ``ServerStartTimeout`` while starting;
     ``ServerDied`` if it exits on its own after it was ready. No path leaves the server running.
 
-    ``on_stop()`` runs once on every path out after ``on_ready`` returned (a signal, the server
-    dying, a probe failing), before the server is stopped: a replica leaves its proxy there. It
-    must not raise (what it raises is dropped: the stop goes on).
+    ``on_stop()`` runs once on every path out once ``on_ready`` was called (a signal, the server
+    dying, a probe failing, ``on_ready`` itself failing), before the server is stopped: a replica
+    leaves its proxy there. It must not raise (what it raises is dropped: the stop goes on).
     """
     if isinstance(api_keys, (str, bytes)):
         raise TypeError("api_keys must be a list of keys, not one string")
@@ -199,10 +199,10 @@ def run_supervised(
                              model_name=models[0] if models else (model_name or "MODEL"),
                              served_models=models, pid=server.pid, log_path=server.log_path,
                              startup_s=time.monotonic() - started, auth=bool(api_keys), api_key=key)
-            if on_ready:
-                on_ready(info)
             if on_stop:
                 leaving.append(on_stop)
+            if on_ready:
+                on_ready(info)
             if probe and not signals.requested():
                 # The probe may be cut short by the first Ctrl-C / SIGTERM (it keeps its partial
                 # results); what it returns (reporting, writing files) runs after that, whole.

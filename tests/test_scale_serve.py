@@ -263,6 +263,9 @@ def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_
     (["--advertise-url", "http://10.0.0.5:23333"], ["--advertise-url", "--proxy-url"]),
     (["--host", "0.0.0.0", "--api-key", "k", "--proxy-url", "http://127.0.0.1:9"], ["--advertise-url", "0.0.0.0"]),
     (["--nnodes", "2", "--dist-init-addr", "10.0.0.1:29500"], ["--node-rank", "0 to 1"]),
+    (["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:29500", "--proxy-url", "http://h:1"],
+     ["--proxy-url", "only rank 0"]),
+    (["--replicas", "2", "--probe"], ["--probe", "launch probe --url"]),
 ])
 def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
     cache = tmp_path / "cache"
