@@ -111,7 +111,16 @@ def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joinin
                         "replica per command to join another proxy")
     if scale.kind == "nodes" and scale.node_rank:
         raise BadOption("--proxy-url", request.proxy_url, "only rank 0 serves HTTP: give --proxy-url on node 0")
-    return Joining(proxy_url(request.proxy_url, "--proxy-url"), advertise_url(host, port, request.advertise_url))
+    from . import http
+    from .address import is_loopback
+
+    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"), advertise_url(host, port, request.advertise_url))
+    own, proxy_host = http.parse_url(joining.url).host, http.parse_url(joining.proxy).host
+    if is_loopback(own) and not is_loopback(proxy_host):
+        raise BadOption("--advertise-url", joining.url, f"the proxy at {proxy_host} cannot reach this machine's loopback "
+                        "address; serve with --host 0.0.0.0 (or this machine's address) and --advertise-url "
+                        "http://THIS-MACHINE:PORT")
+    return joining
 
 
 def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:

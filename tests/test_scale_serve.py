@@ -250,6 +250,50 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
     assert all(closed(p) for p in (port, port + 1, port + 2))
 
 
+def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
+    kids = children_of(proc.pid)
+    return ([p for p in kids if str(STANDIN_ENGINE) in cmdline(p)],
+            [p for p in kids if "launcher.proxy_server" in cmdline(p)])
+
+
+def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
+    port = free_ports(3)
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
+                            "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    try:
+        read_until(proc, "curl", timeout=240)
+        engines, proxies = replica_processes(proc)
+        assert len(engines) == 2 and len(proxies) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    errors = [line for line in err.read_text().splitlines() if line.startswith("launch: error:")]
+    assert len(errors) == 1 and "was killed by SIGKILL" in errors[0] and "server.log" in errors[0], errors
+    assert all(group_members(pgid) == [] for pgid in (*engines, *proxies))
+    assert all(closed(p) for p in (port, port + 1, port + 2))
+
+
+def test_ctrl_c_while_the_replicas_start_leaves_no_process(model_dir, tmp_path):
+    port = free_ports(3)
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
+                            "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    try:
+        assert wait_for(lambda: "replica(s) starting" in err.read_text() or proc.poll() is not None, 120)
+        engines, proxies = replica_processes(proc)
+        assert len(engines) == 2 and len(proxies) == 1, err.read_text()
+        proc.send_signal(signal.SIGINT)  # the proxy is still importing torch
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    assert all(group_members(pgid) == [] for pgid in (*engines, *proxies))
+    assert proc.stdout.read() == ""  # never announced
+
+
 def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_dir, tmp_path):
     cache = tmp_path / "cache"
     result = launch_with_gpu("serve", str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "3",
@@ -266,6 +310,7 @@ def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_
     (["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:29500", "--proxy-url", "http://h:1"],
      ["--proxy-url", "only rank 0"]),
     (["--replicas", "2", "--probe"], ["--probe", "launch probe --url"]),
+    (["--proxy-url", "http://10.0.0.1:8000"], ["--advertise-url", "cannot reach this machine's loopback"]),
 ])
 def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
     cache = tmp_path / "cache"
