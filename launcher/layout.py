@@ -384,7 +384,17 @@ def plan_with_layout(request, *, replicas: object = 1, nnodes: object = 1, node_
     request = replace(request, host=validate_host(request.host), port=validate_port(request.port),
                       nnodes=scale.nnodes)
     plan = build_plan(request)
-    return plan, layout_for_plan(plan, scale)
+    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
+    return plan, layout_for_plan(plan, scale, gpu_count=count)
+
+
+def gpus_here() -> int | None:
+    """GPUs visible here (NVML, no heavy import), for a replica layout when the plan did not count
+    them (``--gpu-memory`` given); ``None`` without a GPU."""
+    from .gpu import free_memory
+
+    free = free_memory()
+    return len(free) if free else None
 
 
 # --- showing them ------------------------------------------------------------------------------

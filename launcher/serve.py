@@ -77,14 +77,6 @@ def _check_gpus(plan: Plan) -> None:
         raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
 
 
-def _gpu_count() -> int | None:
-    """GPUs visible here (NVML), for a replica layout when ``--gpu-memory`` kept the plan from counting."""
-    from .gpu import free_memory
-
-    free = free_memory()
-    return len(free) if free else None
-
-
 @dataclass(frozen=True)
 class Joining:
     """``--proxy-url``: the proxy (normalised, credentials kept for the requests) and the URL this
@@ -228,7 +220,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     (``launcher.serve_replicas``); or with ``nnodes`` > 1, this node's share of one engine across
     nodes. ``server_argv`` is the serving process's command before the spec path (default: this
     Python running ``launcher.engine_server``); the tests pass a stand-in for the GPU engine there."""
-    from .layout import check_scale, layout_for_plan
+    from .layout import check_scale, gpus_here, layout_for_plan
 
     out = out or sys.stdout
     if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
@@ -240,7 +232,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
                         need_rank=not request.dry_run)
     plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
     joining = _check_joining(request, scale, plan.engine.host, plan.engine.port)
-    count = _gpu_count() if scale.kind == "replicas" and plan.gpu_count is None and not request.dry_run else None
+    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, scale, gpu_count=count)
     if request.dry_run:
         from .render import engine_call, plan_json, render_plan

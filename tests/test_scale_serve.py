@@ -376,6 +376,27 @@ def test_proxy_url_registers_only_after_health_and_leaves_on_stop(model_dir, tmp
     assert closed(port)
 
 
+def test_proxy_url_replica_whose_engine_dies_leaves_the_proxy_at_once(model_dir, tmp_path, proxy):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--port", str(port),
+                            "--proxy-url", proxy)
+    try:
+        read_until(proc, "registered with the proxy", timeout=120)
+        assert url in proxy_nodes(proxy)
+        engines = [p for p in children_of(proc.pid) if str(STANDIN_ENGINE) in cmdline(p)]
+        assert len(engines) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    text = err.read_text()
+    assert "was killed by SIGKILL (out of memory?) after it was ready" in text and "left the proxy at" in text, text
+    assert proxy_nodes(proxy) == {}
+
+
 def test_a_replica_the_proxy_cannot_reach_is_stopped_with_one_line(model_dir, tmp_path, proxy):
     port = free_port()
     wrong = f"http://127.0.0.1:{free_port()}"  # the proxy would route to a port nobody serves
