@@ -230,8 +230,10 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             raise NoGpu(problem)
     scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
                         need_rank=not request.dry_run)
+    from .address import validate_host, validate_port
+
+    joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
     plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
-    joining = _check_joining(request, scale, plan.engine.host, plan.engine.port)
     count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, scale, gpu_count=count)
     if request.dry_run:

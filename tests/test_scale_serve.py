@@ -472,3 +472,13 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
     with pytest.raises(BadOption) as err:
         _check_gpus(replace(plan, gpu_count=4))
     assert "each node needs 8 GPUs" in str(err.value) and "has 4" in str(err.value)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--replicas", "0"], ["--nnodes", "2", "--dist-init-addr", "h:1"], ["--advertise-url", "http://h:1"],
+    ["--replicas", "2", "--probe"], ["--proxy-url", "http://10.0.0.1:8000"],
+])
+def test_scale_flags_are_refused_before_any_request_for_a_repo_id(hub, flags):
+    result = launch_with_gpu("serve", "org/tiny", "--factor", "2", *flags)
+    assert_one_line_error(result)
+    assert hub.requests() == []
