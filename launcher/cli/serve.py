@@ -82,12 +82,12 @@ def serve(
     dist_init_addr: DistInitAddrOpt = None,
     proxy_url: Annotated[
         str | None,
-        typer.Option("--proxy-url", help="Register with this lmdeploy proxy once /health answers (e.g. "
+        typer.Option("--proxy-url", metavar="URL", help="Register with this lmdeploy proxy once /health answers (e.g. "
                      "http://10.0.0.1:8000); leave it on stop.", show_default=False),
     ] = None,
     advertise_url: Annotated[
         str | None,
-        typer.Option("--advertise-url", help="The URL the proxy reaches this server at. Default: http://HOST:PORT "
+        typer.Option("--advertise-url", metavar="URL", help="The URL the proxy reaches this server at. Default: http://HOST:PORT "
                      "(needed with --host 0.0.0.0).", show_default=False),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
