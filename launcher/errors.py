@@ -829,3 +829,16 @@ class LayoutHeadsIndivisible(LaunchError):
         "--tp {tp} does not divide the model's {count} {what}: TurboMind splits them evenly over the tp "
         "GPUs. Use a tp that divides {count}."
     )
+
+
+class ReplicaNotRegistered(LaunchError):
+    """``serve --proxy-url`` / ``--replicas``: the ready replica could not join the proxy; serve
+    stops it (a replica the proxy does not know gets no traffic)."""
+
+    url: str
+    proxy: str
+    reason: str
+    message = (
+        "{url} is healthy but could not be registered with the proxy at {proxy} ({reason}); it was stopped. "
+        "Check the proxy (`launch proxy status --proxy {proxy}`) and serve again."
+    )

@@ -155,6 +155,7 @@ class ReplicaLayout:
     sessions_per_replica: int | None  # full-length sessions one replica holds (None: memory unknown)
     kv_heads_per_gpu: int
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
+    session_len: int | None = None  # each replica's
 
     @property
     def total_sessions(self) -> int | None:
@@ -196,7 +197,7 @@ def replica_layout(
         spec = replace(engine, host=REPLICA_HOST, port=first_port + i)
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
                            tuple(api_server_argv(model_path, spec))))
-    return ReplicaLayout(tp, tuple(out), sessions_per_replica, kv, assumed)
+    return ReplicaLayout(tp, tuple(out), sessions_per_replica, kv, assumed, engine.config.session_len)
 
 
 # --- one engine across nodes -------------------------------------------------------------------
@@ -235,6 +236,7 @@ class NodeLayout:
     nodes: tuple[NodeCommand, ...]
     sessions: int | None  # full-length sessions the one engine holds (None: memory unknown)
     kv_heads_per_gpu: int
+    session_len: int | None = None
 
     @property
     def total_sessions(self) -> int | None:
@@ -268,7 +270,59 @@ def node_layout(
         NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", addr]))
         for rank in range(nnodes)
     )
-    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv)
+    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv,
+                      engine.config.session_len)
+
+
+# --- the scale-out flags ------------------------------------------------------------------------
+
+REPLICAS_MAX = 256
+NNODES_MAX = 256
+
+
+@dataclass(frozen=True)
+class Scale:
+    """``--replicas`` / ``--nnodes --node-rank --dist-init-addr``, typed and consistent: at most one
+    of the two layouts (1 and 1: one engine on one machine, no layout)."""
+
+    replicas: int = 1
+    nnodes: int = 1
+    node_rank: int | None = None  # serve: this node's rank; plan: all ranks are shown
+    dist_init_addr: str | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return "replicas" if self.replicas > 1 else "nodes" if self.nnodes > 1 else None
+
+
+def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = None,
+                dist_init_addr: str | None = None, *, need_rank: bool = False) -> Scale:
+    """The scale-out flags checked before any config is read (``BadOption`` in one line).
+    ``need_rank``: serve runs one node and must be told which (two nodes at rank 0 would wait
+    for each other forever)."""
+    from . import checks
+
+    n_replicas = checks.whole("--replicas", replicas, 1, REPLICAS_MAX, example=2)
+    n_nodes = checks.whole("--nnodes", nnodes, 1, NNODES_MAX, example=2)
+    if n_replicas > 1 and n_nodes > 1:
+        raise BadOption("--replicas", str(n_replicas), "replicas of a multi-node engine are not laid out by launch; "
+                        "give --replicas (one machine) or --nnodes (one engine across nodes)")
+    if n_nodes == 1:
+        for option, value in (("--node-rank", node_rank), ("--dist-init-addr", dist_init_addr)):
+            if value is not None:
+                raise BadOption(option, str(value), "is for one engine across nodes: give --nnodes N (2 or more) too")
+        return Scale(replicas=n_replicas)
+    if dist_init_addr is None:
+        raise BadOption("--dist-init-addr", "", "one engine across nodes needs node 0's rendezvous address, "
+                        "the same on every node, e.g. --dist-init-addr 10.0.0.1:29500")
+    host, port = parse_dist_init_addr(dist_init_addr)
+    rank = None
+    if node_rank is not None:
+        rank = checks.whole("--node-rank", node_rank, 0, n_nodes - 1, example=0)
+    elif need_rank:
+        raise BadOption("--node-rank", "", f"say which node this is, 0 to {n_nodes - 1} (0 serves HTTP), "
+                        "e.g. --node-rank 0")
+    return Scale(nnodes=n_nodes, node_rank=rank, dist_init_addr=f"{host}:{port}")
 
 
 # --- from a plan ------------------------------------------------------------------------------
@@ -300,6 +354,49 @@ def nodes_for_plan(plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
                        sessions=sessions)
 
 
+def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
+                    environ: Mapping[str, str] | None = None,
+                    gpu_count: int | None = None) -> ReplicaLayout | NodeLayout | None:
+    """The layout ``scale`` asks for, from a plan (``None`` for one engine on one machine).
+    ``gpu_count``: GPUs seen here when the plan did not count them (``--gpu-memory`` given)."""
+    if scale.kind == "replicas":
+        count = plan.gpu_count if plan.gpu_count is not None else gpu_count
+        model_path, section, sessions = _plan_parts(plan)
+        return replica_layout(plan.engine, model_path, section, replicas=scale.replicas,
+                              devices=visible_devices(count, environ),
+                              first_port=first_port if first_port is not None else plan.engine.port + 1,
+                              sessions_per_replica=sessions)
+    if scale.kind == "nodes":
+        assert scale.dist_init_addr is not None
+        return nodes_for_plan(plan, scale.nnodes, scale.dist_init_addr)
+    return None
+
+
+def plan_with_layout(request, *, replicas: object = 1, nnodes: object = 1, node_rank: object = None,
+                     dist_init_addr: str | None = None):
+    """``launch plan``: every flag checked (the scale-out ones too) before the config is read, the
+    plan (with the total tp across nodes), then its layout checked and laid out. Returns
+    ``(plan, layout or None)``. Writes nothing."""
+    from .address import validate_host, validate_port
+    from .plan import build_plan
+
+    scale = check_scale(replicas, nnodes, node_rank, dist_init_addr)
+    request = replace(request, host=validate_host(request.host), port=validate_port(request.port),
+                      nnodes=scale.nnodes)
+    plan = build_plan(request)
+    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
+    return plan, layout_for_plan(plan, scale, gpu_count=count)
+
+
+def gpus_here() -> int | None:
+    """GPUs visible here (NVML, no heavy import), for a replica layout when the plan did not count
+    them (``--gpu-memory`` given); ``None`` without a GPU."""
+    from .gpu import free_memory
+
+    free = free_memory()
+    return len(free) if free else None
+
+
 # --- showing them ------------------------------------------------------------------------------
 
 
@@ -307,7 +404,7 @@ def replicas_json(layout: ReplicaLayout) -> list[dict]:
     return [
         {"index": r.index, "gpus": list(r.devices), "cuda_visible_devices": ",".join(r.devices), "host": r.host,
          "port": r.port, "url": r.url, "env": r.env, "command": list(r.argv), "command_line": shlex.join(r.argv),
-         "sessions": layout.sessions_per_replica}
+         "session_len": layout.session_len, "sessions": layout.sessions_per_replica}
         for r in layout.replicas
     ]
 
@@ -315,7 +412,8 @@ def replicas_json(layout: ReplicaLayout) -> list[dict]:
 def nodes_json(layout: NodeLayout) -> list[dict]:
     return [
         {"rank": n.rank, "gpus": [str(i) for i in range(layout.gpus_per_node)], "serves_http": n.serves_http,
-         "port": layout.port if n.serves_http else None, "command": list(n.argv), "command_line": shlex.join(n.argv)}
+         "port": layout.port if n.serves_http else None, "session_len": layout.session_len, "tp": layout.tp,
+         "command": list(n.argv), "command_line": shlex.join(n.argv)}
         for n in layout.nodes
     ]
 

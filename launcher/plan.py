@@ -47,6 +47,7 @@ from .resolve import Fetching, ModelSource, resolve
 from .rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
+NNODES_MAX = 256
 FACTOR_MAX = 1024.0  # x1024 of even a 2k model is 2M tokens; more is a typo
 
 
@@ -75,6 +76,7 @@ class PlanRequest:
     trust_remote_code: bool | None = None
     quiet: bool = False
     hub_timeout_s: float | str | None = None
+    nnodes: int = 1  # one engine across this many nodes (tp is the TOTAL over them; GPUs here: tp / nnodes)
 
     @property
     def fetching(self) -> Fetching:
@@ -113,6 +115,7 @@ def check_request(request: PlanRequest) -> PlanRequest:
         revision=(checks.word("--revision", r.revision, "a branch, tag or commit")
                   if r.revision is not None else None),
         out=out,
+        nnodes=checks.whole("--nnodes", r.nnodes, 1, NNODES_MAX, example=2),
     )
 
 
@@ -289,8 +292,10 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         )
 
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
-    if gpu_count is not None and settings.tp > gpu_count:
-        warnings.append(f"--tp {settings.tp} needs {settings.tp} GPUs; this machine has {gpu_count}: serve will stop")
+    local_tp = settings.tp // request.nnodes if settings.tp % request.nnodes == 0 else settings.tp
+    if gpu_count is not None and local_tp > gpu_count:
+        where = " on each node" if request.nnodes > 1 else ""
+        warnings.append(f"--tp {settings.tp} needs {local_tp} GPUs{where}; this machine has {gpu_count}: serve will stop")
     memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count)
 
     engine = EngineSpec(
@@ -350,6 +355,23 @@ def with_files(plan: Plan) -> tuple[Plan, str | None]:
     )
     return again, (f"note: planned with {plan.source.config_origin}; the downloaded {source.config_origin} "
                    f"differs, so launch re-planned from it ({outcome})")
+
+
+def overlay_digest(plan: Plan) -> str:
+    """The overlay's content hash, ``sha256:<hex>``: of the patched config.json, launch's provenance
+    record and the chat template file, as launch writes them (the machine-specific source path
+    left out). The same model and settings give the same hash on every node, so nodes can be
+    compared before they load anything."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = [config_bytes(plan.patched_config), config_bytes(plan.provenance)]
+    if plan.engine.chat_template:
+        parts.append(config_bytes(plan.engine.chat_template))
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return "sha256:" + digest.hexdigest()
 
 
 def make_overlay(plan: Plan) -> Overlay:

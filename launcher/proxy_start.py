@@ -111,6 +111,25 @@ class _Signals:
         return self.count > 1
 
 
+def proxy_process(spec: Path, directory: Path):
+    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.proxy_server SPEC``,
+    its log in ``directory``. Used by ``launch proxy start`` and ``launch serve --replicas``."""
+    from .process import ServerProcess
+
+    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
+    # where each request goes ("A request is dispatched to ...").
+    env = dict(os.environ)
+    env.setdefault("UVICORN_LOG_LEVEL", "warning")
+    return ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME,
+                         env=env)
+
+
+def write_proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> tuple[Path, Path]:
+    """The proxy's 0600 spec file in its run directory; returns (spec, run directory)."""
+    directory = run_dir(port)
+    return _write_spec(directory, host, port, routing, keys), directory
+
+
 def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the proxy and its watchdog until a stop signal; 0 after a clean stop.
 
@@ -121,7 +140,6 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     from . import http
     from .address import check_port_free, client_host, server_root_url, validate_host
     from .apikeys import resolve_api_keys
-    from .process import ServerProcess
     from .progress import StartProgress
     from .proxy_watchdog import Watchdog
     from .supervise import wait_ready
@@ -145,12 +163,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
         except (OSError, ValueError):
             pass
 
-    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
-    # where each request goes ("A request is dispatched to ...").
-    env = dict(os.environ)
-    env.setdefault("UVICORN_LOG_LEVEL", "warning")
-    server = ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME,
-                           env=env)
+    server = proxy_process(spec, directory)
     watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say)
     with _Signals() as signals:
         try:

@@ -8,7 +8,7 @@ import difflib
 from .engine import architecture_of, command_line, turbomind_supports
 from .kvcache import GiB, MemoryPlan
 from .overlay import config_bytes
-from .plan import OVERLAY_PLACEHOLDER, Plan
+from .plan import OVERLAY_PLACEHOLDER, Plan, overlay_digest
 
 
 def config_diff(plan: Plan) -> str:
@@ -35,7 +35,43 @@ def _memory_json(memory: MemoryPlan | None) -> dict | None:
     }
 
 
-def plan_json(plan: Plan) -> dict:
+def layout_json(layout) -> dict:
+    """``replicas`` (with the proxy in front) or ``nodes``, and the total capacity, for ``--json``."""
+    from .layout import NodeLayout, nodes_json, replicas_json
+
+    if isinstance(layout, NodeLayout):
+        return {"nodes": nodes_json(layout),
+                "capacity": {"sessions": layout.total_sessions, "session_len": layout.session_len,
+                             "nnodes": layout.nnodes, "gpus_per_node": layout.gpus_per_node, "tp": layout.tp,
+                             "dist_init_addr": layout.dist_init_addr}}
+    return {"replicas": replicas_json(layout),
+            "capacity": {"sessions": layout.total_sessions, "sessions_per_replica": layout.sessions_per_replica,
+                         "session_len": layout.session_len, "replicas": len(layout.replicas), "tp": layout.tp,
+                         "gpus": layout.tp * len(layout.replicas), "gpu_ids_assumed": layout.devices_assumed}}
+
+
+def proxy_of(plan: Plan) -> dict:
+    """lmdeploy's proxy in front of replicas: on the plan's (public) host and port."""
+    from .proxy_start import DEFAULT_ROUTING, proxy_command
+
+    argv = proxy_command(plan.engine.host, plan.engine.port, DEFAULT_ROUTING)
+    return {"host": plan.engine.host, "port": plan.engine.port, "command": argv, "command_line": command_line(argv)}
+
+
+def plan_json(plan: Plan, layout=None) -> dict:
+    """The plan as one JSON object; with a scale-out ``layout``: its ``replicas`` (and ``proxy``) or
+    ``nodes`` lists and the total ``capacity``."""
+    data = _plan_json(plan)
+    if layout is not None:
+        from .layout import ReplicaLayout
+
+        if isinstance(layout, ReplicaLayout):
+            data["proxy"] = proxy_of(plan)
+        data.update(layout_json(layout))
+    return data
+
+
+def _plan_json(plan: Plan) -> dict:
     d = plan.decision
     cfg = plan.engine.config
     kv0 = plan.kv[cfg.quant_policy]
@@ -86,6 +122,7 @@ def plan_json(plan: Plan) -> dict:
             "server_port": plan.engine.port,
         },
         "overlay": str(plan.overlay_path) if plan.overlay_path else None,
+        "overlay_sha256": overlay_digest(plan),
         "command": plan.command,
         "command_line": command_line(plan.command),
         "warnings": list(plan.warnings),
@@ -96,7 +133,21 @@ def _gib(n: int) -> str:
     return f"{n / GiB:,.2f} GiB"
 
 
-def render_plan(plan: Plan) -> str:
+def render_plan(plan: Plan, layout=None) -> str:
+    """The plan as text; with a scale-out ``layout``, the whole layout after it."""
+    text = _render_plan(plan)
+    if layout is None:
+        return text
+    from .layout import ReplicaLayout, render_nodes, render_replicas
+
+    if isinstance(layout, ReplicaLayout):
+        proxy = proxy_of(plan)
+        return (f"{text}\n\nproxy          http://{proxy['host']}:{proxy['port']} (lmdeploy's proxy, public; "
+                f"replicas on loopback)\n               {proxy['command_line']}\n{render_replicas(layout)}")
+    return f"{text}\n\n{render_nodes(layout)}"
+
+
+def _render_plan(plan: Plan) -> str:
     d = plan.decision
     out: list[str] = []
     src = plan.source
@@ -144,6 +195,7 @@ def render_plan(plan: Plan) -> str:
     out.append("")
     out.append(f"engine         {_config_call(plan)}")
     out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")
+    out.append(f"overlay hash   {overlay_digest(plan)}  (the same on every node with the same settings)")
     out.append("command        " + command_line(plan.command))
     out.append("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
                " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")

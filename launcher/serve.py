@@ -30,7 +30,7 @@ from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits, RunDirNo
 from .kvcache import GiB
 from .overlay import check_overlay, slug
 from .paths import cache_dir
-from .plan import Plan, PlanRequest, build_plan, make_overlay, with_files
+from .plan import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
 
 SPEC_NAME = "spec.json"
 LOG_NAME = "server.log"
@@ -45,6 +45,13 @@ class ServeRequest:
     as_json: bool = False
     probe: bool = False
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    # scale-out, as given (``layout.check_scale`` types them)
+    replicas: int | str = 1
+    nnodes: int | str = 1
+    node_rank: int | str | None = None
+    dist_init_addr: str | None = None
+    proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
+    advertise_url: str | None = None  # the URL the proxy reaches this server at
 
 
 def _check_engine(plan: Plan) -> None:
@@ -61,8 +68,79 @@ def _check_engine(plan: Plan) -> None:
 
 def _check_gpus(plan: Plan) -> None:
     tp = plan.engine.config.tp
-    if plan.gpu_count is not None and tp > plan.gpu_count:
+    nnodes = plan.request.nnodes
+    local = tp // nnodes if nnodes > 1 and tp % nnodes == 0 else tp
+    if plan.gpu_count is not None and local > plan.gpu_count:
+        if nnodes > 1:
+            raise BadOption("--tp", str(tp), f"over {nnodes} nodes each node needs {local} GPUs; this machine has "
+                            f"{plan.gpu_count}")
         raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
+
+
+@dataclass(frozen=True)
+class Joining:
+    """``--proxy-url``: the proxy (normalised, credentials kept for the requests) and the URL this
+    server registers under."""
+
+    proxy: str
+    url: str
+
+
+def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joining | None:
+    """``--proxy-url`` / ``--advertise-url`` checked against each other and the layout (no request)."""
+    from .proxy import advertise_url, proxy_url
+
+    if request.probe and scale.kind == "replicas":
+        raise BadOption("--probe", "with --replicas", "probes one engine: serve the replicas, then `launch probe --url "
+                        "http://127.0.0.1:PORT+1` for the first replica (or the proxy's PORT for all)")
+    if request.proxy_url is None:
+        if request.advertise_url is not None:
+            raise BadOption("--advertise-url", request.advertise_url, "is the URL a proxy reaches this server at: "
+                            "give --proxy-url too")
+        return None
+    if scale.kind == "replicas":
+        raise BadOption("--proxy-url", request.proxy_url, "--replicas runs its own proxy on --port; serve one "
+                        "replica per command to join another proxy")
+    if scale.kind == "nodes" and scale.node_rank:
+        raise BadOption("--proxy-url", request.proxy_url, "only rank 0 serves HTTP: give --proxy-url on node 0")
+    from . import http
+    from .address import is_loopback
+
+    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"), advertise_url(host, port, request.advertise_url))
+    own, proxy_host = http.parse_url(joining.url).host, http.parse_url(joining.proxy).host
+    if is_loopback(own) and not is_loopback(proxy_host):
+        raise BadOption("--advertise-url", joining.url, f"the proxy at {proxy_host} cannot reach this machine's loopback "
+                        "address; serve with --host 0.0.0.0 (or this machine's address) and --advertise-url "
+                        "http://THIS-MACHINE:PORT")
+    return joining
+
+
+def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
+    """(on ready: register with the proxy, or stop serving; on stop: leave the proxy)."""
+    from . import http
+    from .errors import LaunchError, ReplicaNotRegistered
+    from .proxy import add_node, leave
+
+    shown = http.redact(joining.proxy)
+    joined: list[bool] = []
+
+    def join(info) -> None:
+        try:
+            add_node(joining.url, joining.proxy, info.api_key)
+        except LaunchError as exc:
+            raise ReplicaNotRegistered(joining.url, shown, str(exc)) from None
+        joined.append(True)
+        print(f"  registered with the proxy at {shown} as {joining.url} (it leaves the proxy when stopped)",
+              file=out)
+
+    def part() -> None:
+        if not joined:  # never registered: nothing to take out
+            return
+        left = leave(joining.url, joining.proxy)
+        print(f"launch: {'left' if left else 'could not leave (not registered, or it does not answer)'} "
+              f"the proxy at {shown}", file=sys.stderr, flush=True)
+
+    return join, part
 
 
 def _check_memory(plan: Plan) -> None:
@@ -85,7 +163,7 @@ def prepare(request: ServeRequest) -> Plan:
     return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
 
 
-def _write_spec(plan: Plan, model_path: Path) -> tuple[Path, Path]:
+def _write_spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[Path, Path]:
     run_dir = cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
     spec_path = run_dir / SPEC_NAME
     try:
@@ -93,7 +171,9 @@ def _write_spec(plan: Plan, model_path: Path) -> tuple[Path, Path]:
         tmp = run_dir / f".{SPEC_NAME}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(spec_to_json(plan.engine, str(model_path)), handle, indent=2)
+            spec = spec_to_json(plan.engine, str(model_path))
+            spec["engine_config"].update(engine_extra or {})  # nnodes, node_rank, dist_init_addr
+            json.dump(spec, handle, indent=2)
         os.replace(tmp, spec_path)
     except OSError as err:
         raise RunDirNotWritable(str(run_dir), err.strerror or str(err)) from None
@@ -136,25 +216,37 @@ def serve(request: ServeRequest, out: TextIO | None = None,
           server_argv: tuple[str, ...] | None = None) -> int:
     """Run serve end to end. Returns the exit code (0 after a clean stop).
 
-    ``server_argv`` is the serving process's command before the spec path (default: this Python
-    running ``launcher.engine_server``); the tests pass a stand-in for the GPU engine there."""
+    One engine; or with ``replicas`` > 1, lmdeploy's proxy and that many engines behind it
+    (``launcher.serve_replicas``); or with ``nnodes`` > 1, this node's share of one engine across
+    nodes. ``server_argv`` is the serving process's command before the spec path (default: this
+    Python running ``launcher.engine_server``); the tests pass a stand-in for the GPU engine there."""
+    from .layout import check_scale, gpus_here, layout_for_plan
+
     out = out or sys.stdout
     if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
         from .gpu import nvidia_problem
 
         if problem := nvidia_problem():
             raise NoGpu(problem)
-    plan = prepare(request)
+    scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
+                        need_rank=not request.dry_run)
+    from .address import validate_host, validate_port
+
+    joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
+    plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
+    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
+    layout = layout_for_plan(plan, scale, gpu_count=count)
     if request.dry_run:
         from .render import engine_call, plan_json, render_plan
 
         if request.as_json:
-            data = plan_json(plan)
+            data = plan_json(plan, layout)
             data["engine_call"] = engine_call(plan, str(plan.overlay_path or "<overlay>"))
             print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
         else:
-            print(render_plan(plan), file=out)
-            print("\nengine call (in the serving process):", file=out)
+            print(render_plan(plan, layout), file=out)
+            where = "each replica's serving process, on its own port" if scale.kind == "replicas" else "the serving process"
+            print(f"\nengine call (in {where}):", file=out)
             print(engine_call(plan, str(plan.overlay_path or "<overlay: made after download>")), file=out)
         return 0
 
@@ -165,6 +257,13 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     _check_memory(plan)
     _check_engine(plan)
     check_port_free(plan.engine.host, plan.engine.port)
+    if scale.kind == "replicas":
+        for replica in layout.replicas:
+            check_port_free(replica.host, replica.port)
+    if joining is not None:
+        from .proxy import proxy_nodes
+
+        proxy_nodes(joining.proxy)  # the proxy answers, before anything slow
     if exposed := exposure_warning(plan.engine.host, bool(plan.engine.api_keys)):
         print(f"warning: {exposed}", file=sys.stderr)
     for warning in plan.warnings:
@@ -182,20 +281,35 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         _check_gpus(full)
         if full.architecture != plan.architecture:
             _check_engine(full)
+        layout = layout_for_plan(full, scale, gpu_count=count)
     _check_memory(full)  # now with the weights' real size
     overlay = make_overlay(full)
     check_overlay(overlay.path)
     print(f"overlay: {overlay.path} ({'reused' if overlay.reused else 'written'})", file=sys.stderr)
-    spec_path, log_path = _write_spec(full, overlay.path)
+    base_argv = list(server_argv or (sys.executable, *ENGINE_SERVER))
+    if scale.kind == "replicas":
+        return _serve_replicas(full, layout, overlay.path, base_argv, request, out)
+    extra = None
+    if scale.kind == "nodes":
+        print(f"overlay hash: {overlay_digest(full)} (compare it across the nodes)", file=sys.stderr)
+        extra = {"nnodes": scale.nnodes, "node_rank": scale.node_rank, "dist_init_addr": scale.dist_init_addr}
+    spec_path, log_path = _write_spec(full, overlay.path, extra)
+    on_join, on_stop = _join_hooks(joining, out) if joining is not None else (None, None)
 
     def on_ready(info) -> None:
+        if on_join:
+            on_join(info)  # registered first: a replica the proxy refuses is not announced
         for line in info.summary_lines():
             print(line, file=out)
+        if scale.kind == "nodes":
+            role = ("this node serves the OpenAI API" if scale.node_rank == 0
+                    else "engine share only: clients use node 0's address")
+            print(f"  node {scale.node_rank} of {scale.nnodes} (tp {full.engine.config.tp} in all, rendezvous "
+                  f"{scale.dist_init_addr}): {role}", file=out)
         out.flush()
 
-    argv = list(server_argv or (sys.executable, *ENGINE_SERVER)) + [str(spec_path)]
     return run_supervised(
-        argv,
+        base_argv + [str(spec_path)],
         host=full.engine.host,
         port=full.engine.port,
         log_path=log_path,
@@ -204,4 +318,26 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
         probe=_probe_hook(full, spec_path.parent, out) if request.probe else None,
+        on_stop=on_stop,
     )
+
+
+def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str], request: ServeRequest,
+                    out: TextIO) -> int:
+    """The replicas' spec files (one overlay, each its own port) and the proxy's; then run them all."""
+    from .proxy_start import DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, write_proxy_spec
+    from .serve_replicas import ReplicaRun, run_replicas
+
+    argvs, logs = [], []
+    for replica in layout.replicas:
+        spec_path, log_path = _write_spec(
+            replace(plan, engine=replace(plan.engine, host=replica.host, port=replica.port)), overlay_path)
+        argvs.append(tuple(base_argv + [str(spec_path)]))
+        logs.append(log_path)
+    host, port = plan.engine.host, plan.engine.port
+    proxy_spec, proxy_dir = write_proxy_spec(host, port, DEFAULT_ROUTING, plan.engine.api_keys)
+    run = ReplicaRun(proxy_spec=proxy_spec, proxy_dir=proxy_dir, proxy_host=host, proxy_port=port,
+                     routing=DEFAULT_ROUTING, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
+                     api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
+    return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
+                        out=out)

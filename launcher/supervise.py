@@ -139,6 +139,7 @@ def run_supervised(
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
     on_ready: Callable[[ReadyInfo], None] | None = None,
     probe: Callable[[ReadyInfo], Callable[[], None] | None] | None = None,
+    on_stop: Callable[[], None] | None = None,
     seams: SeamsForTests = PRODUCT,
 ) -> int:
     """Serve until stopped: check the port, start ``argv``, wait for health, report, supervise.
@@ -158,6 +159,10 @@ def run_supervised(
     Raises ``BadOption`` / ``PortBusy`` before starting anything; ``ServerNotStarted``,
     ``ServerLogNotWritable``; ``ServerStartFailed`` / ``ServerStartTimeout`` while starting;
     ``ServerDied`` if it exits on its own after it was ready. No path leaves the server running.
+
+    ``on_stop()`` runs once on every path out once ``on_ready`` was called (a signal, the server
+    dying, a probe failing, ``on_ready`` itself failing), before the server is stopped: a replica
+    leaves its proxy there. It must not raise (what it raises is dropped: the stop goes on).
     """
     if isinstance(api_keys, (str, bytes)):
         raise TypeError("api_keys must be a list of keys, not one string")
@@ -166,6 +171,16 @@ def run_supervised(
     root = server_root_url(host, port)
     grace_s = seams.grace_s
     server = ServerProcess(argv, log_path=log_path)
+    leaving: list[Callable[[], None]] = []  # on_stop, once on_ready has returned
+
+    def stop_server(hurry: Callable[[], bool] | None = None) -> None:
+        while leaving:
+            try:
+                leaving.pop()()
+            except Exception:  # noqa: BLE001, S110 - the stop must go on whatever on_stop does
+                pass
+        server.stop(grace_s, hurry=hurry)
+
     with _StopSignals() as signals:
         try:
             progress = StartProgress(seams.progress_stream or sys.stderr, log_path=server.log_path,
@@ -184,6 +199,8 @@ def run_supervised(
                              model_name=models[0] if models else (model_name or "MODEL"),
                              served_models=models, pid=server.pid, log_path=server.log_path,
                              startup_s=time.monotonic() - started, auth=bool(api_keys), api_key=key)
+            if on_stop:
+                leaving.append(on_stop)
             if on_ready:
                 on_ready(info)
             if probe and not signals.requested():
@@ -199,15 +216,15 @@ def run_supervised(
                 if callable(finish):
                     finish()
                 if seams.stop_after_probe:
-                    server.stop(grace_s, hurry=signals.hurried)
+                    stop_server(signals.hurried)
                     return 0
             while not signals.requested():
                 code = server.poll()
                 if code is not None:
-                    server.stop(grace_s)  # reaps and sweeps what it left in its group
+                    stop_server()  # reaps and sweeps what it left in its group
                     raise ServerDied(code, str(server.log_path), tuple(server.log_tail()))
                 time.sleep(0.1)
-            server.stop(grace_s, hurry=signals.hurried)
+            stop_server(signals.hurried)
             return 0
         finally:
-            server.stop(grace_s, hurry=signals.hurried)
+            stop_server(signals.hurried)

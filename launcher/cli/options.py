@@ -75,3 +75,24 @@ TrustOpt = Annotated[
                  help="Use (and download) the repo's own Python code. Default: only when the preset says so.",
                  show_default=False),
 ]
+HostOpt = Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")]
+PortOpt = Annotated[str, typer.Option("--port", help="Port of the OpenAI API (of the proxy with --replicas).")]
+ReplicasOpt = Annotated[
+    str,
+    typer.Option("--replicas", metavar="N", help="N engines on this machine, tp GPUs each, behind lmdeploy's proxy on --port; "
+                 "the replicas listen on loopback ports after it."),
+]
+NnodesOpt = Annotated[
+    str,
+    typer.Option("--nnodes", metavar="N", help="One engine across N nodes (TurboMind): --tp is the TOTAL, tp/N GPUs per node."),
+]
+NodeRankOpt = Annotated[
+    str | None,
+    typer.Option("--node-rank", metavar="R", help="This node's rank with --nnodes, 0 to N-1; rank 0 serves HTTP.",
+                 show_default=False),
+]
+DistInitAddrOpt = Annotated[
+    str | None,
+    typer.Option("--dist-init-addr", metavar="HOST:PORT", help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.",
+                 show_default=False),
+]

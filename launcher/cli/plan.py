@@ -6,17 +6,24 @@ import json
 
 import typer
 
+from ..engine import DEFAULT_HOST, DEFAULT_PORT
 from .app import app
 from .options import (
     BackendOpt,
     CacheRatioOpt,
+    DistInitAddrOpt,
     FactorOpt,
     ForceOpt,
     GpuMemoryOpt,
+    HostOpt,
     JsonOpt,
     MaxBatchOpt,
     ModelArg,
+    NnodesOpt,
+    NodeRankOpt,
+    PortOpt,
     QuantOpt,
+    ReplicasOpt,
     SessionLenOpt,
     TpOpt,
     TypeOpt,
@@ -27,7 +34,9 @@ from .options import (
     epilog=(
         "Examples:  launch plan internlm-chat-7b --factor 2   |   "
         "launch plan qwen2.5-7b-instruct --factor 4 --type yarn --json   |   "
-        "launch plan ./my-model --factor 2 --gpu-memory 80"
+        "launch plan ./my-model --factor 2 --gpu-memory 80   |   "
+        "launch plan internlm2_5-7b-chat --factor 4 --tp 2 --replicas 4 --gpu-memory 80   |   "
+        "launch plan internlm2_5-7b-chat --factor 4 --tp 16 --nnodes 2 --dist-init-addr 10.0.0.1:29500"
     )
 )
 def plan(
@@ -42,25 +51,34 @@ def plan(
     cache_max_entry_count: CacheRatioOpt = None,
     quant_policy: QuantOpt = None,
     gpu_memory: GpuMemoryOpt = None,
+    host: HostOpt = DEFAULT_HOST,
+    port: PortOpt = str(DEFAULT_PORT),
+    replicas: ReplicasOpt = "1",
+    nnodes: NnodesOpt = "1",
+    node_rank: NodeRankOpt = None,
+    dist_init_addr: DistInitAddrOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show what `serve` would do: the config diff, session length, KV-cache memory, engine call.
 
     MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
-    directory. Nothing is written and no weights are downloaded.
+    directory. Nothing is written and no weights are downloaded. With --replicas or --nnodes: the
+    whole layout, each replica's or node's GPUs, port and command, and the total capacity.
     """
-    from ..plan import PlanRequest, build_plan
+    from ..layout import plan_with_layout
+    from ..plan import PlanRequest
     from ..render import plan_json, render_plan
 
-    result = build_plan(
+    result, layout = plan_with_layout(
         PlanRequest(
             model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
             backend=backend, tp=tp, max_batch_size=max_batch_size,
             cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,
-            gpu_memory_gib=gpu_memory,
-        )
+            gpu_memory_gib=gpu_memory, host=host, port=port,
+        ),
+        replicas=replicas, nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr,
     )
     if as_json:
-        typer.echo(json.dumps(plan_json(result), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(plan_json(result, layout), indent=2, ensure_ascii=False))
     else:
-        typer.echo(render_plan(result))
+        typer.echo(render_plan(result, layout))

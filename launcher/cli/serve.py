@@ -12,13 +12,19 @@ from .app import app
 from .options import (
     BackendOpt,
     CacheRatioOpt,
+    DistInitAddrOpt,
     FactorOpt,
     ForceOpt,
     GpuMemoryOpt,
+    HostOpt,
     JsonOpt,
     MaxBatchOpt,
     ModelArg,
+    NnodesOpt,
+    NodeRankOpt,
+    PortOpt,
     QuantOpt,
+    ReplicasOpt,
     RevisionOpt,
     SessionLenOpt,
     TpOpt,
@@ -31,7 +37,9 @@ from .options import (
     epilog=(
         "Examples:  launch serve internlm2_5-7b-chat --factor 2   |   "
         "launch serve qwen2.5-7b-instruct --factor 4 --type yarn --tp 2 --api-key $KEY   |   "
-        "launch serve internlm2_5-7b-chat --factor 2 --dry-run --gpu-memory 80"
+        "launch serve internlm2_5-7b-chat --factor 2 --dry-run --gpu-memory 80   |   "
+        "launch serve internlm2_5-7b-chat --factor 4 --tp 2 --replicas 4 --host 0.0.0.0 --port 8000   |   "
+        "launch serve MODEL --tp 16 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.1:29500"
     )
 )
 def serve(
@@ -41,8 +49,8 @@ def serve(
     session_len: SessionLenOpt = None,
     force: ForceOpt = False,
     tp: TpOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = DEFAULT_HOST,
-    port: Annotated[str, typer.Option("--port", help="Port of the OpenAI API.")] = str(DEFAULT_PORT),
+    host: HostOpt = DEFAULT_HOST,
+    port: PortOpt = str(DEFAULT_PORT),
     api_key: Annotated[
         list[str] | None,
         typer.Option("--api-key", help="API key clients must send (repeat for several). Visible to other users "
@@ -68,6 +76,20 @@ def serve(
     probe: Annotated[
         bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
     ] = False,
+    replicas: ReplicasOpt = "1",
+    nnodes: NnodesOpt = "1",
+    node_rank: NodeRankOpt = None,
+    dist_init_addr: DistInitAddrOpt = None,
+    proxy_url: Annotated[
+        str | None,
+        typer.Option("--proxy-url", metavar="URL", help="Register with this lmdeploy proxy once /health answers (e.g. "
+                     "http://10.0.0.1:8000); leave it on stop.", show_default=False),
+    ] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option("--advertise-url", metavar="URL", help="The URL the proxy reaches this server at. Default: http://HOST:PORT "
+                     "(needed with --host 0.0.0.0).", show_default=False),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -93,5 +115,11 @@ def serve(
         as_json=as_json,
         probe=probe,
         health_timeout_s=health_timeout,
+        replicas=replicas,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        dist_init_addr=dist_init_addr,
+        proxy_url=proxy_url,
+        advertise_url=advertise_url,
     )
     raise typer.Exit(run_serve(request))
