@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,6 @@ DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2
 SPEC_NAME = "proxy-spec.json"
 LOG_NAME = "proxy.log"
 GRACE_S = 10.0
-_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @dataclass(frozen=True)
@@ -80,37 +77,6 @@ def _write_spec(directory: Path, host: str, port: int, routing: str, keys: Seque
     return spec
 
 
-class _Signals:
-    """SIGINT / SIGTERM / SIGHUP set an event (no exception mid-cleanup); the second one hurries the
-    stop. Handlers are installed only from the main thread, and restored on exit."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.count = 0
-        self._saved: dict[int, object] = {}
-
-    def __enter__(self) -> _Signals:  # noqa: PYI034 - Python 3.10 has no typing.Self
-        if threading.current_thread() is threading.main_thread():
-            for signum in _STOP_SIGNALS:
-                previous = signal.getsignal(signum)
-                if previous == signal.SIG_IGN:
-                    continue
-                self._saved[signum] = previous
-                signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, previous in self._saved.items():
-            signal.signal(signum, previous)  # type: ignore[arg-type]
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.count += 1
-        self.event.set()
-
-    def hurried(self) -> bool:
-        return self.count > 1
-
-
 def proxy_process(spec: Path, directory: Path):
     """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.proxy_server SPEC``,
     its log in ``directory``. Used by ``launch proxy start`` and ``launch serve --replicas``."""
@@ -142,7 +108,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     from .apikeys import resolve_api_keys
     from .progress import StartProgress
     from .proxy_watchdog import Watchdog
-    from .supervise import wait_ready
+    from .supervise import StopSignals, wait_ready
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -165,7 +131,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
 
     server = proxy_process(spec, directory)
     watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say)
-    with _Signals() as signals:
+    with StopSignals() as signals:
         try:
             progress = StartProgress(err, log_path=server.log_path)
             server.start()

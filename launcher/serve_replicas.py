@@ -71,7 +71,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     from .proxy_start import proxy_process
     from .proxy_watchdog import Watchdog
     from .ready import ReadyInfo
-    from .supervise import _StopSignals, wait_ready
+    from .supervise import StopSignals, wait_ready
 
     err = err or sys.stderr
     root = server_root_url(run.proxy_host, run.proxy_port)
@@ -90,7 +90,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     everything = [proxy, *replicas]
     watchdog = Watchdog(root, report=say)
     key = run.api_keys[0] if run.api_keys else None
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
         try:
             started = time.monotonic()
             for server in everything:

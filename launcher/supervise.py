@@ -49,7 +49,7 @@ class SeamsForTests:
 PRODUCT = SeamsForTests()
 
 
-class _StopSignals:
+class StopSignals:
     """Turns SIGINT / SIGTERM / SIGHUP into a flag the loops poll (no exception mid-cleanup). While
     ``interrupting`` (a probe runs) the first signal raises KeyboardInterrupt instead, so a long
     probe can be cut short. Signals ignored on entry (``nohup``) stay ignored. Only the main thread
@@ -57,10 +57,11 @@ class _StopSignals:
 
     def __init__(self) -> None:
         self.count = 0
+        self.event = threading.Event()  # set by the first signal: for loops that wait on it
         self.interrupting = False
         self._saved: dict[int, object] = {}
 
-    def __enter__(self) -> _StopSignals:  # noqa: PYI034 - Python 3.10 has no typing.Self
+    def __enter__(self) -> StopSignals:  # noqa: PYI034 - Python 3.10 has no typing.Self
         if threading.current_thread() is threading.main_thread():
             for signum in _STOP_SIGNALS:
                 previous = signal.getsignal(signum)
@@ -77,6 +78,7 @@ class _StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.count += 1
+        self.event.set()
         if self.interrupting and self.count == 1:
             raise KeyboardInterrupt
 
@@ -181,7 +183,7 @@ def run_supervised(
                 pass
         server.stop(grace_s, hurry=hurry)
 
-    with _StopSignals() as signals:
+    with StopSignals() as signals:
         try:
             progress = StartProgress(seams.progress_stream or sys.stderr, log_path=server.log_path,
                                      every_s=seams.progress_every_s)
