@@ -359,8 +359,8 @@ def with_files(plan: Plan) -> tuple[Plan, str | None]:
 
 def overlay_digest(plan: Plan) -> str:
     """The overlay's content hash, ``sha256:<hex>``: of the patched config.json, launch's provenance
-    record and the chat template file, as launch writes them (the machine-specific source path
-    left out). The same model and settings give the same hash on every node, so nodes can be
+    record and the chat template file, as launch writes them (the machine-specific source path and
+    file manifest left out). The same model and settings give the same hash on every node, so nodes can be
     compared before they load anything."""
     import hashlib
 
