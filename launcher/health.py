@@ -41,10 +41,6 @@ def wait_healthy(url: str, timeout: float, *, interval: float = POLL_S) -> bool:
 def served_models(root_url: str, api_key: str | None = None, timeout: float = 5.0) -> list[str]:
     """Model ids from ``GET /v1/models`` (empty if it does not answer as expected)."""
     try:
-        reply = http.get(http.join(root_url, "/v1/models"), api_key=api_key, timeout=timeout)
-        payload = reply.json() if reply.ok else None
-    except (http.Unreachable, http.DeadlineExceeded, ValueError):
+        return list(http.list_models(root_url, api_key=api_key, timeout=timeout)[1] or ())
+    except (http.Unreachable, http.DeadlineExceeded):
         return []
-    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        return []
-    return [str(card["id"]) for card in payload["data"] if isinstance(card, dict) and "id" in card]

@@ -116,18 +116,15 @@ def check_health_all(urls: Iterable[str], timeout: float = NODE_TIMEOUT_S) -> di
 def served_models(url: str, api_key: str | None = None, timeout: float = NODE_TIMEOUT_S) -> tuple[str, ...]:
     """The model names a node serves (``GET /v1/models``, with ``api_key`` as a bearer key)."""
     try:
-        reply = http.get(http.join(url, "/v1/models"), api_key=api_key, timeout=timeout)
+        reply, models = http.list_models(url, api_key=api_key, timeout=timeout)
     except (http.Unreachable, http.DeadlineExceeded) as err:
         raise NodeBadModels(url, str(err)) from None
     if reply.status == 401:
         raise NodeUnauthorized(url, bool(api_key))
     if not reply.ok:
         raise NodeBadModels(url, f"HTTP {reply.status}: {reply.detail()}")
-    try:
-        data = reply.json()["data"]
-        models = tuple(str(card["id"]) for card in data)
-    except (ValueError, KeyError, TypeError):
-        raise NodeBadModels(url, "the reply is not an OpenAI model list") from None
+    if models is None:
+        raise NodeBadModels(url, "the reply is not an OpenAI model list")
     if not models:
         raise NodeBadModels(url, "it lists no model")
     return models

@@ -31,6 +31,9 @@ class _Echo(BaseHTTPRequestHandler):
         if self.path == "/missing":
             self._reply(404, {"detail": "Not Found"})
             return
+        if self.path == "/v1/models":
+            self._reply(200, {"object": "list", "data": [{"id": "b"}, {"id": "a"}]})
+            return
         self._reply(200, {"path": self.path, "auth": self.headers.get("Authorization")})
 
     def do_POST(self):
@@ -97,8 +100,8 @@ def _drip(conn, stop):
 
 
 def test_get_and_post_json(echo):
-    reply = http.get(echo + "/v1/models", timeout=5)
-    assert reply.ok and reply.json()["path"] == "/v1/models"
+    reply = http.get(echo + "/v1/other", timeout=5)
+    assert reply.ok and reply.json()["path"] == "/v1/other"
     reply = http.post(echo + "/x", {"a": 1}, api_key="k1", timeout=5)
     assert reply.json() == {"got": {"a": 1}, "auth": "Bearer k1"}
 
@@ -156,3 +159,10 @@ def test_loopback_ignores_proxy_from_the_environment(echo, monkeypatch):
     monkeypatch.setenv("no_proxy", "")
     monkeypatch.setenv("NO_PROXY", "")
     assert http.get(echo + "/health", timeout=5).ok
+
+
+def test_list_models_reads_an_openai_model_list_in_the_servers_order(echo):
+    reply, ids = http.list_models(echo, timeout=5)
+    assert reply.ok and ids == ("b", "a")
+    reply, ids = http.list_models(echo + "/not-openai", timeout=5)  # answers 200 with another shape
+    assert reply.ok and ids is None
