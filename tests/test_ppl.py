@@ -186,9 +186,8 @@ def test_windows_longer_than_the_text_are_refused_before_any_scoring(tmp_path):
 
 
 def test_servers_without_get_ppl_or_a_tokenizer_are_refused():
-    with ProbeStandin(visible=VISIBLE, ppl=False) as server:
-        with pytest.raises(PplNoEndpoint) as info:
-            run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
+    with ProbeStandin(visible=VISIBLE, ppl=False) as server, pytest.raises(PplNoEndpoint) as info:
+        run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
     assert "no POST /get_ppl (HTTP 404)" in str(info.value)
     with ProbeStandin(visible=VISIBLE, encode=False) as server:
         with pytest.raises(PplNoTokenizer) as info2:
@@ -273,3 +272,51 @@ def test_probe_compare_puts_heatmaps_side_by_side(tmp_path):
     assert accuracies[0].startswith("overall accuracy 0.75") and accuracies[1].startswith("overall accuracy 1.00")
     bad = run_launch("probe", "--compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp2"))
     assert_one_line_error(bad, "no results.json there", code=2)
+
+
+# --- serve --probe --ppl-text ----------------------------------------------------------------------
+
+
+def test_serve_probe_hook_also_measures_ppl_when_given_a_text(tmp_path):
+    """The hook serve runs once its server is ready, against a running stand-in server."""
+    import io
+    from types import SimpleNamespace
+
+    from launcher.serve import _probe_hook
+
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven. " * 200)  # 1600 tokens
+    plan = SimpleNamespace(decision=SimpleNamespace(native_context=512, session_len=1200))
+    out = io.StringIO()
+    with ProbeStandin(visible=512, session_len=1200) as server:
+        info = SimpleNamespace(root_url=server.url, model_name=server.model, api_key=None)
+        finish = _probe_hook(plan, tmp_path / "run", out, text)(info)
+        scored = [len(ids) for ids in server.ppl_inputs]
+        finish()
+    ppl_dir = next((tmp_path / "run").glob("ppl-*"))
+    data = json.loads((ppl_dir / "results.json").read_text())
+    # the probe's lengths: 0.5x, 1x, 1.5x, and 2x capped to what a session of 1200 takes
+    assert [row["length"] for row in data["lengths"]] == [256, 512, 768, 1008] and data["complete"]
+    assert scored[1:] == [256, 128, 512, 384, 768, 640, 1008, 880] and data["settings"]["span"] == 128
+    assert next((tmp_path / "run").glob("probe-*/results.json")).is_file()
+    printed = out.getvalue()
+    assert "overall accuracy" in printed and "span loss" in printed and f"wrote {ppl_dir}" in printed
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short. " * 30)
+    out = io.StringIO()
+    with ProbeStandin(visible=512, session_len=1200) as server:
+        info = SimpleNamespace(root_url=server.url, model_name=server.model, api_key=None)
+        _probe_hook(plan, tmp_path / "run2", out, short)(info)()
+    assert "launch: warning: no ppl measurement: a window of 1008 tokens is longer than the text" in out.getvalue()
+    assert not list((tmp_path / "run2").glob("ppl-*"))
+
+
+def test_serve_ppl_text_needs_probe_and_a_file(tmp_path):
+    proc = run_launch("serve", "internlm2_5-7b-chat", "--dry-run", "--ppl-text", str(tmp_path / "t.txt"),
+                      env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(proc, "--ppl-text", "add --probe", code=2)
+    proc = run_launch("serve", "internlm2_5-7b-chat", "--dry-run", "--probe", "--ppl-text", str(tmp_path / "t.txt"),
+                      env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
+    assert_one_line_error(proc, "--ppl-text", "not a file", code=2)
+    assert not (tmp_path / "c").exists()

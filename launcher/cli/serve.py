@@ -68,6 +68,9 @@ def serve(
     probe: Annotated[
         bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
     ] = False,
+    ppl_text: Annotated[Path | None, typer.Option(
+        "--ppl-text", metavar="FILE", help="With --probe: also measure the long-context loss of this text at the "
+        "probe's lengths (launch ppl).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -77,6 +80,7 @@ def serve(
     directory. Everything is checked before anything is downloaded or loaded; --dry-run stops there.
     """
     from ..plan import PlanRequest
+    from ..ppl.text import serve_ppl_text
     from ..serve import ServeRequest
     from ..serve import serve as run_serve
 
@@ -93,5 +97,6 @@ def serve(
         as_json=as_json,
         probe=probe,
         health_timeout_s=health_timeout,
+        ppl_text=serve_ppl_text(ppl_text, probe),
     )
     raise typer.Exit(run_serve(request))

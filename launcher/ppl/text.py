@@ -46,3 +46,16 @@ def load_texts(paths: tuple[Path, ...]) -> list[Text]:
             raise PplBadText(str(path), "the file is empty")
         texts.append(Text(str(path), content))
     return texts
+
+
+def serve_ppl_text(path: Path | None, probe: bool) -> Path | None:
+    """``serve --ppl-text``: needs ``--probe`` and a file, checked before anything starts."""
+    from ..errors import BadOption
+
+    if path is None:
+        return None
+    if not probe:
+        raise BadOption("--ppl-text", str(path), "it measures once the server is ready: add --probe")
+    if not path.is_file():
+        raise BadOption("--ppl-text", str(path), "not a file; give a UTF-8 text file")
+    return path
