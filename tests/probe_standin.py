@@ -94,6 +94,7 @@ class ProbeStandin:
         self.loss_slope = loss_slope
         self.ppl_inputs: list[list[int]] = []
         self.auth_headers: list[str] = []  # every Authorization header received
+        self.hung_up_at: list[float] = []  # monotonic times a client gave up a hung request
         self.release = threading.Event()  # set on exit: hung requests end
         self.prompts: list[str] = []  # every chat prompt text received, in order
         self.encode_calls = 0
@@ -250,8 +251,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        if hang:  # a stuck engine: no answer until the stand-in stops
-            state.release.wait(120)
+        if hang:  # a stuck engine: no answer until the stand-in stops or the client hangs up
+            import select
+            import socket
+
+            while not state.release.wait(0.05):
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    with state.lock:
+                        state.hung_up_at.append(time.monotonic())
+                    break
             self.close_connection = True
             return
         if state.proxy_error:  # lmdeploy's proxy while a dead node is still registered: HTTP 200, an error

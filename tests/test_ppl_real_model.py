@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,3 +109,6 @@ def test_patched_config_keeps_the_loss_flat_where_the_shipped_one_climbs(smollm2
                      "--out", str(tmp_path / "cmp"))
     assert cmp.returncode == 0, cmp.stderr
     assert png_size(tmp_path / "cmp" / "ppl-compare.png") == CHART_SIZE_PX
+    # Kept for the README's chart (`launch ppl --compare .test-cache/ppl-runs/*`).
+    for run in ("shipped", "patched"):
+        shutil.copytree(tmp_path / run, CACHE / "ppl-runs" / run, dirs_exist_ok=True)
