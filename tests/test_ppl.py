@@ -320,3 +320,20 @@ def test_serve_ppl_text_needs_probe_and_a_file(tmp_path):
                       env={"LAUNCH_CACHE_DIR": str(tmp_path / "c")})
     assert_one_line_error(proc, "--ppl-text", "not a file", code=2)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
+    import time
+
+    from tests.probe_standin import RawServer
+
+    with RawServer("silent") as server:
+        start = time.monotonic()
+        proc = run_launch("ppl", "--url", server.url, "--lengths", "500", "--timeout", "2", "--out",
+                          str(tmp_path / "o"))
+        elapsed = time.monotonic() - start
+    assert elapsed < 2 + 2 + 1.5 and proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"launch: waiting for {server.url}") and len(lines) == 2
+    assert lines[1] == f"launch: error: {server.url}/v1/models did not answer within 2 s."
+    assert not (tmp_path / "o").exists()
