@@ -43,6 +43,7 @@ def write_chart(runs: list[Run], path: Path, title: str) -> Path:
                     xytext=(5, 8), textcoords="offset points", fontsize=10, color="#1a1a1a",
                     bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "#1a1a1a"})
     ax.set_xticks(lengths, [f"{n:,}" for n in lengths], fontsize=10)
+    ax.margins(x=0.08)
     ax.set_xlabel("window length (tokens of context, the target span included)", fontsize=11)
     ax.set_ylabel("mean next-token loss (nats; lower is better)", fontsize=11)
     ax.grid(True, alpha=0.3)

@@ -68,7 +68,8 @@ def format_runs(runs: list[Run]) -> str:
     """One row per length, per run: loss and perplexity of the target span and of the whole window."""
     native = next((r.native_context for r in runs if r.native_context), None)
     lines = []
-    head = f"{'run':<28}{'length':>9}{'x native':>10}{'span loss':>11}{'span ppl':>10}{'window loss':>13}{'window ppl':>12}"
+    width = min(48, max(6, *(len(run.label) + 2 for run in runs)))
+    head = f"{'run':<{width}}{'length':>9}{'x native':>10}{'span loss':>11}{'span ppl':>10}{'window loss':>13}{'window ppl':>12}"
     lines.append(head)
     for run in runs:
         for row in run.rows:
@@ -76,7 +77,7 @@ def format_runs(runs: list[Run]) -> str:
             if run.native_context:
                 mark = f"{row.length / run.native_context:.3g}x" + ("*" if row.length <= run.native_context else " ")
             err = "  ERR" if row.errors and row.span_loss is None else ("  !" if row.errors else "")
-            lines.append(f"{run.label[:27]:<28}{row.length:>9}{mark:>10}{_num(row.span_loss):>11}"
+            lines.append(f"{run.label[:width - 1]:<{width}}{row.length:>9}{mark:>10}{_num(row.span_loss):>11}"
                          f"{_num(perplexity(row.span_loss), 2):>10}{_num(row.window_loss):>13}"
                          f"{_num(perplexity(row.window_loss), 2):>12}{err}")
     spans = sorted({r.span for r in runs})
