@@ -20,7 +20,7 @@ the pass key line lies within them, else a wrong number. ``reply`` overrides the
 ``encode=False`` removes ``/v1/encode`` (404, as on a server without it), ``chat_delay`` slows each
 answer, ``drop_after`` closes the connection unanswered from that chat request on (a server that died),
 ``hang_after`` leaves every chat request from that one on unanswered (a stuck engine),
-``proxy_error`` answers chat requests with HTTP 200 and lmdeploy's proxy error body
+``proxy_error`` answers chat and ppl requests with HTTP 200 and lmdeploy's proxy error body
 (``{"error_code": 10402, "text": ...}``, sent while a dead node is still registered), and
 ``basic_auth=(user, password)`` puts the server behind HTTP Basic auth (a reverse proxy's).
 
@@ -239,6 +239,8 @@ class _Handler(BaseHTTPRequestHandler):
                                               "invalid_request_error"))
         with state.lock:
             state.ppl_inputs.append(list(ids))
+        if state.proxy_error:
+            return self._send(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
         self._send(200, {"ppl": state.mean_loss(len(ids))})
 
     def _chat(self, body: dict) -> None:

@@ -337,3 +337,11 @@ def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
     assert lines[0].startswith(f"launch: waiting for {server.url}") and len(lines) == 2
     assert lines[1] == f"launch: error: {server.url}/v1/models did not answer within 2 s."
     assert not (tmp_path / "o").exists()
+
+
+def test_a_proxys_http_200_error_body_is_an_error_not_a_loss():
+    from launcher.errors import ProbeErrorBody
+
+    with ProbeStandin(visible=VISIBLE, proxy_error=True) as server, pytest.raises(ProbeErrorBody) as info:
+        run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
+    assert "error_code 10402" in str(info.value) and "/get_ppl" in str(info.value)
