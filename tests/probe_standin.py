@@ -18,7 +18,18 @@ Its "model": the tokenizer splits words and single punctuation marks (one token 
 and the model can see only the first ``visible`` tokens of the prompt: it answers the pass key when
 the pass key line lies within them, else a wrong number. ``reply`` overrides the answer (nonsense),
 ``encode=False`` removes ``/v1/encode`` (404, as on a server without it), ``chat_delay`` slows each
-answer, ``drop_after`` closes the connection unanswered from that chat request on (a server that died).
+answer, ``drop_after`` closes the connection unanswered from that chat request on (a server that died),
+``hang_after`` leaves every chat request from that one on unanswered (a stuck engine),
+``proxy_error`` answers chat and ppl requests with HTTP 200 and lmdeploy's proxy error body
+(``{"error_code": 10402, "text": ...}``, sent while a dead node is still registered), and
+``basic_auth=(user, password)`` puts the server behind HTTP Basic auth (a reverse proxy's).
+
+For ``launch ppl``: ``POST /get_ppl`` ``{"input": str | [ids]}`` -> ``{"ppl": mean loss}`` as lmdeploy's
+(the sum of the next-token losses over ``len(ids) - 1`` targets); the stand-in's loss of the token at
+position ``i`` (0-based, predicted from the ones before) is ``loss_at(i)``: flat ``base_loss`` within
+``visible`` tokens, then rising by ``loss_slope`` per token past it, like a model past its native
+context. ``ppl=False`` removes the endpoint (404, as on vLLM). Every scored input is recorded in
+``ppl_inputs``.
 """
 
 from __future__ import annotations
@@ -62,7 +73,9 @@ class ProbeStandin:
     def __init__(self, *, visible: int = 1000, session_len: int = 4096, model: str = "standin-7b-chat",
                  api_keys: tuple[str, ...] = (), encode: bool = True, reply: str | None = None,
                  chat_delay: float = 0.0, drop_after: int | None = None, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, hang_after: int | None = None, proxy_error: bool = False,
+                 basic_auth: tuple[str, str] | None = None, ppl: bool = True, base_loss: float = 2.0,
+                 loss_slope: float = 0.01) -> None:
         self.host = host
         self.port = port
         self.visible = visible
@@ -73,6 +86,16 @@ class ProbeStandin:
         self.reply = reply
         self.chat_delay = chat_delay
         self.drop_after = drop_after
+        self.hang_after = hang_after
+        self.proxy_error = proxy_error
+        self.basic_auth = basic_auth
+        self.ppl = ppl
+        self.base_loss = base_loss
+        self.loss_slope = loss_slope
+        self.ppl_inputs: list[list[int]] = []
+        self.auth_headers: list[str] = []  # every Authorization header received
+        self.hung_up_at: list[float] = []  # monotonic times a client gave up a hung request
+        self.release = threading.Event()  # set on exit: hung requests end
         self.prompts: list[str] = []  # every chat prompt text received, in order
         self.encode_calls = 0
         self.lock = threading.Lock()
@@ -98,8 +121,17 @@ class ProbeStandin:
 
     def __exit__(self, *exc: object) -> None:
         assert self._server is not None
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def loss_at(self, position: int) -> float:
+        """The stand-in model's next-token loss at ``position`` (its target is token ``position``)."""
+        return self.base_loss + self.loss_slope * max(0, position - self.visible)
+
+    def mean_loss(self, n_tokens: int) -> float:
+        """What ``/get_ppl`` answers for an input of ``n_tokens`` tokens (targets 1..n-1)."""
+        return sum(self.loss_at(i) for i in range(1, n_tokens)) / (n_tokens - 1)
 
     def answer(self, prompt_tokens: list[str]) -> str:
         """What the "model" says: the pass key if its line is within the first ``visible`` tokens."""
@@ -135,6 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def _authorized(self) -> bool:
+        header = self.headers.get("Authorization") or ""
+        with self.state.lock:
+            self.state.auth_headers.append(header)
+        if self.state.basic_auth is not None:
+            import base64
+
+            expected = base64.b64encode(":".join(self.state.basic_auth).encode()).decode()
+            return header == f"Basic {expected}"
         if not self.state.key_hashes or self.path.startswith(OPEN_PREFIXES):
             return True
         scheme, _, key = (self.headers.get("Authorization") or "").partition(" ")
@@ -180,17 +220,53 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"input_ids": all_ids, "length": [len(i) for i in all_ids]})
         if self.path == "/v1/chat/completions":
             return self._chat(body)
+        if self.path == "/get_ppl" and self.state.ppl:
+            return self._ppl(body)
         self._send(404, {"detail": "Not Found"})
+
+    def _ppl(self, body: dict) -> None:
+        state = self.state
+        given = body.get("input")
+        ids = token_ids(tokenize(given)) if isinstance(given, str) else given
+        if not isinstance(ids, list) or not ids:
+            return self._send(400, error_body(400, "Input must not be empty.", "invalid_request_error"))
+        if len(ids) >= state.session_len:
+            message = (f"Input length ({len(ids)}) must be smaller than the model context length "
+                       f"({state.session_len}).")
+            return self._send(400, error_body(400, message, "invalid_request_error"))
+        if len(ids) < 2:
+            return self._send(400, error_body(400, "input must have at least 2 tokens to compute ppl.",
+                                              "invalid_request_error"))
+        with state.lock:
+            state.ppl_inputs.append(list(ids))
+        if state.proxy_error:
+            return self._send(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
+        self._send(200, {"ppl": state.mean_loss(len(ids))})
 
     def _chat(self, body: dict) -> None:
         state = self.state
         with state.lock:
             state.prompts.append("\n".join(m.get("content") or "" for m in body.get("messages", [])))
             drop = state.drop_after is not None and len(state.prompts) > state.drop_after
+            hang = state.hang_after is not None and len(state.prompts) > state.hang_after
         if drop:  # the server "died": the connection closes with no answer
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        if hang:  # a stuck engine: no answer until the stand-in stops or the client hangs up
+            import select
+            import socket
+
+            while not state.release.wait(0.05):
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    with state.lock:
+                        state.hung_up_at.append(time.monotonic())
+                    break
+            self.close_connection = True
+            return
+        if state.proxy_error:  # lmdeploy's proxy while a dead node is still registered: HTTP 200, an error
+            return self._send(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
         if body.get("model") != state.model:
             return self._send(404, error_body(404, f"The model {body.get('model')!r} does not exist.",
                                               "not_found_error"))
@@ -226,6 +302,54 @@ def passkey_end(prompt_text: str, passkey: str) -> int:
         if tokens[i:i + len(line)] == line:
             return i + len(line)
     raise AssertionError(f"pass key {passkey} is not in the prompt")
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that accepts, reads the request and then: ``silent`` never answers;
+    ``drip`` sends a 200 header and then one byte a second of a 100-byte body."""
+
+    def __init__(self, behaviour: str) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.behaviour = behaviour
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        try:
+            conn.recv(65536)
+            if self.behaviour == "drip":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+                for _ in range(100):
+                    if self.stop.wait(1.0):
+                        break
+                    conn.sendall(b" ")
+            else:
+                self.stop.wait(60)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self) -> RawServer:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.sock.close()
 
 
 def closed_port_url() -> str:

@@ -12,8 +12,8 @@ from launcher.errors import (
     ProbeTokenizerFailed,
     ProbeUnauthorized,
     ProbeUnknownModel,
-    ProbeUnreachable,
 )
+from launcher.http import Unreachable
 from launcher.probe import ProbeSettings, format_table, run_probe, write_outputs
 from launcher.probe.chart import AXES_RECT, HEATMAP_SIZE_PX
 from launcher.probe.passkey import Filler, build_prompt
@@ -151,7 +151,7 @@ def test_nonsense_answers_are_scored_wrong_and_recorded():
 
 def test_unreachable_server_stops_before_any_trial():
     url = closed_port_url()
-    with pytest.raises(ProbeUnreachable) as info:
+    with pytest.raises(Unreachable) as info:
         run_probe(ProbeSettings(url=url, lengths=(500,)))
     message = str(info.value)
     assert url in message and "\n" not in message and "refused" in message
@@ -251,7 +251,7 @@ def test_ctrl_c_keeps_the_trials_so_far(tmp_path):
 def test_a_server_that_dies_mid_sweep_ends_it_with_partial_results():
     with ProbeStandin(visible=K, drop_after=4) as server:
         result = run_probe(sweep(server))
-    assert isinstance(result.stopped_by, ProbeUnreachable)
+    assert isinstance(result.stopped_by, Unreachable)
     assert len(result.trials) == 5 and result.trials[-1].error and not result.complete
     assert "stopped early" in format_table(result)
 

@@ -21,7 +21,7 @@ from ..errors import DEBUG_ENV, LaunchError
 from .app import app
 
 # Each module registers its command(s) on ``app``; this order is the order of `launch --help`.
-COMMANDS = ("serve", "plan", "patch", "fetch", "probe", "presets", "proxy")
+COMMANDS = ("serve", "plan", "patch", "fetch", "probe", "ppl", "presets", "proxy")
 for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}")
 

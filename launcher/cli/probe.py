@@ -15,6 +15,10 @@ _Text = str | None  # values are parsed by the library, so a bad one gets one cl
 
 @app.command()
 def probe(
+    runs: Annotated[list[Path] | None, typer.Argument(
+        metavar="[RUN_DIR]...", help="With --compare: directories earlier probes wrote.", show_default=False)] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Draw the heatmaps of RUN_DIR... side by side in one PNG, and print their tables.")] = False,
     url: Annotated[_Text, typer.Option("--url", metavar="URL", help="The server. Default: http://127.0.0.1:23333.",
                                        show_default=False)] = None,
     model: Annotated[_Text, typer.Option("--model", metavar="NAME", help="Model name. Default: the first of GET /v1/models.",
@@ -57,6 +61,21 @@ def probe(
     """
     from ..errors import BadOption
     from ..probe import check_out_dir, default_out_dir, publish, settings_from_flags, sweep
+
+    if compare:
+        if not runs:
+            raise BadOption("--compare", "(none)", "give the run directories to compare: launch probe --compare DIR DIR")
+        from ..probe.report import COMPARE_NAME
+        from ..probe.report import compare as draw
+
+        out_dir = out if out is not None else default_out_dir(prefix="probe-compare")
+        check_out_dir(out_dir)
+        if (out_dir / COMPARE_NAME).exists():
+            raise BadOption("--out", str(out_dir), f"already holds {COMPARE_NAME}; give a new directory")
+        draw(list(runs), out_dir, sys.stdout)
+        return
+    if runs:
+        raise BadOption("RUN_DIR", str(runs[0]), "run directories are for --compare; to probe, give --url")
 
     native_from_preset = None
     if preset is not None:

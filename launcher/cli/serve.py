@@ -90,6 +90,9 @@ def serve(
         typer.Option("--advertise-url", metavar="URL", help="The URL the proxy reaches this server at. Default: http://HOST:PORT "
                      "(needed with --host 0.0.0.0).", show_default=False),
     ] = None,
+    ppl_text: Annotated[Path | None, typer.Option(
+        "--ppl-text", metavar="FILE", help="With --probe: also measure the long-context loss of this text at the "
+        "probe's lengths (launch ppl).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the exact engine call; stop.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -99,6 +102,7 @@ def serve(
     directory. Everything is checked before anything is downloaded or loaded; --dry-run stops there.
     """
     from ..plan import PlanRequest
+    from ..ppl.text import serve_ppl_text
     from ..serve import ServeRequest
     from ..serve import serve as run_serve
 
@@ -121,5 +125,6 @@ def serve(
         dist_init_addr=dist_init_addr,
         proxy_url=proxy_url,
         advertise_url=advertise_url,
+        ppl_text=serve_ppl_text(ppl_text, probe),
     )
     raise typer.Exit(run_serve(request))

@@ -37,15 +37,10 @@ def _native_x(lengths: tuple[int, ...], native: int) -> float:
     return sum(1 for length in lengths if length <= native) - 0.5
 
 
-def write_heatmap(result: ProbeResult, path: Path) -> Path:
+def draw_cells(ax, result: ProbeResult, font: float, tick_font: float = 11) -> None:
+    """The length x depth grid of ``result`` on ``ax`` (one heatmap, or one panel of a comparison)."""
     s = result.settings
     n_x, n_y = len(s.lengths), len(s.depths)
-    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes(AXES_RECT)
-    cax = fig.add_axes((0.885, 0.14, 0.022, 0.70))
-    font = max(7.0, min(16.0, 150.0 / max(n_x, n_y)))
-
     for ix, length in enumerate(s.lengths):
         for iy, depth in enumerate(s.depths):
             cell = result.cell(length, depth)
@@ -65,11 +60,10 @@ def write_heatmap(result: ProbeResult, path: Path) -> Path:
 
     ax.set_xlim(-0.5, n_x - 0.5)
     ax.set_ylim(n_y - 0.5, -0.5)  # depth 0 (start of the filler) on top, as in haystack charts
-    ax.set_xticks(range(n_x), [_length_label(length, s.native_context) for length in s.lengths], fontsize=11)
-    ax.set_yticks(range(n_y), [f"{d:g}" for d in s.depths], fontsize=11)
+    ax.set_xticks(range(n_x), [_length_label(length, s.native_context) for length in s.lengths], fontsize=tick_font)
+    ax.set_yticks(range(n_y), [f"{d:g}" for d in s.depths], fontsize=tick_font)
     estimated = "" if result.lengths_exact else ", ESTIMATED ~4 chars/token"
-    ax.set_xlabel(f"prompt length (tokens{estimated})", fontsize=12)
-    ax.set_ylabel("passkey depth (0 = start, 1 = end of the filler)", fontsize=12)
+    ax.set_xlabel(f"prompt length (tokens{estimated})", fontsize=tick_font + 1)
     for side in ("top", "right", "left", "bottom"):
         ax.spines[side].set_visible(False)
     ax.tick_params(length=0)
@@ -77,8 +71,20 @@ def write_heatmap(result: ProbeResult, path: Path) -> Path:
     if s.native_context:
         x = _native_x(s.lengths, s.native_context)
         ax.axvline(x, color="#1a1a1a", linestyle="--", linewidth=2.5, clip_on=False)
-        ax.text(x, -0.5, f" native context {s.native_context:,} ", ha="center", va="bottom", fontsize=11,
+        ax.text(x, -0.5, f" native context {s.native_context:,} ", ha="center", va="bottom", fontsize=tick_font,
                 color="#1a1a1a", bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "#1a1a1a"})
+
+
+def write_heatmap(result: ProbeResult, path: Path) -> Path:
+    s = result.settings
+    n_x, n_y = len(s.lengths), len(s.depths)
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes(AXES_RECT)
+    cax = fig.add_axes((0.885, 0.14, 0.022, 0.70))
+    font = max(7.0, min(16.0, 150.0 / max(n_x, n_y)))
+    draw_cells(ax, result, font)
+    ax.set_ylabel("passkey depth (0 = start, 1 = end of the filler)", fontsize=12)
 
     colourbar = fig.colorbar(_scalar_mappable(), cax=cax)
     colourbar.set_label("accuracy (share of trials that found the passkey)", fontsize=11)
@@ -103,3 +109,30 @@ def _scalar_mappable():
     from matplotlib.colors import Normalize
 
     return ScalarMappable(norm=Normalize(0.0, 1.0), cmap=ACCURACY_CMAP)
+
+
+def write_comparison(results: list[tuple[str, ProbeResult]], path: Path) -> Path:
+    """``launch probe --compare``: the heatmaps of several runs side by side, one colour scale."""
+    n = len(results)
+    width = min(6.0 * n + 1.2, 40.0)
+    fig = Figure(figsize=(width, HEIGHT_IN), dpi=DPI)
+    FigureCanvasAgg(fig)
+    left, right, gap = 0.6 / width, 1.0 - 1.1 / width, 0.5 / width
+    panel = (right - left - gap * (n - 1)) / n
+    for index, (label, result) in enumerate(results):
+        ax = fig.add_axes((left + index * (panel + gap), 0.14, panel, 0.66))
+        s = result.settings
+        font = max(7.0, min(14.0, 90.0 / max(len(s.lengths), len(s.depths))))
+        draw_cells(ax, result, font, tick_font=9)
+        if index == 0:
+            ax.set_ylabel("passkey depth (0 = start, 1 = end)", fontsize=10)
+        partial = " (partial)" if not result.complete else ""
+        ax.set_title(f"{label}{partial}\naccuracy {result.overall_accuracy:.2f}, {s.trials} trial(s) per cell",
+                     fontsize=11, pad=26)
+    cax = fig.add_axes((right + 0.25 / width, 0.14, 0.25 / width, 0.66))
+    colourbar = fig.colorbar(_scalar_mappable(), cax=cax)
+    colourbar.set_label("accuracy", fontsize=10)
+    fig.suptitle("Passkey retrieval, compared", fontsize=15, fontweight="bold", y=0.98)
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=DPI)
+    return path

@@ -28,7 +28,10 @@ class TerminalProgress:
             self._dirty = False
 
     def __call__(self, event: ProgressEvent) -> None:
-        if event.kind == "notice":
+        if event.kind == "begin":
+            self._clear()
+            self.stream.write(f"launch: {event.message}\n")
+        elif event.kind == "notice":
             self._clear()
             self.stream.write(f"launch: warning: {event.message}\n")
         elif event.kind == "start" and self.tty:

@@ -109,9 +109,9 @@ class OutputPaths:
     heatmap_png: Path
 
 
-def default_out_dir(now: datetime | None = None) -> Path:
+def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
     """``./probe-YYYYmmdd-HHMMSS`` in the working directory."""
-    return Path(f"probe-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
+    return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -156,3 +156,62 @@ def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputP
     print(f"wrote {paths.results_json} and {paths.heatmap_png}", file=stream)
     stream.flush()
     return paths
+
+
+COMPARE_NAME = "heatmap-compare.png"
+
+
+def load_result(run_dir: Path) -> ProbeResult:
+    """A ``launch probe`` run directory (or its results.json) back as a ProbeResult; anything else is
+    refused with ``CompareBadRun``."""
+    from dataclasses import fields
+
+    from ..errors import CompareBadRun, LaunchError
+    from .runner import Trial
+    from .settings import ProbeSettings
+
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            raise CompareBadRun(str(run_dir), "results.json is larger than 64 MiB")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch probe` wrote") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or "overall_accuracy" not in data:
+        raise CompareBadRun(str(run_dir), f"{path.name} was not written by `launch probe`")
+    names = {f.name for f in fields(Trial)}
+    try:
+        s = data["settings"]
+        settings = ProbeSettings(
+            lengths=tuple(s["lengths"]), depths=tuple(s["depths"]), trials=s["trials"], seed=s["seed"],
+            native_context=s.get("native_context"), model=s.get("model"))
+        trials = [Trial(**{k: v for k, v in t.items() if k in names}) for t in data["trials"]]
+        result = ProbeResult(settings, str(data["model"]), str(data["token_counting"]["method"]),
+                             bool(data["token_counting"]["exact"]), str(data.get("started_at")), trials,
+                             data.get("finished_at"), bool(data.get("interrupted")))
+    except (KeyError, TypeError, ValueError, AttributeError, LaunchError):
+        raise CompareBadRun(str(run_dir), f"{path.name} lacks the fields of a `launch probe` result") from None
+    if any(t.length not in settings.lengths or t.depth not in settings.depths for t in trials):
+        raise CompareBadRun(str(run_dir), f"{path.name} has trials outside its own lengths and depths")
+    return result
+
+
+def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:
+    """``launch probe --compare``: the runs' tables, and their heatmaps side by side in one PNG."""
+    results = [load_result(d) for d in run_dirs]
+    labels = [r.model for r in results]
+    labels = [f"{label} ({Path(d).name})" if labels.count(label) > 1 else label for label, d in zip(labels, run_dirs)]
+    from .chart import write_comparison
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chart = write_comparison(list(zip(labels, results)), out / COMPARE_NAME)
+    for label, result in zip(labels, results):
+        print(f"== {label}", file=stream)
+        print(format_table(result), file=stream)
+    print(f"wrote {chart}", file=stream)
+    stream.flush()
+    return chart

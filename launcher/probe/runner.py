@@ -9,6 +9,7 @@ partial results.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,13 +17,14 @@ from typing import Literal
 
 from ..errors import (
     LaunchError,
+    ProbeErrorBody,
     ProbeHTTPError,
     ProbeLengthTooShort,
     ProbeNoModel,
     ProbeUnauthorized,
     ProbeUnknownModel,
-    ProbeUnreachable,
 )
+from ..http import Unreachable
 from .client import OpenAIClient
 from .passkey import Filler, build_prompt, is_correct, passkey_for
 from .settings import ProbeSettings
@@ -92,9 +94,10 @@ class ProbeResult:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """``notice``: a one-line warning; ``start``: a trial is about to be sent; ``done``: it was scored."""
+    """``begin``: what the sweep will do, before the first request; ``notice``: a one-line warning;
+    ``start``: a trial is about to be sent; ``done``: it was scored."""
 
-    kind: Literal["notice", "start", "done"]
+    kind: Literal["begin", "notice", "start", "done"]
     done: int = 0
     total: int = 0
     length: int = 0
@@ -105,6 +108,7 @@ class ProgressEvent:
 
 
 Progress = Callable[[ProgressEvent], None]
+WAITING_NOTICE_S = 1.0  # a first request still unanswered after this is said on stderr
 
 
 def _now() -> str:
@@ -115,7 +119,7 @@ def _pick_model(client: OpenAIClient, wanted: str | None) -> str:
     models = client.models()
     if wanted is None:
         if not models:
-            raise ProbeNoModel(client.url)
+            raise ProbeNoModel(client.shown)
         return models[0]
     if models and wanted not in models:
         raise ProbeUnknownModel(wanted, tuple(models))
@@ -127,11 +131,20 @@ def run_probe(settings: ProbeSettings, progress: Progress | None = None) -> Prob
     lacks the model; returns a result with ``interrupted`` / ``stopped_by`` set when it ended early."""
     emit = progress or (lambda event: None)
     client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
-    model = _pick_model(client, settings.model)
-    counter = pick_counter(client, model, settings.tokenizer)
+    # A server that accepts and says nothing still gets a line within a second (the deadline is
+    # ``settings.timeout``); a quick refusal stays the one error line.
+    waiting = threading.Timer(WAITING_NOTICE_S, lambda: emit(ProgressEvent("begin", message=(
+        f"waiting for {client.shown} (each request has a {settings.timeout:g} s deadline) ..."))))
+    waiting.daemon = True
+    waiting.start()
+    try:
+        model = _pick_model(client, settings.model)
+        counter = pick_counter(client, model, settings.tokenizer)
+    finally:
+        waiting.cancel()
     if not counter.exact:
         emit(ProgressEvent("notice", message=(
-            f"{settings.url} has no tokenize endpoint and no --tokenizer was given: lengths are "
+            f"{client.shown} has no tokenize endpoint and no --tokenizer was given: lengths are "
             f"estimates ({counter.method.split(': ', 1)[1]})")))
     result = ProbeResult(settings, model, counter.method, counter.exact, _now())
     # The shortest length must hold the intro, passkey line and question with no filler at all.
@@ -139,6 +152,9 @@ def run_probe(settings: ProbeSettings, progress: Progress | None = None) -> Prob
     if base > min(settings.lengths):
         raise ProbeLengthTooShort(min(settings.lengths), base)
     total = settings.planned_trials
+    emit(ProgressEvent("begin", 0, total, message=(
+        f"probing {client.shown}, model {model}: {len(settings.lengths)} length(s) x {len(settings.depths)} "
+        f"depth(s) x {settings.trials} trial(s) = {total} prompts; each request has a {settings.timeout:g} s deadline")))
     try:
         _sweep(settings, client, model, counter, result, emit, total)
     except KeyboardInterrupt:
@@ -173,11 +189,14 @@ def _sweep(settings: ProbeSettings, client: OpenAIClient, model: str, counter: T
                     trial.answer, trial.latency_s = reply.text, round(reply.latency_s, 3)
                     trial.prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else fit.tokens
                     trial.correct = is_correct(passkey, reply.text)
-                except (ProbeUnreachable, ProbeUnauthorized) as err:
+                except (Unreachable, ProbeUnauthorized) as err:
                     trial.error = str(err)
                     result.stopped_by = err
                 except ProbeHTTPError as err:  # e.g. 400: the prompt is past the server's session
                     trial.error, trial.http_status = f"HTTP {err.status}: {err.detail}", err.status
+                    trial.prompt_tokens = trial.measured_tokens
+                except ProbeErrorBody as err:  # HTTP 200 carrying an error (lmdeploy's proxy): not an answer
+                    trial.error, trial.http_status = f"error_code {err.code}: {err.detail}", 200
                     trial.prompt_tokens = trial.measured_tokens
                 except LaunchError as err:  # timeout, a reply of the wrong shape: this trial only
                     trial.error = str(err)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import BadOption
+from ..http import redact
 from .client import DEFAULT_URL, normalize_url
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -34,7 +35,7 @@ class ProbeSettings:
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     trials: int = DEFAULT_TRIALS
     seed: int = 0
-    url: str = DEFAULT_URL
+    url: str = field(default=DEFAULT_URL, repr=False)  # may hold user:password@; shown through redact
     model: str | None = None
     api_key: str | None = field(default=None, repr=False)
     native_context: int | None = None
@@ -75,7 +76,7 @@ class ProbeSettings:
     def public(self) -> dict:
         """The settings as written to results.json: never the API key itself."""
         return {
-            "url": self.url,
+            "url": redact(self.url),
             "model": self.model,
             "api_key_set": self.api_key is not None,
             "lengths": list(self.lengths),

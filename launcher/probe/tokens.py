@@ -59,24 +59,28 @@ class TokenizerDir:
 
     def __init__(self, path: str) -> None:
         self.method = f"tokenizer: {path}"
-        self._encode: Callable[[str], int]
+        self._ids: Callable[[str], list[int]]
         try:
             if (Path(path) / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
 
                 fast = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-                self._encode = lambda text: len(fast.encode(text, add_special_tokens=False).ids)
+                self._ids = lambda text: list(fast.encode(text, add_special_tokens=False).ids)
             else:
                 from transformers import AutoTokenizer
 
                 auto = AutoTokenizer.from_pretrained(path)
-                self._encode = lambda text: len(auto.encode(text, add_special_tokens=False))
+                self._ids = lambda text: list(auto.encode(text, add_special_tokens=False))
         except Exception as err:  # noqa: BLE001 - both libraries raise many kinds (OSError, ValueError, ...)
             problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ProbeTokenizerFailed(path, problem) from None
 
     def count(self, text: str) -> int:
-        return self._encode(text)
+        return len(self._ids(text))
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids of ``text`` (no special tokens), as the server's tokenizer gives them."""
+        return self._ids(text)
 
 
 @dataclass

@@ -1,0 +1,27 @@
+"""Progress of a ``launch ppl`` run on stderr: one line as each window starts and is scored."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from .runner import PplEvent
+
+
+class PplProgress:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def __call__(self, event: PplEvent) -> None:
+        point = event.point
+        if event.kind == "begin":
+            self.stream.write(f"launch: {event.message}\n")
+        elif event.kind == "start" and point is not None:
+            self.stream.write(f"[{event.done}/{event.total}] length {point.length}: scoring ...\n")
+        elif event.kind == "done" and point is not None:
+            if point.error:
+                what = f"failed: {point.error}"
+            else:
+                what = f"span loss {point.span_loss:.3f}, window loss {point.window_loss:.3f}"
+            self.stream.write(f"[{event.done}/{event.total}] length {point.length}: {what} ({point.seconds:g} s)\n")
+        self.stream.flush()
