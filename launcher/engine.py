@@ -200,10 +200,30 @@ def serve_kwargs(data: dict) -> dict:
     }
 
 
+def _import_turbomind():
+    """``lmdeploy.turbomind``, imported without a trace in the user's home: the import pulls in yapf,
+    which writes its grammar cache under ``~/.cache/YAPF`` (XDG_CACHE_HOME), and this check may still
+    refuse the command, which then must have written nothing. The cache goes to a temporary
+    directory for the import only."""
+    import tempfile
+
+    saved = os.environ.get("XDG_CACHE_HOME")
+    with tempfile.TemporaryDirectory(prefix="launch-import-") as scratch:
+        os.environ["XDG_CACHE_HOME"] = scratch
+        try:
+            from lmdeploy import turbomind
+        finally:
+            if saved is None:
+                os.environ.pop("XDG_CACHE_HOME", None)
+            else:
+                os.environ["XDG_CACHE_HOME"] = saved
+    return turbomind
+
+
 def turbomind_problem(model_path: str | None = None, trust_remote_code: bool = False) -> str | None:
     """Why TurboMind cannot serve here (None when it can). Imports lmdeploy.turbomind, and so torch."""
     try:
-        from lmdeploy import turbomind
+        turbomind = _import_turbomind()
     except Exception as err:  # noqa: BLE001 - any failure to import means: not available
         return f"lmdeploy.turbomind does not import ({type(err).__name__}: {err})"
     if not turbomind.is_available():

@@ -33,7 +33,8 @@ CHUNK = 2048  # lm_head + cross-entropy in chunks of this many positions (full l
 
 
 class TorchScorer:
-    """Per-token next-token losses of a causal LM from ``model_dir`` (bf16, CPU)."""
+    """Per-token next-token losses of a causal LM from ``model_dir`` (CPU, float32: on CPUs without
+    bf16 matrix units a float32 pass is faster; measured 30 s against 42 s for 8,192 tokens here)."""
 
     def __init__(self, model_dir: str | Path, threads: int | None = None) -> None:
         import torch
@@ -44,7 +45,7 @@ class TorchScorer:
         self.torch = torch
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16,
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
                                                           attn_implementation="sdpa")
         self.model.eval()
         self.rope_type = getattr(self.model.model.rotary_emb, "rope_type", None)

@@ -143,3 +143,21 @@ def test_hf_paths_follow_huggingface_hub(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+
+
+def test_the_turbomind_check_leaves_no_trace_in_home(tmp_path):
+    """Importing lmdeploy pulls in yapf, which caches its grammar under ~/.cache/YAPF; the TurboMind
+    check may refuse, so it imports with its caches in a temporary directory (a real subprocess)."""
+    from tests.conftest import tree_state
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    env["HOME"] = str(home)
+    code = ("import os; from launcher.engine import turbomind_problem; print(turbomind_problem()); "
+            "print('XDG_CACHE_HOME' in os.environ)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"  # the environment is as it was
+    assert tree_state(home) == {}

