@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import BadOption, CompareBadRun
-from ..probe.report import check_out_dir  # noqa: F401 - the same rule for --out
+from ..probe.report import RESULTS_NAME, check_out_dir, read_results  # noqa: F401 - the same rules
 from .runner import PplResult
 from .windows import perplexity
 
-RESULTS_NAME = "results.json"
 CHART_NAME = "ppl.png"
 COMPARE_CHART_NAME = "ppl-compare.png"
 KIND = "launch-ppl"
@@ -142,15 +141,7 @@ def _finite_or_none(value: object, where: str, path: Path) -> float | None:
 def load_run(run_dir: Path) -> Run:
     """A ``launch ppl`` run directory (or its results.json) -> Run; anything else is refused."""
     run_dir = Path(run_dir)
-    path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
-    try:
-        if path.stat().st_size > 64 * 1024 * 1024:
-            raise CompareBadRun(str(run_dir), "results.json is larger than 64 MiB")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch ppl` wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
+    path, data = read_results(run_dir, "ppl")
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise CompareBadRun(str(run_dir), f"{path.name} was not written by `launch ppl`")
     try:

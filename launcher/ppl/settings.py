@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import BadOption
 from ..http import redact
 from ..probe.client import DEFAULT_URL, normalize_url
-from ..probe.settings import MAX_LENGTH, parse_float, parse_int, parse_lengths
+from ..probe.settings import MAX_LENGTH, native_and_lengths, parse_float, parse_int
 
 DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
 DEFAULT_SPAN = 512
@@ -87,14 +87,7 @@ def settings_from_flags(*, url: str | None, api_key: str | None, lengths: str | 
                         texts: list[Path] | None, tokenizer: str | None, span: str | None, timeout: str | None,
                         label: str | None, native_from_preset: int | None = None) -> PplSettings:
     """Flag text -> PplSettings; any bad value raises BadOption naming the flag."""
-    native_context = parse_int("--native", native, 1) if native is not None else native_from_preset
-    if lengths is None:
-        if native_context is None:
-            raise BadOption("--lengths", "(none)", "give token counts, e.g. --lengths 4000,8000,16000, "
-                            "or --native N / --preset NAME for the default 0.5x,1x,1.5x,2x")
-        length_values = default_lengths(native_context)
-    else:
-        length_values = parse_lengths(lengths, native_context)
+    native_context, length_values = native_and_lengths(native, lengths, native_from_preset, default_lengths)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise BadOption("--tokenizer", tokenizer, "not a directory; give the model's local directory")
     for text in texts or ():

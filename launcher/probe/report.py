@@ -17,6 +17,23 @@ from ..errors import BadOption
 from .runner import Cell, ProbeResult
 
 RESULTS_NAME = "results.json"
+MAX_RESULTS_BYTES = 64 * 1024 * 1024
+
+
+def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
+    """``(path, parsed JSON)`` of the results.json of a run directory (or that file itself) that
+    `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read."""
+    from ..errors import CompareBadRun
+
+    path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
+    try:
+        if path.stat().st_size > MAX_RESULTS_BYTES:
+            raise CompareBadRun(str(run_dir), "results.json is larger than 64 MiB")
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch {command}` wrote") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
 HEATMAP_NAME = "heatmap.png"
 SCHEMA_VERSION = 1
 
@@ -171,15 +188,7 @@ def load_result(run_dir: Path) -> ProbeResult:
     from .settings import ProbeSettings
 
     run_dir = Path(run_dir)
-    path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
-    try:
-        if path.stat().st_size > 64 * 1024 * 1024:
-            raise CompareBadRun(str(run_dir), "results.json is larger than 64 MiB")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch probe` wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
+    path, data = read_results(run_dir, "probe")
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or "overall_accuracy" not in data:
         raise CompareBadRun(str(run_dir), f"{path.name} was not written by `launch probe`")
     names = {f.name for f in fields(Trial)}

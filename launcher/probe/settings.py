@@ -8,6 +8,7 @@ builds a ``ProbeSettings`` itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import BadOption
@@ -177,14 +178,7 @@ def settings_from_flags(*, url: str | None, model: str | None, api_key: str | No
                         tokenizer: str | None, timeout: str | None, max_tokens: str | None,
                         min_accuracy: str | None, native_from_preset: int | None = None) -> ProbeSettings:
     """Flag text -> ProbeSettings; any bad value raises BadOption naming the flag."""
-    native_context = parse_int("--native", native, 1) if native is not None else native_from_preset
-    if lengths is None:
-        if native_context is None:
-            raise BadOption("--lengths", "(none)", "give token counts, e.g. --lengths 4000,8000,16000, "
-                            "or --native N / --preset NAME for the default 0.5x,1x,1.5x,2x")
-        length_values = default_lengths(native_context)
-    else:
-        length_values = parse_lengths(lengths, native_context)
+    native_context, length_values = native_and_lengths(native, lengths, native_from_preset, default_lengths)
     if tokenizer is not None:
         from pathlib import Path
 
@@ -204,3 +198,16 @@ def settings_from_flags(*, url: str | None, model: str | None, api_key: str | No
         max_tokens=parse_int("--max-tokens", max_tokens, 1) if max_tokens is not None else DEFAULT_MAX_TOKENS,
         min_accuracy=parse_float("--min-accuracy", min_accuracy, 0.0, 1.0) if min_accuracy is not None else 0.0,
     )
+
+
+def native_and_lengths(native: str | None, lengths: str | None, native_from_preset: int | None,
+                       default: Callable[[int], tuple[int, ...]]) -> tuple[int | None, tuple[int, ...]]:
+    """``--native`` (else the preset's) and ``--lengths`` (else ``default(native)``), for probe and ppl."""
+    native_context = parse_int("--native", native, 1) if native is not None else native_from_preset
+    if lengths is not None:
+        return native_context, tuple(parse_lengths(lengths, native_context))
+    if native_context is None:
+        raise BadOption("--lengths", "(none)", "give token counts, e.g. --lengths 4000,8000,16000, "
+                        "or --native N / --preset NAME for the default 0.5x,1x,1.5x,2x")
+    return native_context, tuple(default(native_context))
+
