@@ -55,13 +55,13 @@ def ppl(
     from ..errors import BadOption
 
     if compare:
-        if not runs or len(runs) < 1:
+        if not runs:
             raise BadOption("--compare", "(none)", "give the run directories to compare: launch ppl --compare DIR DIR")
         from ..ppl import compare as draw
-        from ..ppl.report import COMPARE_CHART_NAME, default_out_dir
+        from ..ppl.report import COMPARE_CHART_NAME, check_out_dir, default_out_dir
 
         out_dir = out if out is not None else default_out_dir(prefix="ppl-compare")
-        _check_new_file(out_dir, COMPARE_CHART_NAME)
+        check_out_dir(out_dir, COMPARE_CHART_NAME)
         draw(list(runs), out_dir, sys.stdout)
         return
     if runs:
@@ -69,14 +69,9 @@ def ppl(
 
     from ..ppl import measure, publish, settings_from_flags
     from ..ppl.report import check_out_dir, default_out_dir
+    from ..probe.settings import preset_native
 
-    native_from_preset = None
-    if preset is not None:
-        if native is not None:
-            raise BadOption("--preset", preset, "give --native or --preset, not both")
-        from ..presets import get_preset
-
-        native_from_preset = get_preset(preset).native_context
+    native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(url=url, api_key=api_key, lengths=lengths, native=native, texts=text,
                                    tokenizer=tokenizer, span=span, timeout=timeout, label=label,
                                    native_from_preset=native_from_preset)
@@ -90,12 +85,3 @@ def ppl(
         raise typer.Exit(130)
     if result.stopped_by is not None:
         raise result.stopped_by
-
-
-def _check_new_file(out_dir: Path, name: str) -> None:
-    from ..errors import BadOption
-    from ..probe.report import check_out_dir
-
-    check_out_dir(out_dir)
-    if (Path(out_dir) / name).exists():
-        raise BadOption("--out", str(out_dir), f"already holds {name}; give a new directory")

@@ -61,6 +61,7 @@ def probe(
     """
     from ..errors import BadOption
     from ..probe import check_out_dir, default_out_dir, publish, settings_from_flags, sweep
+    from ..probe.settings import preset_native
 
     if compare:
         if not runs:
@@ -69,21 +70,13 @@ def probe(
         from ..probe.report import compare as draw
 
         out_dir = out if out is not None else default_out_dir(prefix="probe-compare")
-        check_out_dir(out_dir)
-        if (out_dir / COMPARE_NAME).exists():
-            raise BadOption("--out", str(out_dir), f"already holds {COMPARE_NAME}; give a new directory")
+        check_out_dir(out_dir, COMPARE_NAME)
         draw(list(runs), out_dir, sys.stdout)
         return
     if runs:
         raise BadOption("RUN_DIR", str(runs[0]), "run directories are for --compare; to probe, give --url")
 
-    native_from_preset = None
-    if preset is not None:
-        if native is not None:
-            raise BadOption("--preset", preset, "give --native or --preset, not both")
-        from ..presets import get_preset
-
-        native_from_preset = get_preset(preset).native_context
+    native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(
         url=url, model=model, api_key=api_key, lengths=lengths, depths=depths, trials=trials, seed=seed,
         native=native, tokenizer=tokenizer, timeout=timeout, max_tokens=max_tokens, min_accuracy=min_accuracy,

@@ -131,14 +131,15 @@ def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
     return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse, before the sweep, a place that is a file, already holds results, or cannot be
-    written (nothing is lost, nothing is created)."""
+def check_out_dir(out_dir: Path, also: str | None = None) -> None:
+    """Refuse, before the sweep, a place that is a file, already holds results (or ``also``, a
+    compare chart), or cannot be written (nothing is lost, nothing is created)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BadOption("--out", str(out_dir), "is a file; give a directory")
-    if (out_dir / RESULTS_NAME).exists():
-        raise BadOption("--out", str(out_dir), f"already holds {RESULTS_NAME}; give a new directory")
+    for name in (RESULTS_NAME, also) if also else (RESULTS_NAME,):
+        if (out_dir / name).exists():
+            raise BadOption("--out", str(out_dir), f"already holds {name}; give a new directory")
     existing = out_dir.absolute()
     while not existing.exists():
         existing = existing.parent

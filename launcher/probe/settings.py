@@ -211,3 +211,14 @@ def native_and_lengths(native: str | None, lengths: str | None, native_from_pres
                         "or --native N / --preset NAME for the default 0.5x,1x,1.5x,2x")
     return native_context, tuple(default(native_context))
 
+
+def preset_native(preset: str | None, native: str | None) -> int | None:
+    """The native context of ``--preset`` (None without one); refused together with ``--native``."""
+    if preset is None:
+        return None
+    if native is not None:
+        raise BadOption("--preset", preset, "give --native or --preset, not both")
+    from ..presets import get_preset
+
+    return get_preset(preset).native_context
+
