@@ -100,3 +100,23 @@ def is_repo_id(text: object) -> bool:
         and not text.endswith(".git")
     )
 
+
+def write_spec(directory: Path, name: str, data: dict) -> Path:
+    """Write ``data`` as JSON to ``directory/name``, readable by this user only (a serving spec may
+    hold API keys), replacing it atomically. ``RunDirNotWritable`` when the directory cannot be."""
+    import json
+
+    from .errors import RunDirNotWritable
+
+    path = directory / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{name}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
+    return path
+

@@ -9,7 +9,6 @@ SIGHUP, which stop the proxy's whole process group; nothing is left running.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -18,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import BadOption, RoutingRefused, RunDirNotWritable, ServerDied, ServerStartTimeout
-from .paths import cache_dir
+from .errors import BadOption, RoutingRefused, ServerDied, ServerStartTimeout
+from .paths import cache_dir, write_spec
 
 ROUTINGS = ("min_expected_latency", "random")  # lmdeploy's, less min_observed_latency (it starves)
 DEFAULT_ROUTING = "min_expected_latency"
@@ -63,18 +62,8 @@ def run_dir(port: int) -> Path:
 
 
 def _write_spec(directory: Path, host: str, port: int, routing: str, keys: Sequence[str]) -> Path:
-    spec = directory / SPEC_NAME
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{SPEC_NAME}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"server_name": host, "server_port": port, "routing_strategy": routing,
-                       "api_keys": list(keys)}, handle, indent=2)
-        os.replace(tmp, spec)
-    except OSError as err:
-        raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
-    return spec
+    return write_spec(directory, SPEC_NAME, {"server_name": host, "server_port": port,
+                                             "routing_strategy": routing, "api_keys": list(keys)})
 
 
 def proxy_process(spec: Path, directory: Path):

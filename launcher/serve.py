@@ -10,7 +10,6 @@ was made from, and serve says so.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,10 +25,10 @@ from .engine import (
     spec_to_json,
     turbomind_problem,
 )
-from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits, RunDirNotWritable
+from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits
 from .kvcache import GiB
 from .overlay import check_overlay, slug
-from .paths import cache_dir
+from .paths import cache_dir, write_spec
 from .plan import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
 
 SPEC_NAME = "spec.json"
@@ -166,19 +165,9 @@ def prepare(request: ServeRequest) -> Plan:
 
 def _write_spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[Path, Path]:
     run_dir = cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
-    spec_path = run_dir / SPEC_NAME
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".{SPEC_NAME}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            spec = spec_to_json(plan.engine, str(model_path))
-            spec["engine_config"].update(engine_extra or {})  # nnodes, node_rank, dist_init_addr
-            json.dump(spec, handle, indent=2)
-        os.replace(tmp, spec_path)
-    except OSError as err:
-        raise RunDirNotWritable(str(run_dir), err.strerror or str(err)) from None
-    return spec_path, run_dir / LOG_NAME
+    spec = spec_to_json(plan.engine, str(model_path))
+    spec["engine_config"].update(engine_extra or {})  # nnodes, node_rank, dist_init_addr
+    return write_spec(run_dir, SPEC_NAME, spec), run_dir / LOG_NAME
 
 
 ENGINE_SERVER = ("-m", "launcher.engine_server")
