@@ -161,3 +161,20 @@ def test_the_turbomind_check_leaves_no_trace_in_home(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False"  # the environment is as it was
     assert tree_state(home) == {}
+
+
+def test_write_spec_is_private_atomic_and_refuses_an_unwritable_place(tmp_path):
+    import stat
+
+    from launcher.errors import RunDirNotWritable
+    from launcher.paths import write_spec
+
+    path = write_spec(tmp_path / "run", "spec.json", {"api_keys": ["k"]})
+    assert json.loads(path.read_text()) == {"api_keys": ["k"]}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["spec.json"]  # no temporary file left
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    with pytest.raises(RunDirNotWritable):
+        write_spec(blocker / "run", "spec.json", {})
+    assert blocker.read_text() == "mine"
