@@ -1,13 +1,15 @@
 """Checks of flag values, written once: each takes the flag's name and the value as given and
 returns it typed, or raises ``BadOption(option, value, reason)`` (one line, exit 2).
 
-Pure functions: no I/O. Every number from a flag gets a type and a range here, so that a value
-such as ``1e305`` or ``-0`` is refused in words instead of overflowing later.
+Pure functions: no I/O (``hub_timeout`` reads its environment variable). Every number from a
+flag gets a type and a range here, so that a value such as ``1e305`` or ``-0`` is refused in words
+instead of overflowing later.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import unicodedata
 from collections.abc import Iterable
 from typing import TypeVar
@@ -76,3 +78,27 @@ def word(option: str, value: object, what: str) -> str:
         raise BadOption(option, _shown(value), f"must be {what}: non-empty, without blanks at the ends or "
                         "control characters")
     return text
+
+
+def revision(option: str, value: object) -> str:
+    """A branch, tag or commit sha as the Hub takes it; ``''`` is refused (it is not "main")."""
+    text = value if isinstance(value, str) else None
+    if (not text or any(c.isspace() or unicodedata.category(c).startswith("C") for c in text)
+            or ".." in text or "\\" in text or text.startswith("/") or text.endswith("/")):
+        raise BadOption(option, _shown(value), "give a branch, tag or commit sha, e.g. main")
+    return text
+
+
+HUB_TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
+HUB_TIMEOUT_S = 600.0
+
+
+def hub_timeout(value: object = None) -> float:
+    """Seconds without progress before a hub call is given up: ``value`` (``--timeout``), else
+    ``$LAUNCH_HUB_TIMEOUT``, else 600; more than 0 and at most a week."""
+    option, example = "--timeout", 600
+    if value is None:
+        option, value, example = HUB_TIMEOUT_ENV, os.environ.get(HUB_TIMEOUT_ENV, ""), None
+        if not value.strip():
+            return HUB_TIMEOUT_S
+    return number(option, value, 0.0, 7 * 24 * 3600.0, low_open=True, unit="of seconds", example=example)

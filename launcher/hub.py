@@ -34,7 +34,6 @@ from typing import Any
 
 from . import checks
 from .errors import (
-    BadOption,
     BadRepoId,
     CacheNotADirectory,
     CacheNotWritable,
@@ -54,35 +53,10 @@ from .errors import (
 from .paths import hf_cache_dir, hf_home, is_commit_sha, is_repo_id, repo_folder
 from .selection import Selection, read_weight_map, select_files, serving_files
 
-looks_like_repo_id = is_repo_id  # the one repo-id rule lives in launcher.paths
-
-DEFAULT_REVISION = "main"
-TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600.0
-TIMEOUT_MAX_S = 7 * 24 * 3600.0
 CONFIG = "config.json"
 WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
 _GRACE_S = 0.5  # the watch waits this much longer than the requests it watches
 BODY_KNOB = "HF_HUB_DOWNLOAD_TIMEOUT (huggingface_hub's wait per read of a file, retried 5 times)"
-
-
-def hub_timeout(value: float | str | None = None) -> float:
-    """The deadline in seconds: ``value`` (``--timeout``), else ``$LAUNCH_HUB_TIMEOUT``, else 600.
-    BadOption for anything that is not a number of seconds > 0 (and at most a week)."""
-    option, example = "--timeout", 600
-    if value is None:
-        option, value, example = TIMEOUT_ENV, os.environ.get(TIMEOUT_ENV, ""), None
-        if not value.strip():
-            return DEFAULT_TIMEOUT_S
-    return checks.number(option, value, 0.0, TIMEOUT_MAX_S, low_open=True, unit="of seconds", example=example)
-
-
-def check_revision(revision: str) -> str:
-    """A branch, tag or commit sha as given to ``--revision``; ``''`` is refused (it is not main)."""
-    if (not revision or any(c.isspace() for c in revision) or ".." in revision or "\\" in revision
-            or revision.startswith("/") or revision.endswith("/")):
-        raise BadOption("--revision", revision, "give a branch, tag or commit sha, e.g. main")
-    return revision
 
 
 # --- one call: its settings, the foreign errors it may meet, its threads ------------------------
@@ -118,8 +92,8 @@ class _Call:
 
         if not is_repo_id(repo_id):
             raise BadRepoId(repo_id)
-        revision = DEFAULT_REVISION if revision is None else check_revision(revision)
-        seconds = hub_timeout(timeout_s)
+        revision = "main" if revision is None else checks.revision("--revision", revision)
+        seconds = checks.hub_timeout(timeout_s)
         offline = constants.is_offline_mode() or any((os.environ.get(v) or "").strip().upper() in
                                                      constants.ENV_VARS_TRUE_VALUES
                                                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -480,4 +454,4 @@ def read_config(repo_id: str, *, revision: str | None = None,
         raise _translate(exc, call) from exc
 
 
-__all__ = ["FetchResult", "check_revision", "fetch", "hub_timeout", "looks_like_repo_id", "read_config"]
+__all__ = ["FetchResult", "fetch", "read_config"]

@@ -112,8 +112,7 @@ def check_request(request: PlanRequest) -> PlanRequest:
         gpu_memory_gib=_maybe(checks.number, "--gpu-memory", r.gpu_memory_gib, 0.0, GPU_MEMORY_MAX_GIB,
                               low_open=True, unit="of GiB", example=80),
         model_name=checks.word("--model-name", r.model_name, "a name") if r.model_name is not None else None,
-        revision=(checks.word("--revision", r.revision, "a branch, tag or commit")
-                  if r.revision is not None else None),
+        revision=checks.revision("--revision", r.revision) if r.revision is not None else None,
         out=out,
         nnodes=checks.whole("--nnodes", r.nnodes, 1, NNODES_MAX, example=2),
     )

@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from . import checks
 from .configcheck import INT32_MAX, whole_number
 from .engine import BACKENDS, EngineSettings
-from .errors import DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
+from .errors import BadOption, DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
 from .kvcache import QUANT_POLICIES
 from .paths import builtin_presets_dir, is_repo_id, user_presets_dirs
 from .rope import WRITABLE_TYPES
@@ -128,6 +129,13 @@ def _repo(value: Any) -> str:
     if not is_repo_id(value):
         raise ValueError(f"must be a Hugging Face repo id ORG/NAME, found {value!r}")
     return value
+
+
+def _revision(value: Any) -> str:
+    try:
+        return checks.revision("revision", value)
+    except BadOption:
+        raise ValueError(f"must be a branch, tag or commit sha, found {value!r}") from None
 
 
 def _section(cls: type) -> Check:
@@ -247,7 +255,7 @@ class Preset:
     rope: RopeDefaults = _spec(_section(RopeDefaults))
     parameters: float = _spec(_positive)  # parameter count, for the weight-size estimate
     config: ShippedConfig = _spec(_section(ShippedConfig))
-    revision: str | None = _spec(_optional(_text), None)
+    revision: str | None = _spec(_optional(_revision), None)
     description: str = _spec(_text, "")
     trust_remote_code: bool = _spec(_flag, False)
     engine: EngineDefaults = _spec(_section(EngineDefaults), EngineDefaults())

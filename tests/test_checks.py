@@ -54,7 +54,14 @@ def test_the_ranges_name_their_ends():
     with pytest.raises(BadOption, match="choose one of 0, 8, 4"):
         checks.one_of("--quant-policy", 2, (0, 8, 4))
     with pytest.raises(BadOption, match="control character"):
-        checks.word("--revision", "ma\x1bin", "a revision")
+        checks.word("--model-name", "ma\x1bin", "a name")
+
+
+@pytest.mark.parametrize("bad", ["", " main", "two words", "ma\x1bin", "a/../b", "a\\b", "/main", "main/", None, 3])
+def test_one_revision_rule_for_plan_serve_patch_and_fetch(bad):
+    with pytest.raises(BadOption, match="give a branch, tag or commit sha"):
+        checks.revision("--revision", bad)
+    assert checks.revision("--revision", "refs/pr/1") == "refs/pr/1" and checks.revision("-r", "v1.0") == "v1.0"
 
 
 NUMBERISH = st.one_of(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.checks import hub_timeout
 from launcher.errors import (
     BadOption,
     BadRepoId,
@@ -25,8 +26,8 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from launcher.hub import fetch, hub_timeout, looks_like_repo_id, read_config
-from launcher.paths import hf_cache_dir, repo_folder
+from launcher.hub import fetch, read_config
+from launcher.paths import hf_cache_dir, is_repo_id, repo_folder
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
 from tests.test_selection import SERVING_FILES, SKIPPED  # what fetch takes and leaves of org/tiny
@@ -55,8 +56,8 @@ def incomplete_blobs(repo_id: str = "org/tiny") -> list[str]:
     ("org/ti--ny", False), ("org/tiny.", False), ("org/ti..ny", False), ("org/tiny.git", False),
     ("org/ tiny", False), ("~/models", False),
 ])
-def test_looks_like_repo_id(text, expected):
-    assert looks_like_repo_id(text) is expected
+def test_is_repo_id(text, expected):
+    assert is_repo_id(text) is expected
 
 
 def test_bad_input_is_refused_before_any_request(hub):

@@ -125,6 +125,8 @@ def test_default_user_directory_is_under_the_config_home(monkeypatch, tmp_path):
         (lambda d: d["config"].update(rope_scaling="dynamic"), "config.rope_scaling", "must be a mapping"),
         (lambda d: d.update(trust_remote_code="yes"), "trust_remote_code", "true or false"),
         (lambda d: d.update(parameters="many"), "parameters", "must be a number"),
+        (lambda d: d.update(revision="two words"), "revision", "branch, tag or commit sha"),
+        (lambda d: d.update(revision=""), "revision", "branch, tag or commit sha"),
     ],
 )
 def test_invalid_presets_name_the_file_and_the_field(tmp_path, monkeypatch, mutate, field, problem):

@@ -46,12 +46,12 @@ def fetch(
     Config, tokenizer and safetensors weights only. Uses the cache when it can: no request for a
     pinned commit, one for a branch; works offline (HF_HUB_OFFLINE=1) from a complete cache.
     """
-    from ..hub import check_revision, hub_timeout
+    from .. import checks
     from ..resolve import Fetching, resolve
 
     if revision is not None:
-        check_revision(revision)  # '' is refused here, not read as "the default"
-    seconds = hub_timeout(timeout) if timeout is not None else None
+        checks.revision("--revision", revision)  # '' is refused here, not read as "the default"
+    seconds = checks.hub_timeout(timeout) if timeout is not None else None
     how = Fetching(revision=revision, quiet=quiet, timeout_s=seconds, trust_remote_code=trust_remote_code)
     source = resolve(model, need_files=True, fetching=how)
     typer.echo(str(source.path))
