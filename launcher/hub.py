@@ -77,6 +77,11 @@ class _Call:
     timeout_s: float
     wait_s: float  # for one metadata request (HEAD, branch lookup): at most HF_HUB_ETAG_TIMEOUT
     doing: str
+    commit: str | None = None  # the commit to fetch when the caller already resolved the revision
+
+    @property
+    def pinned(self) -> str | None:
+        return self.commit or (self.revision if is_commit_sha(self.revision) else None)
 
     @property
     def storage(self) -> Path:
@@ -86,7 +91,8 @@ class _Call:
         return self.storage / "snapshots" / sha
 
     @classmethod
-    def now(cls, repo_id: str, revision: str | None, timeout_s: float | str | None) -> _Call:
+    def now(cls, repo_id: str, revision: str | None, timeout_s: float | str | None,
+            commit: str | None = None) -> _Call:
         """The call's settings, every argument checked, the environment read now."""
         from huggingface_hub import constants
 
@@ -103,7 +109,8 @@ class _Call:
             var, value = ("HF_HUB_CACHE", cache) if os.environ.get("HF_HUB_CACHE") else ("HF_HOME", hf_home())
             raise CacheNotADirectory(var, str(value), str(_existing(cache)))
         return cls(repo_id, revision, endpoint, cache, offline, seconds,
-                   min(float(constants.HF_HUB_ETAG_TIMEOUT), seconds), f"downloading {repo_id}@{revision}")
+                   min(float(constants.HF_HUB_ETAG_TIMEOUT), seconds), f"downloading {repo_id}@{revision}",
+                   commit if is_commit_sha(commit) else None)
 
 
 def _reason(exc: BaseException) -> str:
@@ -227,11 +234,9 @@ def _cached_tree(call: _Call, sha: str) -> dict[str, Any] | None:
 
 
 def _cached_sha(call: _Call) -> str | None:
-    """The commit ``call.revision`` points at in the cache (huggingface_hub's refs), or None."""
+    """The commit ``call.revision`` (a branch or tag) points at in the cache (huggingface_hub's refs), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    if is_commit_sha(call.revision):
-        return call.revision
     found = try_to_load_from_cache(call.repo_id, CONFIG, cache_dir=call.cache_dir, revision=call.revision)
     return Path(found).parent.name if isinstance(found, str) else None
 
@@ -314,15 +319,15 @@ def _result(call: _Call, snapshot: Path, selection: Selection | None, started: f
 
 
 def _commit(call: _Call) -> tuple[str, LaunchError | None]:
-    """The commit ``call.revision`` names, and why the hub is not to be used (None: it answered, or
-    the revision is a commit sha). Offline, or when the hub fails (except for an unknown revision),
-    the cache's ref answers; without one that failure (NotCached offline) is raised."""
+    """The commit to fetch, and why the hub is not to be used (None: it answered, or the commit is
+    pinned). Offline, or when the hub fails (except for an unknown revision), the cache's ref
+    answers; without one that failure (NotCached offline) is raised."""
     from huggingface_hub import HfApi
 
     if call.offline:
         failure: LaunchError = NotCached(call.repo_id, call.revision, str(call.cache_dir))
-    elif is_commit_sha(call.revision):
-        return call.revision, None
+    elif call.pinned:
+        return call.pinned, None
     else:
         try:  # a private/gated repo whose token lapsed, or an outage: the cache may do
             sha = HfApi(endpoint=call.endpoint).model_info(call.repo_id, revision=call.revision,
@@ -336,7 +341,7 @@ def _commit(call: _Call) -> tuple[str, LaunchError | None]:
                 raise HubError(call.repo_id, call.endpoint,
                                "its answer names no commit sha; is HF_ENDPOINT a hub?")
             return str(sha), None
-    sha = _cached_sha(call)
+    sha = call.pinned or _cached_sha(call)
     if sha is None:
         raise failure
     return sha, failure
@@ -357,18 +362,20 @@ def fetch(
     trust_remote_code: bool = False,
     quiet: bool = False,
     timeout_s: float | str | None = None,
+    commit: str | None = None,
 ) -> FetchResult:
     """Make ``repo_id`` at ``revision`` (default main) available in the Hugging Face cache and
     return where (``read_config`` reads config.json alone, writing nothing). ``quiet`` turns
     off huggingface_hub's progress bars (shown only when stderr is a terminal) and its warnings.
-    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): see ``_watched``.
+    ``timeout_s`` (default ``$LAUNCH_HUB_TIMEOUT``, else 600): see ``_watched``. ``commit``: the
+    commit ``revision`` was resolved to when the plan was made; its files are the ones fetched.
 
     Requests: none when the revision is a commit sha complete in the cache, or with
     HF_HUB_OFFLINE=1; one for a branch or tag already complete in the cache. An unreachable hub
     falls back to a complete cache; a partial one is IncompleteCache.
     """
     started = time.monotonic()
-    call = _Call.now(repo_id, revision, timeout_s)
+    call = _Call.now(repo_id, revision, timeout_s, commit)
     try:
         with _hf_output(warnings=not quiet, bars=not quiet and sys.stderr.isatty()):
             sha, failure = _commit(call)
@@ -395,11 +402,17 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
     if not os.access(existing, os.W_OK):  # huggingface_hub would list the files, then fail or warn
         raise CacheNotWritable(str(call.cache_dir), f"{existing} is read-only or not writable by this user")
     before = _blob_sizes(call.storage)
-    # The file list, at the commit the branch points at now: no pattern matches, so nothing is
-    # downloaded yet (and its "No files matched" warning is not for the user).
-    with _hf_output(warnings=False, bars=False):
-        path = Path(_watched(call, [lambda: snapshot_download(call.repo_id, revision=call.revision,
-                                                              allow_patterns=[], **common)])[0])
+
+    def listing(revision: str) -> Path:  # no pattern matches: nothing is downloaded yet (and the
+        with _hf_output(warnings=False, bars=False):  # "No files matched" warning is not the user's)
+            return Path(_watched(call, [lambda: snapshot_download(call.repo_id, revision=revision,
+                                                                  allow_patterns=[], **common)])[0])
+
+    # The file list at the revision asked for, so that huggingface_hub records where it points
+    # (refs/, for offline use later); at the planned commit instead if the branch moved since.
+    path = listing(call.revision)
+    if call.commit and path.name != call.commit:
+        path = listing(call.commit)
     tree = _cached_tree(call, path.name)
     if tree is None:
         raise HubError(call.repo_id, call.endpoint, "huggingface_hub kept no file list for it")

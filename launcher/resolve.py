@@ -116,7 +116,8 @@ def _config_only(repo_id: str, preset: Preset | None, label: str, how: Fetching)
     )
 
 
-def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching) -> ModelSource:
+def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching,
+           commit: str | None = None) -> ModelSource:
     from .hub import fetch
 
     trust = _trust(how, preset)
@@ -126,6 +127,7 @@ def _fetch(repo_id: str, preset: Preset | None, label: str, how: Fetching) -> Mo
         trust_remote_code=trust,
         quiet=how.quiet,
         timeout_s=how.timeout_s,
+        commit=commit,
     )
     if not how.quiet:
         import sys
@@ -172,12 +174,11 @@ def with_files(source: ModelSource, fetching: Fetching | None = None) -> ModelSo
     """``source`` with the files serving needs (downloaded when they come from the Hub).
 
     A local directory is returned as it is. A repo id whose config was fetched alone is downloaded
-    at that config's commit, so the files are the ones planned with; a preset follows its pinned
-    revision, else the branch (one request: the branch may have moved since its snapshot was cached).
+    at that config's commit, so the files are the ones planned with (and the branch asked for is
+    recorded in the cache); a preset follows its pinned revision, else the branch (one request: the
+    branch may have moved since its snapshot was cached).
     """
     if source.complete or source.repo_id is None:
         return source
-    how = fetching or Fetching()
-    if source.preset is None and source.revision:
-        how = replace(how, revision=source.revision)
-    return _fetch(source.repo_id, source.preset, source.label, how)
+    commit = source.revision if source.preset is None else None
+    return _fetch(source.repo_id, source.preset, source.label, fetching or Fetching(), commit)

@@ -172,6 +172,20 @@ def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
     assert files.decision is plan.decision and files.overlay_path is not None
 
 
+def test_a_repo_id_patched_online_is_then_usable_offline(hub, tmp_path, isolated_env):
+    """The files come from the planned commit, and the branch asked for is recorded in the cache
+    (huggingface_hub's refs/main), so the same command works offline afterwards."""
+    env = {"LAUNCH_CACHE_DIR": str(tmp_path / "launch")}
+    online = run_launch("patch", "org/tiny", "--factor", "2", env=env)
+    assert online.returncode == 0, online.stderr
+    refs = isolated_env / "hf" / "hub" / "models--org--tiny" / "refs" / "main"
+    assert refs.read_text() == hub.repos["org/tiny"].refs["main"]
+    hub.stop()
+    offline = run_launch("patch", "org/tiny", "--factor", "2", env={**env, "HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.splitlines()[-1] == online.stdout.splitlines()[-1]
+
+
 def test_plan_and_a_config_refusal_on_a_repo_id_write_nothing_into_the_cache(hub, tmp_path, isolated_env):
     """`plan` reads config.json alone without a trace in the HF cache, and so does a command the
     config itself refuses (a --session-len past what linear x2 covers)."""
