@@ -64,7 +64,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
     from . import http
-    from .address import is_loopback, is_wildcard, server_root_url
+    from .address import is_loopback, server_root_url
     from .errors import LaunchError, ReplicaNotRegistered, ServerDied
     from .progress import StartProgress
     from .proxy import add_node
@@ -130,16 +130,10 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 lines.append(f"  listening on {run.proxy_host}: the proxy's node API (/nodes/add, /nodes/remove) "
                              f"takes no API key, so whoever reaches port {run.proxy_port} can change the nodes; keep "
                              "it on a private network")
-            if is_wildcard(run.proxy_host):
-                lines.append(f"  listening on all interfaces ({run.proxy_host}): other machines use this machine's "
-                             f"address, port {run.proxy_port}")
             if run.layout.total_sessions is not None:
                 lines.append(f"  capacity {run.layout.total_sessions} full-length session(s) at once "
                              f"({run.layout.sessions_per_replica} per replica)")
-            if run.api_keys:
-                lines.append("  API keys are required: export LAUNCH_API_KEY=<one of your keys>, then")
-            lines.append("Try it:")
-            lines += ["  " + line for line in info.curl_example().splitlines()]
+            lines += info.access_lines()
             for line in lines:
                 print(line, file=out)
             out.flush()
