@@ -332,8 +332,10 @@ def _plan_parts(plan) -> tuple[str, Mapping, int | None]:
     section = plan.patched_config
     for key in plan.decision.section:
         section = section[key]
+    from .plan import OVERLAY_PLACEHOLDER
+
     sessions = plan.memory.sessions if plan.memory is not None else None
-    return str(plan.overlay_path or "<overlay>"), section, sessions
+    return str(plan.overlay_path or OVERLAY_PLACEHOLDER), section, sessions
 
 
 def replicas_for_plan(plan, replicas: int, *, first_port: int | None = None,

@@ -58,13 +58,35 @@ def proxy_of(plan: Plan) -> dict:
     return {"host": plan.engine.host, "port": plan.engine.port, "command": argv, "command_line": command_line(argv)}
 
 
+def _command(role: str, argv, env: dict | None = None, **where) -> dict:
+    return {"role": role, **where, "env": dict(env or {}), "command": list(argv), "command_line": command_line(list(argv))}
+
+
+def commands_json(plan: Plan, layout=None) -> list[dict]:
+    """Every process ``serve`` runs for this plan, in the order it starts them, as the equivalent
+    lmdeploy command (API keys left out) and the environment it gets: one server; or the proxy,
+    then each replica; or each node (serve runs this node's)."""
+    if layout is None:
+        return [_command("server", plan.command)]
+    from .layout import ReplicaLayout
+
+    if isinstance(layout, ReplicaLayout):
+        return [_command("proxy", proxy_of(plan)["command"]),
+                *(_command("replica", r.argv, r.env, index=r.index) for r in layout.replicas)]
+    return [_command("node", n.argv, rank=n.rank) for n in layout.nodes]
+
+
 def plan_json(plan: Plan, layout=None) -> dict:
     """The plan as one JSON object; with a scale-out ``layout``: its ``replicas`` (and ``proxy``) or
-    ``nodes`` lists and the total ``capacity``."""
+    ``nodes`` lists and the total ``capacity``. ``commands`` lists every process serve runs; the
+    top-level ``command`` is the one server's, ``null`` when serve runs several (no single
+    api_server command would be what it runs)."""
     data = _plan_json(plan)
+    data["commands"] = commands_json(plan, layout)
     if layout is not None:
         from .layout import ReplicaLayout
 
+        data["command"] = data["command_line"] = None
         if isinstance(layout, ReplicaLayout):
             data["proxy"] = proxy_of(plan)
         data.update(layout_json(layout))
@@ -134,8 +156,9 @@ def _gib(n: int) -> str:
 
 
 def render_plan(plan: Plan, layout=None) -> str:
-    """The plan as text; with a scale-out ``layout``, the whole layout after it."""
-    text = _render_plan(plan)
+    """The plan as text; with a scale-out ``layout``, the whole layout after it (then each process's
+    command is shown there, and no single top-level command)."""
+    text = _render_plan(plan, layout)
     if layout is None:
         return text
     from .layout import ReplicaLayout, render_nodes, render_replicas
@@ -147,7 +170,21 @@ def render_plan(plan: Plan, layout=None) -> str:
     return f"{text}\n\n{render_nodes(layout)}"
 
 
-def _render_plan(plan: Plan) -> str:
+def _command_lines(plan: Plan, layout) -> list[str]:
+    if layout is None:
+        return ["command        " + command_line(plan.command),
+                ("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
+                 " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")]
+    from .layout import ReplicaLayout
+
+    if isinstance(layout, ReplicaLayout):
+        return [(f"commands       serve runs {1 + len(layout.replicas)} processes: lmdeploy's proxy on "
+                 f"{plan.engine.host}:{plan.engine.port} and {len(layout.replicas)} replica(s) behind it; each "
+                 "one's command is below (API keys left out)")]
+    return ["commands       one per node, below (serve --nnodes runs this node's; API keys left out)"]
+
+
+def _render_plan(plan: Plan, layout=None) -> str:
     d = plan.decision
     out: list[str] = []
     src = plan.source
@@ -196,9 +233,7 @@ def _render_plan(plan: Plan) -> str:
     out.append(f"engine         {_config_call(plan)}")
     out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")
     out.append(f"overlay hash   {overlay_digest(plan)}  (the same on every node with the same settings)")
-    out.append("command        " + command_line(plan.command))
-    out.append("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
-               " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")
+    out.extend(_command_lines(plan, layout))
     for warning in plan.warnings:
         out.append(f"warning: {warning}")
     return "\n".join(out)

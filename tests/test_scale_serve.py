@@ -58,6 +58,24 @@ def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser
     per = data["memory"]["sessions_that_fit"]
     assert per >= 1 and data["capacity"]["sessions"] == 4 * per == 4 * data["capacity"]["sessions_per_replica"]
     assert data["capacity"]["gpu_ids_assumed"] is True
+    # what serve runs, in order: the proxy, then each replica; no single api_server command on the
+    # proxy's port pretending to be it
+    assert data["command"] is None and data["command_line"] is None
+    commands = data["commands"]
+    assert [(c["role"], c.get("index")) for c in commands] == [("proxy", None)] + [("replica", i) for i in range(4)]
+    assert commands[0]["command"] == data["proxy"]["command"] and commands[0]["env"] == {}
+    for entry, replica in zip(commands[1:], replicas):
+        assert (entry["command"], entry["env"]) == (replica["command"], replica["env"])
+        assert entry["command_line"] == replica["command_line"]
+    listening = [parse(serve_parser, c["command"]).server_port for c in commands]
+    assert listening == [23333, 23334, 23335, 23336, 23337]  # each process its own port
+
+
+def test_plan_without_a_layout_lists_its_one_server_command(launch, serve_parser):
+    data = json.loads(launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--json").stdout)
+    assert data["commands"] == [{"role": "server", "env": {}, "command": data["command"],
+                                 "command_line": data["command_line"]}]
+    assert parse(serve_parser, data["command"]).server_port == 23333
 
 
 def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
@@ -69,6 +87,11 @@ def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
     assert "http://127.0.0.1:9001" in result.stdout and "http://127.0.0.1:9002" in result.stdout
     assert "lmdeploy serve proxy --server-name 127.0.0.1 --server-port 9000" in result.stdout
     assert "full-length session(s) at once" in result.stdout
+    # every api_server line is a replica's (on its own port), none on the proxy's port 9000
+    servers = [line for line in result.stdout.splitlines() if "lmdeploy serve api_server" in line]
+    assert len(servers) == 2 and all(line.lstrip().startswith("CUDA_VISIBLE_DEVICES=") for line in servers)
+    assert "--server-port 9000" not in "".join(servers)
+    assert "commands       serve runs 3 processes: lmdeploy's proxy on 127.0.0.1:9000 and 2 replica(s)" in result.stdout
 
 
 def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
@@ -85,6 +108,9 @@ def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
                                                                                      "10.0.0.1:29500")
         assert parsed.session_len == 131072 and len(node["gpus"]) == 8
     assert data["kv_cache"]["tp"] == 16  # the KV plan is per GPU with the total tp
+    assert data["command"] is None  # no single command: each node runs its own
+    assert [(c["role"], c["rank"], c["command"]) for c in data["commands"]] == [
+        ("node", n["rank"], n["command"]) for n in nodes]
     assert data["capacity"]["sessions"] == data["memory"]["sessions_that_fit"]
     # the overlay hash: what every node compares; the same settings give the same hash, others not
     again = json.loads(launch(*args, "--json", "--node-rank", "1").stdout)
@@ -95,6 +121,8 @@ def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
     text = launch(*args)
     assert f"overlay hash   {data['overlay_sha256']}" in text.stdout
     assert "--node-rank 1 --dist-init-addr 10.0.0.1:29500" in text.stdout
+    servers = [line for line in text.stdout.splitlines() if "lmdeploy serve api_server" in line]
+    assert len(servers) == 2 and all("--nnodes 2" in line for line in servers)
 
 
 def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
