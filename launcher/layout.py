@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from .capacity import Capacity
 from .engine import EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
 
@@ -152,16 +153,18 @@ class Replica:
 class ReplicaLayout:
     tp: int
     replicas: tuple[Replica, ...]
-    sessions_per_replica: int | None  # full-length sessions one replica holds (None: memory unknown)
+    capacity: Capacity  # full-length sessions at once: per replica (memory and max_batch_size), in all
     kv_heads_per_gpu: int
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
     session_len: int | None = None  # each replica's
 
     @property
+    def sessions_per_replica(self) -> int | None:
+        return self.capacity.per_engine
+
+    @property
     def total_sessions(self) -> int | None:
-        if self.sessions_per_replica is None:
-            return None
-        return self.sessions_per_replica * len(self.replicas)
+        return self.capacity.total
 
 
 def replica_layout(
@@ -176,6 +179,8 @@ def replica_layout(
 ) -> ReplicaLayout:
     """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
     i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``first_port + i`` on loopback.
+    ``sessions_per_replica``: full-length sessions one replica's KV cache holds (the capacity caps
+    it at the engine's max_batch_size).
 
     ``devices``: ``visible_devices(...)``; ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
@@ -197,7 +202,8 @@ def replica_layout(
         spec = replace(engine, host=REPLICA_HOST, port=first_port + i)
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
                            tuple(api_server_argv(model_path, spec))))
-    return ReplicaLayout(tp, tuple(out), sessions_per_replica, kv, assumed, engine.config.session_len)
+    capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
+    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len)
 
 
 # --- one engine across nodes -------------------------------------------------------------------
@@ -234,13 +240,13 @@ class NodeLayout:
     host: str  # where rank 0 serves HTTP
     port: int
     nodes: tuple[NodeCommand, ...]
-    sessions: int | None  # full-length sessions the one engine holds (None: memory unknown)
+    capacity: Capacity  # of the one engine
     kv_heads_per_gpu: int
     session_len: int | None = None
 
     @property
     def total_sessions(self) -> int | None:
-        return self.sessions
+        return self.capacity.total
 
 
 def node_layout(
@@ -253,7 +259,8 @@ def node_layout(
     sessions: int | None = None,
 ) -> NodeLayout:
     """One engine with ``engine``'s TOTAL tp over ``nnodes`` nodes: the command of every rank.
-    ``sessions``: full-length sessions of the KV plan made per GPU with that total tp."""
+    ``sessions``: full-length sessions of the KV plan made per GPU with that total tp (the capacity
+    caps them at max_batch_size)."""
     tp = engine.config.tp
     _positive("--nnodes", nnodes, 256)
     if nnodes < 2:
@@ -270,8 +277,8 @@ def node_layout(
         NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", addr]))
         for rank in range(nnodes)
     )
-    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv,
-                      engine.config.session_len)
+    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes,
+                      Capacity(sessions, engine.config.max_batch_size), kv, engine.config.session_len)
 
 
 # --- the scale-out flags ------------------------------------------------------------------------
@@ -406,7 +413,8 @@ def replicas_json(layout: ReplicaLayout) -> list[dict]:
     return [
         {"index": r.index, "gpus": list(r.devices), "cuda_visible_devices": ",".join(r.devices), "host": r.host,
          "port": r.port, "url": r.url, "env": r.env, "command": list(r.argv), "command_line": shlex.join(r.argv),
-         "session_len": layout.session_len, "sessions": layout.sessions_per_replica}
+         "session_len": layout.session_len, "sessions": layout.sessions_per_replica,
+         "capacity_limit": layout.capacity.limit}
         for r in layout.replicas
     ]
 
@@ -426,9 +434,7 @@ def render_replicas(layout: ReplicaLayout) -> str:
     for r in layout.replicas:
         lines.append(f"  replica {r.index}  GPUs {','.join(r.devices):<12} {r.url}")
         lines.append(f"    CUDA_VISIBLE_DEVICES={','.join(r.devices)} {shlex.join(r.argv)}")
-    if layout.total_sessions is not None:
-        lines.append(f"capacity       {layout.total_sessions} full-length session(s) at once "
-                     f"({layout.sessions_per_replica} per replica)")
+    lines.append(f"capacity       {layout.capacity.text('replica')}")
     return "\n".join(lines)
 
 
@@ -438,6 +444,5 @@ def render_nodes(layout: NodeLayout) -> str:
     for n in layout.nodes:
         role = f"serves http://{layout.host}:{layout.port}" if n.serves_http else "engine only"
         lines.append(f"  node {n.rank} ({role}, local GPUs 0-{layout.gpus_per_node - 1}): {shlex.join(n.argv)}")
-    if layout.sessions is not None:
-        lines.append(f"capacity       {layout.sessions} full-length session(s) at once")
+    lines.append(f"capacity       {layout.capacity.text()}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 
+from .capacity import Capacity
 from .engine import architecture_of, command_line, turbomind_supports
 from .kvcache import GiB, MemoryPlan
 from .overlay import config_bytes
@@ -35,17 +36,22 @@ def _memory_json(memory: MemoryPlan | None) -> dict | None:
     }
 
 
+def plan_capacity(plan: Plan) -> Capacity:
+    """One engine's: what its KV cache holds, capped at its max_batch_size."""
+    return Capacity(plan.memory.sessions if plan.memory is not None else None, plan.engine.config.max_batch_size)
+
+
 def layout_json(layout) -> dict:
     """``replicas`` (with the proxy in front) or ``nodes``, and the total capacity, for ``--json``."""
     from .layout import NodeLayout, nodes_json, replicas_json
 
     if isinstance(layout, NodeLayout):
         return {"nodes": nodes_json(layout),
-                "capacity": {"sessions": layout.total_sessions, "session_len": layout.session_len,
+                "capacity": {**layout.capacity.json(), "session_len": layout.session_len,
                              "nnodes": layout.nnodes, "gpus_per_node": layout.gpus_per_node, "tp": layout.tp,
                              "dist_init_addr": layout.dist_init_addr}}
     return {"replicas": replicas_json(layout),
-            "capacity": {"sessions": layout.total_sessions, "sessions_per_replica": layout.sessions_per_replica,
+            "capacity": {**layout.capacity.json(), "sessions_per_replica": layout.sessions_per_replica,
                          "session_len": layout.session_len, "replicas": len(layout.replicas), "tp": layout.tp,
                          "gpus": layout.tp * len(layout.replicas), "gpu_ids_assumed": layout.devices_assumed}}
 
@@ -83,6 +89,7 @@ def plan_json(plan: Plan, layout=None) -> dict:
     api_server command would be what it runs)."""
     data = _plan_json(plan)
     data["commands"] = commands_json(plan, layout)
+    data["capacity"] = {**plan_capacity(plan).json(), "session_len": plan.decision.session_len}
     if layout is not None:
         from .layout import ReplicaLayout
 
@@ -224,11 +231,13 @@ def _render_plan(plan: Plan, layout=None) -> str:
             f"({m.weights_source}), cache budget {_gib(m.budget_bytes)} per GPU"
         )
         if m.fits:
-            out.append(f"               {m.sessions} full-length session(s) fit at once")
+            out.append(f"               {m.sessions} full-length session(s) fit in the KV cache at once")
         else:
             out.append("               NOT ONE full-length session fits. Would fit: " + "; ".join(m.advice))
     else:
         out.append(f"memory         {plan.memory_note}")
+    if layout is None and m is not None and m.fits:
+        out.append(f"capacity       {plan_capacity(plan).text()}")
     out.append("")
     out.append(f"engine         {_config_call(plan)}")
     out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")

@@ -131,8 +131,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                              f"takes no API key, so whoever reaches port {run.proxy_port} can change the nodes; keep "
                              "it on a private network")
             if run.layout.total_sessions is not None:
-                lines.append(f"  capacity {run.layout.total_sessions} full-length session(s) at once "
-                             f"({run.layout.sessions_per_replica} per replica)")
+                lines.append(f"  capacity {run.layout.capacity.text('replica')}")
             lines += info.access_lines()
             for line in lines:
                 print(line, file=out)

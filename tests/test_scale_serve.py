@@ -71,6 +71,24 @@ def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser
     assert listening == [23333, 23334, 23335, 23336, 23337]  # each process its own port
 
 
+def test_plan_capacity_is_capped_at_max_batch_size_and_says_so(launch):
+    args = ("plan", "internlm2_5-7b-chat", "--factor", "1.5", "--tp", "2", "--gpu-memory", "80")
+    base = json.loads(launch(*args, "--replicas", "2", "--json").stdout)
+    held = base["memory"]["sessions_that_fit"]
+    assert held > 8 and base["capacity"]["limit"] == "memory"  # max_batch_size 64 by default
+    data = json.loads(launch(*args, "--replicas", "2", "--max-batch-size", "8", "--json").stdout)
+    assert data["memory"]["sessions_that_fit"] == held  # the KV cache holds as many as before...
+    assert (data["capacity"]["sessions"], data["capacity"]["sessions_per_replica"], data["capacity"]["limit"],
+            data["capacity"]["sessions_by_memory"]) == (16, 8, "max_batch_size", held)  # ...but 8 run at once
+    text = launch(*args, "--replicas", "2", "--max-batch-size", "8").stdout
+    assert (f"capacity       16 full-length session(s) at once (8 per replica; limited by max_batch_size 8: the KV "
+            f"cache would hold {held} per replica") in text
+    one = launch(*args, "--max-batch-size", "8")
+    assert "capacity       8 full-length session(s) at once (limited by max_batch_size 8" in one.stdout
+    single = json.loads(launch(*args, "--max-batch-size", "8", "--json").stdout)["capacity"]
+    assert (single["sessions"], single["limit"]) == (8, "max_batch_size")
+
+
 def test_plan_without_a_layout_lists_its_one_server_command(launch, serve_parser):
     data = json.loads(launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--json").stdout)
     assert data["commands"] == [{"role": "server", "env": {}, "command": data["command"],
