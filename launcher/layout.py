@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from .capacity import Capacity
 from .engine import EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
+from .proxy_start import DEFAULT_ROUTING, check_routing
 
 REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
 
@@ -157,6 +158,7 @@ class ReplicaLayout:
     kv_heads_per_gpu: int
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
     session_len: int | None = None  # each replica's
+    routing: str = DEFAULT_ROUTING  # the proxy's in front
 
     @property
     def sessions_per_replica(self) -> int | None:
@@ -176,17 +178,19 @@ def replica_layout(
     devices: Sequence[str] | None,
     first_port: int,
     sessions_per_replica: int | None = None,
+    routing: str | None = None,
 ) -> ReplicaLayout:
     """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
     i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``first_port + i`` on loopback.
     ``sessions_per_replica``: full-length sessions one replica's KV cache holds (the capacity caps
-    it at the engine's max_batch_size).
+    it at the engine's max_batch_size). ``routing``: the proxy's (checked; default its default).
 
     ``devices``: ``visible_devices(...)``; ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
     ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
     tp = engine.config.tp
     _positive("--replicas", replicas, 256)
+    routing = DEFAULT_ROUTING if routing is None else check_routing(routing)
     kv = kv_heads_per_gpu(section, tp)
     if engine.backend == "turbomind":
         check_parallel(tp, gpus_per_node=tp)
@@ -203,7 +207,7 @@ def replica_layout(
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
                            tuple(api_server_argv(model_path, spec))))
     capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
-    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len)
+    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len, routing)
 
 
 # --- one engine across nodes -------------------------------------------------------------------
@@ -296,6 +300,7 @@ class Scale:
     nnodes: int = 1
     node_rank: int | None = None  # serve: this node's rank; plan: all ranks are shown
     dist_init_addr: str | None = None
+    routing: str | None = None  # the proxy's, with replicas (None: its default)
 
     @property
     def kind(self) -> str | None:
@@ -303,10 +308,12 @@ class Scale:
 
 
 def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = None,
-                dist_init_addr: str | None = None, *, need_rank: bool = False) -> Scale:
+                dist_init_addr: str | None = None, *, routing: str | None = None, need_rank: bool = False) -> Scale:
     """The scale-out flags checked before any config is read (``BadOption`` in one line).
     ``need_rank``: serve runs one node and must be told which (two nodes at rank 0 would wait
-    for each other forever)."""
+    for each other forever). ``routing`` (``--routing``) picks among replicas behind the proxy
+    ``--replicas`` runs: refused without replicas (it would do nothing), checked by its owner
+    (``proxy_start.check_routing``)."""
     from . import checks
 
     n_replicas = checks.whole("--replicas", replicas, 1, REPLICAS_MAX, example=2)
@@ -314,11 +321,17 @@ def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = No
     if n_replicas > 1 and n_nodes > 1:
         raise BadOption("--replicas", str(n_replicas), "replicas of a multi-node engine are not laid out by launch; "
                         "give --replicas (one machine) or --nnodes (one engine across nodes)")
+    if routing is not None:
+        if n_replicas < 2:
+            raise BadOption("--routing", str(routing), "picks a replica behind the proxy that --replicas N (2 or "
+                            "more) runs; without replicas there is no proxy (for your own, `launch proxy start "
+                            "--routing`)")
+        routing = check_routing(routing)
     if n_nodes == 1:
         for option, value in (("--node-rank", node_rank), ("--dist-init-addr", dist_init_addr)):
             if value is not None:
                 raise BadOption(option, str(value), "is for one engine across nodes: give --nnodes N (2 or more) too")
-        return Scale(replicas=n_replicas)
+        return Scale(replicas=n_replicas, routing=routing)
     if dist_init_addr is None:
         raise BadOption("--dist-init-addr", "", "one engine across nodes needs node 0's rendezvous address, "
                         "the same on every node, e.g. --dist-init-addr 10.0.0.1:29500")
@@ -374,7 +387,7 @@ def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
         return replica_layout(plan.engine, model_path, section, replicas=scale.replicas,
                               devices=visible_devices(count, environ),
                               first_port=first_port if first_port is not None else plan.engine.port + 1,
-                              sessions_per_replica=sessions)
+                              sessions_per_replica=sessions, routing=scale.routing)
     if scale.kind == "nodes":
         assert scale.dist_init_addr is not None
         return nodes_for_plan(plan, scale.nnodes, scale.dist_init_addr)
@@ -382,14 +395,14 @@ def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
 
 
 def plan_with_layout(request, *, replicas: object = 1, nnodes: object = 1, node_rank: object = None,
-                     dist_init_addr: str | None = None):
+                     dist_init_addr: str | None = None, routing: str | None = None):
     """``launch plan``: every flag checked (the scale-out ones too) before the config is read, the
     plan (with the total tp across nodes), then its layout checked and laid out. Returns
     ``(plan, layout or None)``. Writes nothing."""
     from .address import validate_host, validate_port
     from .plan import build_plan
 
-    scale = check_scale(replicas, nnodes, node_rank, dist_init_addr)
+    scale = check_scale(replicas, nnodes, node_rank, dist_init_addr, routing=routing)
     request = replace(request, host=validate_host(request.host), port=validate_port(request.port),
                       nnodes=scale.nnodes)
     plan = build_plan(request)

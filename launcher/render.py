@@ -56,12 +56,14 @@ def layout_json(layout) -> dict:
                          "gpus": layout.tp * len(layout.replicas), "gpu_ids_assumed": layout.devices_assumed}}
 
 
-def proxy_of(plan: Plan) -> dict:
-    """lmdeploy's proxy in front of replicas: on the plan's (public) host and port."""
-    from .proxy_start import DEFAULT_ROUTING, proxy_command
+def proxy_of(plan: Plan, layout) -> dict:
+    """lmdeploy's proxy in front of the replicas of ``layout``: on the plan's (public) host and
+    port, with the layout's routing."""
+    from .proxy_start import proxy_command
 
-    argv = proxy_command(plan.engine.host, plan.engine.port, DEFAULT_ROUTING)
-    return {"host": plan.engine.host, "port": plan.engine.port, "command": argv, "command_line": command_line(argv)}
+    argv = proxy_command(plan.engine.host, plan.engine.port, layout.routing)
+    return {"host": plan.engine.host, "port": plan.engine.port, "routing": layout.routing, "command": argv,
+            "command_line": command_line(argv)}
 
 
 def _command(role: str, argv, env: dict | None = None, **where) -> dict:
@@ -77,7 +79,7 @@ def commands_json(plan: Plan, layout=None) -> list[dict]:
     from .layout import ReplicaLayout
 
     if isinstance(layout, ReplicaLayout):
-        return [_command("proxy", proxy_of(plan)["command"]),
+        return [_command("proxy", proxy_of(plan, layout)["command"]),
                 *(_command("replica", r.argv, r.env, index=r.index) for r in layout.replicas)]
     return [_command("node", n.argv, rank=n.rank) for n in layout.nodes]
 
@@ -95,7 +97,7 @@ def plan_json(plan: Plan, layout=None) -> dict:
 
         data["command"] = data["command_line"] = None
         if isinstance(layout, ReplicaLayout):
-            data["proxy"] = proxy_of(plan)
+            data["proxy"] = proxy_of(plan, layout)
         data.update(layout_json(layout))
     return data
 
@@ -171,9 +173,9 @@ def render_plan(plan: Plan, layout=None) -> str:
     from .layout import ReplicaLayout, render_nodes, render_replicas
 
     if isinstance(layout, ReplicaLayout):
-        proxy = proxy_of(plan)
+        proxy = proxy_of(plan, layout)
         return (f"{text}\n\nproxy          http://{proxy['host']}:{proxy['port']} (lmdeploy's proxy, public; "
-                f"replicas on loopback)\n               {proxy['command_line']}\n{render_replicas(layout)}")
+                f"replicas on loopback; routing {proxy['routing']})\n               {proxy['command_line']}\n{render_replicas(layout)}")
     return f"{text}\n\n{render_nodes(layout)}"
 
 

@@ -49,6 +49,7 @@ class ServeRequest:
     nnodes: int | str = 1
     node_rank: int | str | None = None
     dist_init_addr: str | None = None
+    routing: str | None = None  # the proxy's, with replicas
     proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
     advertise_url: str | None = None  # the URL the proxy reaches this server at
     ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
@@ -245,7 +246,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         if problem := nvidia_problem():
             raise NoGpu(problem)
     scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
-                        need_rank=not request.dry_run)
+                        routing=request.routing, need_rank=not request.dry_run)
     from .address import validate_host, validate_port
 
     joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
@@ -341,7 +342,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str], request: ServeRequest,
                     out: TextIO) -> int:
     """The replicas' spec files (one overlay, each its own port) and the proxy's; then run them all."""
-    from .proxy_start import DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, write_proxy_spec
+    from .proxy_start import DEFAULT_START_TIMEOUT_S, write_proxy_spec
     from .serve_replicas import ReplicaRun, run_replicas
 
     argvs, logs = [], []
@@ -351,9 +352,9 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
         argvs.append(tuple(base_argv + [str(spec_path)]))
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port
-    proxy_spec, proxy_dir = write_proxy_spec(host, port, DEFAULT_ROUTING, plan.engine.api_keys)
+    proxy_spec, proxy_dir = write_proxy_spec(host, port, layout.routing, plan.engine.api_keys)
     run = ReplicaRun(proxy_spec=proxy_spec, proxy_dir=proxy_dir, proxy_host=host, proxy_port=port,
-                     routing=DEFAULT_ROUTING, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
+                     routing=layout.routing, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
                      api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
     return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
                         out=out)

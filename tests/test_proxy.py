@@ -408,6 +408,7 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
     try:
         lines = out.read_text().splitlines()
         assert lines[0].startswith(f"Proxy ready: http://127.0.0.1:{port}")
+        assert "routing min_expected_latency" in lines[0]  # the default, without --routing
         run_dir = tmp_path / "cache" / "runs" / f"proxy-{port}"
         assert f"log {run_dir / 'proxy.log'}" in out.read_text()
         assert (run_dir / "proxy-spec.json").stat().st_mode & 0o777 == 0o600

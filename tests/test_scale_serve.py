@@ -89,6 +89,17 @@ def test_plan_capacity_is_capped_at_max_batch_size_and_says_so(launch):
     assert (single["sessions"], single["limit"]) == (8, "max_batch_size")
 
 
+def test_plan_routing_is_the_proxys(launch, serve_parser):
+    args = ("plan", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--gpu-memory", "80")
+    default = json.loads(launch(*args, "--json").stdout)
+    chosen = json.loads(launch(*args, "--routing", "random", "--json").stdout)
+    assert (default["proxy"]["routing"], chosen["proxy"]["routing"]) == ("min_expected_latency", "random")
+    assert parse(serve_parser, default["commands"][0]["command"]).routing_strategy == "min_expected_latency"
+    assert parse(serve_parser, chosen["commands"][0]["command"]).routing_strategy == "random"
+    text = launch(*args, "--routing", "random").stdout
+    assert "replicas on loopback; routing random)" in text and "--routing-strategy random" in text
+
+
 def test_plan_without_a_layout_lists_its_one_server_command(launch, serve_parser):
     data = json.loads(launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--json").stdout)
     assert data["commands"] == [{"role": "server", "env": {}, "command": data["command"],
@@ -177,6 +188,11 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     (["--tp", "3", "--replicas", "1", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp", "32 attention heads"]),
     (["--tp", "8", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp 8", "3 node"]),
     (["--port", "65535", "--replicas", "2"], ["--port", "replica ports"]),
+    (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)", "launch proxy start --routing"]),
+    (["--replicas", "1", "--routing", "random"], ["--routing 'random'", "--replicas N"]),
+    (["--nnodes", "2", "--dist-init-addr", "h:1", "--routing", "random"], ["--routing", "--replicas N"]),
+    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
+    (["--replicas", "2", "--routing", "fastest"], ["not a routing strategy", "min_expected_latency, random"]),
 ])
 def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80", *flags,
@@ -309,9 +325,14 @@ def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
 def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
-                            "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
+                            "--port", str(port), "--routing", "random", env={"CUDA_VISIBLE_DEVICES": "0,1"})
     try:
-        read_until(proc, "curl", timeout=240)
+        ready = "".join(read_until(proc, "curl", timeout=240))
+        # --routing reaches the proxy serve runs: its spec, and lmdeploy's proxy started with it
+        assert "routing random;" in ready, ready
+        run_dir = tmp_path / "cache" / "runs" / f"proxy-{port}"
+        assert json.loads((run_dir / "proxy-spec.json").read_text())["routing_strategy"] == "random"
+        assert "routing random, API keys off" in (run_dir / "proxy.log").read_text()
         engines, proxies = replica_processes(proc)
         assert len(engines) == 2 and len(proxies) == 1
         os.kill(engines[0], signal.SIGKILL)
@@ -361,6 +382,9 @@ def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_
      ["--proxy-url", "only rank 0"]),
     (["--replicas", "2", "--probe"], ["--probe", "launch probe --url"]),
     (["--proxy-url", "http://10.0.0.1:8000"], ["--advertise-url", "cannot reach this machine's loopback"]),
+    (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)"]),
+    (["--routing", "random", "--proxy-url", "http://127.0.0.1:9"], ["--routing 'random'", "--replicas N"]),
+    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
 ])
 def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
     cache = tmp_path / "cache"
@@ -527,6 +551,7 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
 @pytest.mark.parametrize("flags", [
     ["--replicas", "0"], ["--nnodes", "2", "--dist-init-addr", "h:1"], ["--advertise-url", "http://h:1"],
     ["--replicas", "2", "--probe"], ["--proxy-url", "http://10.0.0.1:8000"],
+    ["--routing", "random"], ["--replicas", "2", "--routing", "fastest"],
 ])
 def test_scale_flags_are_refused_before_any_request_for_a_repo_id(hub, flags):
     result = launch_with_gpu("serve", "org/tiny", "--factor", "2", *flags)
