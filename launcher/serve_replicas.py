@@ -69,6 +69,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     from .progress import StartProgress
     from .proxy import add_node
     from .proxy_start import proxy_process
+    from .proxy_state import clear_state, write_state
     from .proxy_watchdog import Watchdog
     from .ready import ReadyInfo
     from .supervise import StopSignals, wait_ready
@@ -88,7 +89,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
         for argv, log, replica in zip(run.argvs, run.logs, run.layout.replicas)
     ]
     everything = [proxy, *replicas]
-    watchdog = Watchdog(root, report=say)
+    watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed))
     key = run.api_keys[0] if run.api_keys else None
     with StopSignals() as signals:
         try:
@@ -147,4 +148,5 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
             return 0
         finally:
             watchdog.stop()
+            clear_state(run.proxy_port)
             stop_all(everything, grace_s, signals.hurried)

@@ -22,7 +22,7 @@ import pytest
 from launcher import http
 from launcher.process import group_members
 from launcher.proxy import proxy_nodes
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import assert_one_line_error, free_port, run_launch
 from tests.test_layout import lmdeploy_serve_parser, parse
 from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
 from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
@@ -304,6 +304,26 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
             metrics = http.get(url + "/metrics", api_key=KEY, timeout=5).body.decode()
             counts.append(int(re.search(r"^lmdeploy_prompts_total (\d+)$", metrics, re.MULTILINE).group(1)))
         assert sum(counts) == 12 and min(counts) >= 1, counts
+        # a replica that stops answering (SIGSTOP: its socket still accepts) is taken out by the
+        # watchdog, and `launch proxy status` shows it, when and why, until it answers again
+        here = {"LAUNCH_CACHE_DIR": str(tmp_path / "cache")}
+
+        def status() -> dict:
+            return json.loads(run_launch("proxy", "status", "--proxy", root, "--json", env=here).stdout)
+
+        assert status()["removed_by_watchdog"] == []
+        stuck = next(p for p, spec in zip(engines, specs) if spec["server_port"] == port + 2)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: replicas[1] not in proxy_nodes(root), 15, 0.2), "not taken out"
+            data = status()
+            assert [n["url"] for n in data["nodes"]] == [replicas[0]]
+            assert [(r["url"], r["models"], r["reason"]) for r in data["removed_by_watchdog"]] == [
+                (replicas[1], ["tiny"], "/health no answer within 2 s (2 checks in a row)")]
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert wait_for(lambda: replicas[1] in proxy_nodes(root), 15, 0.2), "not added back"
+        assert wait_for(lambda: status()["removed_by_watchdog"] == [], 5)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -314,6 +334,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert all(group_members(pgid) == [] for pgid in groups)  # every process group is empty
     assert all(closed(p) for p in (port, port + 1, port + 2))
+    assert not (tmp_path / "cache" / "runs" / f"proxy-{port}" / "watchdog.json").exists()  # its state: gone too
 
 
 def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:

@@ -95,11 +95,12 @@ def remove(url: NodeArg, proxy: ProxyOpt) -> None:
 
 @proxy_app.command(epilog="Examples:  launch proxy status --proxy http://127.0.0.1:8000   |   ... --json")
 def status(proxy: ProxyOpt, as_json: JsonOpt = False) -> None:
-    """The proxy's nodes, their models and their /health now."""
-    from ..proxy import proxy_status, render_status, status_json
+    """The proxy's nodes, their models and their /health now; and the nodes launch's watchdog took
+    out (when and why), for a proxy that `launch proxy start` or `serve --replicas` runs here."""
+    from ..proxy import render_status, status_json, status_report
 
-    rows = proxy_status(proxy)
+    report = status_report(proxy)
     if as_json:
-        print(json.dumps(status_json(proxy, rows), indent=2))
+        print(json.dumps(status_json(proxy, report.rows, report.removed), indent=2))
     else:
-        print(render_status(proxy, rows))
+        print(render_status(proxy, report.rows, report.removed))
