@@ -254,17 +254,23 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, scale, gpu_count=count)
     if request.dry_run:
+        from .plan import OVERLAY_PLACEHOLDER
         from .render import engine_call, plan_json, render_plan
 
+        where, shown = "the serving process", plan
+        if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
+            first = layout.replicas[0]
+            where = "replica 0's serving process; each replica's differs only in its port"
+            shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
+        call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
         if request.as_json:
             data = plan_json(plan, layout)
-            data["engine_call"] = engine_call(plan, str(plan.overlay_path or "<overlay>"))
+            data["engine_call"] = call
             print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
         else:
             print(render_plan(plan, layout), file=out)
-            where = "each replica's serving process, on its own port" if scale.kind == "replicas" else "the serving process"
             print(f"\nengine call (in {where}):", file=out)
-            print(engine_call(plan, str(plan.overlay_path or "<overlay: made after download>")), file=out)
+            print(call, file=out)
         return 0
 
     from .address import check_port_free, exposure_warning

@@ -535,6 +535,17 @@ def test_serve_nnodes_dry_run_shows_the_node_layout(launch):
     assert "TurbomindEngineConfig(" in data["engine_call"] and "tp=16" in data["engine_call"]
 
 
+def test_serve_replicas_dry_run_shows_a_replicas_engine_call_not_one_on_the_proxys_port(launch):
+    args = ("serve", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--port", "9000", "--gpu-memory", "80",
+            "--dry-run")
+    data = json.loads(launch(*args, "--json", env={"CUDA_VISIBLE_DEVICES": ""}).stdout)
+    assert "server_name='127.0.0.1', server_port=9001" in data["engine_call"]
+    assert data["command"] is None and [c["role"] for c in data["commands"]] == ["proxy", "replica", "replica"]
+    text = launch(*args, env={"CUDA_VISIBLE_DEVICES": ""}).stdout
+    assert "engine call (in replica 0's serving process; each replica's differs only in its port):" in text
+    assert "server_port=9001" in text and "server_port=9000" not in text
+
+
 def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
     """What the serving process of node 1 gets: lmdeploy's real TurbomindEngineConfig with the
     total tp, nnodes, node_rank and dist_init_addr (the fields `lmdeploy serve api_server --nnodes`
