@@ -125,7 +125,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 *(f"  replica {r.index}  {r.url}  GPUs {','.join(r.devices)}  log {log}"
                   for r, log in zip(run.layout.replicas, run.logs)),
                 (f"  proxy log {proxy.log_path}   routing {run.routing}; launch's watchdog takes out a replica "
-                "that stops answering /health"),
+                f"that stops answering /health (`launch proxy status --proxy {root}` lists it)"),
             ]
             if not is_loopback(run.proxy_host):
                 lines.append(f"  listening on {run.proxy_host}: the proxy's node API (/nodes/add, /nodes/remove) "

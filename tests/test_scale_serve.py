@@ -280,6 +280,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
         # the same access lines as one server's (ReadyInfo.access_lines): key hint, then the curl
         assert "API keys are required: export LAUNCH_API_KEY=" in ready and KEY not in ready
         assert f"curl {root}/v1/chat/completions" in ready
+        assert f"(`launch proxy status --proxy {root}` lists it)" in ready
         assert {u: n.models for u, n in proxy_nodes(root).items()} == {u: ("tiny",) for u in replicas}
         # each replica on its own GPU set, from the same overlay
         kids = children_of(proc.pid)
