@@ -27,8 +27,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from .capacity import Capacity
 from .engine import EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
+from .proxy_start import DEFAULT_ROUTING, check_routing
 
 REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
 
@@ -152,16 +154,19 @@ class Replica:
 class ReplicaLayout:
     tp: int
     replicas: tuple[Replica, ...]
-    sessions_per_replica: int | None  # full-length sessions one replica holds (None: memory unknown)
+    capacity: Capacity  # full-length sessions at once: per replica (memory and max_batch_size), in all
     kv_heads_per_gpu: int
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
     session_len: int | None = None  # each replica's
+    routing: str = DEFAULT_ROUTING  # the proxy's in front
+
+    @property
+    def sessions_per_replica(self) -> int | None:
+        return self.capacity.per_engine
 
     @property
     def total_sessions(self) -> int | None:
-        if self.sessions_per_replica is None:
-            return None
-        return self.sessions_per_replica * len(self.replicas)
+        return self.capacity.total
 
 
 def replica_layout(
@@ -173,15 +178,19 @@ def replica_layout(
     devices: Sequence[str] | None,
     first_port: int,
     sessions_per_replica: int | None = None,
+    routing: str | None = None,
 ) -> ReplicaLayout:
     """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
     i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``first_port + i`` on loopback.
+    ``sessions_per_replica``: full-length sessions one replica's KV cache holds (the capacity caps
+    it at the engine's max_batch_size). ``routing``: the proxy's (checked; default its default).
 
     ``devices``: ``visible_devices(...)``; ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
     ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
     tp = engine.config.tp
     _positive("--replicas", replicas, 256)
+    routing = DEFAULT_ROUTING if routing is None else check_routing(routing)
     kv = kv_heads_per_gpu(section, tp)
     if engine.backend == "turbomind":
         check_parallel(tp, gpus_per_node=tp)
@@ -197,7 +206,8 @@ def replica_layout(
         spec = replace(engine, host=REPLICA_HOST, port=first_port + i)
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
                            tuple(api_server_argv(model_path, spec))))
-    return ReplicaLayout(tp, tuple(out), sessions_per_replica, kv, assumed, engine.config.session_len)
+    capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
+    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len, routing)
 
 
 # --- one engine across nodes -------------------------------------------------------------------
@@ -234,13 +244,13 @@ class NodeLayout:
     host: str  # where rank 0 serves HTTP
     port: int
     nodes: tuple[NodeCommand, ...]
-    sessions: int | None  # full-length sessions the one engine holds (None: memory unknown)
+    capacity: Capacity  # of the one engine
     kv_heads_per_gpu: int
     session_len: int | None = None
 
     @property
     def total_sessions(self) -> int | None:
-        return self.sessions
+        return self.capacity.total
 
 
 def node_layout(
@@ -253,7 +263,8 @@ def node_layout(
     sessions: int | None = None,
 ) -> NodeLayout:
     """One engine with ``engine``'s TOTAL tp over ``nnodes`` nodes: the command of every rank.
-    ``sessions``: full-length sessions of the KV plan made per GPU with that total tp."""
+    ``sessions``: full-length sessions of the KV plan made per GPU with that total tp (the capacity
+    caps them at max_batch_size)."""
     tp = engine.config.tp
     _positive("--nnodes", nnodes, 256)
     if nnodes < 2:
@@ -270,8 +281,8 @@ def node_layout(
         NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", addr]))
         for rank in range(nnodes)
     )
-    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes, sessions, kv,
-                      engine.config.session_len)
+    return NodeLayout(tp, nnodes, check.gpus_per_node, addr, engine.host, engine.port, nodes,
+                      Capacity(sessions, engine.config.max_batch_size), kv, engine.config.session_len)
 
 
 # --- the scale-out flags ------------------------------------------------------------------------
@@ -289,6 +300,7 @@ class Scale:
     nnodes: int = 1
     node_rank: int | None = None  # serve: this node's rank; plan: all ranks are shown
     dist_init_addr: str | None = None
+    routing: str | None = None  # the proxy's, with replicas (None: its default)
 
     @property
     def kind(self) -> str | None:
@@ -296,10 +308,12 @@ class Scale:
 
 
 def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = None,
-                dist_init_addr: str | None = None, *, need_rank: bool = False) -> Scale:
+                dist_init_addr: str | None = None, *, routing: str | None = None, need_rank: bool = False) -> Scale:
     """The scale-out flags checked before any config is read (``BadOption`` in one line).
     ``need_rank``: serve runs one node and must be told which (two nodes at rank 0 would wait
-    for each other forever)."""
+    for each other forever). ``routing`` (``--routing``) picks among replicas behind the proxy
+    ``--replicas`` runs: refused without replicas (it would do nothing), checked by its owner
+    (``proxy_start.check_routing``)."""
     from . import checks
 
     n_replicas = checks.whole("--replicas", replicas, 1, REPLICAS_MAX, example=2)
@@ -307,11 +321,17 @@ def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = No
     if n_replicas > 1 and n_nodes > 1:
         raise BadOption("--replicas", str(n_replicas), "replicas of a multi-node engine are not laid out by launch; "
                         "give --replicas (one machine) or --nnodes (one engine across nodes)")
+    if routing is not None:
+        if n_replicas < 2:
+            raise BadOption("--routing", str(routing), "picks a replica behind the proxy that --replicas N (2 or "
+                            "more) runs; without replicas there is no proxy (for your own, `launch proxy start "
+                            "--routing`)")
+        routing = check_routing(routing)
     if n_nodes == 1:
         for option, value in (("--node-rank", node_rank), ("--dist-init-addr", dist_init_addr)):
             if value is not None:
                 raise BadOption(option, str(value), "is for one engine across nodes: give --nnodes N (2 or more) too")
-        return Scale(replicas=n_replicas)
+        return Scale(replicas=n_replicas, routing=routing)
     if dist_init_addr is None:
         raise BadOption("--dist-init-addr", "", "one engine across nodes needs node 0's rendezvous address, "
                         "the same on every node, e.g. --dist-init-addr 10.0.0.1:29500")
@@ -332,8 +352,10 @@ def _plan_parts(plan) -> tuple[str, Mapping, int | None]:
     section = plan.patched_config
     for key in plan.decision.section:
         section = section[key]
+    from .plan import OVERLAY_PLACEHOLDER
+
     sessions = plan.memory.sessions if plan.memory is not None else None
-    return str(plan.overlay_path or "<overlay>"), section, sessions
+    return str(plan.overlay_path or OVERLAY_PLACEHOLDER), section, sessions
 
 
 def replicas_for_plan(plan, replicas: int, *, first_port: int | None = None,
@@ -365,7 +387,7 @@ def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
         return replica_layout(plan.engine, model_path, section, replicas=scale.replicas,
                               devices=visible_devices(count, environ),
                               first_port=first_port if first_port is not None else plan.engine.port + 1,
-                              sessions_per_replica=sessions)
+                              sessions_per_replica=sessions, routing=scale.routing)
     if scale.kind == "nodes":
         assert scale.dist_init_addr is not None
         return nodes_for_plan(plan, scale.nnodes, scale.dist_init_addr)
@@ -373,14 +395,14 @@ def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
 
 
 def plan_with_layout(request, *, replicas: object = 1, nnodes: object = 1, node_rank: object = None,
-                     dist_init_addr: str | None = None):
+                     dist_init_addr: str | None = None, routing: str | None = None):
     """``launch plan``: every flag checked (the scale-out ones too) before the config is read, the
     plan (with the total tp across nodes), then its layout checked and laid out. Returns
     ``(plan, layout or None)``. Writes nothing."""
     from .address import validate_host, validate_port
     from .plan import build_plan
 
-    scale = check_scale(replicas, nnodes, node_rank, dist_init_addr)
+    scale = check_scale(replicas, nnodes, node_rank, dist_init_addr, routing=routing)
     request = replace(request, host=validate_host(request.host), port=validate_port(request.port),
                       nnodes=scale.nnodes)
     plan = build_plan(request)
@@ -404,7 +426,8 @@ def replicas_json(layout: ReplicaLayout) -> list[dict]:
     return [
         {"index": r.index, "gpus": list(r.devices), "cuda_visible_devices": ",".join(r.devices), "host": r.host,
          "port": r.port, "url": r.url, "env": r.env, "command": list(r.argv), "command_line": shlex.join(r.argv),
-         "session_len": layout.session_len, "sessions": layout.sessions_per_replica}
+         "session_len": layout.session_len, "sessions": layout.sessions_per_replica,
+         "capacity_limit": layout.capacity.limit}
         for r in layout.replicas
     ]
 
@@ -424,9 +447,7 @@ def render_replicas(layout: ReplicaLayout) -> str:
     for r in layout.replicas:
         lines.append(f"  replica {r.index}  GPUs {','.join(r.devices):<12} {r.url}")
         lines.append(f"    CUDA_VISIBLE_DEVICES={','.join(r.devices)} {shlex.join(r.argv)}")
-    if layout.total_sessions is not None:
-        lines.append(f"capacity       {layout.total_sessions} full-length session(s) at once "
-                     f"({layout.sessions_per_replica} per replica)")
+    lines.append(f"capacity       {layout.capacity.text('replica')}")
     return "\n".join(lines)
 
 
@@ -436,6 +457,5 @@ def render_nodes(layout: NodeLayout) -> str:
     for n in layout.nodes:
         role = f"serves http://{layout.host}:{layout.port}" if n.serves_http else "engine only"
         lines.append(f"  node {n.rank} ({role}, local GPUs 0-{layout.gpus_per_node - 1}): {shlex.join(n.argv)}")
-    if layout.sessions is not None:
-        lines.append(f"capacity       {layout.sessions} full-length session(s) at once")
+    lines.append(f"capacity       {layout.capacity.text()}")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from .errors import (
     ProxyRefused,
     ProxyUnreachable,
 )
+from .proxy_state import Removed
 
 NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node
 PROXY_TIMEOUT_S = 5.0  # one node-API request to the proxy
@@ -263,7 +264,36 @@ def proxy_status(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> list[NodeSta
     return [NodeStatus(nodes[url], health[url]) for url in sorted(nodes)]
 
 
-def status_json(proxy: str, rows: Sequence[NodeStatus]) -> dict:
+def taken_out(proxy: str, registered: Iterable[str] = ()) -> tuple[Removed, ...] | None:
+    """The nodes launch's watchdog holds out of the proxy at ``proxy`` (when and why), from the
+    state its ``launch proxy start`` / ``serve --replicas`` process keeps on this machine; ``None``
+    when there is none here for that proxy. A node in ``registered`` (back since) is left out."""
+    from .proxy_state import read_state
+
+    parsed = http.parse_url(proxy_url(proxy))
+    removed = read_state(parsed.host, parsed.port)
+    if removed is None:
+        return None
+    back = set(registered)
+    return tuple(r for r in removed if r.url not in back)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """``launch proxy status``: the registered nodes with their health now, and the nodes launch's
+    watchdog took out (``None``: no watchdog state of this proxy on this machine)."""
+
+    proxy: str
+    rows: list[NodeStatus]
+    removed: tuple[Removed, ...] | None
+
+
+def status_report(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> StatusReport:
+    rows = proxy_status(proxy, timeout=timeout)
+    return StatusReport(proxy, rows, taken_out(proxy, (r.node.url for r in rows)))
+
+
+def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> dict:
     return {
         "proxy": http.redact(proxy_url(proxy)),
         "nodes": [
@@ -271,17 +301,32 @@ def status_json(proxy: str, rows: Sequence[NodeStatus]) -> dict:
              "healthy": r.health.ok, "health": r.health.detail}
             for r in rows
         ],
+        "removed_by_watchdog": None if removed is None else [
+            {"url": r.url, "models": list(r.models), "removed_at": r.when, "reason": r.reason} for r in removed
+        ],
     }
 
 
-def render_status(proxy: str, rows: Sequence[NodeStatus]) -> str:
-    """The status as a table (one line per node)."""
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> str:
+    """The status as a table (one line per node), then the nodes launch's watchdog took out."""
+    from .proxy_state import ago
+
     shown = http.redact(proxy_url(proxy))
+    out = f" ({len(removed)} taken out by launch's watchdog)" if removed else ""
     if not rows:
-        return f"proxy {shown}: no nodes. Add one with `launch proxy add URL --proxy {shown}`."
-    table = [("NODE", "MODELS", "HEALTH", "IN FLIGHT")]
-    table += [(r.node.url, ", ".join(r.node.models), r.health.detail, str(r.node.unfinished)) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [f"proxy {shown}: {len(rows)} node(s), {sum(r.health.ok for r in rows)} healthy"]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+        lines = [f"proxy {shown}: no nodes{out}. Add one with `launch proxy add URL --proxy {shown}`."]
+    else:
+        lines = [f"proxy {shown}: {len(rows)} node(s), {sum(r.health.ok for r in rows)} healthy{out}"]
+        lines += _table([("NODE", "MODELS", "HEALTH", "IN FLIGHT")]
+                        + [(r.node.url, ", ".join(r.node.models), r.health.detail, str(r.node.unfinished))
+                           for r in rows])
+    if removed:
+        lines.append("taken out by launch's watchdog (added back when its /health answers 200):")
+        lines += _table([("NODE", "MODELS", "SINCE", "WHY")]
+                        + [(r.url, ", ".join(r.models), ago(r), r.reason) for r in removed])
     return "\n".join(lines)

@@ -96,6 +96,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     from .address import check_port_free, client_host, server_root_url, validate_host
     from .apikeys import resolve_api_keys
     from .progress import StartProgress
+    from .proxy_state import clear_state, write_state
     from .proxy_watchdog import Watchdog
     from .supervise import StopSignals, wait_ready
 
@@ -119,7 +120,8 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
             pass
 
     server = proxy_process(spec, directory)
-    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say)
+    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say,
+                        on_change=lambda removed: write_state(port, removed))
     with StopSignals() as signals:
         try:
             progress = StartProgress(err, log_path=server.log_path)
@@ -158,4 +160,5 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
             return 0
         finally:
             watchdog.stop()
+            clear_state(port)
             server.stop(GRACE_S, hurry=signals.hurried)

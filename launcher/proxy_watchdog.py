@@ -13,7 +13,9 @@ models and adds it back (``POST /nodes/add`` with them) on the first round it an
 defaults (2 s, 2 s, 2) a killed node is out within about 4 s and a hanging one within about 6 s.
 
 A node that leaves the proxy's list without the watchdog removing it (``launch proxy remove``) is
-forgotten, not added back.
+forgotten, not added back. ``on_change(removed)`` hears the list of nodes it holds out (when and
+why each was taken out) when it starts and whenever that list changes: ``launch proxy start`` and
+``serve --replicas`` keep it in a file for ``launch proxy status`` (``launcher.proxy_state``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from .errors import LaunchError
 from .http import redact
 from .proxy import Node, check_health_all, deregister, node_url, proxy_nodes, register
+from .proxy_state import Removed
 
 INTERVAL_S = 2.0
 TIMEOUT_S = 2.0
@@ -37,6 +40,8 @@ class _Member:
     models: tuple[str, ...]
     failures: int = 0
     removed: bool = False  # taken out by this watchdog, to be added back when healthy
+    removed_at: float = 0.0  # when (time.time())
+    reason: str = ""  # why: "/health connection refused (2 checks in a row)"
 
 
 class Watchdog:
@@ -47,7 +52,8 @@ class Watchdog:
     ``start()`` runs rounds in a daemon thread until ``stop()``."""
 
     def __init__(self, proxy: str, *, interval_s: float = INTERVAL_S, timeout_s: float = TIMEOUT_S,
-                 failures: int = FAILURES, report: Callable[[str], None] = lambda line: None) -> None:
+                 failures: int = FAILURES, report: Callable[[str], None] = lambda line: None,
+                 on_change: Callable[[list[Removed]], None] | None = None) -> None:
         if not (interval_s > 0 and timeout_s > 0 and failures >= 1):
             raise ValueError("interval_s and timeout_s must be > 0 and failures >= 1")
         self.proxy = proxy
@@ -55,14 +61,38 @@ class Watchdog:
         self.timeout_s = timeout_s
         self.failures = failures
         self.report = report
+        self.on_change = on_change
+        self._told: list[Removed] | None = None  # what on_change heard last
         self.members: dict[str, _Member] = {}
         self._proxy_down = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def removed(self) -> list[Removed]:
+        """The nodes this watchdog holds out of the proxy now, by URL."""
+        return [Removed(url, m.models, m.removed_at, m.reason) for url, m in sorted(self.members.items())
+                if m.removed]
+
+    def _tell(self) -> None:
+        """``on_change`` with the held-out nodes, when they differ from what it heard last."""
+        now = self.removed()
+        if self.on_change is None or now == self._told:
+            return
+        try:
+            self.on_change(now)
+        except (LaunchError, OSError) as err:
+            self.report(f"watchdog: could not record the nodes it took out: {err}")
+        self._told = now
+
     # -- one round ------------------------------------------------------------------------------
     def step(self) -> list[str]:
         """One round; returns the lines it reported."""
+        try:
+            return self._step()
+        finally:
+            self._tell()
+
+    def _step(self) -> list[str]:
         lines: list[str] = []
 
         def say(line: str) -> None:
@@ -112,9 +142,9 @@ class Watchdog:
             except LaunchError as err:
                 say(f"watchdog: could not take {url} out of the proxy: {err}")
                 continue
-            member.removed = True
-            say(f"watchdog: took {url} out of the proxy: /health {result.detail} "
-                f"({member.failures} checks in a row); it is added back when it answers")
+            member.removed, member.removed_at = True, time.time()
+            member.reason = f"/health {result.detail} ({member.failures} checks in a row)"
+            say(f"watchdog: took {url} out of the proxy: {member.reason}; it is added back when it answers")
         return lines
 
     def _normalise(self, registered: dict[str, Node], say: Callable[[str], None]) -> dict[str, Node]:
@@ -157,6 +187,7 @@ class Watchdog:
     def start(self) -> Watchdog:
         if self._thread is not None:
             raise RuntimeError("this watchdog was already started")
+        self._tell()  # nothing held out yet: said at once
         self._thread = threading.Thread(target=self._run, name=f"watchdog {redact(self.proxy)}", daemon=True)
         self._thread.start()
         return self

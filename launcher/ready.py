@@ -52,11 +52,17 @@ class ReadyInfo:
 
     def summary_lines(self) -> list[str]:
         """The lines to print once the server is ready (no secret in them)."""
-        lines = [
+        return [
             f"Serving {self.model_name}: OpenAI API at {self.base_url}  (Ctrl-C stops it)",
             f"  health {self.health_url}   metrics {self.metrics_url}",
             f"  log    {self.log_path}",
+            *self.access_lines(),
         ]
+
+    def access_lines(self) -> list[str]:
+        """How to reach it: the all-interfaces note, the API-key hint and the curl example (the tail
+        of every ready summary: one server's, or the proxy's in front of replicas)."""
+        lines = []
         if is_wildcard(self.host):
             lines.append(f"  listening on all interfaces ({self.host}): other machines use this "
                          f"machine's address, port {self.port}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 
+from .capacity import Capacity
 from .engine import architecture_of, command_line, turbomind_supports
 from .kvcache import GiB, MemoryPlan
 from .overlay import config_bytes
@@ -35,38 +36,68 @@ def _memory_json(memory: MemoryPlan | None) -> dict | None:
     }
 
 
+def plan_capacity(plan: Plan) -> Capacity:
+    """One engine's: what its KV cache holds, capped at its max_batch_size."""
+    return Capacity(plan.memory.sessions if plan.memory is not None else None, plan.engine.config.max_batch_size)
+
+
 def layout_json(layout) -> dict:
     """``replicas`` (with the proxy in front) or ``nodes``, and the total capacity, for ``--json``."""
     from .layout import NodeLayout, nodes_json, replicas_json
 
     if isinstance(layout, NodeLayout):
         return {"nodes": nodes_json(layout),
-                "capacity": {"sessions": layout.total_sessions, "session_len": layout.session_len,
+                "capacity": {**layout.capacity.json(), "session_len": layout.session_len,
                              "nnodes": layout.nnodes, "gpus_per_node": layout.gpus_per_node, "tp": layout.tp,
                              "dist_init_addr": layout.dist_init_addr}}
     return {"replicas": replicas_json(layout),
-            "capacity": {"sessions": layout.total_sessions, "sessions_per_replica": layout.sessions_per_replica,
+            "capacity": {**layout.capacity.json(), "sessions_per_replica": layout.sessions_per_replica,
                          "session_len": layout.session_len, "replicas": len(layout.replicas), "tp": layout.tp,
                          "gpus": layout.tp * len(layout.replicas), "gpu_ids_assumed": layout.devices_assumed}}
 
 
-def proxy_of(plan: Plan) -> dict:
-    """lmdeploy's proxy in front of replicas: on the plan's (public) host and port."""
-    from .proxy_start import DEFAULT_ROUTING, proxy_command
+def proxy_of(plan: Plan, layout) -> dict:
+    """lmdeploy's proxy in front of the replicas of ``layout``: on the plan's (public) host and
+    port, with the layout's routing."""
+    from .proxy_start import proxy_command
 
-    argv = proxy_command(plan.engine.host, plan.engine.port, DEFAULT_ROUTING)
-    return {"host": plan.engine.host, "port": plan.engine.port, "command": argv, "command_line": command_line(argv)}
+    argv = proxy_command(plan.engine.host, plan.engine.port, layout.routing)
+    return {"host": plan.engine.host, "port": plan.engine.port, "routing": layout.routing, "command": argv,
+            "command_line": command_line(argv)}
+
+
+def _command(role: str, argv, env: dict | None = None, **where) -> dict:
+    return {"role": role, **where, "env": dict(env or {}), "command": list(argv), "command_line": command_line(list(argv))}
+
+
+def commands_json(plan: Plan, layout=None) -> list[dict]:
+    """Every process ``serve`` runs for this plan, in the order it starts them, as the equivalent
+    lmdeploy command (API keys left out) and the environment it gets: one server; or the proxy,
+    then each replica; or each node (serve runs this node's)."""
+    if layout is None:
+        return [_command("server", plan.command)]
+    from .layout import ReplicaLayout
+
+    if isinstance(layout, ReplicaLayout):
+        return [_command("proxy", proxy_of(plan, layout)["command"]),
+                *(_command("replica", r.argv, r.env, index=r.index) for r in layout.replicas)]
+    return [_command("node", n.argv, rank=n.rank) for n in layout.nodes]
 
 
 def plan_json(plan: Plan, layout=None) -> dict:
     """The plan as one JSON object; with a scale-out ``layout``: its ``replicas`` (and ``proxy``) or
-    ``nodes`` lists and the total ``capacity``."""
+    ``nodes`` lists and the total ``capacity``. ``commands`` lists every process serve runs; the
+    top-level ``command`` is the one server's, ``null`` when serve runs several (no single
+    api_server command would be what it runs)."""
     data = _plan_json(plan)
+    data["commands"] = commands_json(plan, layout)
+    data["capacity"] = {**plan_capacity(plan).json(), "session_len": plan.decision.session_len}
     if layout is not None:
         from .layout import ReplicaLayout
 
+        data["command"] = data["command_line"] = None
         if isinstance(layout, ReplicaLayout):
-            data["proxy"] = proxy_of(plan)
+            data["proxy"] = proxy_of(plan, layout)
         data.update(layout_json(layout))
     return data
 
@@ -134,20 +165,35 @@ def _gib(n: int) -> str:
 
 
 def render_plan(plan: Plan, layout=None) -> str:
-    """The plan as text; with a scale-out ``layout``, the whole layout after it."""
-    text = _render_plan(plan)
+    """The plan as text; with a scale-out ``layout``, the whole layout after it (then each process's
+    command is shown there, and no single top-level command)."""
+    text = _render_plan(plan, layout)
     if layout is None:
         return text
     from .layout import ReplicaLayout, render_nodes, render_replicas
 
     if isinstance(layout, ReplicaLayout):
-        proxy = proxy_of(plan)
+        proxy = proxy_of(plan, layout)
         return (f"{text}\n\nproxy          http://{proxy['host']}:{proxy['port']} (lmdeploy's proxy, public; "
-                f"replicas on loopback)\n               {proxy['command_line']}\n{render_replicas(layout)}")
+                f"replicas on loopback; routing {proxy['routing']})\n               {proxy['command_line']}\n{render_replicas(layout)}")
     return f"{text}\n\n{render_nodes(layout)}"
 
 
-def _render_plan(plan: Plan) -> str:
+def _command_lines(plan: Plan, layout) -> list[str]:
+    if layout is None:
+        return ["command        " + command_line(plan.command),
+                ("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
+                 " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")]
+    from .layout import ReplicaLayout
+
+    if isinstance(layout, ReplicaLayout):
+        return [(f"commands       serve runs {1 + len(layout.replicas)} processes: lmdeploy's proxy on "
+                 f"{plan.engine.host}:{plan.engine.port} and {len(layout.replicas)} replica(s) behind it; each "
+                 "one's command is below (API keys left out)")]
+    return ["commands       one per node, below (serve --nnodes runs this node's; API keys left out)"]
+
+
+def _render_plan(plan: Plan, layout=None) -> str:
     d = plan.decision
     out: list[str] = []
     src = plan.source
@@ -187,18 +233,18 @@ def _render_plan(plan: Plan) -> str:
             f"({m.weights_source}), cache budget {_gib(m.budget_bytes)} per GPU"
         )
         if m.fits:
-            out.append(f"               {m.sessions} full-length session(s) fit at once")
+            out.append(f"               {m.sessions} full-length session(s) fit in the KV cache at once")
         else:
             out.append("               NOT ONE full-length session fits. Would fit: " + "; ".join(m.advice))
     else:
         out.append(f"memory         {plan.memory_note}")
+    if layout is None and m is not None and m.fits:
+        out.append(f"capacity       {plan_capacity(plan).text()}")
     out.append("")
     out.append(f"engine         {_config_call(plan)}")
     out.append(f"overlay        {plan.overlay_path or OVERLAY_PLACEHOLDER}")
     out.append(f"overlay hash   {overlay_digest(plan)}  (the same on every node with the same settings)")
-    out.append("command        " + command_line(plan.command))
-    out.append("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
-               " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")
+    out.extend(_command_lines(plan, layout))
     for warning in plan.warnings:
         out.append(f"warning: {warning}")
     return "\n".join(out)

@@ -49,6 +49,7 @@ class ServeRequest:
     nnodes: int | str = 1
     node_rank: int | str | None = None
     dist_init_addr: str | None = None
+    routing: str | None = None  # the proxy's, with replicas
     proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
     advertise_url: str | None = None  # the URL the proxy reaches this server at
     ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
@@ -245,7 +246,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         if problem := nvidia_problem():
             raise NoGpu(problem)
     scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
-                        need_rank=not request.dry_run)
+                        routing=request.routing, need_rank=not request.dry_run)
     from .address import validate_host, validate_port
 
     joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
@@ -253,17 +254,23 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, scale, gpu_count=count)
     if request.dry_run:
+        from .plan import OVERLAY_PLACEHOLDER
         from .render import engine_call, plan_json, render_plan
 
+        where, shown = "the serving process", plan
+        if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
+            first = layout.replicas[0]
+            where = "replica 0's serving process; each replica's differs only in its port"
+            shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
+        call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
         if request.as_json:
             data = plan_json(plan, layout)
-            data["engine_call"] = engine_call(plan, str(plan.overlay_path or "<overlay>"))
+            data["engine_call"] = call
             print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
         else:
             print(render_plan(plan, layout), file=out)
-            where = "each replica's serving process, on its own port" if scale.kind == "replicas" else "the serving process"
             print(f"\nengine call (in {where}):", file=out)
-            print(engine_call(plan, str(plan.overlay_path or "<overlay: made after download>")), file=out)
+            print(call, file=out)
         return 0
 
     from .address import check_port_free, exposure_warning
@@ -341,7 +348,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str], request: ServeRequest,
                     out: TextIO) -> int:
     """The replicas' spec files (one overlay, each its own port) and the proxy's; then run them all."""
-    from .proxy_start import DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, write_proxy_spec
+    from .proxy_start import DEFAULT_START_TIMEOUT_S, write_proxy_spec
     from .serve_replicas import ReplicaRun, run_replicas
 
     argvs, logs = [], []
@@ -351,9 +358,9 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
         argvs.append(tuple(base_argv + [str(spec_path)]))
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port
-    proxy_spec, proxy_dir = write_proxy_spec(host, port, DEFAULT_ROUTING, plan.engine.api_keys)
+    proxy_spec, proxy_dir = write_proxy_spec(host, port, layout.routing, plan.engine.api_keys)
     run = ReplicaRun(proxy_spec=proxy_spec, proxy_dir=proxy_dir, proxy_host=host, proxy_port=port,
-                     routing=DEFAULT_ROUTING, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
+                     routing=layout.routing, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
                      api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
     return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
                         out=out)

@@ -64,11 +64,12 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
     from . import http
-    from .address import is_loopback, is_wildcard, server_root_url
+    from .address import is_loopback, server_root_url
     from .errors import LaunchError, ReplicaNotRegistered, ServerDied
     from .progress import StartProgress
     from .proxy import add_node
     from .proxy_start import proxy_process
+    from .proxy_state import clear_state, write_state
     from .proxy_watchdog import Watchdog
     from .ready import ReadyInfo
     from .supervise import StopSignals, wait_ready
@@ -88,7 +89,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
         for argv, log, replica in zip(run.argvs, run.logs, run.layout.replicas)
     ]
     everything = [proxy, *replicas]
-    watchdog = Watchdog(root, report=say)
+    watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed))
     key = run.api_keys[0] if run.api_keys else None
     with StopSignals() as signals:
         try:
@@ -124,22 +125,15 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 *(f"  replica {r.index}  {r.url}  GPUs {','.join(r.devices)}  log {log}"
                   for r, log in zip(run.layout.replicas, run.logs)),
                 (f"  proxy log {proxy.log_path}   routing {run.routing}; launch's watchdog takes out a replica "
-                "that stops answering /health"),
+                f"that stops answering /health (`launch proxy status --proxy {root}` lists it)"),
             ]
             if not is_loopback(run.proxy_host):
                 lines.append(f"  listening on {run.proxy_host}: the proxy's node API (/nodes/add, /nodes/remove) "
                              f"takes no API key, so whoever reaches port {run.proxy_port} can change the nodes; keep "
                              "it on a private network")
-            if is_wildcard(run.proxy_host):
-                lines.append(f"  listening on all interfaces ({run.proxy_host}): other machines use this machine's "
-                             f"address, port {run.proxy_port}")
             if run.layout.total_sessions is not None:
-                lines.append(f"  capacity {run.layout.total_sessions} full-length session(s) at once "
-                             f"({run.layout.sessions_per_replica} per replica)")
-            if run.api_keys:
-                lines.append("  API keys are required: export LAUNCH_API_KEY=<one of your keys>, then")
-            lines.append("Try it:")
-            lines += ["  " + line for line in info.curl_example().splitlines()]
+                lines.append(f"  capacity {run.layout.capacity.text('replica')}")
+            lines += info.access_lines()
             for line in lines:
                 print(line, file=out)
             out.flush()
@@ -154,4 +148,5 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
             return 0
         finally:
             watchdog.stop()
+            clear_state(run.proxy_port)
             stop_all(everything, grace_s, signals.hurried)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from launcher.capacity import Capacity
 from launcher.engine import EngineConfig, EngineSpec
 from launcher.errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
 from launcher.layout import (
@@ -57,8 +58,8 @@ def parse(parser, argv) -> argparse.Namespace:
     return parser.parse_args(list(argv[2:]))
 
 
-def engine(tp: int, backend: str = "turbomind") -> EngineSpec:
-    return EngineSpec(backend=backend, config=EngineConfig(tp=tp, session_len=4096, max_batch_size=8,
+def engine(tp: int, backend: str = "turbomind", max_batch_size: int = 8) -> EngineSpec:
+    return EngineSpec(backend=backend, config=EngineConfig(tp=tp, session_len=4096, max_batch_size=max_batch_size,
                                                            cache_max_entry_count=0.8, quant_policy=0),
                       model_name="tiny", trust_remote_code=False, port=9000)
 
@@ -213,3 +214,48 @@ def test_layouts_import_neither_lmdeploy_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+# --- capacity: memory, capped at max_batch_size ---------------------------------------------------
+
+
+@pytest.mark.parametrize("by_memory, batch, engines, per, total, limit", [
+    (7, 64, 4, 7, 28, "memory"),  # the KV cache binds
+    (150, 64, 2, 64, 128, "max_batch_size"),  # lmdeploy runs at most 64 sequences at once per engine
+    (64, 64, 1, 64, 64, "memory"),  # a tie: both allow 64
+    (0, 64, 3, 0, 0, "memory"),  # not one session fits
+    (None, 64, 2, None, None, None),  # memory unknown: no number claimed
+])
+def test_capacity_is_memory_capped_at_max_batch_size(by_memory, batch, engines, per, total, limit):
+    cap = Capacity(by_memory, batch, engines)
+    assert (cap.per_engine, cap.total, cap.limit) == (per, total, limit)
+    assert cap.json() == {"sessions": total, "sessions_per_engine": per, "limit": limit,
+                          "sessions_by_memory": by_memory, "max_batch_size": batch}
+
+
+def test_capacity_text_says_which_limit_binds():
+    assert Capacity(150, 64, 2).text("replica") == (
+        "128 full-length session(s) at once (64 per replica; limited by max_batch_size 64: the KV cache would "
+        "hold 150 per replica; raise --max-batch-size to run more)")
+    assert Capacity(7, 64).text() == ("7 full-length session(s) at once (limited by memory: the KV cache holds 7 "
+                                      "per engine; max_batch_size 64 would allow more)")
+    assert Capacity(None, 8, 3).text("replica").startswith("not known: the KV-cache fit is unknown; at most 24")
+
+
+@pytest.mark.parametrize("args", [(1, 0), (1, 8, 0), (-1, 8), (1.5, 8), (True, 8), (1, "8")])
+def test_capacity_refuses_what_is_not_a_count(args):
+    with pytest.raises(ValueError):
+        Capacity(*args)
+
+
+def test_layouts_cap_each_engine_at_its_max_batch_size():
+    layout = replica_layout(engine(1, max_batch_size=4), "/m", LLAMA, replicas=3, devices=None, first_port=9001,
+                            sessions_per_replica=10)
+    assert (layout.sessions_per_replica, layout.total_sessions, layout.capacity.limit) == (4, 12, "max_batch_size")
+    assert [r["capacity_limit"] for r in replicas_json(layout)] == ["max_batch_size"] * 3
+    assert "capacity       12 full-length session(s) at once (4 per replica; limited by max_batch_size 4" \
+        in render_replicas(layout)
+    nodes = node_layout(engine(2, max_batch_size=16), "/m", LLAMA, nnodes=2, dist_init_addr="10.0.0.1:29500",
+                        sessions=40)
+    assert (nodes.total_sessions, nodes.capacity.limit) == (16, "max_batch_size")  # one engine: no x nnodes
+    assert "capacity       16 full-length session(s) at once (limited by max_batch_size 16" in render_nodes(nodes)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,11 @@ from launcher.proxy import (
     proxy_status,
     remove_node,
     render_status,
+    taken_out,
 )
 from launcher.proxy_server import proxy_kwargs
 from launcher.proxy_start import ROUTINGS, proxy_command
+from launcher.proxy_state import STATE_NAME
 from tests.conftest import assert_one_line_error, free_port
 from tests.test_layout import lmdeploy_serve_parser
 
@@ -156,7 +159,7 @@ def proxy(tmp_path_factory):
     port = free_port()
     proc, out, err = start_launch_proxy(tmp, port, "--api-key", KEY)
     url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "proc": proc, "out": out, "err": err}
+    yield {"url": url, "proc": proc, "out": out, "err": err, "cache": tmp / "cache"}
     assert stop(proc) == 0, err.read_text()[-2000:]
 
 
@@ -206,9 +209,11 @@ def test_remove_and_status(empty_proxy, replicas, launch):
     assert re.search(rf"^{re.escape(a)}\s+{MODEL}\s+healthy\s+0$", text.stdout, re.MULTILINE)
     result = launch("proxy", "remove", b, "--proxy", proxy)
     assert result.returncode == 0 and result.stdout.strip() == f"removed {b}"
-    data = json.loads(launch("proxy", "status", "--proxy", proxy, "--json").stdout)
+    data = json.loads(launch("proxy", "status", "--proxy", proxy, "--json",
+                             env={"LAUNCH_CACHE_DIR": str(empty_proxy["cache"])}).stdout)
     assert data == {"proxy": proxy, "nodes": [{"url": a, "models": [MODEL], "unfinished": 0, "healthy": True,
-                                               "health": "healthy"}]}
+                                               "health": "healthy"}],
+                    "removed_by_watchdog": []}  # its watchdog's state found: a node removed by hand is not in it
     assert_one_line_error(launch("proxy", "remove", b, "--proxy", proxy), f"not a node of the proxy at {proxy}",
                           f"its nodes: {a}", code=2)
     time.sleep(5)  # two watchdog rounds: a node removed by the user is not put back
@@ -243,7 +248,7 @@ def test_done_when_requests_spread_and_a_killed_replica_is_taken_out_within_10s(
     assert sum(counts.values()) == 40 and min(counts.values()) > 0, counts
 
     replicas.kill(b)  # kill -9
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     assert wait_for(lambda: b not in proxy_nodes(proxy), REMOVAL_LIMIT_S, 0.2), "not taken out within 10 s"
     assert time.monotonic() - killed_at <= REMOVAL_LIMIT_S
     replies = chat(proxy, n=20)
@@ -251,17 +256,36 @@ def test_done_when_requests_spread_and_a_killed_replica_is_taken_out_within_10s(
     assert served_count(a) == counts[a] + 20
     assert "took http://127.0.0.1:" in empty_proxy["err"].read_text()
 
+    # `launch proxy status` shows the node the watchdog took out, when and why (the proxy forgot it)
+    here = {"LAUNCH_CACHE_DIR": str(empty_proxy["cache"])}
+    data = json.loads(launch("proxy", "status", "--proxy", proxy, "--json", env=here).stdout)
+    assert [n["url"] for n in data["nodes"]] == [a]
+    (out,) = data["removed_by_watchdog"]
+    assert (out["url"], out["models"], out["reason"]) == (b, [MODEL], "/health connection refused (2 checks in a row)")
+    when = datetime.strptime(out["removed_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    assert killed_wall - 1 <= when <= time.time()
+    text = launch("proxy", "status", "--proxy", proxy, env=here).stdout
+    assert text.splitlines()[0] == f"proxy {proxy}: 1 node(s), 1 healthy (1 taken out by launch's watchdog)"
+    assert "taken out by launch's watchdog (added back when its /health answers 200):" in text
+    assert re.search(rf"^{re.escape(b)}\s+{MODEL}\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC, \d+ s ago\s+"
+                     r"/health connection refused \(2 checks in a row\)$", text, re.MULTILINE), text
+    # another launch cache (another user, or the proxy run elsewhere): no watchdog state, and said so
+    other = json.loads(launch("proxy", "status", "--proxy", proxy, "--json").stdout)
+    assert other["removed_by_watchdog"] is None and [n["url"] for n in other["nodes"]] == [a]
+
     # the replica comes back on the same address: the watchdog adds it back with its models
     replicas.start(port=int(b.rsplit(":", 1)[1]))
     assert wait_for(lambda: b in proxy_nodes(proxy), REMOVAL_LIMIT_S, 0.2), "not added back"
     assert proxy_nodes(proxy)[b].models == (MODEL,)
     assert all(answered(r) for r in chat(proxy, n=10))
+    assert wait_for(lambda: json.loads(launch("proxy", "status", "--proxy", proxy, "--json", env=here).stdout)
+                    ["removed_by_watchdog"] == [], 5)  # back: no longer listed as taken out
 
 
 # --- a stuck replica ------------------------------------------------------------------------------------
 
 
-def test_a_stuck_replica_does_not_block_the_others(empty_proxy, replicas):
+def test_a_stuck_replica_does_not_block_the_others(empty_proxy, replicas, monkeypatch):
     proxy = empty_proxy["url"]
     a, stuck = replicas.start(), replicas.start()
     add_node(a, proxy, KEY)
@@ -271,6 +295,9 @@ def test_a_stuck_replica_does_not_block_the_others(empty_proxy, replicas):
     taken_out_at = wait_for(lambda: stuck not in proxy_nodes(proxy) and time.monotonic(), REMOVAL_LIMIT_S + 1, 0.2)
     assert taken_out_at, "a stuck node was not taken out"
     assert a in proxy_nodes(proxy)  # the healthy one stayed all along
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(empty_proxy["cache"]))  # where the proxy's watchdog keeps its state
+    (out,) = taken_out(proxy)
+    assert (out.url, out.reason) == (stuck, "/health no answer within 2 s (2 checks in a row)")
     assert all(answered(r) for r in chat(proxy, n=10))
     assert served_count(a) == 10
 
@@ -408,9 +435,13 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
     try:
         lines = out.read_text().splitlines()
         assert lines[0].startswith(f"Proxy ready: http://127.0.0.1:{port}")
+        assert "routing min_expected_latency" in lines[0]  # the default, without --routing
         run_dir = tmp_path / "cache" / "runs" / f"proxy-{port}"
         assert f"log {run_dir / 'proxy.log'}" in out.read_text()
         assert (run_dir / "proxy-spec.json").stat().st_mode & 0o777 == 0o600
+        state = run_dir / STATE_NAME  # the watchdog's record, for `launch proxy status`: nothing taken out yet
+        assert state.stat().st_mode & 0o777 == 0o600
+        assert json.loads(state.read_text()) == {"format": 1, "port": port, "pid": proc.pid, "removed": []}
         (child,) = children_of(proc.pid)
         assert KEY not in (Path(f"/proc/{child}/cmdline").read_bytes().decode())  # keys never on argv
         assert _group_members(child)  # the proxy runs in its own process group
@@ -419,6 +450,8 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
         code = stop(proc, signal.SIGINT)
     assert code == 0, err.read_text()[-2000:]
     assert _group_members(child) == []
+    assert not state.exists()  # removed by the process that wrote it
+    assert sorted(p.name for p in run_dir.iterdir()) == ["proxy-spec.json", "proxy.log"]
     assert http.status_of(f"http://127.0.0.1:{port}/nodes/status", timeout=1) is None
     assert cache_file.exists() == existed  # nothing written into lmdeploy's installation
 
@@ -440,3 +473,42 @@ def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path):
     assert proc.returncode == 0, err
     assert b"Proxy ready" not in out
     assert _group_members(child) == []
+
+
+# --- the watchdog's state file: read only when it can be the queried proxy's ------------------------
+
+
+def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_machine(tmp_path, monkeypatch):
+    from launcher.proxy_state import (
+        Removed,
+        clear_state,
+        is_this_machine,
+        read_state,
+        state_path,
+        write_state,
+    )
+
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    port = free_port()
+    gone = Removed("http://127.0.0.1:1", ("m",), 1_700_000_000.0, "/health connection refused (2 checks in a row)")
+    assert read_state("127.0.0.1", port) is None  # no file
+    path = write_state(port, [gone])
+    assert path == state_path(port) and path.stat().st_mode & 0o777 == 0o600
+    assert read_state("127.0.0.1", port) == (gone,) and gone.when == "2023-11-14T22:13:20Z"
+    assert read_state("localhost", port) == (gone,)
+    assert is_this_machine("127.0.0.1") and not is_this_machine("192.0.2.1")  # TEST-NET-1: nobody's address
+    assert read_state("192.0.2.1", port) is None  # a proxy on another machine: not this file
+    data = json.loads(path.read_text())
+    for bad in ({**data, "port": port + 1}, {**data, "format": 2}, {**data, "removed": [{"url": "x"}]}, []):
+        path.write_text(json.dumps(bad))
+        assert read_state("127.0.0.1", port) is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    path.write_text(json.dumps({**data, "pid": int(dead.stdout)}))  # left by a run that was killed
+    assert read_state("127.0.0.1", port) is None
+    clear_state(port)
+    assert path.exists()  # not this process's file: left alone
+    write_state(port, [])
+    assert read_state("127.0.0.1", port) == ()
+    clear_state(port)
+    assert not path.exists()

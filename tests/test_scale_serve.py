@@ -22,7 +22,7 @@ import pytest
 from launcher import http
 from launcher.process import group_members
 from launcher.proxy import proxy_nodes
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import assert_one_line_error, free_port, run_launch
 from tests.test_layout import lmdeploy_serve_parser, parse
 from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
 from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
@@ -58,6 +58,53 @@ def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser
     per = data["memory"]["sessions_that_fit"]
     assert per >= 1 and data["capacity"]["sessions"] == 4 * per == 4 * data["capacity"]["sessions_per_replica"]
     assert data["capacity"]["gpu_ids_assumed"] is True
+    # what serve runs, in order: the proxy, then each replica; no single api_server command on the
+    # proxy's port pretending to be it
+    assert data["command"] is None and data["command_line"] is None
+    commands = data["commands"]
+    assert [(c["role"], c.get("index")) for c in commands] == [("proxy", None)] + [("replica", i) for i in range(4)]
+    assert commands[0]["command"] == data["proxy"]["command"] and commands[0]["env"] == {}
+    for entry, replica in zip(commands[1:], replicas):
+        assert (entry["command"], entry["env"]) == (replica["command"], replica["env"])
+        assert entry["command_line"] == replica["command_line"]
+    listening = [parse(serve_parser, c["command"]).server_port for c in commands]
+    assert listening == [23333, 23334, 23335, 23336, 23337]  # each process its own port
+
+
+def test_plan_capacity_is_capped_at_max_batch_size_and_says_so(launch):
+    args = ("plan", "internlm2_5-7b-chat", "--factor", "1.5", "--tp", "2", "--gpu-memory", "80")
+    base = json.loads(launch(*args, "--replicas", "2", "--json").stdout)
+    held = base["memory"]["sessions_that_fit"]
+    assert held > 8 and base["capacity"]["limit"] == "memory"  # max_batch_size 64 by default
+    data = json.loads(launch(*args, "--replicas", "2", "--max-batch-size", "8", "--json").stdout)
+    assert data["memory"]["sessions_that_fit"] == held  # the KV cache holds as many as before...
+    assert (data["capacity"]["sessions"], data["capacity"]["sessions_per_replica"], data["capacity"]["limit"],
+            data["capacity"]["sessions_by_memory"]) == (16, 8, "max_batch_size", held)  # ...but 8 run at once
+    text = launch(*args, "--replicas", "2", "--max-batch-size", "8").stdout
+    assert (f"capacity       16 full-length session(s) at once (8 per replica; limited by max_batch_size 8: the KV "
+            f"cache would hold {held} per replica") in text
+    one = launch(*args, "--max-batch-size", "8")
+    assert "capacity       8 full-length session(s) at once (limited by max_batch_size 8" in one.stdout
+    single = json.loads(launch(*args, "--max-batch-size", "8", "--json").stdout)["capacity"]
+    assert (single["sessions"], single["limit"]) == (8, "max_batch_size")
+
+
+def test_plan_routing_is_the_proxys(launch, serve_parser):
+    args = ("plan", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--gpu-memory", "80")
+    default = json.loads(launch(*args, "--json").stdout)
+    chosen = json.loads(launch(*args, "--routing", "random", "--json").stdout)
+    assert (default["proxy"]["routing"], chosen["proxy"]["routing"]) == ("min_expected_latency", "random")
+    assert parse(serve_parser, default["commands"][0]["command"]).routing_strategy == "min_expected_latency"
+    assert parse(serve_parser, chosen["commands"][0]["command"]).routing_strategy == "random"
+    text = launch(*args, "--routing", "random").stdout
+    assert "replicas on loopback; routing random)" in text and "--routing-strategy random" in text
+
+
+def test_plan_without_a_layout_lists_its_one_server_command(launch, serve_parser):
+    data = json.loads(launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--json").stdout)
+    assert data["commands"] == [{"role": "server", "env": {}, "command": data["command"],
+                                 "command_line": data["command_line"]}]
+    assert parse(serve_parser, data["command"]).server_port == 23333
 
 
 def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
@@ -69,6 +116,11 @@ def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
     assert "http://127.0.0.1:9001" in result.stdout and "http://127.0.0.1:9002" in result.stdout
     assert "lmdeploy serve proxy --server-name 127.0.0.1 --server-port 9000" in result.stdout
     assert "full-length session(s) at once" in result.stdout
+    # every api_server line is a replica's (on its own port), none on the proxy's port 9000
+    servers = [line for line in result.stdout.splitlines() if "lmdeploy serve api_server" in line]
+    assert len(servers) == 2 and all(line.lstrip().startswith("CUDA_VISIBLE_DEVICES=") for line in servers)
+    assert "--server-port 9000" not in "".join(servers)
+    assert "commands       serve runs 3 processes: lmdeploy's proxy on 127.0.0.1:9000 and 2 replica(s)" in result.stdout
 
 
 def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
@@ -85,6 +137,9 @@ def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
                                                                                      "10.0.0.1:29500")
         assert parsed.session_len == 131072 and len(node["gpus"]) == 8
     assert data["kv_cache"]["tp"] == 16  # the KV plan is per GPU with the total tp
+    assert data["command"] is None  # no single command: each node runs its own
+    assert [(c["role"], c["rank"], c["command"]) for c in data["commands"]] == [
+        ("node", n["rank"], n["command"]) for n in nodes]
     assert data["capacity"]["sessions"] == data["memory"]["sessions_that_fit"]
     # the overlay hash: what every node compares; the same settings give the same hash, others not
     again = json.loads(launch(*args, "--json", "--node-rank", "1").stdout)
@@ -95,6 +150,8 @@ def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
     text = launch(*args)
     assert f"overlay hash   {data['overlay_sha256']}" in text.stdout
     assert "--node-rank 1 --dist-init-addr 10.0.0.1:29500" in text.stdout
+    servers = [line for line in text.stdout.splitlines() if "lmdeploy serve api_server" in line]
+    assert len(servers) == 2 and all("--nnodes 2" in line for line in servers)
 
 
 def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
@@ -131,6 +188,11 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     (["--tp", "3", "--replicas", "1", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp", "32 attention heads"]),
     (["--tp", "8", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp 8", "3 node"]),
     (["--port", "65535", "--replicas", "2"], ["--port", "replica ports"]),
+    (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)", "launch proxy start --routing"]),
+    (["--replicas", "1", "--routing", "random"], ["--routing 'random'", "--replicas N"]),
+    (["--nnodes", "2", "--dist-init-addr", "h:1", "--routing", "random"], ["--routing", "--replicas N"]),
+    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
+    (["--replicas", "2", "--routing", "fastest"], ["not a routing strategy", "min_expected_latency, random"]),
 ])
 def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80", *flags,
@@ -215,6 +277,10 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
         ready = "".join(read_until(proc, "curl", timeout=240))
         assert f"OpenAI API at {root}/v1 through lmdeploy's proxy, 2 replica(s)" in ready, ready
         assert f"replica 0  {replicas[0]}  GPUs 0" in ready and f"replica 1  {replicas[1]}  GPUs 1" in ready
+        # the same access lines as one server's (ReadyInfo.access_lines): key hint, then the curl
+        assert "API keys are required: export LAUNCH_API_KEY=" in ready and KEY not in ready
+        assert f"curl {root}/v1/chat/completions" in ready
+        assert f"(`launch proxy status --proxy {root}` lists it)" in ready
         assert {u: n.models for u, n in proxy_nodes(root).items()} == {u: ("tiny",) for u in replicas}
         # each replica on its own GPU set, from the same overlay
         kids = children_of(proc.pid)
@@ -239,6 +305,26 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
             metrics = http.get(url + "/metrics", api_key=KEY, timeout=5).body.decode()
             counts.append(int(re.search(r"^lmdeploy_prompts_total (\d+)$", metrics, re.MULTILINE).group(1)))
         assert sum(counts) == 12 and min(counts) >= 1, counts
+        # a replica that stops answering (SIGSTOP: its socket still accepts) is taken out by the
+        # watchdog, and `launch proxy status` shows it, when and why, until it answers again
+        here = {"LAUNCH_CACHE_DIR": str(tmp_path / "cache")}
+
+        def status() -> dict:
+            return json.loads(run_launch("proxy", "status", "--proxy", root, "--json", env=here).stdout)
+
+        assert status()["removed_by_watchdog"] == []
+        stuck = next(p for p, spec in zip(engines, specs) if spec["server_port"] == port + 2)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: replicas[1] not in proxy_nodes(root), 15, 0.2), "not taken out"
+            data = status()
+            assert [n["url"] for n in data["nodes"]] == [replicas[0]]
+            assert [(r["url"], r["models"], r["reason"]) for r in data["removed_by_watchdog"]] == [
+                (replicas[1], ["tiny"], "/health no answer within 2 s (2 checks in a row)")]
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert wait_for(lambda: replicas[1] in proxy_nodes(root), 15, 0.2), "not added back"
+        assert wait_for(lambda: status()["removed_by_watchdog"] == [], 5)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -249,6 +335,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
     assert proc.returncode == 0, err.read_text()[-3000:]
     assert all(group_members(pgid) == [] for pgid in groups)  # every process group is empty
     assert all(closed(p) for p in (port, port + 1, port + 2))
+    assert not (tmp_path / "cache" / "runs" / f"proxy-{port}" / "watchdog.json").exists()  # its state: gone too
 
 
 def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
@@ -260,9 +347,14 @@ def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
 def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
-                            "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
+                            "--port", str(port), "--routing", "random", env={"CUDA_VISIBLE_DEVICES": "0,1"})
     try:
-        read_until(proc, "curl", timeout=240)
+        ready = "".join(read_until(proc, "curl", timeout=240))
+        # --routing reaches the proxy serve runs: its spec, and lmdeploy's proxy started with it
+        assert "routing random;" in ready, ready
+        run_dir = tmp_path / "cache" / "runs" / f"proxy-{port}"
+        assert json.loads((run_dir / "proxy-spec.json").read_text())["routing_strategy"] == "random"
+        assert "routing random, API keys off" in (run_dir / "proxy.log").read_text()
         engines, proxies = replica_processes(proc)
         assert len(engines) == 2 and len(proxies) == 1
         os.kill(engines[0], signal.SIGKILL)
@@ -312,6 +404,9 @@ def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_
      ["--proxy-url", "only rank 0"]),
     (["--replicas", "2", "--probe"], ["--probe", "launch probe --url"]),
     (["--proxy-url", "http://10.0.0.1:8000"], ["--advertise-url", "cannot reach this machine's loopback"]),
+    (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)"]),
+    (["--routing", "random", "--proxy-url", "http://127.0.0.1:9"], ["--routing 'random'", "--replicas N"]),
+    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
 ])
 def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
     cache = tmp_path / "cache"
@@ -441,6 +536,17 @@ def test_serve_nnodes_dry_run_shows_the_node_layout(launch):
     assert "TurbomindEngineConfig(" in data["engine_call"] and "tp=16" in data["engine_call"]
 
 
+def test_serve_replicas_dry_run_shows_a_replicas_engine_call_not_one_on_the_proxys_port(launch):
+    args = ("serve", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--port", "9000", "--gpu-memory", "80",
+            "--dry-run")
+    data = json.loads(launch(*args, "--json", env={"CUDA_VISIBLE_DEVICES": ""}).stdout)
+    assert "server_name='127.0.0.1', server_port=9001" in data["engine_call"]
+    assert data["command"] is None and [c["role"] for c in data["commands"]] == ["proxy", "replica", "replica"]
+    text = launch(*args, env={"CUDA_VISIBLE_DEVICES": ""}).stdout
+    assert "engine call (in replica 0's serving process; each replica's differs only in its port):" in text
+    assert "server_port=9001" in text and "server_port=9000" not in text
+
+
 def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
     """What the serving process of node 1 gets: lmdeploy's real TurbomindEngineConfig with the
     total tp, nnodes, node_rank and dist_init_addr (the fields `lmdeploy serve api_server --nnodes`
@@ -478,6 +584,7 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
 @pytest.mark.parametrize("flags", [
     ["--replicas", "0"], ["--nnodes", "2", "--dist-init-addr", "h:1"], ["--advertise-url", "http://h:1"],
     ["--replicas", "2", "--probe"], ["--proxy-url", "http://10.0.0.1:8000"],
+    ["--routing", "random"], ["--replicas", "2", "--routing", "fastest"],
 ])
 def test_scale_flags_are_refused_before_any_request_for_a_repo_id(hub, flags):
     result = launch_with_gpu("serve", "org/tiny", "--factor", "2", *flags)

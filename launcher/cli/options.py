@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from ..proxy_start import DEFAULT_ROUTING, ROUTINGS
+
 ModelArg = Annotated[
     str,
     typer.Argument(help="A preset name (see `launch presets`), a Hub repo id (org/name) or a local model "
@@ -95,4 +97,10 @@ DistInitAddrOpt = Annotated[
     str | None,
     typer.Option("--dist-init-addr", metavar="HOST:PORT", help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.",
                  show_default=False),
+]
+RoutingOpt = Annotated[
+    str | None,
+    typer.Option("--routing", metavar="|".join(ROUTINGS), show_default=False,
+                 help=f"How lmdeploy's proxy picks a replica (default {DEFAULT_ROUTING}): min_expected_latency spreads "
+                 "evenly, random weighs by speed; min_observed_latency is refused. serve and plan: with --replicas."),
 ]

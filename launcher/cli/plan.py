@@ -24,6 +24,7 @@ from .options import (
     PortOpt,
     QuantOpt,
     ReplicasOpt,
+    RoutingOpt,
     SessionLenOpt,
     TpOpt,
     TypeOpt,
@@ -57,6 +58,7 @@ def plan(
     nnodes: NnodesOpt = "1",
     node_rank: NodeRankOpt = None,
     dist_init_addr: DistInitAddrOpt = None,
+    routing: RoutingOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show what `serve` would do: the config diff, session length, KV-cache memory, engine call.
@@ -76,7 +78,7 @@ def plan(
             cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,
             gpu_memory_gib=gpu_memory, host=host, port=port,
         ),
-        replicas=replicas, nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr,
+        replicas=replicas, nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
     )
     if as_json:
         typer.echo(json.dumps(plan_json(result, layout), indent=2, ensure_ascii=False))

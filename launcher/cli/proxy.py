@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .options import JsonOpt
+from .options import JsonOpt, RoutingOpt
 
 proxy_app = typer.Typer(
     name="proxy",
@@ -47,9 +47,7 @@ def start(
     api_key_file: Annotated[
         Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
     ] = None,
-    routing: Annotated[
-        str, typer.Option("--routing", help="min_expected_latency (even spread) or random (weighted by speed).")
-    ] = "min_expected_latency",
+    routing: RoutingOpt = None,
     start_timeout: Annotated[
         float, typer.Option("--start-timeout", help="Seconds to wait for the proxy to answer.")
     ] = 120.0,
@@ -59,10 +57,11 @@ def start(
     A node that dies or stops answering /health is taken out within seconds (lmdeploy alone waits
     90 s and meanwhile answers with errors) and added back when it answers again. Ctrl-C stops it all.
     """
-    from ..proxy_start import ProxyRequest, run_proxy
+    from ..proxy_start import DEFAULT_ROUTING, ProxyRequest, run_proxy
 
     raise typer.Exit(run_proxy(ProxyRequest(host=host, port=port, api_keys=tuple(api_key or ()),
-                                            api_key_file=api_key_file, routing=routing,
+                                            api_key_file=api_key_file,
+                                            routing=DEFAULT_ROUTING if routing is None else routing,
                                             start_timeout_s=start_timeout)))
 
 
@@ -96,11 +95,12 @@ def remove(url: NodeArg, proxy: ProxyOpt) -> None:
 
 @proxy_app.command(epilog="Examples:  launch proxy status --proxy http://127.0.0.1:8000   |   ... --json")
 def status(proxy: ProxyOpt, as_json: JsonOpt = False) -> None:
-    """The proxy's nodes, their models and their /health now."""
-    from ..proxy import proxy_status, render_status, status_json
+    """The proxy's nodes, their models and their /health now; and the nodes launch's watchdog took
+    out (when and why), for a proxy that `launch proxy start` or `serve --replicas` runs here."""
+    from ..proxy import render_status, status_json, status_report
 
-    rows = proxy_status(proxy)
+    report = status_report(proxy)
     if as_json:
-        print(json.dumps(status_json(proxy, rows), indent=2))
+        print(json.dumps(status_json(proxy, report.rows, report.removed), indent=2))
     else:
-        print(render_status(proxy, rows))
+        print(render_status(proxy, report.rows, report.removed))

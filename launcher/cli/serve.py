@@ -26,6 +26,7 @@ from .options import (
     QuantOpt,
     ReplicasOpt,
     RevisionOpt,
+    RoutingOpt,
     SessionLenOpt,
     TpOpt,
     TrustOpt,
@@ -80,6 +81,7 @@ def serve(
     nnodes: NnodesOpt = "1",
     node_rank: NodeRankOpt = None,
     dist_init_addr: DistInitAddrOpt = None,
+    routing: RoutingOpt = None,
     proxy_url: Annotated[
         str | None,
         typer.Option("--proxy-url", metavar="URL", help="Register with this lmdeploy proxy once /health answers (e.g. "
@@ -123,6 +125,7 @@ def serve(
         nnodes=nnodes,
         node_rank=node_rank,
         dist_init_addr=dist_init_addr,
+        routing=routing,
         proxy_url=proxy_url,
         advertise_url=advertise_url,
         ppl_text=serve_ppl_text(ppl_text, probe),
