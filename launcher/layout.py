@@ -27,10 +27,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from . import checks
 from .capacity import Capacity
 from .engine import EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
 from .proxy_start import DEFAULT_ROUTING, check_routing
+
+REPLICAS_MAX = 256  # replicas on one machine
+NNODES_MAX = 256  # nodes of one engine
 
 REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
 
@@ -73,13 +77,13 @@ def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None
     """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
     ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
     one of the tp GPUs; ``LayoutRefused`` with its reason otherwise."""
-    _positive("--tp", tp)
-    _positive("--nnodes", nnodes)
+    checks.whole("--tp", tp, 1, 4096)
+    checks.whole("--nnodes", nnodes, 1, 4096)
     if gpus_per_node is None:
         if tp % nnodes:
             raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
         gpus_per_node = tp // nnodes
-    _positive("GPUs per node", gpus_per_node)
+    checks.whole("GPUs per node", gpus_per_node, 1, 4096)
     derive = lmdeploy_derive_parallel_config()
     try:
         parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available
@@ -111,11 +115,6 @@ def _config_int(section: Mapping, key: str, default: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise BadOption("MODEL", key, f"the config's {key} must be a positive integer, found {value!r}")
     return value
-
-
-def _positive(option: str, value: int, high: int = 4096) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise BadOption(option, str(value), f"must be a whole number from 1 to {high}")
 
 
 # --- replicas on one machine -------------------------------------------------------------------
@@ -189,7 +188,7 @@ def replica_layout(
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
     ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
     tp = engine.config.tp
-    _positive("--replicas", replicas, 256)
+    checks.whole("--replicas", replicas, 1, REPLICAS_MAX)
     routing = DEFAULT_ROUTING if routing is None else check_routing(routing)
     kv = kv_heads_per_gpu(section, tp)
     if engine.backend == "turbomind":
@@ -215,14 +214,20 @@ def replica_layout(
 
 def parse_dist_init_addr(value: str) -> tuple[str, int]:
     """``HOST:PORT`` of node 0's rendezvous, as TurboMind splits it (one ``:``; no IPv6 literal)."""
+    from .address import validate_port
+
     text = (value or "").strip()
     host, sep, port = text.partition(":")
-    if not sep or not host or ":" in port or not port.isdigit() or not 1 <= int(port) <= 65535:
+    try:
+        number = validate_port(port) if sep and host and ":" not in port else None
+    except BadOption:
+        number = None
+    if number is None:
         raise BadOption("--dist-init-addr", value, "give node 0's address and a free port, HOST:PORT, "
                         "e.g. 10.0.0.1:29500 (TurboMind splits it at its one ':')")
     if host in ("0.0.0.0", "*"):
         raise BadOption("--dist-init-addr", value, "the other nodes connect there: give node 0's real address")
-    return host, int(port)
+    return host, number
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ def node_layout(
     ``sessions``: full-length sessions of the KV plan made per GPU with that total tp (the capacity
     caps them at max_batch_size)."""
     tp = engine.config.tp
-    _positive("--nnodes", nnodes, 256)
+    checks.whole("--nnodes", nnodes, 1, NNODES_MAX)
     if nnodes < 2:
         raise BadOption("--nnodes", str(nnodes), "one node needs no multi-node layout; give 2 or more")
     if engine.backend != "turbomind":
@@ -287,8 +292,6 @@ def node_layout(
 
 # --- the scale-out flags ------------------------------------------------------------------------
 
-REPLICAS_MAX = 256
-NNODES_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -314,8 +317,6 @@ def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = No
     for each other forever). ``routing`` (``--routing``) picks among replicas behind the proxy
     ``--replicas`` runs: refused without replicas (it would do nothing), checked by its owner
     (``proxy_start.check_routing``)."""
-    from . import checks
-
     n_replicas = checks.whole("--replicas", replicas, 1, REPLICAS_MAX, example=2)
     n_nodes = checks.whole("--nnodes", nnodes, 1, NNODES_MAX, example=2)
     if n_replicas > 1 and n_nodes > 1:

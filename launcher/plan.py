@@ -42,12 +42,12 @@ from .kvcache import (
     plan_memory,
     weights_bytes_estimate,
 )
+from .layout import NNODES_MAX
 from .overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
 from .resolve import Fetching, ModelSource, resolve
 from .rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
-NNODES_MAX = 256
 FACTOR_MAX = 1024.0  # x1024 of even a 2k model is 2M tokens; more is a typo
 
 

@@ -189,7 +189,7 @@ def test_pytorch_replicas_skip_turbomind_check_but_not_the_heads():
 
 
 @pytest.mark.parametrize("value", ["10.0.0.1", "10.0.0.1:", ":29500", "10.0.0.1:99999", "[::1]:29500",
-                                   "0.0.0.0:29500", "host:port"])
+                                   "0.0.0.0:29500", "host:port", "10.0.0.1:²", "10.0.0.1:0"])
 def test_bad_dist_init_addr_is_refused(value):
     with pytest.raises(BadOption) as err:
         parse_dist_init_addr(value)
