@@ -16,12 +16,10 @@ _Text = str | None  # values are parsed by the library, so a bad one gets one cl
 
 @app.command()
 def ppl(
-    runs: Annotated[list[Path] | None, typer.Argument(
-        metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)] = None,
+    runs: run_dirs.RunDirsArg = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Redraw the results.json of RUN_DIR... on one chart and one table (before/after).")] = False,
-    url: Annotated[_Text, typer.Option("--url", metavar="URL", help="The lmdeploy server. Default: http://127.0.0.1:23333.",
-                                       show_default=False)] = None,
+    url: run_dirs.UrlOpt = None,
     api_key: run_dirs.ApiKeyOpt = None,
     text: Annotated[list[Path] | None, typer.Option(
         "--text", metavar="FILE", help="UTF-8 text to score (repeat for several). Default: the bundled Jargon File "

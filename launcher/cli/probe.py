@@ -16,12 +16,10 @@ _Text = str | None  # values are parsed by the library, so a bad one gets one cl
 
 @app.command()
 def probe(
-    runs: Annotated[list[Path] | None, typer.Argument(
-        metavar="[RUN_DIR]...", help="With --compare: directories earlier probes wrote.", show_default=False)] = None,
+    runs: run_dirs.RunDirsArg = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Draw the heatmaps of RUN_DIR... side by side in one PNG, and print their tables.")] = False,
-    url: Annotated[_Text, typer.Option("--url", metavar="URL", help="The server. Default: http://127.0.0.1:23333.",
-                                       show_default=False)] = None,
+    url: run_dirs.UrlOpt = None,
     model: Annotated[_Text, typer.Option("--model", metavar="NAME", help="Model name. Default: the first of GET /v1/models.",
                                          show_default=False)] = None,
     api_key: run_dirs.ApiKeyOpt = None,

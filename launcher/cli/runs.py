@@ -1,5 +1,5 @@
-"""What ``launch probe`` and ``launch ppl`` share: their run directories (where a run writes, what
-``--compare`` reads) and how a run that ended early leaves the command.
+"""What ``launch probe`` and ``launch ppl`` share: the server options, their run directories (where
+a run writes, what ``--compare`` reads) and how a run that ended early leaves the command.
 
 Library modules are imported inside the functions, like in the command modules, so that
 ``launch --help`` stays light.
@@ -14,6 +14,10 @@ from typing import Annotated, Protocol, TextIO
 
 import typer
 
+RunDirsArg = Annotated[list[Path] | None, typer.Argument(
+    metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)]
+UrlOpt = Annotated[str | None, typer.Option(
+    "--url", metavar="URL", help="The lmdeploy server. Default: http://127.0.0.1:23333.", show_default=False)]
 ApiKeyOpt = Annotated[str | None, typer.Option(
     "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
     help="Sent as 'Authorization: Bearer KEY'.", show_default=False)]
