@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import CompareBadRun
+from ..probe import report as probe_report
 from ..probe.report import RESULTS_NAME, read_results, show_written, write_results  # the same rules as probe
 from .runner import PplResult
 from .windows import perplexity
@@ -178,7 +179,8 @@ class OutputPaths:
 
 
 def default_out_dir(now: datetime | None = None, prefix: str = "ppl") -> Path:
-    return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
+    """``./ppl-YYYYmmdd-HHMMSS`` in the working directory (probe's naming)."""
+    return probe_report.default_out_dir(now, prefix)
 
 
 def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:
