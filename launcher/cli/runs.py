@@ -14,16 +14,14 @@ from typing import Annotated, Protocol, TextIO
 
 import typer
 
+from .options import optional
+
 RunDirsArg = Annotated[list[Path] | None, typer.Argument(
     metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)]
-UrlOpt = Annotated[str | None, typer.Option(
-    "--url", metavar="URL", help="The lmdeploy server. Default: http://127.0.0.1:23333.", show_default=False)]
-ApiKeyOpt = Annotated[str | None, typer.Option(
-    "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
-    help="Sent as 'Authorization: Bearer KEY'.", show_default=False)]
-PresetOpt = Annotated[str | None, typer.Option(
-    "--preset", metavar="NAME", help="Take the native context from this preset.", show_default=False)]
-
+UrlOpt = optional(str, "--url", metavar="URL", help="The lmdeploy server. Default: http://127.0.0.1:23333.")
+ApiKeyOpt = optional(str, "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
+                     help="Sent as 'Authorization: Bearer KEY'.")
+PresetOpt = optional(str, "--preset", metavar="NAME", help="Take the native context from this preset.")
 
 class Ended(Protocol):
     """A result that may have ended early (``ProbeResult``, ``PplResult``)."""
