@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -91,9 +90,9 @@ def tree_state(root: Path) -> dict[str, str] | None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from launcher.address import free_ports
+
+    return free_ports(1)
 
 
 def assert_one_line_error(result, *needles: str, code: int | None = None) -> None:

@@ -354,12 +354,9 @@ class RawServer:
 
 def closed_port_url() -> str:
     """An address on 127.0.0.1 where nothing listens (connection refused)."""
-    import socket
+    from launcher.address import free_ports
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_ports(1)}"
 
 
 def png_size(path) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from launcher import http
+from launcher.address import free_ports
 from launcher.errors import BadOption
 
 
@@ -127,9 +128,7 @@ def test_one_deadline_covers_the_whole_request(behaviour):
 
 
 def test_closed_port_is_unreachable_and_status_of_is_none():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_ports(1)
     with pytest.raises(http.Unreachable, match="connection refused"):
         http.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert http.status_of(f"http://127.0.0.1:{port}/health", timeout=1) is None

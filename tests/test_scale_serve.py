@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from launcher import http
+from launcher.address import free_ports
 from launcher.process import group_members
 from launcher.proxy import proxy_nodes
 from tests.conftest import assert_one_line_error, free_port
@@ -161,27 +162,6 @@ def start_serve(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[su
         proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, "serve", *args], cwd=REPO, env=full_env,
                                 stdout=subprocess.PIPE, stderr=handle, text=True)
     return proc, err
-
-
-def free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 all free on 127.0.0.1."""
-    for _ in range(200):
-        first = free_port()
-        if first + n - 1 > 65535:
-            continue
-        try:
-            held = []
-            for port in range(first, first + n):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise AssertionError("no run of free ports")
 
 
 def closed(port: int) -> bool:

@@ -281,6 +281,24 @@ def test_busy_port_held_by_a_server_says_so():
         server.server_close()
 
 
+def test_free_ports_gives_a_run_that_can_be_bound_and_says_when_there_is_none():
+    from launcher.address import free_ports
+
+    first = free_ports(3)
+    held = []
+    try:
+        for port in range(first, first + 3):
+            held.append(socket.socket())
+            held[-1].bind(("127.0.0.1", port))
+        assert [sock.getsockname()[1] for sock in held] == [first, first + 1, first + 2]
+    finally:
+        for sock in held:
+            sock.close()
+    assert check_port_free("127.0.0.1", first) == first  # let go again
+    with pytest.raises(OSError, match="no 70000 free ports in a row on 127.0.0.1"):
+        free_ports(70000)
+
+
 @pytest.mark.parametrize("port", [0, 65536, -1, "http", True, "", "²", "٣", "８０", "+80", "80.0", "0x50",
                                   "1_000", "8 0", "1" * 5000, "99999999999999999999"])
 def test_bad_port_values(port):
