@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -43,6 +42,7 @@ from launcher.process import read_log_tail
 from launcher.progress import StartProgress
 from launcher.supervise import SeamsForTests, run_supervised
 from tests.conftest import assert_one_line_error, free_port
+from tests.servers import JSONHandler, serving
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_openai.py"
@@ -263,22 +263,12 @@ def test_busy_port_is_refused_before_anything_starts(tmp_path):
 
 
 def test_busy_port_held_by_a_server_says_so():
-    class Healthy(BaseHTTPRequestHandler):
+    class Healthy(JSONHandler):
         def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
+            self.send_json(200, {"status": "healthy"})
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(PortBusy, match="another `launch serve`"):
-            check_port_free("127.0.0.1", server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Healthy) as server, pytest.raises(PortBusy, match="another `launch serve`"):
+        check_port_free("127.0.0.1", server.server_address[1])
 
 
 def test_free_ports_gives_a_run_that_can_be_bound_and_says_when_there_is_none():
