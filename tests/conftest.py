@@ -44,6 +44,17 @@ def isolated_env(tmp_path_factory, monkeypatch):
     return home
 
 
+def user_presets(tmp_path: Path, monkeypatch, **texts: str) -> Path:
+    """``tmp_path/presets`` holding ``NAME.yaml`` with each text, made launch's user preset
+    directory ($LAUNCH_PRESETS_DIR) for this test."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for name, text in texts.items():
+        (presets / f"{name}.yaml").write_text(text)
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    return presets
+
+
 def run_launch(*args: str, env: dict | None = None, timeout: float = 120, cwd: str | None = None):
     """Run the real ``launch`` entry point in a fresh interpreter (a real subprocess)."""
     import subprocess
