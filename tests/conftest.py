@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,17 @@ def user_presets(tmp_path: Path, monkeypatch, **texts: str) -> Path:
         (presets / f"{name}.yaml").write_text(text)
     monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
     return presets
+
+
+@contextmanager
+def killed_if_running(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc`` for the block; killed on the way out if still running, so a failed step leaves no
+    process behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def run_launch(*args: str, env: dict | None = None, timeout: float = 120, cwd: str | None = None):
