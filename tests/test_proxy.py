@@ -36,10 +36,9 @@ from launcher.proxy import (
 )
 from launcher.proxy_server import proxy_kwargs
 from launcher.proxy_start import ROUTINGS, proxy_command
-from tests.conftest import assert_one_line_error, free_port, killed_if_running
+from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_replica.py"
 KEY = "proxy-test-key-1"
 MODEL = "standin-model"

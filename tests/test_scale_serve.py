@@ -23,7 +23,7 @@ from launcher import http
 from launcher.address import free_ports
 from launcher.process import group_members
 from launcher.proxy import proxy_nodes
-from tests.conftest import assert_one_line_error, free_port, killed_if_running
+from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser, parse
 from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
 from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
@@ -141,7 +141,6 @@ def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
 
 # --- launch serve: through the real CLI on a pretended GPU, STAND-IN engines -------------------
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN_ENGINE = REPO / "tests" / "standin_engine_server.py"
 KEY = "sk-scale-test"
 # The CLI itself, on the pretended GPU (tests/test_serve.py's seam), with the stand-in engine as

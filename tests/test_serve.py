@@ -23,9 +23,8 @@ from launcher.engine import backend_config, chat_template_config, serve_kwargs, 
 from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
 from launcher.resolve import from_dir
-from tests.conftest import assert_one_line_error, free_port, run_launch, user_presets
+from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
 
-REPO = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

@@ -41,10 +41,9 @@ from launcher.health import health_status, health_url_for, served_models, wait_h
 from launcher.process import read_log_tail
 from launcher.progress import StartProgress
 from launcher.supervise import SeamsForTests, run_supervised
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import REPO, assert_one_line_error, free_port
 from tests.servers import JSONHandler, serving
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_openai.py"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
