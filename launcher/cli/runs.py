@@ -23,6 +23,7 @@ ApiKeyOpt = optional(str, "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", s
                      help="Sent as 'Authorization: Bearer KEY'.")
 PresetOpt = optional(str, "--preset", metavar="NAME", help="Take the native context from this preset.")
 
+
 class Ended(Protocol):
     """A result that may have ended early (``ProbeResult``, ``PplResult``)."""
 
