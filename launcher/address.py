@@ -118,6 +118,31 @@ def _bind_error(host: str, port: int, exc: OSError) -> Exception:
     return BadOption("--port", str(port), f"cannot listen on {host}:{port} ({exc.strerror or exc})")
 
 
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
+    """A port p with p .. p+n-1 all free on ``host`` right now (another program may still take them
+    later), for ``make smoke`` and the tests, which start servers on ports of their own. ``OSError``
+    when 200 tries find no such run."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            first = probe.getsockname()[1]
+        if first + n - 1 > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + n):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise OSError(f"no {n} free ports in a row on {host}")
+
+
 def client_host(host: str) -> str:
     """The address a client on this machine uses to reach a server listening on ``host``."""
     return _WILDCARD_HOSTS.get(host.strip("[]"), host.strip("[]"))

@@ -8,21 +8,18 @@ with backend='turbomind', lmdeploy has no silent fallback to another engine.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from .engine import serve_kwargs, turbomind_problem
+from .paths import read_spec
 
 EXIT_ENGINE_UNAVAILABLE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m launcher.engine_server SPEC.json", file=sys.stderr)
+    data = read_spec(argv, "launcher.engine_server")
+    if data is None:
         return 2
-    data = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     if data["backend"] == "turbomind":
         problem = turbomind_problem(data["model_path"], data["trust_remote_code"])
         if problem:

@@ -120,3 +120,16 @@ def write_spec(directory: Path, name: str, data: dict) -> Path:
         raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
     return path
 
+
+def read_spec(argv: list[str] | None, program: str) -> dict | None:
+    """The spec ``write_spec`` wrote, for a serving process run as ``python -m PROGRAM SPEC.json``
+    (``argv`` None: ``sys.argv[1:]``); None, after the usage line on stderr, unless given one path."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m {program} SPEC.json", file=sys.stderr)
+        return None
+    return json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher import http as client  # the checkout's launcher, found through ROOT
+from launcher.address import free_ports
 
 TINY_NATIVE = 256
 
@@ -52,12 +53,6 @@ def fail(message: str, log: list[str] | None = None) -> int:
         print(f"(last of {len(log)} lines of launch serve's output above)", file=sys.stderr)
     print(f"SMOKE FAILED: {message}", file=sys.stderr, flush=True)
     return 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: dict | None = None, timeout: float = 600) -> tuple[int, str]:
@@ -91,23 +86,12 @@ def prompt_of(root: str, tokens: int) -> str:
     return text
 
 
-def free_ports(n: int) -> int:
+def free_port_run(n: int) -> int:
     """A port p with p .. p+n-1 free on 127.0.0.1."""
-    for _ in range(100):
-        first = free_port()
-        held = []
-        try:
-            for port in range(first, first + n):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise SystemExit(fail(f"no {n} free ports in a row on 127.0.0.1"))
+    try:
+        return free_ports(n)
+    except OSError as err:
+        raise SystemExit(fail(str(err))) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         model, native = str(path), TINY_NATIVE
         say(f"model: tiny random-weight Llama at {path} (native {native})")
 
-    port = free_ports(replicas + 1) if replicas > 1 else free_port()
+    port = free_port_run(replicas + 1 if replicas > 1 else 1)
     root = f"http://127.0.0.1:{port}"  # the proxy with --replicas
     replica_urls = [f"http://127.0.0.1:{port + 1 + i}" for i in range(replicas)] if replicas > 1 else [root]
     direct = replica_urls[0]  # one engine, asked directly (token counts, the 400)

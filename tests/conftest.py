@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,28 @@ def isolated_env(tmp_path_factory, monkeypatch):
                 "HF_ENDPOINT", "HF_HUB_CACHE", "LAUNCH_API_KEYS"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+def user_presets(tmp_path: Path, monkeypatch, **texts: str) -> Path:
+    """``tmp_path/presets`` holding ``NAME.yaml`` with each text, made launch's user preset
+    directory ($LAUNCH_PRESETS_DIR) for this test."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    for name, text in texts.items():
+        (presets / f"{name}.yaml").write_text(text)
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    return presets
+
+
+@contextmanager
+def killed_if_running(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc`` for the block; killed on the way out if still running, so a failed step leaves no
+    process behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def run_launch(*args: str, env: dict | None = None, timeout: float = 120, cwd: str | None = None):
@@ -91,9 +115,9 @@ def tree_state(root: Path) -> dict[str, str] | None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from launcher.address import free_ports
+
+    return free_ports(1)
 
 
 def assert_one_line_error(result, *needles: str, code: int | None = None) -> None:

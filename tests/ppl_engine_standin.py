@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.servers import JSONHandler, Standin
 
 CHUNK = 2048  # lm_head + cross-entropy in chunks of this many positions (full logits would be GBs)
 
@@ -79,7 +80,7 @@ class TorchScorer:
             return out
 
 
-class EngineStandin:
+class EngineStandin(Standin):
     """``with EngineStandin(model_dir) as server: server.url`` (or pass a loaded ``scorer``)."""
 
     def __init__(self, model_dir: str | Path | None = None, *, scorer: TorchScorer | None = None,
@@ -89,57 +90,27 @@ class EngineStandin:
         self.model_name = model_name
         self.port = port
         self.requests: list[tuple[str, int]] = []  # (path, input tokens)
-        self._server: ThreadingHTTPServer | None = None
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> EngineStandin:  # noqa: PYI034
-        standin = self
-
-        class Handler(_Handler):
-            state = standin
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+    def handler(self) -> type[_Handler]:
+        return _Handler
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     state: EngineStandin
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
     def _error(self, status: int, message: str) -> None:
-        self._send(status, {"message": message, "type": "invalid_request_error", "code": status,
-                            "param": None, "object": "error"})
+        self.send_json(status, {"message": message, "type": "invalid_request_error", "code": status,
+                                "param": None, "object": "error"})
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            return self._send(200, {"status": "healthy"})
+            return self.send_json(200, {"status": "healthy"})
         if self.path == "/v1/models":
             card = {"id": self.state.model_name, "object": "model", "created": int(time.time()),
                     "owned_by": "lmdeploy", "root": self.state.model_name, "parent": None, "permission": []}
-            return self._send(200, {"object": "list", "data": [card]})
-        self._send(404, {"detail": "Not Found"})
+            return self.send_json(200, {"object": "list", "data": [card]})
+        self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -150,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(text, str):
                 return self._error(400, "this stand-in encodes one string")
             ids = scorer.encode(text, bool(body.get("add_bos", True)))
-            return self._send(200, {"input_ids": ids, "length": len(ids)})
+            return self.send_json(200, {"input_ids": ids, "length": len(ids)})
         if self.path == "/get_ppl":
             given = body.get("input")
             ids = scorer.encode(given, False) if isinstance(given, str) else given
@@ -163,8 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, "input must have at least 2 tokens to compute ppl.")
             self.state.requests.append((self.path, len(ids)))
             losses = scorer.losses(list(ids))
-            return self._send(200, {"ppl": sum(losses) / (len(ids) - 1)})
-        self._send(404, {"detail": "Not Found"})
+            return self.send_json(200, {"ppl": sum(losses) / (len(ids) - 1)})
+        self.send_json(404, {"detail": "Not Found"})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ import re
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.servers import JSONHandler, Standin
 
 OPEN_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -67,7 +68,7 @@ def error_body(status: int, message: str, kind: str) -> dict:
     return {"message": message, "type": kind, "code": status, "param": None, "object": "error"}
 
 
-class ProbeStandin:
+class ProbeStandin(Standin):
     """Start with ``with ProbeStandin(visible=1000) as server: server.url``."""
 
     def __init__(self, *, visible: int = 1000, session_len: int = 4096, model: str = "standin-7b-chat",
@@ -99,31 +100,13 @@ class ProbeStandin:
         self.prompts: list[str] = []  # every chat prompt text received, in order
         self.encode_calls = 0
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> ProbeStandin:  # noqa: PYI034 - typing.Self is 3.11+; we support 3.10
-        standin = self
-
-        class Handler(_Handler):
-            state = standin
-
-        self._server = _QuietServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
+    def handler(self) -> type[_Handler]:
+        return _Handler
 
     def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self.release.set()  # hung requests end
+        super().__exit__(*exc)
 
     def loss_at(self, position: int) -> float:
         """The stand-in model's next-token loss at ``position`` (its target is token ``position``)."""
@@ -142,29 +125,9 @@ class ProbeStandin:
         return f"The pass key is {match.group(1)}." if match else WRONG_ANSWER
 
 
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A client that hung up (a probe timeout) is expected here, not a failure to print."""
-        import sys
-
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     state: ProbeStandin
     protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization") or ""
@@ -187,9 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if not self._authorized():
-            return self._send(401, error_body(401, "Unauthorized.", "authentication_error"))
+            return self.send_json(401, error_body(401, "Unauthorized.", "authentication_error"))
         if self.path == "/health":
-            return self._send(200, {"status": "healthy"})
+            return self.send_json(200, {"status": "healthy"})
         if self.path == "/metrics":
             raw = f"# TYPE lmdeploy_prompts_total counter\nlmdeploy_prompts_total {len(self.state.prompts)}\n".encode()
             self.send_response(200)
@@ -201,12 +164,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/models":
             card = {"id": self.state.model, "object": "model", "created": int(time.time()), "owned_by": "lmdeploy",
                     "root": self.state.model, "parent": None, "permission": []}
-            return self._send(200, {"object": "list", "data": [card]})
-        self._send(404, {"detail": "Not Found"})
+            return self.send_json(200, {"object": "list", "data": [card]})
+        self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
         if not self._authorized():
-            return self._send(401, error_body(401, "Unauthorized.", "authentication_error"))
+            return self.send_json(401, error_body(401, "Unauthorized.", "authentication_error"))
         body = self._body()
         if self.path == "/v1/encode" and self.state.encode:
             with self.state.lock:
@@ -215,33 +178,33 @@ class _Handler(BaseHTTPRequestHandler):
             texts = body["input"]
             if isinstance(texts, str):
                 ids = token_ids(tokenize(texts, add_bos))
-                return self._send(200, {"input_ids": ids, "length": len(ids)})
+                return self.send_json(200, {"input_ids": ids, "length": len(ids)})
             all_ids = [token_ids(tokenize(t, add_bos)) for t in texts]
-            return self._send(200, {"input_ids": all_ids, "length": [len(i) for i in all_ids]})
+            return self.send_json(200, {"input_ids": all_ids, "length": [len(i) for i in all_ids]})
         if self.path == "/v1/chat/completions":
             return self._chat(body)
         if self.path == "/get_ppl" and self.state.ppl:
             return self._ppl(body)
-        self._send(404, {"detail": "Not Found"})
+        self.send_json(404, {"detail": "Not Found"})
 
     def _ppl(self, body: dict) -> None:
         state = self.state
         given = body.get("input")
         ids = token_ids(tokenize(given)) if isinstance(given, str) else given
         if not isinstance(ids, list) or not ids:
-            return self._send(400, error_body(400, "Input must not be empty.", "invalid_request_error"))
+            return self.send_json(400, error_body(400, "Input must not be empty.", "invalid_request_error"))
         if len(ids) >= state.session_len:
             message = (f"Input length ({len(ids)}) must be smaller than the model context length "
                        f"({state.session_len}).")
-            return self._send(400, error_body(400, message, "invalid_request_error"))
+            return self.send_json(400, error_body(400, message, "invalid_request_error"))
         if len(ids) < 2:
-            return self._send(400, error_body(400, "input must have at least 2 tokens to compute ppl.",
+            return self.send_json(400, error_body(400, "input must have at least 2 tokens to compute ppl.",
                                               "invalid_request_error"))
         with state.lock:
             state.ppl_inputs.append(list(ids))
         if state.proxy_error:
-            return self._send(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
-        self._send(200, {"ppl": state.mean_loss(len(ids))})
+            return self.send_json(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
+        self.send_json(200, {"ppl": state.mean_loss(len(ids))})
 
     def _chat(self, body: dict) -> None:
         state = self.state
@@ -266,20 +229,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if state.proxy_error:  # lmdeploy's proxy while a dead node is still registered: HTTP 200, an error
-            return self._send(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
+            return self.send_json(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
         if body.get("model") != state.model:
-            return self._send(404, error_body(404, f"The model {body.get('model')!r} does not exist.",
+            return self.send_json(404, error_body(404, f"The model {body.get('model')!r} does not exist.",
                                               "not_found_error"))
         tokens = tokenize(chat_template(body.get("messages", [])), add_bos=True)
         if len(tokens) >= state.session_len:
             message = (f"Input length ({len(tokens)}) must be smaller than the model context length "
                        f"({state.session_len}).")
-            return self._send(400, error_body(400, message, "invalid_request_error"))
+            return self.send_json(400, error_body(400, message, "invalid_request_error"))
         if state.chat_delay:
             time.sleep(state.chat_delay)
         text = state.answer(tokens)
         completion = len(tokenize(text))
-        self._send(200, {
+        self.send_json(200, {
             "id": f"chatcmpl-{len(state.prompts)}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -304,62 +267,11 @@ def passkey_end(prompt_text: str, passkey: str) -> int:
     raise AssertionError(f"pass key {passkey} is not in the prompt")
 
 
-class RawServer:
-    """A TCP server on 127.0.0.1 that accepts, reads the request and then: ``silent`` never answers;
-    ``drip`` sends a 200 header and then one byte a second of a 100-byte body."""
-
-    def __init__(self, behaviour: str) -> None:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.behaviour = behaviour
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn) -> None:
-        try:
-            conn.recv(65536)
-            if self.behaviour == "drip":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
-                for _ in range(100):
-                    if self.stop.wait(1.0):
-                        break
-                    conn.sendall(b" ")
-            else:
-                self.stop.wait(60)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def __enter__(self) -> RawServer:  # noqa: PYI034
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
 def closed_port_url() -> str:
     """An address on 127.0.0.1 where nothing listens (connection refused)."""
-    import socket
+    from launcher.address import free_ports
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_ports(1)}"
 
 
 def png_size(path) -> tuple[int, int]:

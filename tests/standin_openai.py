@@ -42,7 +42,12 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository root
+
+from tests.servers import JSONHandler, serving
 
 OPEN_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
 
@@ -75,13 +80,11 @@ class State:
 
 
 def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONHandler):
         protocol_version = "HTTP/1.1"
         server_version = "uvicorn"
         sys_version = ""
-
-        def log_message(self, format: str, *args) -> None:
-            pass  # replaced by log_request below
+        json_headers = ("content-type", "content-length")  # as uvicorn writes them
 
         def log_request(self, code="-", size="-") -> None:
             host, port = self.client_address[:2]
@@ -94,14 +97,6 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             sys.stderr.flush()
 
         # -- helpers ---------------------------------------------------------------------------
-        def send_json(self, status: int, payload: object) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
         def send_error_envelope(self, status: int, message: str, type_: str) -> None:
             self.send_json(status, {"message": message, "type": type_, "code": status, "param": None,
                                     "object": "error"})
@@ -274,17 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[TM][INFO] loading weights: step {step}")
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    log("INFO:     Started server process")
-    log(f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
-    while not stop.wait(0.1):
-        pass
-    log("INFO:     Shutting down")
-    server.shutdown()
-    server.server_close()
+    with serving(make_handler(State(args)), args.host, args.port, poll_interval=0.05):
+        log("INFO:     Started server process")
+        log(f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
+        while not stop.wait(0.1):
+            pass
+        log("INFO:     Shutting down")
     log("INFO:     Finished server process")
     return 0
 

@@ -178,3 +178,14 @@ def test_write_spec_is_private_atomic_and_refuses_an_unwritable_place(tmp_path):
     with pytest.raises(RunDirNotWritable):
         write_spec(blocker / "run", "spec.json", {})
     assert blocker.read_text() == "mine"
+
+
+def test_read_spec_reads_what_write_spec_wrote_and_wants_one_path(tmp_path, capsys):
+    from launcher.paths import read_spec, write_spec
+
+    data = {"api_keys": ["k"], "server_port": 23334, "engine_config": {"session_len": 65536}}
+    path = write_spec(tmp_path / "run", "spec.json", data)
+    assert read_spec([str(path)], "launcher.engine_server") == data
+    for argv in ([], [str(path), str(path)]):
+        assert read_spec(argv, "launcher.engine_server") is None
+        assert capsys.readouterr().err == "usage: python -m launcher.engine_server SPEC.json\n"

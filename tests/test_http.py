@@ -4,99 +4,35 @@ that accepts and never answers, one that sends a byte a second, a closed port, c
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from launcher import http
+from launcher.address import free_ports
 from launcher.errors import BadOption
+from tests.servers import JSONHandler, RawServer, serving, url_of
 
 
-class _Echo(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _reply(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _Echo(JSONHandler):
     def do_GET(self):
         if self.path == "/missing":
-            self._reply(404, {"detail": "Not Found"})
+            self.send_json(404, {"detail": "Not Found"})
             return
         if self.path == "/v1/models":
-            self._reply(200, {"object": "list", "data": [{"id": "b"}, {"id": "a"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": "b"}, {"id": "a"}]})
             return
-        self._reply(200, {"path": self.path, "auth": self.headers.get("Authorization")})
+        self.send_json(200, {"path": self.path, "auth": self.headers.get("Authorization")})
 
     def do_POST(self):
         data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self._reply(200, {"got": data, "auth": self.headers.get("Authorization")})
+        self.send_json(200, {"got": data, "auth": self.headers.get("Authorization")})
 
 
 @pytest.fixture
 def echo():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-class _RawServer:
-    """A TCP server on 127.0.0.1 that accepts and then runs ``behaviour(conn)``."""
-
-    def __init__(self, behaviour):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.behaviour = behaviour
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _serve(self):
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self.behaviour, args=(conn, self.stop), daemon=True).start()
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
-
-
-def _silent(conn, stop):
-    stop.wait(30)
-    conn.close()
-
-
-def _drip(conn, stop):
-    conn.recv(65536)
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
-    try:
-        conn.sendall(head)
-        for _ in range(100):
-            if stop.wait(1.0):
-                break
-            conn.sendall(b"x")
-    except OSError:
-        pass
-    conn.close()
+    with serving(_Echo) as server:
+        yield url_of(server)
 
 
 def test_get_and_post_json(echo):
@@ -112,24 +48,19 @@ def test_error_status_is_a_reply_with_the_servers_detail(echo):
     assert reply.detail() == "Not Found"
 
 
-@pytest.mark.parametrize("behaviour", [_silent, _drip], ids=["silent", "one-byte-a-second"])
+@pytest.mark.parametrize("behaviour", ["silent", "drip"], ids=["silent", "one-byte-a-second"])
 def test_one_deadline_covers_the_whole_request(behaviour):
-    server = _RawServer(behaviour)
-    try:
+    with RawServer(behaviour) as server:
         start = time.monotonic()
         with pytest.raises(http.DeadlineExceeded) as info:
             http.get(server.url + "/health", timeout=1.5)
         elapsed = time.monotonic() - start
-    finally:
-        server.close()
     assert 1.4 <= elapsed < 3.0
     assert "did not answer within 1.5 s" in str(info.value)
 
 
 def test_closed_port_is_unreachable_and_status_of_is_none():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_ports(1)
     with pytest.raises(http.Unreachable, match="connection refused"):
         http.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert http.status_of(f"http://127.0.0.1:{port}/health", timeout=1) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cache_mismatches, run_launch, tree_state
+from tests.conftest import assert_one_line_error, cache_mismatches, run_launch, tree_state, user_presets
 from tests.fakehub import TINY_CONFIG, FakeHub, tiny_repo_files
 
 
@@ -74,14 +74,11 @@ def test_unknown_repo_is_one_line(hub):
 
 
 def test_a_downloaded_preset_plans_from_its_real_config_without_a_request(hub, tmp_path, monkeypatch):
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "tiny.yaml").write_text(
+    user_presets(tmp_path, monkeypatch, tiny=(
         "name: tiny\nrepo: org/tiny\nnative_context: 256\nrope: {type: yarn, factor: 2.0}\nparameters: 1.0e6\n"
         "config: {architectures: [LlamaForCausalLM], max_position_embeddings: 256, num_hidden_layers: 2,\n"
         "         hidden_size: 64, num_attention_heads: 4, torch_dtype: float16}\n"
-    )
-    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    ))
     before = run_launch("plan", "tiny", "--json")
     assert json.loads(before.stdout)["config_source"].startswith("preset tiny")
     assert run_launch("fetch", "tiny").returncode == 0

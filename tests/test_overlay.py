@@ -185,9 +185,9 @@ _RACE = r"""
 import sys, json
 from pathlib import Path
 from launcher.overlay import build_overlay
-src, target, barrier = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+src, target, barrier, factor = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 config = json.loads((Path(src) / "config.json").read_text())
-config["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}
+config["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": factor}
 while not barrier.exists():
     pass
 o = build_overlay(Path(src), config, {"tool": "launch"}, Path(target))
@@ -195,23 +195,30 @@ print(o.path, o.reused)
 """
 
 
-@pytest.mark.parametrize("round_", range(4))
-def test_concurrent_builds_both_end_with_one_complete_identical_overlay(tmp_path, round_):
+def race_builds(tmp_path: Path, shard_dir: str, shards: int, factors: tuple[str, ...]) -> tuple[Path, Path, list]:
+    """One process per factor builds the overlay of the same model into the same place, all let go
+    at once; every one must succeed. ``(source, target, [(stdout, stderr), ...])``."""
     src = tmp_path / "model"
-    (src / "deep" / "er").mkdir(parents=True)
+    (src / shard_dir).mkdir(parents=True)
     (src / "config.json").write_text(json.dumps(LLAMA))
-    for i in range(200):
-        (src / "deep" / "er" / f"shard-{i}.safetensors").write_bytes(b"x")
+    for i in range(shards):
+        (src / shard_dir / f"shard-{i}.safetensors").write_bytes(b"x")
     target = tmp_path / "overlays" / "same"
     barrier = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _RACE, str(src), str(target), str(barrier)],
+        subprocess.Popen([sys.executable, "-c", _RACE, str(src), str(target), str(barrier), factor],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
+        for factor in factors
     ]
     barrier.write_text("go")
     results = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), results
+    return src, target, results
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_concurrent_builds_both_end_with_one_complete_identical_overlay(tmp_path, round_):
+    src, target, results = race_builds(tmp_path, "deep/er", 200, ("2", "2", "2"))
     assert {out.split()[0] for out, _ in results} == {str(target)}
     files = source_files(src)
     assert len(files) == 200
@@ -251,38 +258,10 @@ def test_slug_is_one_safe_path_component():
     assert slug("../../etc") == "etc" and "/" not in slug("a/b") and slug("..") == "model"
 
 
-_RACE_OTHER = r"""
-import sys, json
-from pathlib import Path
-from launcher.overlay import build_overlay
-src, target, barrier, factor = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
-config = json.loads((Path(src) / "config.json").read_text())
-config["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": factor}
-while not barrier.exists():
-    pass
-o = build_overlay(Path(src), config, {"tool": "launch"}, Path(target))
-print(o.path, o.reused)
-"""
-
-
 @pytest.mark.parametrize("round_", range(3))
 def test_concurrent_builds_with_other_settings_all_succeed_and_leave_one_complete_overlay(tmp_path, round_):
-    src = tmp_path / "model"
-    (src / "deep").mkdir(parents=True)
-    (src / "config.json").write_text(json.dumps(LLAMA))
-    for i in range(100):
-        (src / "deep" / f"shard-{i}.safetensors").write_bytes(b"x")
-    target = tmp_path / "overlays" / "same"
-    barrier = tmp_path / "go"
     factors = ("2", "3", "4", "5")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _RACE_OTHER, str(src), str(target), str(barrier), factor],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for factor in factors
-    ]
-    barrier.write_text("go")
-    results = [p.communicate(timeout=60) for p in procs]
-    assert all(p.returncode == 0 for p in procs), results
+    src, target, _ = race_builds(tmp_path, "deep", 100, factors)
     final = json.loads((target / "config.json").read_text())["rope_scaling"]["factor"]
     assert str(int(final)) in factors
     files = source_files(src)

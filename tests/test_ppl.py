@@ -325,7 +325,7 @@ def test_serve_ppl_text_needs_probe_and_a_file(tmp_path):
 def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
     import time
 
-    from tests.probe_standin import RawServer
+    from tests.servers import RawServer
 
     with RawServer("silent") as server:
         start = time.monotonic()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from launcher import http
+from launcher.address import free_ports
 from launcher.ppl.chart import CHART_SIZE_PX
 from tests.conftest import REPO, run_launch
 from tests.probe_standin import png_size
@@ -44,17 +44,11 @@ def smollm2() -> Path:
     return prepare(out)  # returns at once now
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class EngineProcess:
     """The stand-in engine for ``model_dir`` in its own process on a free loopback port."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.ppl_engine_standin", str(model_dir), str(self.port)],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

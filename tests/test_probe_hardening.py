@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.probe_standin import ProbeStandin, RawServer
+from tests.probe_standin import ProbeStandin
+from tests.servers import RawServer
 
 
 @pytest.fixture(autouse=True)

@@ -148,10 +148,13 @@ FLAGS: dict[str, str | None] = {
     ("depths", "half", "--depths"),
     ("trials", "0", "--trials"),
     ("trials", "2.5", "--trials"),
+    ("trials", "1001", "--trials"),  # every number from a flag has a range (launcher/checks.py)
     ("seed", "-1", "--seed"),
+    ("seed", "99999999999999999999", "--seed"),
     ("native", "0", "--native"),
     ("timeout", "0", "--timeout"),
     ("timeout", "soon", "--timeout"),
+    ("timeout", "1e309", "--timeout"),
     ("min_accuracy", "1.2", "--min-accuracy"),
     ("max_tokens", "0", "--max-tokens"),
     ("url", "ftp://host:1", "--url"),

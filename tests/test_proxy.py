@@ -39,10 +39,9 @@ from launcher.proxy import (
 from launcher.proxy_server import proxy_kwargs
 from launcher.proxy_start import ROUTINGS, proxy_command
 from launcher.proxy_state import STATE_NAME
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_replica.py"
 KEY = "proxy-test-key-1"
 MODEL = "standin-model"
@@ -460,16 +459,13 @@ def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path):
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
+    with killed_if_running(proc):
         kids = wait_for(lambda: children_of(proc.pid), 30, 0.05)
         assert kids, "the proxy process was not started"
         child = kids[0]
         time.sleep(0.5)  # importing lmdeploy: not listening yet
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     assert b"Proxy ready" not in out
     assert _group_members(child) == []

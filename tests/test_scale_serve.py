@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from launcher import http
+from launcher.address import free_ports
 from launcher.process import group_members
 from launcher.proxy import proxy_nodes
-from tests.conftest import assert_one_line_error, free_port, run_launch
+from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running, run_launch
 from tests.test_layout import lmdeploy_serve_parser, parse
 from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
 from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
@@ -202,7 +203,6 @@ def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
 
 # --- launch serve: through the real CLI on a pretended GPU, STAND-IN engines -------------------
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN_ENGINE = REPO / "tests" / "standin_engine_server.py"
 KEY = "sk-scale-test"
 # The CLI itself, on the pretended GPU (tests/test_serve.py's seam), with the stand-in engine as
@@ -223,27 +223,6 @@ def start_serve(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[su
         proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, "serve", *args], cwd=REPO, env=full_env,
                                 stdout=subprocess.PIPE, stderr=handle, text=True)
     return proc, err
-
-
-def free_ports(n: int) -> int:
-    """A port p with p .. p+n-1 all free on 127.0.0.1."""
-    for _ in range(200):
-        first = free_port()
-        if first + n - 1 > 65535:
-            continue
-        try:
-            held = []
-            for port in range(first, first + n):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise AssertionError("no run of free ports")
 
 
 def closed(port: int) -> bool:
@@ -348,7 +327,7 @@ def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
                             "--port", str(port), "--routing", "random", env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    try:
+    with killed_if_running(proc):
         ready = "".join(read_until(proc, "curl", timeout=240))
         # --routing reaches the proxy serve runs: its spec, and lmdeploy's proxy started with it
         assert "routing random;" in ready, ready
@@ -359,9 +338,6 @@ def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
         assert len(engines) == 2 and len(proxies) == 1
         os.kill(engines[0], signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 1
     errors = [line for line in err.read_text().splitlines() if line.startswith("launch: error:")]
     assert len(errors) == 1 and "was killed by SIGKILL" in errors[0] and "server.log" in errors[0], errors
@@ -373,15 +349,12 @@ def test_ctrl_c_while_the_replicas_start_leaves_no_process(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
                             "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    try:
+    with killed_if_running(proc):
         assert wait_for(lambda: "replica(s) starting" in err.read_text() or proc.poll() is not None, 120)
         engines, proxies = replica_processes(proc)
         assert len(engines) == 2 and len(proxies) == 1, err.read_text()
         proc.send_signal(signal.SIGINT)  # the proxy is still importing torch
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err.read_text()[-2000:]
     assert all(group_members(pgid) == [] for pgid in (*engines, *proxies))
     assert proc.stdout.read() == ""  # never announced
@@ -477,16 +450,13 @@ def test_proxy_url_replica_whose_engine_dies_leaves_the_proxy_at_once(model_dir,
     url = f"http://127.0.0.1:{port}"
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--port", str(port),
                             "--proxy-url", proxy)
-    try:
+    with killed_if_running(proc):
         read_until(proc, "registered with the proxy", timeout=120)
         assert url in proxy_nodes(proxy)
         engines = [p for p in children_of(proc.pid) if str(STANDIN_ENGINE) in cmdline(p)]
         assert len(engines) == 1
         os.kill(engines[0], signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 1
     text = err.read_text()
     assert "was killed by SIGKILL (out of memory?) after it was ready" in text and "left the proxy at" in text, text

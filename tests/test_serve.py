@@ -23,9 +23,8 @@ from launcher.engine import backend_config, chat_template_config, serve_kwargs, 
 from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
 from launcher.resolve import from_dir
-from tests.conftest import assert_one_line_error, free_port, run_launch
+from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
 
-REPO = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -320,14 +319,11 @@ def test_serve_replans_only_when_the_downloaded_config_differs(hub, tmp_path, mo
     """A preset planned from its cached snapshot; the branch moved on the hub since (a new config
     with twice the context): serve downloads the new commit, says it re-planned, and serves the
     new plan."""
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "tiny.yaml").write_text(
+    user_presets(tmp_path, monkeypatch, tiny=(
         "name: tiny\nrepo: org/tiny\nnative_context: 256\nrope: {type: dynamic, factor: 2.0}\nparameters: 1.0e6\n"
         "config: {architectures: [LlamaForCausalLM], max_position_embeddings: 256, num_hidden_layers: 1,\n"
         "         hidden_size: 16, num_attention_heads: 2, num_key_value_heads: 1, torch_dtype: float32}\n"
-    )
-    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    ))
     assert run_launch("fetch", "tiny").returncode == 0
     err, spec = serve_until_ready("tiny", tmp_path / "same")
     assert "re-planned" not in err and spec["engine_config"]["session_len"] == 512

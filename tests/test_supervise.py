@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,9 @@ from launcher.health import health_status, health_url_for, served_models, wait_h
 from launcher.process import read_log_tail
 from launcher.progress import StartProgress
 from launcher.supervise import SeamsForTests, run_supervised
-from tests.conftest import assert_one_line_error, free_port
+from tests.conftest import REPO, assert_one_line_error, free_port
+from tests.servers import JSONHandler, serving
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standin_openai.py"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -263,22 +262,30 @@ def test_busy_port_is_refused_before_anything_starts(tmp_path):
 
 
 def test_busy_port_held_by_a_server_says_so():
-    class Healthy(BaseHTTPRequestHandler):
+    class Healthy(JSONHandler):
         def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
+            self.send_json(200, {"status": "healthy"})
 
-        def log_message(self, *args):
-            pass
+    with serving(Healthy) as server, pytest.raises(PortBusy, match="another `launch serve`"):
+        check_port_free("127.0.0.1", server.server_address[1])
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+def test_free_ports_gives_a_run_that_can_be_bound_and_says_when_there_is_none():
+    from launcher.address import free_ports
+
+    first = free_ports(3)
+    held = []
     try:
-        with pytest.raises(PortBusy, match="another `launch serve`"):
-            check_port_free("127.0.0.1", server.server_address[1])
+        for port in range(first, first + 3):
+            held.append(socket.socket())
+            held[-1].bind(("127.0.0.1", port))
+        assert [sock.getsockname()[1] for sock in held] == [first, first + 1, first + 2]
     finally:
-        server.shutdown()
-        server.server_close()
+        for sock in held:
+            sock.close()
+    assert check_port_free("127.0.0.1", first) == first  # let go again
+    with pytest.raises(OSError, match="no 70000 free ports in a row on 127.0.0.1"):
+        free_ports(70000)
 
 
 @pytest.mark.parametrize("port", [0, 65536, -1, "http", True, "", "²", "٣", "８０", "+80", "80.0", "0x50",

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from . import runs as run_dirs
 from .app import app
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
@@ -15,16 +16,13 @@ _Text = str | None  # values are parsed by the library, so a bad one gets one cl
 
 @app.command()
 def probe(
-    runs: Annotated[list[Path] | None, typer.Argument(
-        metavar="[RUN_DIR]...", help="With --compare: directories earlier probes wrote.", show_default=False)] = None,
+    runs: run_dirs.RunDirsArg = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Draw the heatmaps of RUN_DIR... side by side in one PNG, and print their tables.")] = False,
-    url: Annotated[_Text, typer.Option("--url", metavar="URL", help="The server. Default: http://127.0.0.1:23333.",
-                                       show_default=False)] = None,
+    url: run_dirs.UrlOpt = None,
     model: Annotated[_Text, typer.Option("--model", metavar="NAME", help="Model name. Default: the first of GET /v1/models.",
                                          show_default=False)] = None,
-    api_key: Annotated[_Text, typer.Option("--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
-                                           help="Sent as 'Authorization: Bearer KEY'.", show_default=False)] = None,
+    api_key: run_dirs.ApiKeyOpt = None,
     lengths: Annotated[_Text, typer.Option(
         "--lengths", metavar="L1,L2,...", help="Prompt lengths in tokens (4000,8k) or multiples of the native context (0.5x,1x,2x). "
         "Default with a known native context: 0.5x,1x,1.5x,2x.", show_default=False)] = None,
@@ -37,8 +35,7 @@ def probe(
                                         show_default=False)] = None,
     native: Annotated[_Text, typer.Option("--native", metavar="TOKENS", help="The model's native context in tokens (for 'x' "
                                           "lengths and the line on the chart).", show_default=False)] = None,
-    preset: Annotated[_Text, typer.Option("--preset", metavar="NAME", help="Take the native context from this preset.",
-                                          show_default=False)] = None,
+    preset: run_dirs.PresetOpt = None,
     tokenizer: Annotated[_Text, typer.Option(
         "--tokenizer", metavar="DIR", help="Local model directory whose tokenizer measures lengths when the server has no "
         "tokenize endpoint. Without both, lengths are estimated (~4 characters per token).",
@@ -59,22 +56,16 @@ def probe(
     Prints a length x depth accuracy table and writes results.json and heatmap.png.
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
-    from ..errors import BadOption
-    from ..probe import check_out_dir, default_out_dir, publish, settings_from_flags, sweep
-    from ..probe.settings import preset_native
-
     if compare:
-        if not runs:
-            raise BadOption("--compare", "(none)", "give the run directories to compare: launch probe --compare DIR DIR")
         from ..probe.report import COMPARE_NAME
         from ..probe.report import compare as draw
 
-        out_dir = out if out is not None else default_out_dir(prefix="probe-compare")
-        check_out_dir(out_dir, COMPARE_NAME)
-        draw(list(runs), out_dir, sys.stdout)
+        run_dirs.compare("probe", runs, out, COMPARE_NAME, draw)
         return
-    if runs:
-        raise BadOption("RUN_DIR", str(runs[0]), "run directories are for --compare; to probe, give --url")
+    run_dirs.refuse_runs(runs, "probe")
+
+    from ..probe import publish, settings_from_flags, sweep
+    from ..probe.settings import preset_native
 
     native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(
@@ -82,17 +73,11 @@ def probe(
         native=native, tokenizer=tokenizer, timeout=timeout, max_tokens=max_tokens, min_accuracy=min_accuracy,
         native_from_preset=native_from_preset,
     )
-    out_dir = out if out is not None else default_out_dir()
-    check_out_dir(out_dir)
+    out_dir = run_dirs.new_out_dir("probe", out)
 
     result = sweep(settings)
     paths = publish(result, out_dir, sys.stdout)
-
-    if result.interrupted:
-        typer.echo("launch: interrupted; partial results written", err=True)
-        raise typer.Exit(130)
-    if result.stopped_by is not None:
-        raise result.stopped_by
+    run_dirs.end(result)
     if result.overall_accuracy < settings.min_accuracy:
         from ..errors import ProbeBelowThreshold
 

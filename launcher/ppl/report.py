@@ -7,16 +7,15 @@ disagree. The chart module (matplotlib) is imported only when a PNG is written.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import BadOption, CompareBadRun
-from ..probe.report import RESULTS_NAME, check_out_dir, read_results  # noqa: F401 - the same rules
+from ..errors import CompareBadRun
+from ..probe import report as probe_report
+from ..probe.report import RESULTS_NAME, read_results, show_written, write_results  # the same rules as probe
 from .runner import PplResult
 from .windows import perplexity
 
@@ -180,24 +179,15 @@ class OutputPaths:
 
 
 def default_out_dir(now: datetime | None = None, prefix: str = "ppl") -> Path:
-    return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
-
-
-def _write_json(path: Path, data: dict, option: str = "--out") -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise BadOption(option, str(path.parent), f"cannot write the results there: {err.strerror or err}") from None
+    """``./ppl-YYYYmmdd-HHMMSS`` in the working directory (probe's naming)."""
+    return probe_report.default_out_dir(now, prefix)
 
 
 def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:
     """``results.json`` first (a chart failure cannot lose it), then ``ppl.png``."""
     out = Path(out_dir)
     paths = OutputPaths(out, out / RESULTS_NAME, out / CHART_NAME)
-    _write_json(paths.results_json, results_dict(result))
+    write_results(paths.results_json, results_dict(result))
     from .chart import write_chart
 
     write_chart([run_of(result)], paths.chart_png, title=f"Long-context loss: {result.label}")
@@ -207,9 +197,7 @@ def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:
 def publish(result: PplResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``ppl`` and ``serve --probe``)."""
     paths = write_outputs(result, out_dir)
-    print(format_table(result), file=stream)
-    print(f"wrote {paths.results_json} and {paths.chart_png}", file=stream)
-    stream.flush()
+    show_written(format_table(result), stream, paths.results_json, paths.chart_png)
     return paths
 
 
@@ -220,7 +208,5 @@ def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     chart = write_chart(runs, Path(out_dir) / COMPARE_CHART_NAME, title="Long-context loss, compared")
-    print(format_runs(runs), file=stream)
-    print(f"wrote {chart}", file=stream)
-    stream.flush()
+    show_written(format_runs(runs), stream, chart)
     return chart

@@ -9,7 +9,6 @@ run goes on. Ctrl-C, or a server that goes away, ends the run early with the poi
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,10 @@ from ..errors import (
     ProbeUnauthorized,
 )
 from ..http import Unreachable
-from ..probe.client import OpenAIClient
+from ..probe.client import OpenAIClient, waiting_notice
 from .settings import PplSettings
 from .text import Text, load_texts
 from .windows import Window, plan_windows, span_loss
-
-WAITING_NOTICE_S = 1.0
 
 
 @dataclass
@@ -135,11 +132,7 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
     emit = progress or (lambda event: None)
     texts = load_texts(settings.texts)
     client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
-    waiting = threading.Timer(WAITING_NOTICE_S, lambda: emit(PplEvent("begin", message=(
-        f"waiting for {client.shown} (each request has a {settings.timeout:g} s deadline) ..."))))
-    waiting.daemon = True
-    waiting.start()
-    try:
+    with waiting_notice(client, lambda line: emit(PplEvent("begin", message=line))):
         models = client.models()
         if not models:
             raise ProbeNoModel(client.shown)
@@ -148,8 +141,6 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
         plans = [plan_windows(len(ids), settings.lengths, settings.span, text.source)
                  for text, ids in zip(texts, token_ids)]
         score(client, token_ids[0][:2])  # /get_ppl is there and answers, before any long pass
-    finally:
-        waiting.cancel()
     result = PplResult(settings, models[0], method, {t.source: len(ids) for t, ids in zip(texts, token_ids)}, _now())
     total = result.planned
     emit(PplEvent("begin", 0, total, message=(

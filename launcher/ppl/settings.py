@@ -6,14 +6,14 @@ Lengths take the probe's forms (``4000``, ``8k``, ``1.5x``); ``x`` needs the nat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import checks
 from ..errors import BadOption
 from ..http import redact
 from ..probe.client import DEFAULT_URL, normalize_url
-from ..probe.settings import MAX_LENGTH, native_and_lengths, parse_float, parse_int
+from ..probe.settings import MAX_LENGTH, native_and_lengths, request_timeout, whole_native
 
 DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
 DEFAULT_SPAN = 512
@@ -46,19 +46,15 @@ class PplSettings:
         for length in self.lengths:
             if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
                 raise BadOption("--lengths", str(length), f"a length is a whole number of tokens, 1..{MAX_LENGTH}")
-        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
-            raise BadOption("--span", str(self.span), "give a whole number of tokens of at least 1")
+        object.__setattr__(self, "span", whole_span(self.span))
         shortest = min(self.lengths)
         if shortest - self.span < MIN_PREFIX:
             raise BadOption("--span", str(self.span), f"the target span must leave at least {MIN_PREFIX} tokens of "
                             f"context in the shortest window ({shortest} tokens): give --span {max(1, shortest // 2)} "
                             "or longer --lengths")
-        native = self.native_context
-        if native is not None and (isinstance(native, bool) or not isinstance(native, int)
-                                   or not 0 < native <= MAX_LENGTH):
-            raise BadOption("--native", str(native), f"give a whole number of tokens, 1..{MAX_LENGTH}")
-        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
-            raise BadOption("--timeout", str(self.timeout), "give a number of seconds greater than 0")
+        if self.native_context is not None:
+            object.__setattr__(self, "native_context", whole_native(self.native_context))
+        object.__setattr__(self, "timeout", request_timeout(self.timeout))
         object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
 
     def public(self) -> dict:
@@ -73,6 +69,10 @@ class PplSettings:
             "timeout_s": self.timeout,
             "label": self.label,
         }
+
+
+def whole_span(value: object) -> int:
+    return checks.whole("--span", value, 1, MAX_LENGTH, example=DEFAULT_SPAN)
 
 
 def default_lengths(native_context: int, cap: int | None = None) -> tuple[int, ...]:
@@ -95,7 +95,7 @@ def settings_from_flags(*, url: str | None, api_key: str | None, lengths: str | 
             raise BadOption("--text", str(text), "not a file; give a UTF-8 text file")
     if label is not None and (not label.strip() or len(label) > 80 or any(ord(c) < 32 for c in label)):
         raise BadOption("--label", label, "give a short name of 1 to 80 printable characters")
-    span_value = parse_int("--span", span, 1) if span is not None else min(DEFAULT_SPAN, min(length_values) // 2)
+    span_value = whole_span(span) if span is not None else min(DEFAULT_SPAN, min(length_values) // 2)
     return PplSettings(
         lengths=length_values,
         texts=tuple(Path(t) for t in texts or ()),
@@ -104,6 +104,6 @@ def settings_from_flags(*, url: str | None, api_key: str | None, lengths: str | 
         api_key=api_key or None,
         native_context=native_context,
         tokenizer=tokenizer,
-        timeout=parse_float("--timeout", timeout, 0.0) if timeout is not None else DEFAULT_TIMEOUT,
+        timeout=request_timeout(timeout) if timeout is not None else DEFAULT_TIMEOUT,
         label=label,
     )

@@ -10,6 +10,9 @@ shape), so callers decide which are fatal and which only spoil one trial. ``http
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,7 @@ from .. import http
 from ..errors import ProbeBadReply, ProbeErrorBody, ProbeHTTPError, ProbeUnauthorized
 
 DEFAULT_URL = "http://127.0.0.1:23333"
+WAITING_NOTICE_S = 1.0  # a first request still unanswered after this is said on stderr
 
 
 def normalize_url(url: str) -> str:
@@ -143,3 +147,18 @@ def _now() -> float:
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) else None
+
+
+@contextmanager
+def waiting_notice(client: OpenAIClient, say: Callable[[str], None]) -> Iterator[None]:
+    """Around a run's first requests: ``say`` one line when they are still unanswered after
+    ``WAITING_NOTICE_S``, so a server that accepts and says nothing still gets a line within a
+    second (the deadline is ``client.timeout``); a quick refusal stays the one error line."""
+    timer = threading.Timer(WAITING_NOTICE_S, lambda: say(
+        f"waiting for {client.shown} (each request has a {client.timeout:g} s deadline) ..."))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -34,6 +34,27 @@ def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
         raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch {command}` wrote") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
+
+
+def write_results(path: Path, data: dict) -> None:
+    """Write a results.json (whole or not at all: through a temporary file); ``BadOption`` on
+    ``--out`` when its directory cannot be made or written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise BadOption("--out", str(path.parent), f"cannot write the results there: {err.strerror or err}") from None
+
+
+def show_written(table: str, stream: TextIO, *written: Path) -> None:
+    """Print the table, then the files a run (or a compare) wrote."""
+    print(table, file=stream)
+    print(f"wrote {' and '.join(str(p) for p in written)}", file=stream)
+    stream.flush()
+
+
 HEATMAP_NAME = "heatmap.png"
 SCHEMA_VERSION = 1
 
@@ -153,13 +174,7 @@ def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
     """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png``."""
     out = Path(out_dir)
     paths = OutputPaths(out, out / RESULTS_NAME, out / HEATMAP_NAME)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = paths.results_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results_dict(result), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, paths.results_json)
-    except OSError as err:
-        raise BadOption("--out", str(out), f"cannot write the results there: {err.strerror or err}") from None
+    write_results(paths.results_json, results_dict(result))
 
     from .chart import write_heatmap
 
@@ -170,9 +185,7 @@ def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
 def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``probe`` and ``serve --probe``)."""
     paths = write_outputs(result, out_dir)
-    print(format_table(result), file=stream)
-    print(f"wrote {paths.results_json} and {paths.heatmap_png}", file=stream)
-    stream.flush()
+    show_written(format_table(result), stream, paths.results_json, paths.heatmap_png)
     return paths
 
 
@@ -219,9 +232,6 @@ def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chart = write_comparison(list(zip(labels, results)), out / COMPARE_NAME)
-    for label, result in zip(labels, results):
-        print(f"== {label}", file=stream)
-        print(format_table(result), file=stream)
-    print(f"wrote {chart}", file=stream)
-    stream.flush()
+    show_written("\n".join(f"== {label}\n{format_table(result)}" for label, result in zip(labels, results)),
+                 stream, chart)
     return chart

@@ -9,7 +9,6 @@ partial results.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from ..errors import (
     ProbeUnknownModel,
 )
 from ..http import Unreachable
-from .client import OpenAIClient
+from .client import OpenAIClient, waiting_notice
 from .passkey import Filler, build_prompt, is_correct, passkey_for
 from .settings import ProbeSettings
 from .tokens import TokenCounter, fit_words, pick_counter
@@ -108,7 +107,6 @@ class ProgressEvent:
 
 
 Progress = Callable[[ProgressEvent], None]
-WAITING_NOTICE_S = 1.0  # a first request still unanswered after this is said on stderr
 
 
 def _now() -> str:
@@ -131,17 +129,9 @@ def run_probe(settings: ProbeSettings, progress: Progress | None = None) -> Prob
     lacks the model; returns a result with ``interrupted`` / ``stopped_by`` set when it ended early."""
     emit = progress or (lambda event: None)
     client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
-    # A server that accepts and says nothing still gets a line within a second (the deadline is
-    # ``settings.timeout``); a quick refusal stays the one error line.
-    waiting = threading.Timer(WAITING_NOTICE_S, lambda: emit(ProgressEvent("begin", message=(
-        f"waiting for {client.shown} (each request has a {settings.timeout:g} s deadline) ..."))))
-    waiting.daemon = True
-    waiting.start()
-    try:
+    with waiting_notice(client, lambda line: emit(ProgressEvent("begin", message=line))):
         model = _pick_model(client, settings.model)
         counter = pick_counter(client, model, settings.tokenizer)
-    finally:
-        waiting.cancel()
     if not counter.exact:
         emit(ProgressEvent("notice", message=(
             f"{client.shown} has no tokenize endpoint and no --tokenizer was given: lengths are "

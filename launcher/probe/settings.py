@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import checks
+from ..configcheck import INT32_MAX
 from ..errors import BadOption
 from ..http import redact
 from .client import DEFAULT_URL, normalize_url
@@ -20,7 +22,11 @@ DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
 DEFAULT_TRIALS = 3
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_TOKENS = 64
-MAX_LENGTH = 10_000_000
+MAX_LENGTH = 10_000_000  # tokens of a prompt or window; also the largest --max-tokens and --span
+NATIVE_MAX = INT32_MAX  # what a config's max_position_embeddings may say (configcheck)
+TRIALS_MAX = 1000
+SEED_MAX = INT32_MAX
+REQUEST_TIMEOUT_MAX_S = 7 * 24 * 3600.0
 TEMPLATE_HEADROOM = 128  # tokens a chat template may add around the prompt
 
 
@@ -57,15 +63,16 @@ class ProbeSettings:
         for depth in self.depths:
             if not (isinstance(depth, (int, float)) and math.isfinite(depth) and 0 <= depth <= 1):
                 raise BadOption("--depths", str(depth), "a depth is between 0 (start) and 1 (end)")
-        _check_int("--trials", self.trials, 1)
-        _check_int("--seed", self.seed, 0)
-        _check_int("--max-tokens", self.max_tokens, 1)
-        if self.native_context is not None:
-            _check_int("--native", self.native_context, 1)
-        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
-            raise BadOption("--timeout", str(self.timeout), "give a number of seconds greater than 0")
-        if not (isinstance(self.min_accuracy, (int, float)) and 0 <= self.min_accuracy <= 1):
-            raise BadOption("--min-accuracy", str(self.min_accuracy), "give a fraction between 0 and 1")
+        typed = {
+            "trials": whole_trials(self.trials),
+            "seed": whole_seed(self.seed),
+            "max_tokens": whole_max_tokens(self.max_tokens),
+            "native_context": whole_native(self.native_context) if self.native_context is not None else None,
+            "timeout": request_timeout(self.timeout),
+            "min_accuracy": fraction_min_accuracy(self.min_accuracy),
+        }
+        for name, value in typed.items():
+            object.__setattr__(self, name, value)
         # Sorted and de-duplicated: the table and the chart read left to right, top to bottom.
         object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
         object.__setattr__(self, "depths", tuple(sorted({float(d) for d in self.depths})))
@@ -109,30 +116,31 @@ def default_lengths(native_context: int, session_len: int | None = None,
     return tuple(sorted(set(lengths)))
 
 
-def _check_int(option: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise BadOption(option, str(value), f"give a whole number of at least {minimum}")
+def whole_trials(value: object) -> int:
+    return checks.whole("--trials", value, 1, TRIALS_MAX, example=DEFAULT_TRIALS)
 
 
-def parse_int(option: str, text: str, minimum: int) -> int:
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
-        raise BadOption(option, text, f"give a whole number of at least {minimum}") from None
-    _check_int(option, value, minimum)
-    return value
+def whole_seed(value: object) -> int:
+    return checks.whole("--seed", value, 0, SEED_MAX, example=0)
 
 
-def parse_float(option: str, text: str, low: float, high: float | None = None) -> float:
-    bounds = f"between {low:g} and {high:g}" if high is not None else f"greater than {low:g}"
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadOption(option, text, f"give a number {bounds}") from None
-    if not math.isfinite(value) or value < low or (high is not None and value > high) or (
-            high is None and value <= low):
-        raise BadOption(option, text, f"give a number {bounds}")
-    return value
+def whole_max_tokens(value: object) -> int:
+    return checks.whole("--max-tokens", value, 1, MAX_LENGTH, example=DEFAULT_MAX_TOKENS)
+
+
+def whole_native(value: object) -> int:
+    """``--native``: the model's native context in tokens (probe and ppl)."""
+    return checks.whole("--native", value, 1, NATIVE_MAX, example=8192)
+
+
+def fraction_min_accuracy(value: object) -> float:
+    return checks.number("--min-accuracy", value, 0.0, 1.0, example=0.9)
+
+
+def request_timeout(value: object) -> float:
+    """``--timeout``: seconds each HTTP request may take, all of it (probe and ppl)."""
+    return checks.number("--timeout", value, 0.0, REQUEST_TIMEOUT_MAX_S, low_open=True, unit="of seconds",
+                         example=300)
 
 
 def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
@@ -170,7 +178,7 @@ def parse_depths(text: str) -> tuple[float, ...]:
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or any(not item for item in items):
         raise BadOption("--depths", text, "give comma-separated depths between 0 and 1, e.g. 0,0.5,1")
-    return tuple(parse_float("--depths", item, 0.0, 1.0) for item in items)
+    return tuple(checks.number("--depths", item, 0.0, 1.0) for item in items)
 
 
 def settings_from_flags(*, url: str | None, model: str | None, api_key: str | None, lengths: str | None,
@@ -187,23 +195,23 @@ def settings_from_flags(*, url: str | None, model: str | None, api_key: str | No
     return ProbeSettings(
         lengths=length_values,
         depths=parse_depths(depths) if depths is not None else DEFAULT_DEPTHS,
-        trials=parse_int("--trials", trials, 1) if trials is not None else DEFAULT_TRIALS,
-        seed=parse_int("--seed", seed, 0) if seed is not None else 0,
+        trials=whole_trials(trials) if trials is not None else DEFAULT_TRIALS,
+        seed=whole_seed(seed) if seed is not None else 0,
         url=url if url is not None else DEFAULT_URL,
         model=model or None,
         api_key=api_key or None,
         native_context=native_context,
         tokenizer=tokenizer,
-        timeout=parse_float("--timeout", timeout, 0.0) if timeout is not None else DEFAULT_TIMEOUT,
-        max_tokens=parse_int("--max-tokens", max_tokens, 1) if max_tokens is not None else DEFAULT_MAX_TOKENS,
-        min_accuracy=parse_float("--min-accuracy", min_accuracy, 0.0, 1.0) if min_accuracy is not None else 0.0,
+        timeout=request_timeout(timeout) if timeout is not None else DEFAULT_TIMEOUT,
+        max_tokens=whole_max_tokens(max_tokens) if max_tokens is not None else DEFAULT_MAX_TOKENS,
+        min_accuracy=fraction_min_accuracy(min_accuracy) if min_accuracy is not None else 0.0,
     )
 
 
 def native_and_lengths(native: str | None, lengths: str | None, native_from_preset: int | None,
                        default: Callable[[int], tuple[int, ...]]) -> tuple[int | None, tuple[int, ...]]:
     """``--native`` (else the preset's) and ``--lengths`` (else ``default(native)``), for probe and ppl."""
-    native_context = parse_int("--native", native, 1) if native is not None else native_from_preset
+    native_context = whole_native(native) if native is not None else native_from_preset
     if lengths is not None:
         return native_context, tuple(parse_lengths(lengths, native_context))
     if native_context is None:

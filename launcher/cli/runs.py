@@ -1,0 +1,70 @@
+"""What ``launch probe`` and ``launch ppl`` share: the server options, their run directories (where
+a run writes, what ``--compare`` reads) and how a run that ended early leaves the command.
+
+Library modules are imported inside the functions, like in the command modules, so that
+``launch --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Protocol, TextIO
+
+import typer
+
+from .options import optional
+
+RunDirsArg = Annotated[list[Path] | None, typer.Argument(
+    metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)]
+UrlOpt = optional(str, "--url", metavar="URL", help="The lmdeploy server. Default: http://127.0.0.1:23333.")
+ApiKeyOpt = optional(str, "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
+                     help="Sent as 'Authorization: Bearer KEY'.")
+PresetOpt = optional(str, "--preset", metavar="NAME", help="Take the native context from this preset.")
+
+
+class Ended(Protocol):
+    """A result that may have ended early (``ProbeResult``, ``PplResult``)."""
+
+    interrupted: bool
+    stopped_by: Exception | None
+
+
+def compare(command: str, runs: list[Path] | None, out: Path | None, chart_name: str,
+            draw: Callable[[list[Path], Path, TextIO], object]) -> None:
+    """``launch COMMAND --compare RUN_DIR...``: check where the chart goes, then ``draw`` the runs."""
+    from ..errors import BadOption
+    from ..probe.report import check_out_dir, default_out_dir
+
+    if not runs:
+        raise BadOption("--compare", "(none)", f"give the run directories to compare: launch {command} --compare DIR DIR")
+    out_dir = out if out is not None else default_out_dir(prefix=f"{command}-compare")
+    check_out_dir(out_dir, chart_name)
+    draw(list(runs), out_dir, sys.stdout)
+
+
+def refuse_runs(runs: list[Path] | None, verb: str) -> None:
+    """Run directories are for ``--compare`` only."""
+    from ..errors import BadOption
+
+    if runs:
+        raise BadOption("RUN_DIR", str(runs[0]), f"run directories are for --compare; to {verb}, give --url")
+
+
+def new_out_dir(command: str, out: Path | None) -> Path:
+    """Where a new run writes (``--out``, else ``./COMMAND-<timestamp>``), checked before the run."""
+    from ..probe.report import check_out_dir, default_out_dir
+
+    chosen = out if out is not None else default_out_dir(prefix=command)
+    check_out_dir(chosen)
+    return chosen
+
+
+def end(result: Ended) -> None:
+    """Leave with 130 after Ctrl-C (the partial results are written), or raise what stopped the run."""
+    if result.interrupted:
+        typer.echo("launch: interrupted; partial results written", err=True)
+        raise typer.Exit(130)
+    if result.stopped_by is not None:
+        raise result.stopped_by
