@@ -12,9 +12,9 @@ Started and supervised by ``launch proxy start``. Runs lmdeploy's own proxy
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from .paths import read_spec
 
 
 def proxy_kwargs(data: dict) -> dict:
@@ -32,11 +32,9 @@ def proxy_kwargs(data: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m launcher.proxy_server SPEC.json", file=sys.stderr)
+    data = read_spec(argv, "launcher.proxy_server")
+    if data is None:
         return 2
-    data = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     kwargs = proxy_kwargs(data)
     from lmdeploy.serve.proxy.proxy import node_manager, proxy
 
