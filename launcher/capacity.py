@@ -55,6 +55,8 @@ class Capacity:
         if self.by_memory is None:
             return (f"not known: the KV-cache fit is unknown; at most {self.max_batch_size * self.engines} "
                     f"(max_batch_size {self.max_batch_size}{' per ' + engine if self.engines > 1 else ''})")
+        if self.by_memory == 0:
+            return f"none: not one full-length session fits in the KV cache of {'a' if self.engines > 1 else 'the'} {engine}"
         if self.limit == MAX_BATCH_SIZE:
             why = (f"limited by max_batch_size {self.max_batch_size}: the KV cache would hold {self.by_memory} "
                    f"per {engine}; raise --max-batch-size to run more")

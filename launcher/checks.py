@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from typing import TypeVar
@@ -17,6 +18,8 @@ from typing import TypeVar
 from .errors import BadOption
 
 T = TypeVar("T")
+_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)  # one sign at most; "٣" is a digit to str.isdigit, not here
+WEEK_S = 7 * 24 * 3600.0  # the longest wait any flag may ask for
 
 
 def _shown(value: object) -> str:
@@ -28,7 +31,7 @@ def whole(option: str, value: object, low: int, high: int, example: object | Non
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().lstrip("+-").isascii() and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
         number = int(value.strip())
     if number is None or not low <= number <= high:
         hint = f", e.g. {option} {example}" if example is not None else ""
@@ -101,4 +104,4 @@ def hub_timeout(value: object = None) -> float:
         option, value, example = HUB_TIMEOUT_ENV, os.environ.get(HUB_TIMEOUT_ENV, ""), None
         if not value.strip():
             return HUB_TIMEOUT_S
-    return number(option, value, 0.0, 7 * 24 * 3600.0, low_open=True, unit="of seconds", example=example)
+    return number(option, value, 0.0, WEEK_S, low_open=True, unit="of seconds", example=example)

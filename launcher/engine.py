@@ -39,7 +39,6 @@ SESSION_LEN_MAX = INT32_MAX
 TP_MAX = 64
 MAX_BATCH_SIZE_MAX = 65536
 GPU_MEMORY_MAX_GIB = 4096.0  # per GPU; today's largest have under 300
-HEALTH_TIMEOUT_MAX_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)

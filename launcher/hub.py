@@ -50,7 +50,7 @@ from .errors import (
     RevisionNotFound,
     human_bytes,
 )
-from .paths import hf_cache_dir, hf_home, is_commit_sha, is_repo_id, repo_folder
+from .paths import DEFAULT_REVISION, hf_cache_dir, hf_home, is_commit_sha, is_repo_id, repo_folder
 from .selection import Selection, read_weight_map, select_files, serving_files
 
 CONFIG = "config.json"
@@ -98,7 +98,7 @@ class _Call:
 
         if not is_repo_id(repo_id):
             raise BadRepoId(repo_id)
-        revision = "main" if revision is None else checks.revision("--revision", revision)
+        revision = DEFAULT_REVISION if revision is None else checks.revision("--revision", revision)
         seconds = checks.hub_timeout(timeout_s)
         offline = constants.is_offline_mode() or any((os.environ.get(v) or "").strip().upper() in
                                                      constants.ENV_VARS_TRUE_VALUES
@@ -409,8 +409,13 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
                                                                   allow_patterns=[], **common)])[0])
 
     # The file list at the revision asked for, so that huggingface_hub records where it points
-    # (refs/, for offline use later); at the planned commit instead if the branch moved since.
-    path = listing(call.revision)
+    # (refs/, for offline use later); at the planned commit instead if the branch moved or went since.
+    try:
+        path = listing(call.revision)
+    except Exception as exc:
+        if not call.commit or not isinstance(_translate(exc, call), RevisionNotFound):
+            raise
+        path = listing(call.commit)
     if call.commit and path.name != call.commit:
         path = listing(call.commit)
     tree = _cached_tree(call, path.name)

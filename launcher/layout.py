@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from . import checks
 from .capacity import Capacity
-from .engine import EngineSpec, api_server_argv
+from .engine import TP_MAX, EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
 from .proxy_start import DEFAULT_ROUTING, check_routing
 
@@ -77,13 +77,13 @@ def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None
     """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
     ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
     one of the tp GPUs; ``LayoutRefused`` with its reason otherwise."""
-    checks.whole("--tp", tp, 1, 4096)
-    checks.whole("--nnodes", nnodes, 1, 4096)
+    checks.whole("--tp", tp, 1, TP_MAX)
+    checks.whole("--nnodes", nnodes, 1, NNODES_MAX)
     if gpus_per_node is None:
         if tp % nnodes:
             raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
         gpus_per_node = tp // nnodes
-    checks.whole("GPUs per node", gpus_per_node, 1, 4096)
+    checks.whole("GPUs per node", gpus_per_node, 1, TP_MAX)
     derive = lmdeploy_derive_parallel_config()
     try:
         parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available

@@ -60,6 +60,7 @@ def hf_cache_dir() -> Path:
     return _env_path("HF_HUB_CACHE") or hf_home() / "hub"
 
 
+DEFAULT_REVISION = "main"  # what the Hub, huggingface_hub and launch take when no revision is given
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 

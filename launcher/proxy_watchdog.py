@@ -66,6 +66,7 @@ class Watchdog:
         self.members: dict[str, _Member] = {}
         self._proxy_down = False
         self._stop = threading.Event()
+        self._telling = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def removed(self) -> list[Removed]:
@@ -76,13 +77,14 @@ class Watchdog:
     def _tell(self) -> None:
         """``on_change`` with the held-out nodes, when they differ from what it heard last."""
         now = self.removed()
-        if self.on_change is None or now == self._told:
-            return
-        try:
-            self.on_change(now)
-        except (LaunchError, OSError) as err:
-            self.report(f"watchdog: could not record the nodes it took out: {err}")
-        self._told = now
+        with self._telling:  # once stop() returned nothing more is recorded: its owner clears the record
+            if self.on_change is None or now == self._told or self._stop.is_set():
+                return
+            try:
+                self.on_change(now)
+            except (LaunchError, OSError) as err:
+                self.report(f"watchdog: could not record the nodes it took out: {err}")
+            self._told = now
 
     # -- one round ------------------------------------------------------------------------------
     def step(self) -> list[str]:
@@ -194,6 +196,7 @@ class Watchdog:
 
     def stop(self, timeout: float | None = None) -> None:
         """End the thread (waits for the round in progress: at most about ``2 x timeout_s``)."""
-        self._stop.set()
+        with self._telling:
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else 3 * self.timeout_s + 1.0)

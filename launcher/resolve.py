@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import parse_model_config, read_model_config
-from .paths import cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
+from .paths import DEFAULT_REVISION, cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -77,7 +77,7 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """A snapshot of ``repo_id`` already in the Hugging Face cache that has a config.json, found
     without a request and without importing huggingface_hub (plan must not touch anything)."""
     storage = hf_cache_dir() / repo_folder(repo_id)
-    rev = revision or "main"
+    rev = revision or DEFAULT_REVISION
     sha = rev if is_commit_sha(rev) else cached_ref(storage, rev)
     if sha is None:
         return None

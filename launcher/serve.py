@@ -19,7 +19,6 @@ from typing import TextIO
 from . import checks
 from .engine import (
     DEFAULT_HEALTH_TIMEOUT_S,
-    HEALTH_TIMEOUT_MAX_S,
     TURBOMIND_ARCHS,
     architecture_of,
     spec_to_json,
@@ -156,7 +155,7 @@ def prepare(request: ServeRequest) -> Plan:
     from .address import validate_host, validate_port
     from .apikeys import resolve_api_keys
 
-    checks.number("--health-timeout", request.health_timeout_s, 0.0, HEALTH_TIMEOUT_MAX_S, low_open=True,
+    checks.number("--health-timeout", request.health_timeout_s, 0.0, checks.WEEK_S, low_open=True,
                   unit="of seconds", example=1800)
     host = validate_host(request.plan.host)
     port = validate_port(request.plan.port)

@@ -67,12 +67,21 @@ def test_one_revision_rule_for_plan_serve_patch_and_fetch(bad):
 NUMBERISH = st.one_of(
     st.integers(-10, 10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["0", "1", "2", "4", "8", "0.5", "1e305", "-1", "nan", "", "abc", "²", "1e-300"]),
+    st.sampled_from(["0", "1", "2", "4", "8", "0.5", "1e305", "-1", "nan", "", "abc", "²", "1e-300",
+                     "+-2", "-+2", "++2", "+2", " 2 ", "2_0", "٣"]),
 )
 FLAGS = {
     "--factor": NUMBERISH, "--session-len": NUMBERISH, "--tp": NUMBERISH, "--max-batch-size": NUMBERISH,
     "--cache-max-entry-count": NUMBERISH, "--quant-policy": NUMBERISH, "--gpu-memory": NUMBERISH,
+    "--replicas": NUMBERISH, "--nnodes": NUMBERISH,
 }
+
+
+@pytest.mark.parametrize("text", ["+-5", "-+5", "++5", "--5", "+", "-", "5-", "1 2", "٣", "5.0", "0x5"])
+def test_whole_takes_one_sign_and_ascii_digits_only(text):
+    with pytest.raises(BadOption, match="must be a whole number"):
+        checks.whole("--trials", text, -10, 10)
+    assert checks.whole("--trials", " +5 ", -10, 10) == 5 and checks.whole("--seed", "-5", -10, 10) == -5
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

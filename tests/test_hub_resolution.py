@@ -169,6 +169,18 @@ def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
     assert files.decision is plan.decision and files.overlay_path is not None
 
 
+def test_a_branch_deleted_after_planning_still_downloads_the_planned_commit(hub):
+    from launcher.plan import PlanRequest, build_plan, with_files
+
+    repo = hub.repos["org/tiny"]
+    repo.refs["dev"] = repo.refs["main"]
+    plan = build_plan(PlanRequest(model="org/tiny", factor="2", revision="dev", quiet=True))
+    del repo.refs["dev"]
+    files, note = with_files(plan)
+    assert note is None and files.source.revision == plan.source.revision == repo.refs["main"]
+    assert (files.source.path / "model.safetensors").is_file()
+
+
 def test_a_repo_id_patched_online_is_then_usable_offline(hub, tmp_path, isolated_env):
     """The files come from the planned commit, and the branch asked for is recorded in the cache
     (huggingface_hub's refs/main), so the same command works offline afterwards."""

@@ -240,6 +240,7 @@ def test_capacity_text_says_which_limit_binds():
     assert Capacity(7, 64).text() == ("7 full-length session(s) at once (limited by memory: the KV cache holds 7 "
                                       "per engine; max_batch_size 64 would allow more)")
     assert Capacity(None, 8, 3).text("replica").startswith("not known: the KV-cache fit is unknown; at most 24")
+    assert Capacity(0, 64, 2).text("replica") == "none: not one full-length session fits in the KV cache of a replica"
 
 
 @pytest.mark.parametrize("args", [(1, 0), (1, 8, 0), (-1, 8), (1.5, 8), (True, 8), (1, "8")])

@@ -508,3 +508,19 @@ def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_mach
     assert read_state("127.0.0.1", port) == ()
     clear_state(port)
     assert not path.exists()
+
+
+def test_a_stopped_watchdog_records_nothing_more(tmp_path):
+    """Once ``stop()`` returned, a round still under way cannot write its record again after the
+    owner cleared it (the owner deletes the state file right after stop())."""
+    from launcher.proxy_watchdog import Watchdog, _Member
+
+    heard: list[list] = []
+    dog = Watchdog("http://127.0.0.1:9", on_change=heard.append)
+    dog.members["http://127.0.0.1:10"] = _Member(("m",), failures=2, removed=True, removed_at=1.0, reason="gone")
+    dog._tell()
+    assert [r.url for r in heard[-1]] == ["http://127.0.0.1:10"]
+    dog.members["http://127.0.0.1:11"] = _Member(("m",), removed=True, removed_at=2.0, reason="stuck")
+    dog.stop()
+    dog._tell()  # what a round finishing after stop() would do
+    assert len(heard) == 1

@@ -11,7 +11,7 @@ Importing this package does not import matplotlib or transformers.
 """
 
 from .progress import PplProgress
-from .report import compare, default_out_dir, format_table, load_run, publish, results_dict, write_outputs
+from .report import compare, format_table, load_run, publish, results_dict, write_outputs
 from .runner import Point, PplResult, run_ppl, score
 from .settings import PplSettings, default_lengths, settings_from_flags
 from .windows import plan_windows, span_loss
@@ -31,7 +31,6 @@ __all__ = [
     "PplSettings",
     "compare",
     "default_lengths",
-    "default_out_dir",
     "format_table",
     "load_run",
     "measure",

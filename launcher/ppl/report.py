@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import CompareBadRun
-from ..probe import report as probe_report
 from ..probe.report import RESULTS_NAME, read_results, show_written, write_results  # the same rules as probe
 from .runner import PplResult
 from .windows import perplexity
@@ -176,11 +174,6 @@ class OutputPaths:
     out_dir: Path
     results_json: Path
     chart_png: Path
-
-
-def default_out_dir(now: datetime | None = None, prefix: str = "ppl") -> Path:
-    """``./ppl-YYYYmmdd-HHMMSS`` in the working directory (probe's naming)."""
-    return probe_report.default_out_dir(now, prefix)
 
 
 def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:

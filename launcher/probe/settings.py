@@ -26,7 +26,6 @@ MAX_LENGTH = 10_000_000  # tokens of a prompt or window; also the largest --max-
 NATIVE_MAX = INT32_MAX  # what a config's max_position_embeddings may say (configcheck)
 TRIALS_MAX = 1000
 SEED_MAX = INT32_MAX
-REQUEST_TIMEOUT_MAX_S = 7 * 24 * 3600.0
 TEMPLATE_HEADROOM = 128  # tokens a chat template may add around the prompt
 
 
@@ -139,7 +138,7 @@ def fraction_min_accuracy(value: object) -> float:
 
 def request_timeout(value: object) -> float:
     """``--timeout``: seconds each HTTP request may take, all of it (probe and ppl)."""
-    return checks.number("--timeout", value, 0.0, REQUEST_TIMEOUT_MAX_S, low_open=True, unit="of seconds",
+    return checks.number("--timeout", value, 0.0, checks.WEEK_S, low_open=True, unit="of seconds",
                          example=300)
 
 
