@@ -113,14 +113,14 @@ def parse_state(data: object, port: int) -> tuple[int, tuple[Removed, ...]] | No
 def read_state(host: str, port: int) -> tuple[Removed, ...] | None:
     """The nodes the watchdog of the proxy at ``host:port`` took out, or ``None`` when there is no
     state of that proxy here (not on this machine, not run by launch, or its watchdog stopped)."""
-    if not is_this_machine(host):
-        return None
     try:
         data = json.loads(state_path(port).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     parsed = parse_state(data, port)
-    if parsed is None or not _alive(parsed[0]):
+    # the host is looked up last, only when a live watchdog of that port left its record here (the
+    # status request has just resolved it, within its deadline)
+    if parsed is None or not _alive(parsed[0]) or not is_this_machine(host):
         return None
     return parsed[1]
 
