@@ -6,7 +6,8 @@ That process keeps a small JSON file beside the proxy's spec, ``<launch cache>/r
 watchdog.json`` (0600, replaced atomically on every change, removed when it stops), and ``launch
 proxy status`` reads it, but only when the file can be the queried proxy's: the proxy's host is an
 address of this machine (a proxy elsewhere has its own file, on its own machine), the file names
-that port, and the process that wrote it still runs (a file left by a killed run is stale).
+that port, and the process that wrote it still runs (a file left by a killed run is stale; the
+writer is its pid and its start time, so a pid used again by another process does not count).
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ class Removed:
         return datetime.fromtimestamp(self.at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot: ``/proc/PID/stat`` field 22), or None."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def state_json(port: int, pid: int, removed: Sequence[Removed]) -> dict:
-    return {"format": FORMAT, "port": port, "pid": pid,
+    return {"format": FORMAT, "port": port, "pid": pid, "started": started(pid),
             "removed": [{"url": r.url, "models": list(r.models), "removed_at": r.when, "at": r.at,
                          "reason": r.reason} for r in removed]}
 
@@ -63,22 +72,28 @@ def clear_state(port: int) -> None:
     """Remove the state file, only when this process wrote it (its pid is in it)."""
     path = state_path(port)
     try:
-        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if _is_writer(data, os.getpid()):
             path.unlink()
     except (OSError, ValueError, AttributeError):
         pass
 
 
-def _alive(pid: object) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+def _is_writer(data: object, pid: object) -> bool:
+    """Whether the process ``pid``, running now, is the one that wrote ``data``: the same pid and,
+    where the file and /proc tell it, the same start time."""
+    if not isinstance(data, dict) or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    if data.get("pid") != pid:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    recorded, now = data.get("started"), started(pid)
+    return recorded is None or now is None or recorded == now
 
 
 def is_this_machine(host: str) -> bool:
@@ -97,9 +112,9 @@ def is_this_machine(host: str) -> bool:
     return False
 
 
-def parse_state(data: object, port: int) -> tuple[int, tuple[Removed, ...]] | None:
-    """(writer's pid, removed nodes) of a state file's content for ``port``; ``None`` when it is
-    not one (another port, another format, malformed)."""
+def parse_state(data: object, port: int) -> tuple[dict, tuple[Removed, ...]] | None:
+    """(the file's content, removed nodes) of a state file's content for ``port``; ``None`` when it
+    is not one (another port, another format, malformed)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("port") != port:
         return None
     try:
@@ -107,7 +122,7 @@ def parse_state(data: object, port: int) -> tuple[int, tuple[Removed, ...]] | No
                         for r in data["removed"])
     except (KeyError, TypeError, ValueError):
         return None
-    return data.get("pid"), removed
+    return data, removed
 
 
 def read_state(host: str, port: int) -> tuple[Removed, ...] | None:
@@ -120,7 +135,7 @@ def read_state(host: str, port: int) -> tuple[Removed, ...] | None:
     parsed = parse_state(data, port)
     # the host is looked up last, only when a live watchdog of that port left its record here (the
     # status request has just resolved it, within its deadline)
-    if parsed is None or not _alive(parsed[0]) or not is_this_machine(host):
+    if parsed is None or not _is_writer(parsed[0], parsed[0].get("pid")) or not is_this_machine(host):
         return None
     return parsed[1]
 

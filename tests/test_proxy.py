@@ -502,6 +502,11 @@ def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_mach
                           check=True)
     path.write_text(json.dumps({**data, "pid": int(dead.stdout)}))  # left by a run that was killed
     assert read_state("127.0.0.1", port) is None
+    assert data["started"] is not None  # this process's start time, from /proc
+    path.write_text(json.dumps({**data, "started": data["started"] - 1}))  # its pid, another process's record
+    assert read_state("127.0.0.1", port) is None
+    clear_state(port)
+    assert path.exists()
     clear_state(port)
     assert path.exists()  # not this process's file: left alone
     write_state(port, [])
