@@ -237,7 +237,10 @@ def _stamp(data: bytes) -> str:
 def _as_written(full: str, expected: str) -> bool:
     """The entry at ``full`` is still exactly what launch wrote there."""
     if expected.startswith("link:"):
-        return os.path.islink(full) and os.readlink(full) == expected[5:]
+        try:
+            return os.readlink(full) == expected[5:]
+        except OSError:  # not a link, or gone since the walk (another run swapped its overlay in)
+            return False
     if expected.startswith("sha256:") and os.path.isfile(full) and not os.path.islink(full):
         try:
             with open(full, "rb") as handle:
@@ -309,23 +312,29 @@ def _check_replaceable(target: Path) -> None:
         )
 
 
-def _provenance_bytes(path: Path) -> bytes | None:
+def _identity(path: Path) -> tuple[bytes | None, int | None]:
+    """The provenance's bytes and the directory's inode: another launch run that swaps its own
+    overlay in changes the inode, even with the same settings (the same bytes)."""
     try:
-        return (path / PROVENANCE).read_bytes()
+        data: bytes | None = (path / PROVENANCE).read_bytes()
     except OSError:
-        return None
+        data = None
+    try:
+        return data, os.stat(path, follow_symlinks=False).st_ino
+    except OSError:
+        return data, None
 
 
 def _check_replaceable_steady(target: Path) -> None:
     """``_check_replaceable``, telling a real conflict from another launch run swapping its own
     overlay in while this one looked (then the check is simply repeated)."""
     for _attempt in range(_ATTEMPTS):
-        seen = _provenance_bytes(target)
+        seen = _identity(target)
         try:
             _check_replaceable(target)
             return
         except (OverlayConflict, OverlayNotWritable):
-            if _provenance_bytes(target) == seen and target.exists():
+            if _identity(target) == seen and target.exists():
                 raise
             if not target.exists():
                 return

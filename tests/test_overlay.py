@@ -270,3 +270,15 @@ def test_concurrent_builds_with_other_settings_all_succeed_and_leave_one_complet
     for rel, real in files.items():
         assert os.readlink(target / rel) == real
     assert sorted(p.name for p in target.parent.iterdir()) == ["same"]  # no .tmp / .old leftovers
+
+
+def test_an_entry_that_vanishes_mid_check_is_changed_not_a_crash(tmp_path):
+    """Another run swapping its overlay in can remove an entry between the walk and its check (seen
+    as a FileNotFoundError traceback in about 1 in 120 racing builds before)."""
+    from launcher.overlay import _as_written
+
+    os.symlink("/x", tmp_path / "link")
+    assert _as_written(str(tmp_path / "link"), "link:/x") is True
+    assert _as_written(str(tmp_path / "gone"), "link:/x") is False
+    (tmp_path / "file").write_text("a")
+    assert _as_written(str(tmp_path / "file"), "link:/x") is False
