@@ -38,7 +38,7 @@ from launcher.proxy import (
 )
 from launcher.proxy_server import proxy_kwargs
 from launcher.proxy_start import ROUTINGS, proxy_command
-from launcher.proxy_state import STATE_NAME
+from launcher.proxy_state import STATE_NAME, started
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser
 
@@ -440,7 +440,8 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
         assert (run_dir / "proxy-spec.json").stat().st_mode & 0o777 == 0o600
         state = run_dir / STATE_NAME  # the watchdog's record, for `launch proxy status`: nothing taken out yet
         assert state.stat().st_mode & 0o777 == 0o600
-        assert json.loads(state.read_text()) == {"format": 1, "port": port, "pid": proc.pid, "removed": []}
+        assert json.loads(state.read_text()) == {"format": 1, "port": port, "pid": proc.pid,
+                                                 "started": started(proc.pid), "removed": []}
         (child,) = children_of(proc.pid)
         assert KEY not in (Path(f"/proc/{child}/cmdline").read_bytes().decode())  # keys never on argv
         assert _group_members(child)  # the proxy runs in its own process group
