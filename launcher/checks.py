@@ -92,6 +92,11 @@ def revision(option: str, value: object) -> str:
     return text
 
 
+def seconds(option: str, value: object, example: object | None = None) -> float:
+    """A wait in seconds: more than 0 and at most a week (``WEEK_S``)."""
+    return number(option, value, 0.0, WEEK_S, low_open=True, unit="of seconds", example=example)
+
+
 HUB_TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"
 HUB_TIMEOUT_S = 600.0
 
@@ -104,4 +109,4 @@ def hub_timeout(value: object = None) -> float:
         option, value, example = HUB_TIMEOUT_ENV, os.environ.get(HUB_TIMEOUT_ENV, ""), None
         if not value.strip():
             return HUB_TIMEOUT_S
-    return number(option, value, 0.0, WEEK_S, low_open=True, unit="of seconds", example=example)
+    return seconds(option, value, example)

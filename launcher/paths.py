@@ -133,4 +133,3 @@ def read_spec(argv: list[str] | None, program: str) -> dict | None:
         print(f"usage: python -m {program} SPEC.json", file=sys.stderr)
         return None
     return json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-

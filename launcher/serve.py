@@ -155,8 +155,7 @@ def prepare(request: ServeRequest) -> Plan:
     from .address import validate_host, validate_port
     from .apikeys import resolve_api_keys
 
-    checks.number("--health-timeout", request.health_timeout_s, 0.0, checks.WEEK_S, low_open=True,
-                  unit="of seconds", example=1800)
+    checks.seconds("--health-timeout", request.health_timeout_s, example=1800)
     host = validate_host(request.plan.host)
     port = validate_port(request.plan.port)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []

@@ -138,8 +138,7 @@ def fraction_min_accuracy(value: object) -> float:
 
 def request_timeout(value: object) -> float:
     """``--timeout``: seconds each HTTP request may take, all of it (probe and ppl)."""
-    return checks.number("--timeout", value, 0.0, checks.WEEK_S, low_open=True, unit="of seconds",
-                         example=300)
+    return checks.seconds("--timeout", value, example=300)
 
 
 def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
