@@ -358,7 +358,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
     host, port = plan.engine.host, plan.engine.port
     proxy_spec, proxy_dir = write_proxy_spec(host, port, layout.routing, plan.engine.api_keys)
     run = ReplicaRun(proxy_spec=proxy_spec, proxy_dir=proxy_dir, proxy_host=host, proxy_port=port,
-                     routing=layout.routing, layout=layout, argvs=tuple(argvs), logs=tuple(logs),
+                     layout=layout, argvs=tuple(argvs), logs=tuple(logs),
                      api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
     return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
                         out=out)

@@ -39,8 +39,7 @@ class ReplicaRun:
     proxy_dir: Path
     proxy_host: str  # where the proxy listens (the public --host)
     proxy_port: int
-    routing: str
-    layout: ReplicaLayout
+    layout: ReplicaLayout  # the replicas and the proxy's routing
     argvs: tuple[tuple[str, ...], ...]
     logs: tuple[Path, ...]
     api_keys: tuple[str, ...] = ()
@@ -124,7 +123,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 f"{len(replicas)} replica(s)  (Ctrl-C stops all)"),
                 *(f"  replica {r.index}  {r.url}  GPUs {','.join(r.devices)}  log {log}"
                   for r, log in zip(run.layout.replicas, run.logs)),
-                (f"  proxy log {proxy.log_path}   routing {run.routing}; launch's watchdog takes out a replica "
+                (f"  proxy log {proxy.log_path}   routing {run.layout.routing}; launch's watchdog takes out a replica "
                 f"that stops answering /health (`launch proxy status --proxy {root}` lists it)"),
             ]
             if not is_loopback(run.proxy_host):
