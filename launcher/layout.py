@@ -293,7 +293,6 @@ def node_layout(
 # --- the scale-out flags ------------------------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class Scale:
     """``--replicas`` / ``--nnodes --node-rank --dist-init-addr``, typed and consistent: at most one

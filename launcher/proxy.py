@@ -34,7 +34,7 @@ from .errors import (
     ProxyRefused,
     ProxyUnreachable,
 )
-from .proxy_state import Removed
+from .proxy_state import Removed, ago, read_state
 
 NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node
 PROXY_TIMEOUT_S = 5.0  # one node-API request to the proxy
@@ -268,8 +268,6 @@ def taken_out(proxy: str, registered: Iterable[str] = ()) -> tuple[Removed, ...]
     """The nodes launch's watchdog holds out of the proxy at ``proxy`` (when and why), from the
     state its ``launch proxy start`` / ``serve --replicas`` process keeps on this machine; ``None``
     when there is none here for that proxy. A node in ``registered`` (back since) is left out."""
-    from .proxy_state import read_state
-
     parsed = http.parse_url(proxy_url(proxy))
     removed = read_state(parsed.host, parsed.port)
     if removed is None:
@@ -314,8 +312,6 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
 
 def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> str:
     """The status as a table (one line per node), then the nodes launch's watchdog took out."""
-    from .proxy_state import ago
-
     shown = http.redact(proxy_url(proxy))
     out = f" ({len(removed)} taken out by launch's watchdog)" if removed else ""
     if not rows:
