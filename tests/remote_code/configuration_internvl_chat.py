@@ -1,0 +1,28 @@
+"""InternVLChatConfig for launch's tests: like InternVL's own ``configuration_internvl_chat.py``, it
+builds ``llm_config`` with the class its architecture names (InternLM2Config for InternLM2, transformers'
+LlamaConfig otherwise), so that class's rules apply to the language model's settings."""
+
+from transformers import LlamaConfig, PretrainedConfig
+
+from .configuration_internlm2 import InternLM2Config
+
+
+class InternVLChatConfig(PretrainedConfig):
+    model_type = "internvl_chat"
+    is_composition = True
+
+    def __init__(self, vision_config=None, llm_config=None, downsample_ratio=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = PretrainedConfig(**(vision_config or {}))
+        llm_config = dict(llm_config or {"architectures": ["InternLM2ForCausalLM"]})
+        if llm_config.get("architectures", [None])[0] == "InternLM2ForCausalLM":
+            self.llm_config = InternLM2Config(**llm_config)
+        else:
+            self.llm_config = LlamaConfig(**llm_config)
+        self.downsample_ratio = downsample_ratio
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["llm_config"] = self.llm_config.to_dict()
+        return out
