@@ -738,7 +738,8 @@ class RoutingRefused(LaunchError):
             return (
                 "--routing min_observed_latency is refused: lmdeploy 0.18's proxy counts a node without "
                 "finished requests as infinitely slow, so it sends every request to the first registered "
-                f"node. Use one of: {', '.join(self.choices)} (min_expected_latency spreads evenly)."
+                f"node. Use one of: {', '.join(self.choices)} (min_expected_latency: the fewest requests in "
+                "flight, so faster nodes get more; random: uniform, whatever the load)."
             )
         return f"--routing {self.value!r} is not a routing strategy; choose one of: {', '.join(self.choices)}."
 

@@ -62,5 +62,6 @@ DistInitAddrOpt = optional(str, "--dist-init-addr", metavar="HOST:PORT",
                            help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.")
 RoutingOpt = optional(str, "--routing", metavar="|".join(ROUTINGS),
                       help=f"How lmdeploy's proxy picks a replica (default {DEFAULT_ROUTING}): min_expected_latency "
-                      "spreads evenly, random weighs by speed; min_observed_latency is refused. serve and plan: "
-                      "with --replicas.")
+                      "sends each request to the replica with the fewest in flight, so faster replicas get more; "
+                      "random picks one uniformly, whatever its load; min_observed_latency is refused. serve and "
+                      "plan: with --replicas.")
