@@ -285,6 +285,12 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     if shape.heads % settings.tp:
         raise BadOption("--tp", str(settings.tp), f"the model's {shape.heads} attention heads must divide evenly by it")
     warnings = list(decision.warnings)
+    if decision.reader.remote and not source.trust_remote_code:
+        warnings.append(
+            f"the config's own class {decision.reader.name} ({decision.reader.code}) needs trust_remote_code, which "
+            "is off: lmdeploy will load the overlay through its generic fallback, which checks nothing, and "
+            "transformers cannot load it. Add --trust-remote-code if you trust the checkpoint's code"
+        )
     if settings.backend == "turbomind" and not turbomind_supports(patched):
         warnings.append(
             f"TurboMind does not serve {architecture_of(patched)}: serve will stop; use --backend pytorch"

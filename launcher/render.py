@@ -120,6 +120,7 @@ def _plan_json(plan: Plan) -> dict:
         "factor": d.factor,
         "rope_type": d.rope_type,
         "rope_key": ".".join(d.section + (d.key,)),
+        "reader": {**d.reader.as_dict(), "read_through": reads_through(plan)},
         "session_len": d.session_len,
         "covered_context": d.covered_context,
         "rope_scaling": d.settings,
@@ -158,6 +159,22 @@ def _plan_json(plan: Plan) -> dict:
         "command_line": command_line(plan.command),
         "warnings": list(plan.warnings),
     }
+
+
+def reads_through(plan: Plan) -> str:
+    """How lmdeploy will load the overlay: the model's own config class, or (a class of the checkpoint's
+    code with trust_remote_code off) its generic fallback, which checks nothing."""
+    if plan.decision.reader.remote and not plan.engine.trust_remote_code:
+        return "generic fallback"
+    return "own class"
+
+
+def reader_line(plan: Plan) -> str:
+    reader = plan.decision.reader
+    if reads_through(plan) == "generic fallback":
+        return (f"lmdeploy's generic fallback: trust_remote_code is off, so {reader.name} "
+                f"({reader.code}, the model's own code) is not run")
+    return f"{reader.describe()}, then lmdeploy's {plan.engine.backend} engine"
 
 
 def _gib(n: int) -> str:
@@ -210,6 +227,7 @@ def _render_plan(plan: Plan, layout=None) -> str:
         f"RoPE           {d.rope_type} x{d.factor:g} over a native {d.native_context:,} tokens "
         f"({'.'.join(d.section + (d.key,))}), covers {d.covered_context:,}"
     )
+    out.append(f"read by        {reader_line(plan)}")
     out.append(f"session_len    {d.session_len:,} tokens")
     out.append("")
     if d.unchanged:

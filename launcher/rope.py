@@ -468,6 +468,15 @@ def _reader_of(config: dict, before: RopeState, v1: list[Change]) -> ConfigClass
     return config_class(_get_section(config, before.section), before.settings)
 
 
+def _dict_rule(reader: ConfigClass, key: str) -> ConfigClass:
+    """The shape rule for the dict under ``key``: a class's own rule covers ``rope_scaling``, the argument
+    it validates; ``rope_parameters`` is transformers 5's structure, read by its own code (both type keys,
+    other keys allowed)."""
+    if key == "rope_scaling":
+        return reader
+    return ConfigClass(reader.name, reader.code, reader.types, known=reader.known)
+
+
 def _shaped(settings: dict, reader: ConfigClass, rope_type: str) -> dict:
     """``settings`` with the type named the way ``reader`` reads it, in the key order of its examples."""
     out = {k: rope_type for k in reader.type_keys}
@@ -588,6 +597,7 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     changes = _v1_changes(config, source)
     reader = _reader_of(config, before, changes)
     _check_reader(reader, rope_type, request.force, warnings)
+    rule = _dict_rule(reader, before.key)
     if rope_type == "yarn":
         factor, note = _yarn_factor(before.native_context, factor)
         if note:
@@ -601,11 +611,11 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     if note:
         warnings.append(note)
 
-    if _already_right(before, reader, rope_type, factor):
+    if _already_right(before, rule, rope_type, factor):
         settings, max_pos = dict(before.settings or {}), before.max_position_embeddings
     else:
-        settings, max_pos = _new_settings(before, reader, rope_type, factor)
-    _check_keys(reader, before, settings, source)
+        settings, max_pos = _new_settings(before, rule, rope_type, factor)
+    _check_keys(rule, before, settings, source)
     covered = served_context(rope_type, factor, max_pos, before.native_context)
     if covered < before.served_context:
         if before.rope_type == rope_type == "dynamic":
@@ -621,7 +631,7 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
             warnings.append(f"shrinking the served context from {before.served_context} to {covered} (--force)")
 
     section = _get_section(config, before.section)
-    changes.extend(_dict_changes(section, before, reader, settings))
+    changes.extend(_dict_changes(section, before, rule, settings))
     if max_pos != before.max_position_embeddings:
         changes.append(Change(before.section + ("max_position_embeddings",), before.max_position_embeddings, max_pos))
 

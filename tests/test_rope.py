@@ -24,7 +24,9 @@ from launcher.errors import (
 )
 from launcher.rope import (
     ENGINE_TYPES,
+    ConfigClassRefusesType,
     RopeRequest,
+    YarnFactorRoundsAway,
     apply,
     decide,
     parse_factor,
@@ -404,9 +406,14 @@ requests = st.builds(
 @st.composite
 def configs(draw):
     config = llama(draw(st.sampled_from([512, 2048, 4096, 32768, 131072])), draw(scalings))
-    if draw(st.booleans()):
+    family = draw(st.sampled_from(["llama", "internlm", "internlm2", "qwen2_vl"]))
+    if family == "internlm":
         config["architectures"] = ["InternLMForCausalLM"]
         config["bias"] = draw(st.booleans())
+    elif family == "internlm2":
+        config.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2")
+    elif family == "qwen2_vl" and config["rope_scaling"] is None:
+        config["rope_scaling"] = {"type": "mrope", "mrope_section": [16, 24, 24]}
     if draw(st.booleans()):  # transformers 5 layout
         config["rope_parameters"] = dict(config.pop("rope_scaling") or {"rope_type": "default"})
         config["rope_parameters"]["rope_theta"] = config.pop("rope_theta")
@@ -419,7 +426,7 @@ def configs(draw):
 def _decide_or_none(config, request):
     try:
         return decide(config, request)
-    except (MissingFactor, ReplacesScaling, ShrinksContext):
+    except (MissingFactor, ReplacesScaling, ShrinksContext, ConfigClassRefusesType, YarnFactorRoundsAway):
         return None
 
 
@@ -433,6 +440,12 @@ def test_patching_is_idempotent_and_never_mutates_the_source(config, request):
         return
     patched = apply(config, first)
     assert config == original
+    # the dict written is one the model's own class takes: exactly its keys where it allows no others
+    type_keys = {k for k in ("type", "rope_type") if k in first.settings}
+    if first.reader.only is not None and first.key == "rope_scaling":
+        assert set(first.settings) <= set(first.reader.only)
+        assert type_keys == set(first.reader.type_keys)
+    assert type_keys and first.rope_type in first.reader.types
     # the written config always parses back, as JSON and as RoPE state
     reparsed = json.loads(json.dumps(patched))
     state = read_rope(reparsed)
@@ -479,3 +492,195 @@ def test_a_factor_whose_context_passes_int32_is_refused():
             decide(llama(256, None), RopeRequest(factor=factor))
         assert "2147483647" in str(err.value)
     assert decide(llama(256, None), RopeRequest(factor=(2**31 - 1) / 256)).session_len == 2**31 - 1
+
+
+# --- the reader: the shape each model's own config class accepts (issue 15) ------------------------
+
+
+def internlm2(rope_scaling=None, **extra):
+    config = llama(32768, rope_scaling, architectures=["InternLM2ForCausalLM"], model_type="internlm2",
+                   rope_theta=1000000, **extra)
+    config["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config"}
+    return config
+
+
+def test_the_seed_case_gets_the_two_field_form_internlm2s_class_takes():
+    d = decide(internlm2(None), RopeRequest(factor=2.0))
+    assert d.settings == {"type": "dynamic", "factor": 2.0}
+    assert d.reader.name == "InternLM2Config" and d.reader.code == "configuration_internlm2.py"
+    assert isinstance(apply(internlm2(None), d)["rope_scaling"]["factor"], float)
+
+
+def test_internlm2_over_a_shipped_dynamic_and_over_an_older_three_key_overlay():
+    assert decide(internlm2({"type": "dynamic", "factor": 2.0}), RopeRequest(factor=3.0)).settings == {
+        "type": "dynamic", "factor": 3.0}
+    # an overlay of an earlier launch wrote three keys: the same settings are rewritten in the class's shape
+    d = decide(internlm2({"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}), RopeRequest(factor=2.0))
+    assert not d.unchanged and d.settings == {"type": "dynamic", "factor": 2.0}
+    # an integer factor is not a float to the class: rewritten as one
+    assert decide(internlm2({"type": "dynamic", "factor": 2}), RopeRequest()).settings["factor"] == 2.0
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+@pytest.mark.parametrize("force", [False, True])
+def test_types_internlm2s_class_cannot_hold_are_refused_force_or_not(rope_type, force):
+    from launcher.rope import ConfigClassRefusesType
+
+    for config in (internlm2(None), internlm2({"type": "dynamic", "factor": 2.0})):
+        with pytest.raises(ConfigClassRefusesType) as err:
+            decide(config, RopeRequest(factor=4.0, rope_type=rope_type, force=force))
+        text = str(err.value)
+        assert "InternLM2Config" in text and "dynamic, linear" in text and "\n" not in text
+
+
+def test_internlm2_found_by_architecture_alone_and_inside_internvl():
+    bare = internlm2(None)
+    del bare["model_type"], bare["auto_map"]
+    assert decide(bare, RopeRequest(factor=2.0)).reader.name == "InternLM2Config"
+    vl = {"architectures": ["InternVLChatModel"], "llm_config": internlm2(None), "text_config": llama(4096),
+          "vision_config": {}}
+    d = decide(vl, RopeRequest(factor=2.0))
+    assert d.section == ("llm_config",) and d.settings == {"type": "dynamic", "factor": 2.0}
+    assert changed_keys(d) == {"llm_config.rope_scaling"}
+    assert any("text_config" in w and "llm_config" in w for w in d.warnings)
+
+
+def test_internlm2_extra_keys_in_the_shipped_dict_are_refused():
+    from launcher.rope import ConfigClassRefusesKeys
+
+    with pytest.raises(ConfigClassRefusesKeys) as err:
+        decide(internlm2({"type": "dynamic", "factor": 2.0, "rope_theta": 1e6}), RopeRequest(factor=3.0))
+    assert "rope_theta" in str(err.value) and "type, factor" in str(err.value)
+
+
+def test_internlm3_gets_rope_type_only_and_every_type():
+    config = llama(32768, {"rope_type": "dynamic", "factor": 6.0}, architectures=["InternLM3ForCausalLM"],
+                   model_type="internlm3")
+    assert decide(config, RopeRequest(factor=6.0)).unchanged
+    d = decide(config, RopeRequest(factor=2.0, rope_type="yarn", force=True))
+    assert d.reader.name == "InternLM3Config"
+    assert "type" not in d.settings and d.settings["rope_type"] == "yarn"
+
+
+def test_transformers_own_classes_get_the_pair_and_keep_a_shipped_single_key():
+    d = decide(llama(4096), RopeRequest(factor=2.0))
+    assert d.reader.name == "LlamaConfig" and not d.reader.remote
+    assert d.settings == {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}
+
+
+def test_a_class_launch_does_not_know_gets_the_shipped_key_style_and_yarn_only_with_force():
+    from launcher.rope import ConfigClassRefusesType
+
+    config = llama(4096, {"type": "linear", "factor": 2.0}, model_type="baichuan",
+                   auto_map={"AutoConfig": "org/repo--configuration_baichuan.BaichuanConfig"})
+    d = decide(config, RopeRequest(factor=4.0))
+    assert (d.reader.name, d.reader.code, d.reader.known) == ("BaichuanConfig", "configuration_baichuan.py", False)
+    assert d.settings == {"type": "linear", "factor": 4.0}
+    with pytest.raises(ConfigClassRefusesType) as err:
+        decide(config, RopeRequest(factor=4.0, rope_type="yarn"))
+    assert "not one launch knows" in str(err.value) and "--force" in str(err.value)
+    forced = decide(config, RopeRequest(factor=4.0, rope_type="yarn", force=True))
+    assert forced.settings["type"] == "yarn" and any("does not know" in w for w in forced.warnings)
+
+
+def test_internlm_v1_is_read_by_transformers_llama_after_the_rewrite():
+    d = decide(internlm_v1(), RopeRequest(factor=2.0))
+    assert d.reader.name == "LlamaConfig" and d.settings["rope_type"] == "dynamic"
+
+
+# --- nothing the model needs is dropped ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shipped", [
+    {"type": "mrope", "mrope_section": [16, 24, 24]},
+    {"rope_type": "default", "type": "mrope", "mrope_section": [16, 24, 24], "mrope_interleaved": True},
+])
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn"])
+def test_mrope_is_no_scaling_and_its_section_is_kept(shipped, rope_type):
+    config = llama(32768, shipped, architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl")
+    assert read_rope(config).rope_type is None
+    d = decide(config, RopeRequest(factor=2.0, rope_type=rope_type))
+    assert d.settings["mrope_section"] == [16, 24, 24] and d.settings["rope_type"] == rope_type
+    assert d.settings.get("mrope_interleaved") == shipped.get("mrope_interleaved")
+    # and it stays through a forced change of type
+    again = decide(apply(config, d), RopeRequest(factor=2.0, rope_type="linear", force=True))
+    assert again.settings["mrope_section"] == [16, 24, 24]
+
+
+def test_a_rope_theta_inside_the_dict_survives_a_forced_change_of_type():
+    config = llama(4096, {"type": "dynamic", "factor": 2.0, "rope_theta": 250000.0})
+    del config["rope_theta"]
+    d = decide(config, RopeRequest(factor=2.0, rope_type="linear", force=True))
+    assert d.settings["rope_theta"] == 250000.0
+
+
+@pytest.mark.parametrize("theta", [3.58e9, 1e12, 2**31, 5e37])
+def test_any_finite_positive_float32_base_is_taken(theta):
+    assert decide(llama(8192, None, rope_theta=theta), RopeRequest(factor=2.0)).factor == 2.0
+
+
+@pytest.mark.parametrize("theta", [0, -1.0, float("inf"), 1e39, "1e6", True])
+def test_a_base_out_of_range_is_refused(theta):
+    with pytest.raises(BadConfig) as err:
+        decide(llama(8192, None, rope_theta=theta), RopeRequest(factor=2.0))
+    assert "rope_theta" in str(err.value)
+
+
+# --- both keys ------------------------------------------------------------------------------------
+
+
+def both_keys():
+    config = llama(4096, {"type": "linear", "factor": 2.0})
+    del config["rope_theta"]
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                                 "rope_theta": 500000.0}
+    return config
+
+
+def test_with_both_keys_the_one_transformers_reads_first_is_the_one_read():
+    state = read_rope(both_keys())
+    assert (state.key, state.mirror, state.rope_type, state.factor) == ("rope_scaling", "rope_parameters", "linear", 2.0)
+    # an empty or null rope_scaling is skipped by transformers (``rope_scaling or rope_parameters``)
+    for empty in (None, {}):
+        config = both_keys()
+        config["rope_scaling"] = empty
+        assert read_rope(config).key == "rope_parameters" and read_rope(config).rope_type == "yarn"
+
+
+def test_with_both_keys_both_are_written_alike_with_the_base_kept():
+    config = both_keys()
+    d = decide(config, RopeRequest(factor=4.0))
+    patched = apply(config, d)
+    assert changed_keys(d) == {"rope_scaling", "rope_parameters"}
+    scaling, params = patched["rope_scaling"], patched["rope_parameters"]
+    assert scaling["rope_type"] == params["rope_type"] == "linear" and scaling["factor"] == params["factor"] == 4.0
+    assert scaling["rope_theta"] == params["rope_theta"] == 500000.0
+    assert "original_max_position_embeddings" not in params  # stale yarn keys go with the old type
+    assert decide(patched, RopeRequest(factor=4.0)).factor == 4.0  # and it reads back the same
+
+
+# --- yarn's factor is the ratio TurboMind reads -----------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(native=st.integers(min_value=64, max_value=1 << 20), factor=st.floats(min_value=1.001, max_value=64))
+def test_yarn_writes_a_factor_that_is_exactly_the_ratio_turbomind_reads(native, factor):
+    from launcher.rope import YarnFactorRoundsAway
+
+    try:
+        d = decide(llama(native), RopeRequest(factor=factor, rope_type="yarn"))
+    except YarnFactorRoundsAway:
+        assert round(native * factor) == native
+        return
+    original = d.settings["original_max_position_embeddings"]
+    assert d.max_position_embeddings / original == d.factor == d.settings["factor"]
+    assert abs(d.factor - factor) * native <= 0.5 + 1e-6
+    assert (d.factor != factor) == any("written as" in w for w in d.warnings)
+
+
+def test_a_yarn_factor_that_rounds_to_one_is_refused():
+    from launcher.rope import YarnFactorRoundsAway
+
+    with pytest.raises(YarnFactorRoundsAway) as err:
+        decide(llama(4097), RopeRequest(factor=1.0001, rope_type="yarn"))
+    assert "x1 (no extension)" in str(err.value)

@@ -29,6 +29,7 @@ def patch(
     directory.
     """
     from ..plan import PlanRequest, build_plan, make_overlay, with_files
+    from ..render import reader_line
 
     # Every flag and --out first, then the config alone, then the plan; only then the files.
     plan, note = with_files(build_plan(
@@ -47,5 +48,6 @@ def patch(
         f"{overlay.files} linked files",
         err=True,
     )
+    typer.echo(f"read by: {reader_line(plan)}", err=True)
     sys.stdout.flush()
     typer.echo(str(overlay.path))

@@ -27,6 +27,7 @@ from .options import (
     RoutingOpt,
     SessionLenOpt,
     TpOpt,
+    TrustOpt,
     TypeOpt,
 )
 
@@ -59,6 +60,7 @@ def plan(
     node_rank: NodeRankOpt = None,
     dist_init_addr: DistInitAddrOpt = None,
     routing: RoutingOpt = None,
+    trust_remote_code: TrustOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show what `serve` would do: the config diff, session length, KV-cache memory, engine call.
@@ -76,7 +78,7 @@ def plan(
             model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
             backend=backend, tp=tp, max_batch_size=max_batch_size,
             cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,
-            gpu_memory_gib=gpu_memory, host=host, port=port,
+            gpu_memory_gib=gpu_memory, host=host, port=port, trust_remote_code=trust_remote_code,
         ),
         replicas=replicas, nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
     )
