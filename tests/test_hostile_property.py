@@ -303,7 +303,7 @@ _WRITTEN = re.compile(r"^(written|reused): (\w+) x(\S+), native (\d+), session_l
 def check_patch_success(root: Path, src: Path, out_text: str | None, before: dict, out: str, err: str,
                         build_rotary_params) -> None:
     lines = err.splitlines()
-    assert all(line.startswith("warning: ") for line in lines[:-1]), err
+    assert all(line.startswith(("warning: ", "read by: ")) for line in lines[:-1]), err
     summary = _WRITTEN.match(lines[-1])
     assert summary, err
     rope_type, factor, native, session = summary[2], float(summary[3]), int(summary[4]), int(summary[5])

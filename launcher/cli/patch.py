@@ -42,12 +42,12 @@ def patch(
     d = plan.decision
     for warning in plan.warnings:
         typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"read by: {reader_line(plan)}", err=True)
     state = "reused" if overlay.reused else "written"
     typer.echo(
         f"{state}: {d.rope_type} x{d.factor:g}, native {d.native_context}, session_len {d.session_len}, "
         f"{overlay.files} linked files",
         err=True,
     )
-    typer.echo(f"read by: {reader_line(plan)}", err=True)
     sys.stdout.flush()
     typer.echo(str(overlay.path))
