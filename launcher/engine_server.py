@@ -2,8 +2,9 @@
 
 Started and supervised by ``launch serve``. Reads the spec written by launch (model path = the
 overlay, engine config, chat template, server address, API keys), checks once more that the chosen
-engine can take the model, then runs lmdeploy's OpenAI api_server in this process. Called this way
-with backend='turbomind', lmdeploy has no silent fallback to another engine.
+engine can take the model and that lmdeploy reads the overlay as planned (``launcher.readback``),
+then runs lmdeploy's OpenAI api_server in this process. Called this way with backend='turbomind',
+lmdeploy has no silent fallback to another engine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .engine import serve_kwargs, turbomind_problem
 from .paths import read_spec
 
 EXIT_ENGINE_UNAVAILABLE = 3
+EXIT_OVERLAY_MISREAD = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"launch engine_server: {problem}. Use --backend pytorch.", file=sys.stderr)
             return EXIT_ENGINE_UNAVAILABLE
+    from .readback import readback_problem
+
+    problem = readback_problem(data["model_path"], data["trust_remote_code"])
+    if problem:
+        print(f"launch engine_server: {problem}.", file=sys.stderr)
+        return EXIT_OVERLAY_MISREAD
     kwargs = serve_kwargs(data)
     print(
         f"launch engine_server: {kwargs['backend']} {type(kwargs['backend_config']).__name__}"
