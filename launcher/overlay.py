@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import unicodedata
 import uuid
 from dataclasses import dataclass
@@ -162,17 +163,17 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
 
 
-def check_out_path(path: Path | str) -> Path:
-    """``--out`` as a place for an overlay directory, or BadOutPath saying why it cannot be one: the
-    current directory or a root, control characters (or bytes that are not UTF-8), a name too long
-    for the file system. Pure: looks at the text only."""
+def check_out_path(path: Path | str, example: str = "./my-overlay") -> Path:
+    """``--out`` as a place for a new directory (an overlay; a probe or ppl run), or BadOutPath saying
+    why it cannot be one: the current directory or a root, control characters (or bytes that are not
+    UTF-8), a name too long for the file system. Pure: looks at the text only."""
     text = os.fspath(path)
     if _has_control(text):
         raise BadOutPath(ascii(text), "contains a control character or bytes that are not UTF-8; "
                          "give a plain directory name")
     target = Path(text).expanduser()
     if text.strip() in ("", ".", "..") or target.name in ("", ".", ".."):
-        raise BadOutPath(repr(text), "names no new directory; give one, e.g. --out ./my-overlay")
+        raise BadOutPath(repr(text), f"names no new directory; give one, e.g. --out {example}")
     for part in target.parts:
         size = len(part.encode("utf-8", "surrogateescape"))
         limit = NAME_MAX - _TMP_SUFFIX if part == target.name else NAME_MAX
@@ -191,10 +192,15 @@ def _inside(path: Path, parent: Path) -> bool:
         return False
 
 
+def inside_hf_cache(path: Path) -> bool:
+    """``path`` (links resolved) is in the Hugging Face cache, where launch never writes."""
+    return _inside(path, hf_cache_dir())
+
+
 def _check_target(target: Path, source: Path | None) -> None:
     if source is not None and (_inside(target, source) or _inside(source, target)):
         raise OverlayConflict(str(target), "the overlay cannot be inside the model directory or contain it")
-    if _inside(target, hf_cache_dir()):
+    if inside_hf_cache(target):
         raise OverlayConflict(str(target), "is inside the Hugging Face cache; launch never writes there")
 
 
@@ -346,7 +352,7 @@ def check_out(target: Path | str) -> Path:
     (``check_out_path``), not inside the Hugging Face cache, and either new, an empty directory, or
     an overlay launch can prove it wrote. Reads only; returns the target as a Path."""
     target = check_out_path(target)
-    if _inside(target, hf_cache_dir()):
+    if inside_hf_cache(target):
         raise OverlayConflict(str(target), "is inside the Hugging Face cache; launch never writes there")
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
@@ -495,6 +501,7 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
     the last one wins, none fails), else refuse."""
     for _attempt in range(_ATTEMPTS):
         try:
+            _keep_mode(tmp, target)
             os.rename(tmp, target)  # atomic; replaces an empty directory; fails on a non-empty one
             return
         except OSError as err:
@@ -523,6 +530,7 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
                 pass
             raise OverlayConflict(str(target), "changed while launch was replacing it; nothing was removed. Run again")
         try:
+            _keep_mode(tmp, old)
             os.rename(tmp, target)
             return
         except OSError as err:
@@ -531,6 +539,17 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
         finally:
             _remove_own(old)
     raise OverlayNotWritable(str(target), "other launch runs kept replacing it at the same time")
+
+
+def _keep_mode(tmp: Path, replaced: Path) -> None:
+    """The directory that ``tmp`` takes the place of keeps its permissions: an empty 0700 ``--out``
+    stays 0700 once the overlay is in it (``tmp`` was made with the umask's mode)."""
+    try:
+        mode = os.lstat(replaced).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        os.chmod(tmp, stat.S_IMODE(mode))
 
 
 def check_overlay(path: Path) -> None:

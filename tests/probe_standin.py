@@ -19,7 +19,11 @@ and the model can see only the first ``visible`` tokens of the prompt: it answer
 the pass key line lies within them, else a wrong number. ``reply`` overrides the answer (nonsense),
 ``encode=False`` removes ``/v1/encode`` (404, as on a server without it), ``chat_delay`` slows each
 answer, ``drop_after`` closes the connection unanswered from that chat request on (a server that died),
-``hang_after`` leaves every chat request from that one on unanswered (a stuck engine),
+``hang_after`` leaves every chat request from that one on unanswered (a stuck engine); ``hang(kind, n)``
+says more finely which to leave unanswered (``kind`` "chat" or "ppl", ``n`` its 1-based count so far);
+``raw`` maps a path to ``(status, body bytes)`` sent exactly as given (a broken or hostile server:
+NaN, an error body, control characters; it may be changed while the stand-in runs), or to a function
+of the request's 1-based count on that path giving that pair or None (then it answers as usual),
 ``proxy_error`` answers chat and ppl requests with HTTP 200 and lmdeploy's proxy error body
 (``{"error_code": 10402, "text": ...}``, sent while a dead node is still registered), and
 ``basic_auth=(user, password)`` puts the server behind HTTP Basic auth (a reverse proxy's).
@@ -40,6 +44,7 @@ import re
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 from tests.servers import JSONHandler, Standin
 
@@ -68,6 +73,9 @@ def error_body(status: int, message: str, kind: str) -> dict:
     return {"message": message, "type": kind, "code": status, "param": None, "object": "error"}
 
 
+Raw = tuple[int, bytes] | Callable[[int], tuple[int, bytes] | None]
+
+
 class ProbeStandin(Standin):
     """Start with ``with ProbeStandin(visible=1000) as server: server.url``."""
 
@@ -76,7 +84,8 @@ class ProbeStandin(Standin):
                  chat_delay: float = 0.0, drop_after: int | None = None, host: str = "127.0.0.1",
                  port: int = 0, hang_after: int | None = None, proxy_error: bool = False,
                  basic_auth: tuple[str, str] | None = None, ppl: bool = True, base_loss: float = 2.0,
-                 loss_slope: float = 0.01) -> None:
+                 loss_slope: float = 0.01, hang: Callable[[str, int], bool] | None = None,
+                 raw: dict[str, Raw] | None = None) -> None:
         self.host = host
         self.port = port
         self.visible = visible
@@ -87,7 +96,9 @@ class ProbeStandin(Standin):
         self.reply = reply
         self.chat_delay = chat_delay
         self.drop_after = drop_after
-        self.hang_after = hang_after
+        self.hang = hang or (lambda kind, n: kind == "chat" and hang_after is not None and n > hang_after)
+        self.raw = dict(raw or {})
+        self.raw_counts: dict[str, int] = {}
         self.proxy_error = proxy_error
         self.basic_auth = basic_auth
         self.ppl = ppl
@@ -99,6 +110,7 @@ class ProbeStandin(Standin):
         self.release = threading.Event()  # set on exit: hung requests end
         self.prompts: list[str] = []  # every chat prompt text received, in order
         self.encode_calls = 0
+        self.ppl_calls = 0
         self.lock = threading.Lock()
 
     def handler(self) -> type[_Handler]:
@@ -148,9 +160,44 @@ class _Handler(JSONHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return json.loads(self.rfile.read(length) or b"{}")
 
+    def _send_raw(self) -> bool:
+        """Answer from ``raw`` when it names this path (exactly the bytes given)."""
+        state = self.state
+        if self.path not in state.raw:
+            return False
+        with state.lock:
+            state.raw_counts[self.path] = count = state.raw_counts.get(self.path, 0) + 1
+        reply = state.raw[self.path]
+        reply = reply(count) if callable(reply) else reply
+        if reply is None:
+            return False
+        status, body = reply
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
+    def _hang(self) -> None:
+        """A stuck engine: no answer until the stand-in stops or the client hangs up."""
+        import select
+        import socket
+
+        state = self.state
+        while not state.release.wait(0.05):
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                with state.lock:
+                    state.hung_up_at.append(time.monotonic())
+                break
+        self.close_connection = True
+
     def do_GET(self) -> None:
         if not self._authorized():
             return self.send_json(401, error_body(401, "Unauthorized.", "authentication_error"))
+        if self._send_raw():
+            return
         if self.path == "/health":
             return self.send_json(200, {"status": "healthy"})
         if self.path == "/metrics":
@@ -171,6 +218,10 @@ class _Handler(JSONHandler):
         if not self._authorized():
             return self.send_json(401, error_body(401, "Unauthorized.", "authentication_error"))
         body = self._body()
+        if self.path == "/v1/chat/completions":
+            return self._chat(body)
+        if self._send_raw():
+            return
         if self.path == "/v1/encode" and self.state.encode:
             with self.state.lock:
                 self.state.encode_calls += 1
@@ -181,8 +232,6 @@ class _Handler(JSONHandler):
                 return self.send_json(200, {"input_ids": ids, "length": len(ids)})
             all_ids = [token_ids(tokenize(t, add_bos)) for t in texts]
             return self.send_json(200, {"input_ids": all_ids, "length": [len(i) for i in all_ids]})
-        if self.path == "/v1/chat/completions":
-            return self._chat(body)
         if self.path == "/get_ppl" and self.state.ppl:
             return self._ppl(body)
         self.send_json(404, {"detail": "Not Found"})
@@ -202,6 +251,10 @@ class _Handler(JSONHandler):
                                               "invalid_request_error"))
         with state.lock:
             state.ppl_inputs.append(list(ids))
+            state.ppl_calls += 1
+            hang = state.hang("ppl", state.ppl_calls)
+        if hang:
+            return self._hang()
         if state.proxy_error:
             return self.send_json(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})
         self.send_json(200, {"ppl": state.mean_loss(len(ids))})
@@ -211,22 +264,14 @@ class _Handler(JSONHandler):
         with state.lock:
             state.prompts.append("\n".join(m.get("content") or "" for m in body.get("messages", [])))
             drop = state.drop_after is not None and len(state.prompts) > state.drop_after
-            hang = state.hang_after is not None and len(state.prompts) > state.hang_after
+            hang = state.hang("chat", len(state.prompts))
         if drop:  # the server "died": the connection closes with no answer
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        if hang:  # a stuck engine: no answer until the stand-in stops or the client hangs up
-            import select
-            import socket
-
-            while not state.release.wait(0.05):
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
-                    with state.lock:
-                        state.hung_up_at.append(time.monotonic())
-                    break
-            self.close_connection = True
+        if hang:
+            return self._hang()
+        if self._send_raw():
             return
         if state.proxy_error:  # lmdeploy's proxy while a dead node is still registered: HTTP 200, an error
             return self.send_json(200, {"error_code": 10402, "text": "Failed to get response after a period of time"})

@@ -100,7 +100,10 @@ def test_a_proxys_http_200_error_body_is_an_error_not_an_answer(tmp_path):
         proc = start_probe("--url", server.url, "--lengths", "500", "--depths", "0,1", "--trials", "1",
                            "--out", "o", cwd=tmp_path)
         stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
+    # Nothing was answered: written, shown, and exit 3 so that a script cannot take it for a pass.
+    assert proc.returncode == 3, stderr
+    assert stderr.splitlines()[-1] == ("launch: error: no trial was answered: all 2 failed, e.g. error_code 10402: "
+                                       "Failed to get response after a period of time (details in o/results.json).")
     data = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [t["answer"] for t in data["trials"]] == [None, None]
     assert all("error_code 10402" in t["error"] and not t["correct"] for t in data["trials"])

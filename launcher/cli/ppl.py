@@ -51,9 +51,8 @@ def ppl(
     """
     if compare:
         from ..ppl import compare as draw
-        from ..ppl.report import COMPARE_CHART_NAME
 
-        run_dirs.compare("ppl", runs, out, COMPARE_CHART_NAME, draw)
+        run_dirs.compare("ppl", runs, out, draw)
         return
     run_dirs.refuse_runs(runs, "measure")
 
@@ -67,5 +66,5 @@ def ppl(
     out_dir = run_dirs.new_out_dir("ppl", out)
 
     result = measure(settings)
-    publish(result, out_dir, sys.stdout)
-    run_dirs.end(result)
+    paths = publish(result, out_dir, sys.stdout)
+    run_dirs.end(result, "window", [p.error for p in result.points], paths.results_json)

@@ -57,10 +57,9 @@ def probe(
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
     if compare:
-        from ..probe.report import COMPARE_NAME
         from ..probe.report import compare as draw
 
-        run_dirs.compare("probe", runs, out, COMPARE_NAME, draw)
+        run_dirs.compare("probe", runs, out, draw)
         return
     run_dirs.refuse_runs(runs, "probe")
 
@@ -77,7 +76,7 @@ def probe(
 
     result = sweep(settings)
     paths = publish(result, out_dir, sys.stdout)
-    run_dirs.end(result)
+    run_dirs.end(result, "trial", [t.error for t in result.trials], paths.results_json)
     if result.overall_accuracy < settings.min_accuracy:
         from ..errors import ProbeBelowThreshold
 

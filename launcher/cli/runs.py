@@ -14,6 +14,7 @@ from typing import Annotated, Protocol, TextIO
 
 import typer
 
+from ..errors import LaunchError, printable
 from .options import optional
 
 RunDirsArg = Annotated[list[Path] | None, typer.Argument(
@@ -31,17 +32,32 @@ class Ended(Protocol):
     stopped_by: Exception | None
 
 
-def compare(command: str, runs: list[Path] | None, out: Path | None, chart_name: str,
+class NothingAnswered(LaunchError):
+    """Every trial (probe) or window (ppl) failed: the run measured nothing, which must not look
+    like a pass to a script (exit 3)."""
+
+    what: str  # "trial" or "window"
+    total: int
+    example: str  # the first failure
+    results: str
+    exit_code = 3
+
+    def message(self) -> str:
+        return printable(f"no {self.what} was answered: all {self.total} failed, e.g. {self.example} "
+                         f"(details in {self.results}).")
+
+
+def compare(command: str, runs: list[Path] | None, out: Path | None,
             draw: Callable[[list[Path], Path, TextIO], object]) -> None:
     """``launch COMMAND --compare RUN_DIR...``: check where the chart goes, then ``draw`` the runs."""
     from ..errors import BadOption
-    from ..probe.report import check_out_dir, default_out_dir
+    from ..probe.report import default_out_dir
+    from ..probe.runfiles import check_out_dir
 
     if not runs:
         raise BadOption("--compare", "(none)", f"give the run directories to compare: launch {command} --compare DIR DIR")
     out_dir = out if out is not None else default_out_dir(prefix=f"{command}-compare")
-    check_out_dir(out_dir, chart_name)
-    draw(list(runs), out_dir, sys.stdout)
+    draw(list(runs), check_out_dir(out_dir, example=f"./{command}-compare"), sys.stdout)
 
 
 def refuse_runs(runs: list[Path] | None, verb: str) -> None:
@@ -53,18 +69,24 @@ def refuse_runs(runs: list[Path] | None, verb: str) -> None:
 
 
 def new_out_dir(command: str, out: Path | None) -> Path:
-    """Where a new run writes (``--out``, else ``./COMMAND-<timestamp>``), checked before the run."""
-    from ..probe.report import check_out_dir, default_out_dir
+    """Where a new run writes (``--out``, else ``./COMMAND-<timestamp>``), checked before the run:
+    a new directory or an empty one (``probe.runfiles.check_out_dir``)."""
+    from ..probe.report import default_out_dir
+    from ..probe.runfiles import check_out_dir
 
     chosen = out if out is not None else default_out_dir(prefix=command)
-    check_out_dir(chosen)
-    return chosen
+    return check_out_dir(chosen, example=f"./{command}-run")
 
 
-def end(result: Ended) -> None:
-    """Leave with 130 after Ctrl-C (the partial results are written), or raise what stopped the run."""
+def end(result: Ended, what: str, errors: list[str | None], results: Path) -> None:
+    """Leave with 130 after Ctrl-C (the partial results are written), raise what stopped the run, or
+    ``NothingAnswered`` (exit 3) when every one of ``errors`` (one per trial or window, None where
+    it was answered) is set."""
     if result.interrupted:
         typer.echo("launch: interrupted; partial results written", err=True)
         raise typer.Exit(130)
     if result.stopped_by is not None:
         raise result.stopped_by
+    failed = [e for e in errors if e is not None]
+    if errors and len(failed) == len(errors):
+        raise NothingAnswered(what, len(errors), failed[0].rstrip("."), str(results))

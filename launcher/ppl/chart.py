@@ -8,11 +8,10 @@ global state), and imported only when a PNG is written.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..probe.chart import plain, png_bytes
 from .report import Run
 
 WIDTH_IN, HEIGHT_IN, DPI = 10.0, 6.0, 100
@@ -20,7 +19,7 @@ CHART_SIZE_PX = (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))
 COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
-def write_chart(runs: list[Run], path: Path, title: str) -> Path:
+def chart_png(runs: list[Run], title: str) -> bytes:
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.09, 0.12, 0.88, 0.72))
@@ -32,10 +31,10 @@ def write_chart(runs: list[Run], path: Path, title: str) -> Path:
         partial = " (partial)" if run.partial else ""
         if span:
             ax.plot(*zip(*span), marker="o", linewidth=2.5, markersize=7, color=colour,
-                    label=f"{run.label}{partial}: last {run.span} tokens")
+                    label=plain(f"{run.label}{partial}: last {run.span} tokens"))
         if window:
             ax.plot(*zip(*window), marker=".", linewidth=1.5, linestyle="--", color=colour, alpha=0.55,
-                    label=f"{run.label}: whole window")
+                    label=plain(f"{run.label}: whole window"))
     natives = sorted({run.native_context for run in runs if run.native_context})
     for native in natives:
         ax.axvline(native, color="#1a1a1a", linestyle=":", linewidth=2)
@@ -47,10 +46,9 @@ def write_chart(runs: list[Run], path: Path, title: str) -> Path:
     ax.set_xlabel("window length (tokens of context, the target span included)", fontsize=11)
     ax.set_ylabel("mean next-token loss (nats; lower is better)", fontsize=11)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left")
-    fig.suptitle(title, fontsize=14, fontweight="bold", y=0.97)
+    if ax.get_legend_handles_labels()[0]:  # a run with nothing scored draws no line
+        ax.legend(fontsize=9, loc="upper left")
+    fig.suptitle(plain(title), fontsize=14, fontweight="bold", y=0.97)
     fig.text(0.5, 0.895, "solid: the same last tokens of the text with more and more context before them; "
              "dashed: mean over the whole window", ha="center", fontsize=10, color="#333333")
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    return png_bytes(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from ..errors import printable
 from .runner import PplEvent
 
 
@@ -14,14 +15,17 @@ class PplProgress:
 
     def __call__(self, event: PplEvent) -> None:
         point = event.point
+        line = None
         if event.kind == "begin":
-            self.stream.write(f"launch: {event.message}\n")
+            line = f"launch: {event.message}"
         elif event.kind == "start" and point is not None:
-            self.stream.write(f"[{event.done}/{event.total}] length {point.length}: scoring ...\n")
+            line = f"[{event.done}/{event.total}] length {point.length}: scoring ..."
         elif event.kind == "done" and point is not None:
             if point.error:
                 what = f"failed: {point.error}"
             else:
                 what = f"span loss {point.span_loss:.3f}, window loss {point.window_loss:.3f}"
-            self.stream.write(f"[{event.done}/{event.total}] length {point.length}: {what} ({point.seconds:g} s)\n")
+            line = f"[{event.done}/{event.total}] length {point.length}: {what} ({point.seconds:g} s)"
+        if line is not None:  # one line, printable whatever the server sent
+            self.stream.write(printable(line) + "\n")
         self.stream.flush()

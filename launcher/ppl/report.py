@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import CompareBadRun
-from ..probe.report import RESULTS_NAME, read_results, show_written, write_results  # the same rules as probe
+from ..probe.report import (  # the same rules as probe
+    RESULTS_NAME,
+    read_results,
+    results_bytes,
+    show_written,
+    table_text,
+)
+from ..probe.runfiles import RunDir
 from .runner import PplResult
 from .windows import perplexity
 
@@ -83,14 +90,14 @@ def format_runs(runs: list[Run]) -> str:
         lines.append("*: within the native context")
     if any(row.errors for run in runs for row in run.rows):
         lines.append("ERR / !: all / some texts of the length failed (see results.json)")
-    return "\n".join(lines)
+    return table_text(lines)
 
 
 def format_table(result: PplResult) -> str:
     s = result.settings
     lines = [f"Long-context loss, model {result.model}: tokens by {result.tokenization}; texts: "
              + "; ".join(f"{src} ({n} tokens)" for src, n in result.text_tokens.items())]
-    lines.append(format_runs([run_of(result)]))
+    lines.extend(format_runs([run_of(result)]).splitlines())
     errors = [p for p in result.points if p.error]
     if errors:
         lines.append(f"e.g. length {errors[0].length}: {errors[0].error}")
@@ -100,7 +107,7 @@ def format_table(result: PplResult) -> str:
         lines.append(f"stopped early: {result.stopped_by}")
     if s.native_context is None:
         lines.append("(give --native N or --preset NAME to mark the native context)")
-    return "\n".join(lines)
+    return table_text(lines)
 
 
 def results_dict(result: PplResult) -> dict:
@@ -174,32 +181,34 @@ class OutputPaths:
     out_dir: Path
     results_json: Path
     chart_png: Path
+    note: str | None = None  # set when --out was taken during the run and the files went beside it
 
 
 def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:
-    """``results.json`` first (a chart failure cannot lose it), then ``ppl.png``."""
-    out = Path(out_dir)
-    paths = OutputPaths(out, out / RESULTS_NAME, out / CHART_NAME)
-    write_results(paths.results_json, results_dict(result))
-    from .chart import write_chart
+    """``results.json`` first (a chart failure cannot lose it), then ``ppl.png``, into a new (or
+    empty) directory, never replacing anything (``probe.runfiles.RunDir``)."""
+    from .chart import chart_png
 
-    write_chart([run_of(result)], paths.chart_png, title=f"Long-context loss: {result.label}")
-    return paths
+    with RunDir.claim(out_dir) as run:
+        results = run.write(RESULTS_NAME, results_bytes(results_dict(result)))
+        chart = run.write(CHART_NAME, chart_png([run_of(result)], title=f"Long-context loss: {result.label}"))
+    return OutputPaths(run.path, results, chart, run.note)
 
 
 def publish(result: PplResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``ppl`` and ``serve --probe``)."""
     paths = write_outputs(result, out_dir)
-    show_written(format_table(result), stream, paths.results_json, paths.chart_png)
+    show_written(format_table(result), stream, paths.results_json, paths.chart_png, note=paths.note)
     return paths
 
 
 def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:
     """``launch ppl --compare``: several runs on one chart and one table."""
     runs = distinct_labels([load_run(d) for d in run_dirs], run_dirs)
-    from .chart import write_chart
+    from .chart import chart_png
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    chart = write_chart(runs, Path(out_dir) / COMPARE_CHART_NAME, title="Long-context loss, compared")
-    show_written(format_runs(runs), stream, chart)
+    png = chart_png(runs, title="Long-context loss, compared")
+    with RunDir.claim(out_dir) as run:
+        chart = run.write(COMPARE_CHART_NAME, png)
+    show_written(format_runs(runs), stream, chart, note=run.note)
     return chart

@@ -4,11 +4,13 @@ through lmdeploy's ``POST /get_ppl``, derive the target span's loss.
 ``run_ppl`` checks the server first (reachable, key accepted, which model, ``/get_ppl`` there, how to
 tokenize, every window fits the text), so those failures stop it before any long scoring pass.
 After that a length the server refuses (a 400: past its session) is recorded on its point and the
-run goes on. Ctrl-C, or a server that goes away, ends the run early with the points so far.
+run goes on. Ctrl-C, a server that goes away, or ``STUCK_AFTER`` requests in a row past their
+deadline end the run early with the points so far.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from ..errors import (
     ProbeUnauthorized,
 )
 from ..http import Unreachable
-from ..probe.client import OpenAIClient, waiting_notice
+from ..probe.client import OpenAIClient, StuckWatch, waiting_notice
 from .settings import PplSettings
 from .text import Text, load_texts
 from .windows import Window, plan_windows, span_loss
@@ -97,8 +99,6 @@ def _now() -> str:
 
 def score(client: OpenAIClient, ids: list[int]) -> float:
     """lmdeploy's ``POST /get_ppl`` for token ids: the mean next-token loss (``{"ppl": float}``)."""
-    import math
-
     try:
         data = client.call("POST", "/get_ppl", {"input": ids})
     except ProbeHTTPError as err:
@@ -147,15 +147,17 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
         f"scoring {total} window(s) on {client.shown}, model {result.model}: lengths "
         f"{', '.join(str(n) for n in settings.lengths)}, target span the last {settings.span} tokens; "
         f"each request has a {settings.timeout:g} s deadline")))
+    watch = StuckWatch(client)
     try:
         for text, ids, windows in zip(texts, token_ids, plans):
             for window in windows:
                 emit(PplEvent("start", len(result.points), total, Point(text.source, window.length, window.span)))
-                point, fatal = _score_window(client, text, ids, window)
+                point, error, fatal = _score_window(client, text, ids, window)
                 result.points.append(point)
                 emit(PplEvent("done", len(result.points), total, point))
-                if fatal is not None:  # the server went away or turned the key down: stop here
-                    result.stopped_by = fatal
+                # The server went away, turned the key down, or keeps missing its deadline: stop here.
+                result.stopped_by = fatal or watch.after(error)
+                if result.stopped_by is not None:
                     result.finished_at = _now()
                     return result
     except KeyboardInterrupt:
@@ -164,10 +166,11 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
     return result
 
 
-def _score_window(client: OpenAIClient, text: Text, ids: list[int], window: Window) -> tuple[Point, LaunchError | None]:
-    """The scored point, and the error that must end the run (None when it may go on)."""
+def _score_window(client: OpenAIClient, text: Text, ids: list[int],
+                  window: Window) -> tuple[Point, LaunchError | None, LaunchError | None]:
+    """The scored point, what spoiled it (None: scored), and the error that must end the run."""
     point = Point(text.source, window.length, window.span)
-    fatal = None
+    error = fatal = None
     started = time.monotonic()
     window_ids = ids[window.start: window.end]
     try:
@@ -175,14 +178,17 @@ def _score_window(client: OpenAIClient, text: Text, ids: list[int], window: Wind
         # can answer the second from the first; the numbers do not depend on the order.
         point.window_loss = score(client, window_ids)
         point.prefix_loss = score(client, window_ids[: window.prefix_length])
-        point.span_loss = span_loss(point.window_loss, window.length, point.prefix_loss, window.prefix_length)
+        loss = span_loss(point.window_loss, window.length, point.prefix_loss, window.prefix_length)
+        if not math.isfinite(loss):
+            raise ProbeBadReply(client.shown + "/get_ppl", "the two scores give no finite span loss")
+        point.span_loss = loss
     except (Unreachable, ProbeUnauthorized, PplNoEndpoint) as err:
-        point.error, fatal = str(err), err
+        point.error, error, fatal = str(err), err, err
     except ProbeHTTPError as err:  # e.g. 400: the window is past the server's session
-        point.error, point.http_status = f"HTTP {err.status}: {err.detail}", err.status
+        point.error, point.http_status, error = f"HTTP {err.status}: {err.detail}", err.status, err
     except ProbeErrorBody as err:
-        point.error, point.http_status = f"error_code {err.code}: {err.detail}", 200
+        point.error, point.http_status, error = f"error_code {err.code}: {err.detail}", 200, err
     except LaunchError as err:  # a deadline, a reply of the wrong shape: this point only
-        point.error = str(err)
+        point.error, error = str(err), err
     point.seconds = round(time.monotonic() - started, 3)
-    return point, fatal
+    return point, error, fatal

@@ -31,17 +31,18 @@ def load_texts(paths: tuple[Path, ...]) -> list[Text]:
     """The given files (UTF-8, not empty, at most 64 MiB), or the bundled text."""
     if not paths:
         return [Text(DEFAULT_TEXT_LABEL, default_text_path().read_text(encoding="utf-8"))]
+    from ..probe.runfiles import UnreadableRun, read_regular
+
     texts = []
     for path in paths:
-        try:
-            size = path.stat().st_size
-            if size > MAX_TEXT_BYTES:
-                raise PplBadText(str(path), f"{size} bytes is more than the {MAX_TEXT_BYTES} bytes launch reads")
-            content = path.read_bytes().decode("utf-8")
+        try:  # a FIFO or a device is refused, never waited on
+            content = read_regular(path, MAX_TEXT_BYTES).decode("utf-8")
         except UnicodeDecodeError as err:
             raise PplBadText(str(path), f"not UTF-8 text (byte {err.start})") from None
-        except OSError as err:
-            raise PplBadText(str(path), f"cannot read it: {err.strerror or err}") from None
+        except FileNotFoundError:
+            raise PplBadText(str(path), "no such file") from None
+        except UnreadableRun as err:
+            raise PplBadText(str(path), f"cannot read it: {err.problem}") from None
         if not content.strip():
             raise PplBadText(str(path), "the file is empty")
         texts.append(Text(str(path), content))

@@ -12,13 +12,13 @@ Importing this package does not import matplotlib or transformers.
 from .progress import TerminalProgress
 from .report import (
     OutputPaths,
-    check_out_dir,
     default_out_dir,
     format_table,
     publish,
     results_dict,
     write_outputs,
 )
+from .runfiles import check_out_dir
 from .runner import Cell, ProbeResult, ProgressEvent, Trial, run_probe
 from .settings import ProbeSettings, default_lengths, settings_from_flags
 

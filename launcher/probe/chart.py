@@ -7,13 +7,15 @@ Imported only when a PNG is written, so the CLI does not pay for matplotlib othe
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import warnings
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..errors import printable
 from .report import cell_text, multiple_label
 from .runner import ProbeResult
 
@@ -25,6 +27,23 @@ AXES_RECT = (0.08, 0.14, 0.78, 0.70)  # the cells' area: left, bottom, width, he
 ACCURACY_CMAP = LinearSegmentedColormap.from_list("accuracy", ["#e8414f", "#f2c14e", "#1fae74"])
 ERROR_COLOUR = "#8c8c8c"
 NOT_RUN_COLOUR = "#f2f2f2"
+
+
+def plain(text: str) -> str:
+    """Text from a server or the user as a chart shows it: printable, and a ``$`` is a dollar sign,
+    not the start of matplotlib's math notation."""
+    return printable(text).replace("$", r"\$")
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (written to disk by ``runfiles.RunDir``, never through a path). A
+    character the font lacks (a model name in another script) is drawn as a box, without the
+    two-line warning matplotlib would print on stderr for each."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buffer, format="png", dpi=fig.dpi)
+    return buffer.getvalue()
 
 
 def _length_label(length: int, native: int | None) -> str:
@@ -75,7 +94,7 @@ def draw_cells(ax, result: ProbeResult, font: float, tick_font: float = 11) -> N
                 color="#1a1a1a", bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "#1a1a1a"})
 
 
-def write_heatmap(result: ProbeResult, path: Path) -> Path:
+def heatmap_png(result: ProbeResult) -> bytes:
     s = result.settings
     n_x, n_y = len(s.lengths), len(s.depths)
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
@@ -92,16 +111,14 @@ def write_heatmap(result: ProbeResult, path: Path) -> Path:
     status = ""
     if result.interrupted or result.stopped_by is not None:
         status = f" - PARTIAL: {len(result.trials)} of {s.planned_trials} trials"
-    fig.suptitle(f"Passkey retrieval: {result.model}", fontsize=16, fontweight="bold", y=0.975)
+    fig.suptitle(plain(f"Passkey retrieval: {result.model}"), fontsize=16, fontweight="bold", y=0.975)
     fig.text(0.5, 0.905, f"{s.trials} trial(s) per cell, seed {s.seed}, greedy decoding; overall accuracy "
              f"{result.overall_accuracy:.2f}{status}", ha="center", fontsize=12, color="#333333")
     legend = "grey ERR: the server refused or failed every trial of the cell; '!': some trials failed"
     if any(t.error for t in result.trials):
         fig.text(0.5, 0.02, legend, ha="center", fontsize=10, color="#333333")
 
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    return png_bytes(fig)
 
 
 def _scalar_mappable():
@@ -111,7 +128,7 @@ def _scalar_mappable():
     return ScalarMappable(norm=Normalize(0.0, 1.0), cmap=ACCURACY_CMAP)
 
 
-def write_comparison(results: list[tuple[str, ProbeResult]], path: Path) -> Path:
+def comparison_png(results: list[tuple[str, ProbeResult]]) -> bytes:
     """``launch probe --compare``: the heatmaps of several runs side by side, one colour scale."""
     n = len(results)
     width = min(6.0 * n + 1.2, 40.0)
@@ -127,12 +144,10 @@ def write_comparison(results: list[tuple[str, ProbeResult]], path: Path) -> Path
         if index == 0:
             ax.set_ylabel("passkey depth (0 = start, 1 = end)", fontsize=10)
         partial = " (partial)" if not result.complete else ""
-        ax.set_title(f"{label}{partial}\naccuracy {result.overall_accuracy:.2f}, {s.trials} trial(s) per cell",
+        ax.set_title(f"{plain(label)}{partial}\naccuracy {result.overall_accuracy:.2f}, {s.trials} trial(s) per cell",
                      fontsize=11, pad=26)
     cax = fig.add_axes((right + 0.25 / width, 0.14, 0.25 / width, 0.66))
     colourbar = fig.colorbar(_scalar_mappable(), cax=cax)
     colourbar.set_label("accuracy", fontsize=10)
     fig.suptitle("Passkey retrieval, compared", fontsize=15, fontweight="bold", y=0.98)
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    return png_bytes(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from ..errors import printable
 from .runner import ProgressEvent, Trial
 
 
@@ -27,17 +28,21 @@ class TerminalProgress:
             self.stream.write("\r\033[K")
             self._dirty = False
 
+    def _say(self, text: str, end: str = "\n") -> None:
+        """One line; printable, whatever the server sent (a model name, an error message)."""
+        self.stream.write(printable(text) + end)
+
     def __call__(self, event: ProgressEvent) -> None:
         if event.kind == "begin":
             self._clear()
-            self.stream.write(f"launch: {event.message}\n")
+            self._say(f"launch: {event.message}")
         elif event.kind == "notice":
             self._clear()
-            self.stream.write(f"launch: warning: {event.message}\n")
+            self._say(f"launch: warning: {event.message}")
         elif event.kind == "start" and self.tty:
             self._clear()
-            self.stream.write(f"[{event.done}/{event.total}] length {event.length}, depth {event.depth:g}, "
-                              f"trial {event.trial_index + 1}/{self.trials} ...")
+            self._say(f"[{event.done}/{event.total}] length {event.length}, depth {event.depth:g}, "
+                      f"trial {event.trial_index + 1}/{self.trials} ...", end="")
             self._dirty = True
         elif event.kind == "done" and event.trial is not None:
             self._cell.append(event.trial)
@@ -46,8 +51,8 @@ class TerminalProgress:
                 found = sum(t.correct for t in self._cell)
                 errors = [t.error for t in self._cell if t.error]
                 note = f"  ({len(errors)} failed: {errors[0]})" if errors else ""
-                self.stream.write(f"[{event.done}/{event.total}] length {event.length}, depth {event.depth:g}: "
-                                  f"passkey found {found}/{len(self._cell)}{note}\n")
+                self._say(f"[{event.done}/{event.total}] length {event.length}, depth {event.depth:g}: "
+                          f"passkey found {found}/{len(self._cell)}{note}")
                 self._cell = []
         self.stream.flush()
 

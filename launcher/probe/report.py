@@ -7,13 +7,14 @@ chart module (matplotlib) is imported only when the PNG is written.
 from __future__ import annotations
 
 import json
-import os
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import BadOption
+from ..errors import printable
+from .runfiles import RunDir
 from .runner import Cell, ProbeResult
 
 RESULTS_NAME = "results.json"
@@ -22,37 +23,38 @@ MAX_RESULTS_BYTES = 64 * 1024 * 1024
 
 def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
     """``(path, parsed JSON)`` of the results.json of a run directory (or that file itself) that
-    `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read."""
+    `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read (a FIFO, a
+    device or a socket is refused at once, never waited on)."""
     from ..errors import CompareBadRun
+    from .runfiles import UnreadableRun, read_regular
 
+    run_dir = Path(run_dir)
     path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
     try:
-        if path.stat().st_size > MAX_RESULTS_BYTES:
-            raise CompareBadRun(str(run_dir), "results.json is larger than 64 MiB")
-        return path, json.loads(path.read_text(encoding="utf-8"))
+        raw = read_regular(path, MAX_RESULTS_BYTES)
     except FileNotFoundError:
         raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch {command}` wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+    except UnreadableRun as err:
+        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err.problem}") from None
+    try:
+        return path, json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
 
 
-def write_results(path: Path, data: dict) -> None:
-    """Write a results.json (whole or not at all: through a temporary file); ``BadOption`` on
-    ``--out`` when its directory cannot be made or written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise BadOption("--out", str(path.parent), f"cannot write the results there: {err.strerror or err}") from None
+def results_bytes(data: dict) -> bytes:
+    """How a results.json is written: indented UTF-8 JSON."""
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
 
-def show_written(table: str, stream: TextIO, *written: Path) -> None:
-    """Print the table, then the files a run (or a compare) wrote."""
+def show_written(table: str, stream: TextIO, *written: Path, note: str | None = None) -> None:
+    """Print the table, then the files a run (or a compare) wrote; ``note`` (on stderr) when they
+    went beside ``--out`` because it was taken during the run."""
     print(table, file=stream)
-    print(f"wrote {' and '.join(str(p) for p in written)}", file=stream)
+    print(printable(f"wrote {' and '.join(str(p) for p in written)}"), file=stream)
     stream.flush()
+    if note:
+        print(f"launch: warning: {note}", file=sys.stderr)
 
 
 HEATMAP_NAME = "heatmap.png"
@@ -76,6 +78,12 @@ def depth_label(depth: float) -> str:
 
 def multiple_label(length: int, native: int | None) -> str:
     return f"{length / native:.3g}x" if native else ""
+
+
+def table_text(lines: list[str]) -> str:
+    """Lines of a table as printed: each one line, printable (a model name or an error the server
+    sent, a label the user gave, may hold control characters)."""
+    return "\n".join(printable(line) for line in lines)
 
 
 def format_table(result: ProbeResult) -> str:
@@ -111,7 +119,7 @@ def format_table(result: ProbeResult) -> str:
         lines.append(f"interrupted: {len(result.trials)} of {s.planned_trials} trials ran")
     if result.stopped_by is not None:
         lines.append(f"stopped early: {result.stopped_by}")
-    return "\n".join(lines)
+    return table_text(lines)
 
 
 def results_dict(result: ProbeResult) -> dict:
@@ -145,6 +153,7 @@ class OutputPaths:
     out_dir: Path
     results_json: Path
     heatmap_png: Path
+    note: str | None = None  # set when --out was taken during the run and the files went beside it
 
 
 def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
@@ -152,40 +161,21 @@ def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
     return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
 
 
-def check_out_dir(out_dir: Path, also: str | None = None) -> None:
-    """Refuse, before the sweep, a place that is a file, already holds results (or ``also``, a
-    compare chart), or cannot be written (nothing is lost, nothing is created)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadOption("--out", str(out_dir), "is a file; give a directory")
-    for name in (RESULTS_NAME, also) if also else (RESULTS_NAME,):
-        if (out_dir / name).exists():
-            raise BadOption("--out", str(out_dir), f"already holds {name}; give a new directory")
-    existing = out_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise BadOption("--out", str(out_dir), f"{existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadOption("--out", str(out_dir), f"{existing} is not writable; give another directory")
-
-
 def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
-    """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png``."""
-    out = Path(out_dir)
-    paths = OutputPaths(out, out / RESULTS_NAME, out / HEATMAP_NAME)
-    write_results(paths.results_json, results_dict(result))
+    """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png`` into a
+    new (or empty) directory, never replacing anything (``runfiles.RunDir``)."""
+    from .chart import heatmap_png
 
-    from .chart import write_heatmap
-
-    write_heatmap(result, paths.heatmap_png)
-    return paths
+    with RunDir.claim(out_dir) as run:
+        results = run.write(RESULTS_NAME, results_bytes(results_dict(result)))
+        heatmap = run.write(HEATMAP_NAME, heatmap_png(result))
+    return OutputPaths(run.path, results, heatmap, run.note)
 
 
 def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``probe`` and ``serve --probe``)."""
     paths = write_outputs(result, out_dir)
-    show_written(format_table(result), stream, paths.results_json, paths.heatmap_png)
+    show_written(format_table(result), stream, paths.results_json, paths.heatmap_png, note=paths.note)
     return paths
 
 
@@ -227,11 +217,11 @@ def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:
     results = [load_result(d) for d in run_dirs]
     labels = [r.model for r in results]
     labels = [f"{label} ({Path(d).name})" if labels.count(label) > 1 else label for label, d in zip(labels, run_dirs)]
-    from .chart import write_comparison
+    from .chart import comparison_png
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chart = write_comparison(list(zip(labels, results)), out / COMPARE_NAME)
+    png = comparison_png(list(zip(labels, results)))
+    with RunDir.claim(out_dir) as run:
+        chart = run.write(COMPARE_NAME, png)
     show_written("\n".join(f"== {label}\n{format_table(result)}" for label, result in zip(labels, results)),
-                 stream, chart)
+                 stream, chart, note=run.note)
     return chart

@@ -2,9 +2,10 @@
 
 ``run_probe`` checks the server first (reachable, key accepted, which model, how to count tokens),
 so those failures stop it before any trial. After that a failing trial is recorded and the sweep
-goes on (a length past the server's session is a 400 on that cell only). Ctrl-C, or a server that
-goes away mid-sweep, ends the sweep early with the trials so far, so the caller can still write
-partial results.
+goes on (a length past the server's session is a 400 on that cell only). Ctrl-C, a server that
+goes away mid-sweep, or ``STUCK_AFTER`` requests in a row past their deadline (an engine that
+takes requests and never answers) end the sweep early with the trials so far, so the caller can
+still write partial results.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import (
     ProbeUnknownModel,
 )
 from ..http import Unreachable
-from .client import OpenAIClient, waiting_notice
+from .client import OpenAIClient, StuckWatch, waiting_notice
 from .passkey import Filler, build_prompt, is_correct, passkey_for
 from .settings import ProbeSettings
 from .tokens import TokenCounter, fit_words, pick_counter
@@ -161,38 +162,47 @@ def _measure(counter: TokenCounter, filler: Filler, passkey: str, depth: float) 
 def _sweep(settings: ProbeSettings, client: OpenAIClient, model: str, counter: TokenCounter,
            result: ProbeResult, emit: Progress, total: int) -> None:
     fillers = {t: Filler(settings.seed, t) for t in range(settings.trials)}
-    tokens_per_word = 1.3  # first guess; each fit refines it, so later fits need fewer counts
+    fit_state = {"tokens_per_word": 1.3}  # first guess; each fit refines it, so later fits need fewer counts
+    watch = StuckWatch(client)
     for length in settings.lengths:
         for depth in settings.depths:
             for index in range(settings.trials):
                 emit(ProgressEvent("start", len(result.trials), total, length, depth, index))
-                passkey = passkey_for(settings.seed, length, depth, index)
-                filler = fillers[index]
-                trial = Trial(length, depth, index, passkey)
-                try:
-                    fit = fit_words(_measure(counter, filler, passkey, depth), length, tokens_per_word)
-                    trial.measured_tokens, trial.filler_words = fit.tokens, fit.words
-                    if fit.words and fit.tokens > fit.base:
-                        tokens_per_word = (fit.tokens - fit.base) / fit.words
-                    prompt = build_prompt(filler, passkey, depth, fit.words)
-                    reply = client.chat(model, prompt.text, settings.max_tokens)
-                    trial.answer, trial.latency_s = reply.text, round(reply.latency_s, 3)
-                    trial.prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else fit.tokens
-                    trial.correct = is_correct(passkey, reply.text)
-                except (Unreachable, ProbeUnauthorized) as err:
-                    trial.error = str(err)
-                    result.stopped_by = err
-                except ProbeHTTPError as err:  # e.g. 400: the prompt is past the server's session
-                    trial.error, trial.http_status = f"HTTP {err.status}: {err.detail}", err.status
-                    trial.prompt_tokens = trial.measured_tokens
-                except ProbeErrorBody as err:  # HTTP 200 carrying an error (lmdeploy's proxy): not an answer
-                    trial.error, trial.http_status = f"error_code {err.code}: {err.detail}", 200
-                    trial.prompt_tokens = trial.measured_tokens
-                except LaunchError as err:  # timeout, a reply of the wrong shape: this trial only
-                    trial.error = str(err)
-                    trial.prompt_tokens = trial.measured_tokens
+                trial = Trial(length, depth, index, passkey_for(settings.seed, length, depth, index))
+                error, fatal = _ask(settings, client, model, counter, fillers[index], trial, fit_state)
                 # Appended only once finished: a trial cut by Ctrl-C is not a result.
                 result.trials.append(trial)
                 emit(ProgressEvent("done", len(result.trials), total, length, depth, index, trial))
+                result.stopped_by = fatal or watch.after(error)
                 if result.stopped_by is not None:
                     return
+
+
+def _ask(settings: ProbeSettings, client: OpenAIClient, model: str, counter: TokenCounter, filler: Filler,
+         trial: Trial, fit_state: dict) -> tuple[LaunchError | None, LaunchError | None]:
+    """Fill in ``trial``: build its prompt, ask, score. Returns ``(error, fatal)``: what spoiled this
+    trial (None: answered), and the error that must end the sweep (the server gone, the key refused)."""
+    try:
+        fit = fit_words(_measure(counter, filler, trial.passkey, trial.depth), trial.length,
+                        fit_state["tokens_per_word"])
+        trial.measured_tokens, trial.filler_words = fit.tokens, fit.words
+        if fit.words and fit.tokens > fit.base:
+            fit_state["tokens_per_word"] = (fit.tokens - fit.base) / fit.words
+        prompt = build_prompt(filler, trial.passkey, trial.depth, fit.words)
+        reply = client.chat(model, prompt.text, settings.max_tokens)
+    except (Unreachable, ProbeUnauthorized) as err:
+        trial.error = str(err)
+        return err, err
+    except ProbeHTTPError as err:  # e.g. 400: the prompt is past the server's session
+        trial.error, trial.http_status, error = f"HTTP {err.status}: {err.detail}", err.status, err
+    except ProbeErrorBody as err:  # HTTP 200 carrying an error (lmdeploy's proxy): not an answer
+        trial.error, trial.http_status, error = f"error_code {err.code}: {err.detail}", 200, err
+    except LaunchError as err:  # a deadline, a reply of the wrong shape: this trial only
+        trial.error, error = str(err), err
+    else:
+        trial.answer, trial.latency_s = reply.text, round(reply.latency_s, 3)
+        trial.prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else fit.tokens
+        trial.correct = is_correct(trial.passkey, reply.text)
+        return None, None
+    trial.prompt_tokens = trial.measured_tokens
+    return error, None
