@@ -7,15 +7,21 @@ Standard library only (plus launch's own HTTP client for one question about a bu
 from __future__ import annotations
 
 import errno
+import ipaddress
 import re
 import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import TextIO
 
 from .errors import BadOption, PortBusy
 
-# What a server bound to a wildcard address is reached at from this machine.
-_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: "²" or "٣" are digits to str.isdigit, not ports
 _HOST_ADVICE = "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)"
+# What the C library may read as an IPv4 literal: 1 to 4 numbers (decimal, 0x hex, 0 octal) joined by dots
+_NUMERIC_V4 = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+)){0,3}", re.ASCII)
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)", re.ASCII)
 
 
 def validate_port(port: int | str) -> int:
@@ -27,16 +33,99 @@ def validate_port(port: int | str) -> int:
     return int(text)
 
 
-def validate_host(host: str) -> str:
-    """``host`` without IPv6 brackets: a name or address of printable ASCII (at most 253 characters,
-    labels of at most 63); empty or blank is refused (say 0.0.0.0 for all interfaces)."""
-    text = (host or "").strip()
+def ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``text`` names as a numeric literal, read the way the C library reads it when a
+    server binds or a client connects (``getaddrinfo`` with ``AI_NUMERICHOST``: ``127.1``,
+    ``2130706433``, ``0x7f.0.0.1`` and ``0177.0.0.1`` are all 127.0.0.1); an IPv4-mapped IPv6 address
+    (``::ffff:127.0.0.1``) is its IPv4 address. ``None`` when ``text`` is not a numeric literal."""
+    text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    if (not text or "/" in text or len(text) > 253 or not all(0x21 <= ord(ch) <= 0x7E for ch in text)
-            or any(len(label) > 63 for label in text.split("."))):
-        raise BadOption("--host", _shown(str(host)), f"is not an address; {_HOST_ADVICE}")
-    return text
+    if ":" in text:
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+        return address.ipv4_mapped or address
+    if not text or not text.isascii() or not _NUMERIC_V4.fullmatch(text):
+        return None
+    try:
+        infos = socket.getaddrinfo(text, None, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return None
+    return ipaddress.IPv4Address(infos[0][4][0])
+
+
+def canonical_host(host: str) -> str:
+    """One spelling per host: an IP literal in its standard form (``127.1`` and ``[::ffff:127.0.0.1]``
+    are ``127.0.0.1``; IPv6 compressed, without brackets), a name in lower case without a trailing
+    dot. Assumes ``check_host`` accepted it."""
+    address = ip_literal(host)
+    if address is not None:
+        return str(address)
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def check_host(host: str, option: str = "--host", advice: str = _HOST_ADVICE) -> str:
+    """The one rule for a host value (``--host``, the host of a node or proxy URL, of
+    ``--dist-init-addr``): an IP literal (any spelling the C library reads, see ``ip_literal``) or a
+    host name (labels of letters, digits, ``-`` and ``_``, 1 to 63 characters, not starting or ending
+    with ``-``; at most 253 in all; its last label not all digits, so ``256.1.1.1`` is no name and no
+    address). Returns it in its canonical spelling (``canonical_host``); ``BadOption(option, ...)``
+    ending with ``advice``."""
+    raw = "" if host is None else str(host)
+    text = raw.strip()
+    bracketed = text.startswith("[") and text.endswith("]")
+    if bracketed:
+        text = text[1:-1]
+        if ":" not in text:  # brackets hold an IPv6 address, nothing else
+            raise BadOption(option, _shown(raw), f"is not an IPv6 address; {advice}")
+    if ip_literal(text) is not None:
+        return canonical_host(text)
+    if not text:
+        raise BadOption(option, _shown(raw), f"is empty; {advice}")
+    if ":" in text:
+        raise BadOption(option, _shown(raw), f"is not an IPv6 address; {advice}")
+    name = text.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise BadOption(option, _shown(raw), f"is not a host name or an IP address; {advice}")
+    if _NUMERIC_V4.fullmatch(name) or labels[-1].isdigit():
+        raise BadOption(option, _shown(raw), "is not an IP address (an IPv4 address is four numbers from 0 to "
+                        f"255, e.g. 10.0.0.5); {advice}")
+    return canonical_host(text)
+
+
+def host_addresses(hosts: Iterable[str], timeout: float = 2.0) -> dict[str, frozenset[str]]:
+    """The addresses each host stands for, to tell whether two spellings name one machine: an IP
+    literal is itself (``canonical_host``); a name is what ``getaddrinfo`` resolves it to, the lookups
+    run at once and all end within ``timeout`` seconds; a name that does not resolve in time stands
+    only for itself (lower case)."""
+    hosts = list(dict.fromkeys(hosts))
+    out = {host: frozenset({canonical_host(host)}) for host in hosts}
+
+    def lookup(host: str) -> None:
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return
+        found = {str(ip_literal(info[4][0]) or info[4][0]) for info in infos}
+        if found:
+            out[host] = frozenset(found)  # each thread writes its own key
+
+    threads = [threading.Thread(target=lookup, args=(host,), daemon=True, name="resolve")
+               for host in hosts if ip_literal(host) is None]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return dict(out)
+
+
+def validate_host(host: str) -> str:
+    """``--host``: ``check_host``, in its canonical spelling (no IPv6 brackets)."""
+    return check_host(host, "--host")
 
 
 def _shown(value: str) -> str:
@@ -46,22 +135,47 @@ def _shown(value: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach a server bound to ``host``."""
-    text = host.strip("[]").lower()
-    return text in ("localhost", "::1") or text.startswith("127.")
+    """Whether only this machine can reach a server bound to ``host``: a loopback address however
+    it is spelled, or ``localhost`` (RFC 6761: always loopback). Any other name may resolve to
+    anything, so it counts as reachable from other machines."""
+    address = ip_literal(host)
+    if address is not None:
+        return address.is_loopback
+    name = host.strip().strip("[]").rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
 
 
 def is_wildcard(host: str) -> bool:
-    """Whether ``host`` means every interface (0.0.0.0, ::)."""
-    return host.strip("[]") in _WILDCARD_HOSTS
+    """Whether ``host`` means every interface (0.0.0.0, ::, however spelled; or empty)."""
+    if not host.strip().strip("[]"):
+        return True
+    address = ip_literal(host)
+    return address is not None and address.is_unspecified
 
 
-def exposure_warning(host: str, has_keys: bool) -> str | None:
-    """One line when a server on ``host`` is reachable from other machines without an API key."""
-    if is_loopback(host) or has_keys:
-        return None
-    return (f"--host {host} lets other machines reach the server and no API key is set: anyone who can "
-            "reach this port can use the model. Set LAUNCH_API_KEYS or --api-key-file, or use 127.0.0.1.")
+def exposure_warnings(host: str, port: int | str, has_keys: bool, *, node_api: bool = False) -> list[str]:
+    """The one rule for warning about a bind beyond loopback, used by ``serve`` (its dry run and
+    ``--replicas`` too) and ``proxy start``: a line when the OpenAI API on ``host`` is open to other
+    machines without an API key, and with ``node_api`` (lmdeploy's proxy) a line about its node
+    API, which takes no key whatever keys are set. Empty on loopback."""
+    if is_loopback(host):
+        return []
+    lines = []
+    if not has_keys:
+        lines.append(f"--host {host} lets other machines reach the OpenAI API on port {port} and no API key is set: "
+                     "anyone who can reach it can use the model. Set LAUNCH_API_KEYS or --api-key-file, or use "
+                     "127.0.0.1.")
+    if node_api:
+        lines.append(f"--host {host} lets other machines reach the proxy's node API on port {port} (/nodes/add, "
+                     "/nodes/remove), which takes no API key (lmdeploy's rule): whoever reaches it can change the "
+                     "nodes. Keep it on a private network.")
+    return lines
+
+
+def say_warnings(lines: Iterable[str], stream: TextIO) -> None:
+    """``warning: LINE`` on ``stream`` (stderr) for each line: how serve and proxy start print them."""
+    for line in lines:
+        print(f"warning: {line}", file=stream, flush=True)
 
 
 def check_port_free(host: str, port: int | str) -> int:
@@ -145,7 +259,9 @@ def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
 
 def client_host(host: str) -> str:
     """The address a client on this machine uses to reach a server listening on ``host``."""
-    return _WILDCARD_HOSTS.get(host.strip("[]"), host.strip("[]"))
+    if is_wildcard(host):
+        return "::1" if ":" in host else "127.0.0.1"
+    return host.strip().strip("[]")
 
 
 def _url_host(host: str) -> str:

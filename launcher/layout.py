@@ -31,6 +31,7 @@ from . import checks
 from .capacity import Capacity
 from .engine import TP_MAX, EngineSpec, api_server_argv
 from .errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
+from .gpu import CUDA_ENV, Visible
 from .proxy_start import DEFAULT_ROUTING, check_routing
 
 REPLICAS_MAX = 256  # replicas on one machine
@@ -120,16 +121,13 @@ def _config_int(section: Mapping, key: str, default: int | None = None) -> int:
 # --- replicas on one machine -------------------------------------------------------------------
 
 
-def visible_devices(gpu_count: int | None, environ: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
-    """The GPU ids CUDA uses here, as ``CUDA_VISIBLE_DEVICES`` spells them (indices or UUIDs), or
-    ``0 .. gpu_count-1``; ``None`` when neither is known (planning without a GPU)."""
-    env = os.environ if environ is None else environ
-    value = env.get("CUDA_VISIBLE_DEVICES")
-    if value is not None and value.strip():
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    if gpu_count is None:
-        return None
-    return tuple(str(i) for i in range(gpu_count))
+def visible_devices(gpu_count: int | None, environ: Mapping[str, str] | None = None) -> Visible:
+    """The GPUs CUDA uses here (``launcher.gpu.visible``, the one reader of ``CUDA_VISIBLE_DEVICES``):
+    indices or UUIDs, or ``0 .. gpu_count-1`` when it is unset; ``ids`` None when neither is known
+    (planning without a GPU)."""
+    from .gpu import visible
+
+    return visible(environ, gpu_count)
 
 
 @dataclass(frozen=True)
@@ -158,6 +156,7 @@ class ReplicaLayout:
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
     session_len: int | None = None  # each replica's
     routing: str = DEFAULT_ROUTING  # the proxy's in front
+    devices_note: str | None = None  # CUDA_VISIBLE_DEVICES entries CUDA ignores (gpu.Visible.note)
 
     @property
     def sessions_per_replica(self) -> int | None:
@@ -174,7 +173,7 @@ def replica_layout(
     section: Mapping,
     *,
     replicas: int,
-    devices: Sequence[str] | None,
+    devices: Visible | Sequence[str] | None,
     first_port: int,
     sessions_per_replica: int | None = None,
     routing: str | None = None,
@@ -184,7 +183,7 @@ def replica_layout(
     ``sessions_per_replica``: full-length sessions one replica's KV cache holds (the capacity caps
     it at the engine's max_batch_size). ``routing``: the proxy's (checked; default its default).
 
-    ``devices``: ``visible_devices(...)``; ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
+    ``devices``: ``visible_devices(...)`` (or its ids); ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
     ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
     tp = engine.config.tp
@@ -193,9 +192,13 @@ def replica_layout(
     kv = kv_heads_per_gpu(section, tp)
     if engine.backend == "turbomind":
         check_parallel(tp, gpus_per_node=tp)
-    assumed = devices is None
-    pool = tuple(str(i) for i in range(replicas * tp)) if devices is None else tuple(devices)
+    seen = devices if isinstance(devices, Visible) else Visible(None, None if devices is None else tuple(devices))
+    assumed = seen.ids is None
+    pool = tuple(str(i) for i in range(replicas * tp)) if seen.ids is None else seen.ids
     if replicas * tp > len(pool):
+        if seen.note():
+            raise BadOption(CUDA_ENV, str(seen.value), f"{seen.note()}; --replicas {replicas} x --tp {tp} needs "
+                            f"{replicas * tp} GPUs: list them, comma-separated (e.g. 0,1,2,3)")
         raise LayoutNeedsMoreGpus(replicas, tp, len(pool))
     if isinstance(first_port, bool) or not isinstance(first_port, int) or first_port < 1 \
             or first_port + replicas - 1 > 65535:
@@ -206,26 +209,29 @@ def replica_layout(
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], REPLICA_HOST, first_port + i,
                            tuple(api_server_argv(model_path, spec))))
     capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
-    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len, routing)
+    return ReplicaLayout(tp, tuple(out), capacity, kv, assumed, engine.config.session_len, routing, seen.note())
 
 
 # --- one engine across nodes -------------------------------------------------------------------
 
 
 def parse_dist_init_addr(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` of node 0's rendezvous, as TurboMind splits it (one ``:``; no IPv6 literal)."""
-    from .address import validate_port
+    """``HOST:PORT`` of node 0's rendezvous, as TurboMind splits it (one ``:``; no IPv6 literal);
+    the host by the one host rule (``address.check_host``), the port by the one port rule."""
+    from .address import check_host, is_wildcard, validate_port
 
     text = (value or "").strip()
     host, sep, port = text.partition(":")
+    advice = ("give node 0's address and a free port, HOST:PORT, e.g. 10.0.0.1:29500 (TurboMind splits it at its "
+              "one ':')")
     try:
         number = validate_port(port) if sep and host and ":" not in port else None
+        host = check_host(host, "--dist-init-addr", advice) if number is not None else host
     except BadOption:
         number = None
     if number is None:
-        raise BadOption("--dist-init-addr", value, "give node 0's address and a free port, HOST:PORT, "
-                        "e.g. 10.0.0.1:29500 (TurboMind splits it at its one ':')")
-    if host in ("0.0.0.0", "*"):
+        raise BadOption("--dist-init-addr", value, advice)
+    if host == "*" or is_wildcard(host):
         raise BadOption("--dist-init-addr", value, "the other nodes connect there: give node 0's real address")
     return host, number
 
@@ -359,14 +365,23 @@ def _plan_parts(plan) -> tuple[str, Mapping, int | None]:
 
 
 def replicas_for_plan(plan, replicas: int, *, first_port: int | None = None,
-                      environ: Mapping[str, str] | None = None) -> ReplicaLayout:
+                      environ: Mapping[str, str] | None = None, gpu_count: int | None = None,
+                      routing: str | None = None) -> ReplicaLayout:
     """``replica_layout`` for a ``launcher.plan.Plan`` (read only): its engine, overlay, config and
-    KV plan; replicas on ports after the plan's port (the proxy's) unless ``first_port`` says."""
+    KV plan; replicas on the ports after the plan's port (the proxy's, ``--port``) unless
+    ``first_port`` says. ``gpu_count``: GPUs seen here when the plan did not count them."""
     model_path, section, sessions = _plan_parts(plan)
+    count = plan.gpu_count if plan.gpu_count is not None else gpu_count
+    if first_port is None:
+        port = plan.engine.port
+        checks.whole("--replicas", replicas, 1, REPLICAS_MAX)
+        if port + replicas > 65535:
+            raise BadOption("--port", str(port), f"the {replicas} replicas listen on the ports after it ({port + 1} "
+                            f"to {port + replicas}), past 65535: give --port {65535 - replicas} or lower")
+        first_port = port + 1
     return replica_layout(plan.engine, model_path, section, replicas=replicas,
-                          devices=visible_devices(plan.gpu_count, environ),
-                          first_port=first_port if first_port is not None else plan.engine.port + 1,
-                          sessions_per_replica=sessions)
+                          devices=visible_devices(count, environ), first_port=first_port,
+                          sessions_per_replica=sessions, routing=routing)
 
 
 def nodes_for_plan(plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
@@ -382,12 +397,8 @@ def layout_for_plan(plan, scale: Scale, *, first_port: int | None = None,
     """The layout ``scale`` asks for, from a plan (``None`` for one engine on one machine).
     ``gpu_count``: GPUs seen here when the plan did not count them (``--gpu-memory`` given)."""
     if scale.kind == "replicas":
-        count = plan.gpu_count if plan.gpu_count is not None else gpu_count
-        model_path, section, sessions = _plan_parts(plan)
-        return replica_layout(plan.engine, model_path, section, replicas=scale.replicas,
-                              devices=visible_devices(count, environ),
-                              first_port=first_port if first_port is not None else plan.engine.port + 1,
-                              sessions_per_replica=sessions, routing=scale.routing)
+        return replicas_for_plan(plan, scale.replicas, first_port=first_port, environ=environ, gpu_count=gpu_count,
+                                 routing=scale.routing)
     if scale.kind == "nodes":
         assert scale.dist_init_addr is not None
         return nodes_for_plan(plan, scale.nnodes, scale.dist_init_addr)
@@ -444,6 +455,8 @@ def nodes_json(layout: NodeLayout) -> list[dict]:
 def render_replicas(layout: ReplicaLayout) -> str:
     lines = [f"replicas       {len(layout.replicas)} x tp {layout.tp}"
              + (" (GPU ids assumed: no GPU seen here)" if layout.devices_assumed else "")]
+    if layout.devices_note:
+        lines.append(f"  note: {layout.devices_note}")
     for r in layout.replicas:
         lines.append(f"  replica {r.index}  GPUs {','.join(r.devices):<12} {r.url}")
         lines.append(f"    CUDA_VISIBLE_DEVICES={','.join(r.devices)} {shlex.join(r.argv)}")

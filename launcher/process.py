@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,9 @@ from .errors import ServerLogNotWritable, ServerNotStarted
 
 DEFAULT_GRACE_S = 15.0
 TAIL_LINES = 20
+# The spec path a serving process is given when its spec comes through its stdin (``stdin_data``):
+# its API keys are then never written to disk, and two runs never share a spec file.
+SPEC_ON_STDIN = "/dev/stdin"
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -71,6 +75,50 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return preexec
 
 
+def _feed(pipe, data: bytes) -> None:
+    """Write ``data`` to a child's stdin and close it (a child that ends first only breaks the pipe)."""
+    try:
+        with pipe:
+            pipe.write(data)
+    except OSError:
+        pass
+
+
+def listening_inodes(port: int) -> set[int] | None:
+    """Socket inodes listening on TCP ``port`` here (any address, IPv4 or IPv6), from
+    ``/proc/net/tcp{,6}``; ``None`` where there is no such table to read."""
+    found: set[int] = set()
+    read_any = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text(encoding="ascii", errors="replace").splitlines()[1:]
+        except OSError:
+            continue
+        read_any = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found if read_any else None
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open (``/proc/PID/fd``); empty where unreadable."""
+    inodes = set()
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid``."""
     proc = Path("/proc")
@@ -103,7 +151,7 @@ class ServerProcess:
     """
 
     def __init__(self, argv: Sequence[str], *, log_path: Path | str, env: Mapping[str, str] | None = None,
-                 cwd: Path | str | None = None) -> None:
+                 cwd: Path | str | None = None, stdin_data: bytes | None = None) -> None:
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not one string")
         self.argv = [os.fspath(arg) for arg in argv]
@@ -112,6 +160,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.env = env
         self.cwd = cwd
+        self.stdin_data = stdin_data  # handed over through a pipe (a spec with API keys: never on disk)
         self._proc: subprocess.Popen | None = None
         self._log_start = 0
 
@@ -131,14 +180,19 @@ class ServerProcess:
             self._log_start = log.tell()
             env = dict(os.environ if self.env is None else self.env)
             env.setdefault("PYTHONUNBUFFERED", "1")
+            piped = self.stdin_data is not None
             try:
                 self._proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    cwd=self.cwd, start_new_session=True,
+                    self.argv, stdin=subprocess.PIPE if piped else subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True,
                     preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one prctl call, nothing else
                 )
             except OSError as exc:
                 raise ServerNotStarted(self.argv[0], exc.strerror or str(exc)) from None
+        if piped:
+            # written from a thread: a payload larger than the pipe holds waits for the child to read it
+            threading.Thread(target=_feed, args=(self._proc.stdin, self.stdin_data), daemon=True,
+                             name="stdin").start()
         return self
 
     def __enter__(self) -> ServerProcess:  # noqa: PYI034 - Python 3.10 has no typing.Self
@@ -157,6 +211,17 @@ class ServerProcess:
     def poll(self) -> int | None:
         """The exit code once the process has ended (negative: killed by that signal), else None."""
         return None if self._proc is None else self._proc.poll()
+
+    def listens_on(self, port: int) -> bool | None:
+        """Whether a process of this server's group holds a socket listening on ``port``: an answer
+        on the port may come from another program that took it first. ``None`` where /proc cannot
+        tell (not Linux)."""
+        if self._proc is None:
+            return False
+        listening = listening_inodes(port)
+        if listening is None:
+            return None
+        return any(socket_inodes(pid) & listening for pid in group_members(self._proc.pid))
 
     def log_tail(self, n: int = TAIL_LINES) -> list[str]:
         """The last ``n`` lines this run wrote to the log."""
@@ -200,3 +265,54 @@ class ServerProcess:
             deadline = time.monotonic() + wait_s
             while group_members(self._proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+
+class PortClaim:
+    """One launch run's claim on the ports it serves, taken before it writes anything and held until
+    it has stopped: an exclusive ``flock`` on ``<launch cache>/runs/ports/PORT.lock`` for each port
+    (the kernel lets go when the process ends, however it ends; the file stays, empty but for the
+    holder's pid). A second ``launch proxy start`` / ``serve`` on one of those ports is refused
+    (``PortBusy``) before it writes a file or starts a process, so two runs never share a run
+    directory, a log or a watchdog record. ``host`` is only for the message."""
+
+    def __init__(self, host: str, ports: Sequence[int]) -> None:
+        self.host = host
+        self.ports = list(dict.fromkeys(ports))
+        self._fds: list[int] = []
+
+    def __enter__(self) -> PortClaim:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        import fcntl
+
+        from .errors import PortBusy, RunDirNotWritable
+        from .paths import cache_dir
+
+        directory = cache_dir() / "runs" / "ports"
+        try:
+            for port in self.ports:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(directory / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    os.close(fd)
+                    raise PortBusy(self.host, port, "another launch run on this machine holds it"
+                                   + (f" (pid {holder})" if holder.isdigit() else "")) from None
+                self._fds.append(fd)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            self.release()
+            raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+

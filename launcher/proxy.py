@@ -38,7 +38,6 @@ from .proxy_state import Removed, ago, read_state
 
 NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node
 PROXY_TIMEOUT_S = 5.0  # one node-API request to the proxy
-_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 
 
 # --- URLs --------------------------------------------------------------------------------------
@@ -46,26 +45,72 @@ _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 
 def node_url(url: str, option: str = "URL") -> str:
     """A node's URL as the proxy should store it: ``scheme://host:port``, no trailing ``/``, no
-    ``/v1`` base path, no credentials. A wildcard address (``0.0.0.0``, ``::``) is refused: it is
-    where a server listens, not an address the proxy can reach."""
+    ``/v1`` base path, no credentials, the host in its one canonical spelling (``address.check_host``:
+    ``127.1``, ``2130706433`` and ``[::ffff:127.0.0.1]`` are all ``127.0.0.1``). A wildcard address
+    (``0.0.0.0``, ``::``) is refused: it is where a server listens, not an address the proxy can reach."""
+    from .address import check_host, is_wildcard
+
     parsed = http.parse_url(url, option)
+    shown = http.redact(url)
     if parsed.auth is not None:
-        raise BadOption(option, http.redact(url), "give the address without user:password; a node's API key "
-                        "goes in --api-key")
-    if parsed.host in _WILDCARDS:
-        raise BadOption(option, url, f"{parsed.host} is where a server listens, not an address the proxy can "
-                        "reach; give this machine's address (127.0.0.1 when the proxy runs here)")
+        raise BadOption(option, shown, "give the address without user:password; a node's API key goes in --api-key")
+    try:
+        host = check_host(parsed.host, option, "give the server's address, e.g. http://10.0.0.5:23333")
+    except BadOption as err:
+        raise BadOption(option, shown, err.reason) from None
+    if is_wildcard(host):
+        raise BadOption(option, shown, f"{host} is where a server listens, not an address the proxy can reach; give "
+                        "this machine's address (127.0.0.1 when the proxy runs here)")
+    if not 1 <= parsed.port <= 65535:
+        raise BadOption(option, shown, "the port must be from 1 to 65535, e.g. http://10.0.0.5:23333")
     path = parsed.path.split("?", 1)[0].rstrip("/")
     if path not in ("", "/v1"):
-        raise BadOption(option, url, "give the server's root address, such as http://10.0.0.5:23333")
-    return parsed.origin
+        raise BadOption(option, shown, "give the server's root address, such as http://10.0.0.5:23333")
+    return http.Url(parsed.scheme, host, parsed.port, "/", None).origin
+
+
+def same_node(url: str, urls: Iterable[str], timeout: float = NODE_TIMEOUT_S,
+              cache: dict[str, frozenset[str]] | None = None) -> str | None:
+    """The first of ``urls`` that names the same server as ``url`` (both spelled by ``node_url``):
+    the same scheme and port, and a host standing for a common address (``localhost`` and
+    ``127.0.0.1``; a name and the address it resolves to, looked up within ``timeout``). The proxy
+    would count the two as two nodes and give that server two shares. URLs ``node_url`` refuses are
+    passed over. ``cache``: what hosts were found to stand for, kept across calls (the watchdog's)."""
+    from .address import host_addresses
+
+    def key(text: str) -> http.Url | None:
+        try:
+            return http.parse_url(node_url(http.redact(text)))  # credentials in a URL do not make another node
+        except LaunchError:
+            return None
+
+    mine = key(url)
+    others = [(other, key(other)) for other in urls]
+    others = [(other, parsed) for other, parsed in others
+              if parsed is not None and mine is not None and (parsed.scheme, parsed.port) == (mine.scheme, mine.port)]
+    if mine is None or not others:
+        return None
+    cache = {} if cache is None else cache
+    hosts = [mine.host, *(parsed.host for _, parsed in others)]
+    cache.update(host_addresses([h for h in hosts if h not in cache], timeout))
+    addresses = cache
+    for other, parsed in others:
+        if addresses[parsed.host] & addresses[mine.host]:
+            return other
+    return None
 
 
 def proxy_url(url: str, option: str = "--proxy") -> str:
     """The proxy's root URL as a client on this machine reaches it (a wildcard host becomes
-    loopback); credentials in it are kept (``launcher.http`` sends them as Basic auth)."""
+    loopback; the host checked and spelled by ``address.check_host``); credentials in it are kept
+    (``launcher.http`` sends them as Basic auth)."""
+    from .address import check_host, client_host
+
     parsed = http.parse_url(url, option)
-    host = "127.0.0.1" if parsed.host in _WILDCARDS else parsed.host
+    try:
+        host = client_host(check_host(parsed.host, option, "give the proxy's address, e.g. http://10.0.0.1:8000"))
+    except BadOption as err:
+        raise BadOption(option, http.redact(url), err.reason) from None
     shown_host = f"[{host}]" if ":" in host else host
     auth = f"{parsed.auth}@" if parsed.auth else ""
     return f"{parsed.scheme}://{auth}{shown_host}:{parsed.port}"
@@ -85,13 +130,16 @@ class Health:
 
 def check_health(url: str, timeout: float = NODE_TIMEOUT_S) -> Health:
     """``GET url/health`` within ``timeout`` seconds (a node that accepts and never answers ends
-    there too)."""
+    there too). A URL that is no http(s) address (lmdeploy's node API takes any string) is
+    unhealthy, with the reason."""
     try:
         reply = http.get(http.join(url, "/health"), timeout=timeout)
     except http.DeadlineExceeded:
         return Health(url, False, f"no answer within {timeout:g} s")
     except http.Unreachable as err:
         return Health(url, False, err.reason)
+    except LaunchError as err:  # BadOption from parse_url: "not a url", ftp://..., port 99999
+        return Health(url, False, f"not a URL launch can reach ({getattr(err, 'reason', err)})")
     if reply.status == 200:
         return Health(url, True, "healthy")
     return Health(url, False, f"HTTP {reply.status}")
@@ -104,9 +152,13 @@ def check_health_all(urls: Iterable[str], timeout: float = NODE_TIMEOUT_S) -> di
     results = {url: Health(url, False, f"no answer within {timeout:g} s") for url in urls}
 
     def one(url: str) -> None:
-        results[url] = check_health(url, timeout)  # each thread writes its own key
+        try:
+            results[url] = check_health(url, timeout)  # each thread writes its own key
+        except Exception as err:  # noqa: BLE001 - one odd node must not print a thread traceback
+            results[url] = Health(url, False, f"the check failed ({type(err).__name__})")
 
-    threads = [threading.Thread(target=one, args=(url,), name=f"health {url}", daemon=True) for url in urls]
+    threads = [threading.Thread(target=one, args=(url,), name=f"health {http.redact(url)}", daemon=True)
+               for url in urls]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -183,56 +235,71 @@ def _node_call(proxy: str, path: str, body: dict, action: str, timeout: float) -
 
 def register(proxy: str, url: str, models: Sequence[str], timeout: float = PROXY_TIMEOUT_S) -> None:
     """``POST /nodes/add`` with the models filled in (the proxy then registers without probing)."""
-    _node_call(proxy, "/nodes/add", {"url": url, "status": {"models": list(models)}}, f"add {url}", timeout)
+    _node_call(proxy, "/nodes/add", {"url": url, "status": {"models": list(models)}}, f"add {http.redact(url)}",
+               timeout)
 
 
 def deregister(proxy: str, url: str, timeout: float = PROXY_TIMEOUT_S) -> None:
     """``POST /nodes/remove``."""
-    _node_call(proxy, "/nodes/remove", {"url": url}, f"remove {url}", timeout)
+    _node_call(proxy, "/nodes/remove", {"url": url}, f"remove {http.redact(url)}", timeout)
 
 
 # --- the commands' library functions -----------------------------------------------------------
 
 
-def add_node(url: str, proxy: str, api_key: str | None = None, *, timeout: float = NODE_TIMEOUT_S) -> Node:
+def add_node(url: str, proxy: str, api_key: str | None = None, *,
+             timeout: float = NODE_TIMEOUT_S) -> tuple[Node, bool]:
     """``launch proxy add``: register the node at ``url`` with the proxy at ``proxy``, only once
     its ``/health`` answers 200, with the model names its ``/v1/models`` lists (read with
-    ``api_key``). Returns the node as the proxy lists it afterwards."""
+    ``api_key``). Returns the node as the proxy lists it afterwards, and whether it was new.
+
+    A server the proxy already has, under this or any other spelling (``same_node``), is not added
+    again: a second entry would double its share, and re-adding it would reset the proxy's count of
+    its requests in flight. Its entry is refreshed only when its models changed."""
     url = node_url(url)
     proxy = proxy_url(proxy)
-    proxy_nodes(proxy)  # the proxy answers, before anything is asked of the node
+    shown = http.redact(proxy)
+    nodes = proxy_nodes(proxy)  # the proxy answers, before anything is asked of the node
     health = check_health(url, timeout)
     if not health.ok:
         raise NodeNotHealthy(url, health.detail)
     models = served_models(url, api_key, timeout)
-    register(proxy, url, models)
-    node = proxy_nodes(proxy).get(url)
+    known = same_node(url, nodes, timeout)
+    if known is not None and tuple(nodes[known].models) == models:
+        return nodes[known], False
+    target = url if known is None else known
+    register(proxy, target, models)
+    node = proxy_nodes(proxy).get(target)
     if node is None or tuple(node.models) != models:
-        raise ProxyRefused(http.redact(proxy), f"add {url}", "the node is not in its node list afterwards")
-    return node
+        raise ProxyRefused(shown, f"add {http.redact(target)}", "the node is not in its node list afterwards")
+    return node, known is None
 
 
 def remove_node(url: str, proxy: str) -> Node:
-    """``launch proxy remove``: take the node at ``url`` out of the proxy. Refused (listing the
-    proxy's nodes) when it is not one of them."""
+    """``launch proxy remove``: take the node at ``url`` (under whatever spelling the proxy has it,
+    ``same_node``) out of the proxy. Refused (listing the proxy's nodes) when it is not one of them."""
     url = node_url(url)
     proxy = proxy_url(proxy)
     nodes = proxy_nodes(proxy)
-    if url not in nodes:
-        raise NodeNotRegistered(url, http.redact(proxy), tuple(nodes))
-    deregister(proxy, url)
-    if url in proxy_nodes(proxy):
-        raise ProxyRefused(http.redact(proxy), f"remove {url}", "the node is still in its node list afterwards")
-    return nodes[url]
+    known = url if url in nodes else same_node(url, nodes)
+    if known is None:
+        raise NodeNotRegistered(url, http.redact(proxy), tuple(http.redact(u) for u in nodes))
+    deregister(proxy, known)
+    if known in proxy_nodes(proxy):
+        raise ProxyRefused(http.redact(proxy), f"remove {http.redact(known)}", "the node is still in its node list "
+                           "afterwards")
+    return nodes[known]
 
 
 def advertise_url(host: str, port: int, advertise: str | None = None) -> str:
     """The URL a replica registers under: ``advertise`` (``--advertise-url``) normalised, else the
     address it listens on. A wildcard listen address needs ``advertise``: the proxy cannot reach
     ``0.0.0.0``, and which of this machine's addresses it can reach is not for launch to guess."""
+    from .address import is_wildcard
+
     if advertise:
         return node_url(advertise, "--advertise-url")
-    if host.strip("[]") in _WILDCARDS:
+    if is_wildcard(host):
         raise BadOption("--advertise-url", "", f"the server listens on all interfaces ({host}); give the address "
                         "the proxy reaches it at, e.g. --advertise-url http://10.0.0.5:23333")
     shown = f"[{host.strip('[]')}]" if ":" in host else host
@@ -272,7 +339,7 @@ def taken_out(proxy: str, registered: Iterable[str] = ()) -> tuple[Removed, ...]
     removed = read_state(parsed.host, parsed.port)
     if removed is None:
         return None
-    back = set(registered)
+    back = {http.redact(url) for url in registered}  # the record keeps URLs without credentials
     return tuple(r for r in removed if r.url not in back)
 
 
@@ -295,7 +362,7 @@ def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Remove
     return {
         "proxy": http.redact(proxy_url(proxy)),
         "nodes": [
-            {"url": r.node.url, "models": list(r.node.models), "unfinished": r.node.unfinished,
+            {"url": http.redact(r.node.url), "models": list(r.node.models), "unfinished": r.node.unfinished,
              "healthy": r.health.ok, "health": r.health.detail}
             for r in rows
         ],
@@ -319,7 +386,7 @@ def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Remo
     else:
         lines = [f"proxy {shown}: {len(rows)} node(s), {sum(r.health.ok for r in rows)} healthy{out}"]
         lines += _table([("NODE", "MODELS", "HEALTH", "IN FLIGHT")]
-                        + [(r.node.url, ", ".join(r.node.models), r.health.detail, str(r.node.unfinished))
+                        + [(http.redact(r.node.url), ", ".join(r.node.models), r.health.detail, str(r.node.unfinished))
                            for r in rows])
     if removed:
         lines.append("taken out by launch's watchdog (added back when its /health answers 200):")

@@ -1,9 +1,10 @@
-"""The proxy process: ``python -m launcher.proxy_server SPEC.json``.
+"""The proxy process: ``python -m launcher.proxy_server /dev/stdin`` (its spec on its stdin).
 
 Started and supervised by ``launch proxy start``. Runs lmdeploy's own proxy
 (``lmdeploy.serve.proxy.proxy.proxy``, what ``lmdeploy serve proxy`` calls) in this process, with:
 
-- the API keys read from the 0600 spec file, never from the command line (``ps`` shows that);
+- the API keys read from its spec, which launch writes into a pipe to its stdin: never on the
+  command line (``ps`` shows that), never in a file (nothing holds them once it stops);
 - the cache-status file disabled: by default lmdeploy writes its node list into its own
   installation (``site-packages/lmdeploy/serve/proxy/proxy_config.json``) and loads it back at the
   next start. It loads that file when its module is imported, before any flag is read, so a node

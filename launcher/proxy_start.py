@@ -1,14 +1,17 @@
 """``launch proxy start``: lmdeploy's proxy in a supervised child process, and launch's watchdog.
 
-The proxy runs as ``python -m launcher.proxy_server SPEC`` (lmdeploy's own proxy, API keys from a
-0600 spec file) in its own process group, its output in ``<launch cache>/runs/proxy-PORT/proxy.log``.
-It is ready when ``GET /nodes/status`` answers 200 (the proxy has no ``/health``). Then the
-watchdog (``launcher.proxy_watchdog``) runs in a thread of this process until Ctrl-C / SIGTERM /
-SIGHUP, which stop the proxy's whole process group; nothing is left running.
+The proxy runs as ``python -m launcher.proxy_server /dev/stdin`` (lmdeploy's own proxy; its spec,
+API keys included, comes through a pipe and is never written to disk) in its own process group, its
+output in ``<launch cache>/runs/proxy-PORT/proxy.log``. The port is claimed first
+(``process.PortClaim``): a second start on it is refused before it writes anything. The proxy is
+ready when ``GET /nodes/status`` answers 200 from its own socket (the proxy has no ``/health``).
+Then the watchdog (``launcher.proxy_watchdog``) runs in a thread of this process until Ctrl-C /
+SIGTERM / SIGHUP, which stop the proxy's whole process group; nothing is left running.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -18,14 +21,18 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import BadOption, RoutingRefused, ServerDied, ServerStartTimeout
-from .paths import cache_dir, write_spec
+from .paths import cache_dir
 
-ROUTINGS = ("min_expected_latency", "random")  # lmdeploy's, less min_observed_latency (it starves)
+# lmdeploy's, less min_observed_latency (it starves). What they do (serve/proxy/proxy.py,
+# NodeManager.get_node_url; launch registers nodes without a speed, so all count as equally fast):
+# min_expected_latency sends each request to the node with the fewest requests in flight (ties at
+# random), so a faster node, done sooner, gets more; random picks a node uniformly at random,
+# whatever its load or speed.
+ROUTINGS = ("min_expected_latency", "random")
 DEFAULT_ROUTING = "min_expected_latency"
 DEFAULT_PROXY_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000
 DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
-SPEC_NAME = "proxy-spec.json"
 LOG_NAME = "proxy.log"
 GRACE_S = 10.0
 
@@ -61,28 +68,24 @@ def run_dir(port: int) -> Path:
     return cache_dir() / "runs" / f"proxy-{port}"
 
 
-def _write_spec(directory: Path, host: str, port: int, routing: str, keys: Sequence[str]) -> Path:
-    return write_spec(directory, SPEC_NAME, {"server_name": host, "server_port": port,
-                                             "routing_strategy": routing, "api_keys": list(keys)})
+def proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> bytes:
+    """The proxy process's spec (``launcher.proxy_server``), handed over on its stdin."""
+    return json.dumps({"server_name": host, "server_port": port, "routing_strategy": routing,
+                       "api_keys": list(keys)}).encode()
 
 
-def proxy_process(spec: Path, directory: Path):
-    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.proxy_server SPEC``,
-    its log in ``directory``. Used by ``launch proxy start`` and ``launch serve --replicas``."""
-    from .process import ServerProcess
+def proxy_process(spec: bytes, directory: Path):
+    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.proxy_server
+    /dev/stdin`` with ``spec`` (``proxy_spec``) on its stdin, its log in ``directory``. Used by
+    ``launch proxy start`` and ``launch serve --replicas``."""
+    from .process import SPEC_ON_STDIN, ServerProcess
 
     # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
     # where each request goes ("A request is dispatched to ...").
     env = dict(os.environ)
     env.setdefault("UVICORN_LOG_LEVEL", "warning")
-    return ServerProcess([sys.executable, "-m", "launcher.proxy_server", str(spec)], log_path=directory / LOG_NAME,
-                         env=env)
-
-
-def write_proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> tuple[Path, Path]:
-    """The proxy's 0600 spec file in its run directory; returns (spec, run directory)."""
-    directory = run_dir(port)
-    return _write_spec(directory, host, port, routing, keys), directory
+    return ServerProcess([sys.executable, "-m", "launcher.proxy_server", SPEC_ON_STDIN],
+                         log_path=directory / LOG_NAME, env=env, stdin_data=spec)
 
 
 def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -92,13 +95,9 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     waits for ``/nodes/status`` (``ServerStartFailed`` / ``ServerStartTimeout`` with the log's last
     lines), prints the ready lines on ``out`` and the watchdog's changes on ``err``. ``ServerDied``
     if the proxy ends on its own."""
-    from . import http
-    from .address import check_port_free, client_host, server_root_url, validate_host
+    from .address import check_port_free, exposure_warnings, say_warnings, validate_host
     from .apikeys import resolve_api_keys
-    from .progress import StartProgress
-    from .proxy_state import clear_state, write_state
-    from .proxy_watchdog import Watchdog
-    from .supervise import StopSignals, wait_ready
+    from .process import PortClaim
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -109,8 +108,20 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     host = validate_host(request.host)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
     port = check_port_free(host, request.port)
+    with PortClaim(host, [port]):  # before anything is written: a second start on this port stops here
+        say_warnings(exposure_warnings(host, port, bool(keys), node_api=True), err)
+        return _run_claimed(host, port, routing, keys, request, out, err)
+
+
+def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], request: ProxyRequest, out: TextIO,
+                 err: TextIO) -> int:
+    from .address import server_root_url
+    from .progress import StartProgress
+    from .proxy_state import clear_state, write_state
+    from .proxy_watchdog import Watchdog
+    from .supervise import StopSignals, wait_ready
+
     directory = run_dir(port)
-    spec = _write_spec(directory, host, port, routing, keys)
     root = server_root_url(host, port)
 
     def say(line: str) -> None:
@@ -119,7 +130,7 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
         except (OSError, ValueError):
             pass
 
-    server = proxy_process(spec, directory)
+    server = proxy_process(proxy_spec(host, port, routing, keys), directory)
     watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say,
                         on_change=lambda removed: write_state(port, removed))
     with StopSignals() as signals:
@@ -127,8 +138,8 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
             progress = StartProgress(err, log_path=server.log_path)
             server.start()
             try:
-                ready = wait_ready(server, root + "/nodes/status", timeout_s=timeout, grace_s=GRACE_S,
-                                   progress=progress, stop_requested=signals.event.is_set)
+                ready = wait_ready(server, root + "/nodes/status", timeout_s=request.start_timeout_s,
+                                   grace_s=GRACE_S, progress=progress, stop_requested=signals.event.is_set)
             except ServerStartTimeout as late:
                 raise ServerStartTimeout(late.timeout_s, late.log_path, late.tail, "--start-timeout") from None
             if not ready:
@@ -145,9 +156,6 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
                 f"  log {server.log_path}",
                 "  equivalent: " + " ".join(proxy_command(host, port, routing)),
             ]
-            if client_host(host) != host or not http.parse_url(root).is_loopback:
-                lines.append(f"  listening on {host}: its node API (/nodes/add, /nodes/remove) takes no API key, so "
-                             f"whoever reaches port {port} can change the nodes; keep it on a private network")
             for line in lines:
                 print(line, file=out)
             out.flush()

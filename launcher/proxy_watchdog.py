@@ -13,7 +13,10 @@ models and adds it back (``POST /nodes/add`` with them) on the first round it an
 defaults (2 s, 2 s, 2) a killed node is out within about 4 s and a hanging one within about 6 s.
 
 A node that leaves the proxy's list without the watchdog removing it (``launch proxy remove``) is
-forgotten, not added back. ``on_change(removed)`` hears the list of nodes it holds out (when and
+forgotten, not added back. lmdeploy's node API takes any string from anyone: an entry that is no
+http(s) URL (``not a url``, ``ftp://...``, port 99999) is taken out at once and said once, and one
+server registered under several spellings (``http://h:p/``, ``127.1``, ``localhost``; see
+``proxy.same_node``) is kept once. URLs are reported and recorded without ``user:password@``. ``on_change(removed)`` hears the list of nodes it holds out (when and
 why each was taken out) when it starts and whenever that list changes: ``launch proxy start`` and
 ``serve --replicas`` keep it in a file for ``launch proxy status`` (``launcher.proxy_state``).
 """
@@ -26,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import LaunchError
-from .http import redact
-from .proxy import Node, check_health_all, deregister, node_url, proxy_nodes, register
+from .http import parse_url, redact
+from .proxy import Node, check_health_all, deregister, node_url, proxy_nodes, register, same_node
 from .proxy_state import Removed
 
 INTERVAL_S = 2.0
@@ -42,6 +45,24 @@ class _Member:
     removed: bool = False  # taken out by this watchdog, to be added back when healthy
     removed_at: float = 0.0  # when (time.time())
     reason: str = ""  # why: "/health connection refused (2 checks in a row)"
+
+
+def unroutable(url: str) -> str | None:
+    """Why lmdeploy's proxy can never reach an entry of its node list (its node API takes any
+    string), or ``None``: no ``http://`` / ``https://``, a host that is no address and no name
+    (``address.check_host``), a port outside 1..65535."""
+    from .address import check_host
+
+    if "://" not in url:
+        return "it has no http:// or https://"
+    try:
+        parsed = parse_url(url)
+        check_host(parsed.host, "URL")
+    except LaunchError as err:
+        return str(getattr(err, "reason", err))
+    if not 1 <= parsed.port <= 65535:
+        return "the port must be from 1 to 65535"
+    return None
 
 
 class Watchdog:
@@ -65,13 +86,15 @@ class Watchdog:
         self._told: list[Removed] | None = None  # what on_change heard last
         self.members: dict[str, _Member] = {}
         self._proxy_down = False
+        self._refused: set[str] = set()  # entries that are no URL, said once each
+        self._addresses: dict[str, frozenset[str]] = {}  # what each node host stands for (same_node)
         self._stop = threading.Event()
         self._telling = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def removed(self) -> list[Removed]:
         """The nodes this watchdog holds out of the proxy now, by URL."""
-        return [Removed(url, m.models, m.removed_at, m.reason) for url, m in sorted(self.members.items())
+        return [Removed(redact(url), m.models, m.removed_at, m.reason) for url, m in sorted(self.members.items())
                 if m.removed]
 
     def _tell(self) -> None:
@@ -131,10 +154,10 @@ class Watchdog:
                     try:
                         register(self.proxy, url, member.models, timeout=self.timeout_s)
                     except LaunchError as err:
-                        say(f"watchdog: {url} answers again but could not be added back: {err}")
+                        say(f"watchdog: {redact(url)} answers again but could not be added back: {err}")
                         continue
                     member.removed = False
-                    say(f"watchdog: {url} answers /health again: added back ({', '.join(member.models)})")
+                    say(f"watchdog: {redact(url)} answers /health again: added back ({', '.join(member.models)})")
                 continue
             member.failures += 1
             if member.removed or member.failures < self.failures:
@@ -142,36 +165,65 @@ class Watchdog:
             try:
                 deregister(self.proxy, url, timeout=self.timeout_s)
             except LaunchError as err:
-                say(f"watchdog: could not take {url} out of the proxy: {err}")
+                say(f"watchdog: could not take {redact(url)} out of the proxy: {err}")
                 continue
             member.removed, member.removed_at = True, time.time()
             member.reason = f"/health {result.detail} ({member.failures} checks in a row)"
-            say(f"watchdog: took {url} out of the proxy: {member.reason}; it is added back when it answers")
+            say(f"watchdog: took {redact(url)} out of the proxy: {member.reason}; it is added back when it answers")
         return lines
 
     def _normalise(self, registered: dict[str, Node], say: Callable[[str], None]) -> dict[str, Node]:
-        """A node registered as ``http://h:p/`` (or ``.../v1``) by someone else is the same node as
-        ``http://h:p`` to everyone but lmdeploy, which would route to both as two: keep one, spelled
-        as ``node_url`` spells it."""
+        """What lmdeploy's open node API let others register, made routable: an entry that is no
+        http(s) URL is taken out (said once per entry); a server registered under several spellings
+        is kept once (the spelling this watchdog already watches first, then ``node_url``'s), spelled
+        as ``node_url`` spells it. lmdeploy would route to each entry as a node of its own."""
         out = dict(registered)
-        for url, node in registered.items():
-            try:
-                clean = node_url(url)
-            except LaunchError:
-                continue  # 0.0.0.0 and the like: reported by `launch proxy status`, not guessed at
-            if clean == url:
+        for url in list(out):
+            problem = unroutable(url)
+            if problem is None:
                 continue
             try:
-                if clean not in out:
-                    register(self.proxy, clean, node.models, timeout=self.timeout_s)
-                    out[clean] = Node(clean, node.models, node.unfinished)
                 deregister(self.proxy, url, timeout=self.timeout_s)
             except LaunchError as err:
-                say(f"watchdog: could not replace {url} by {clean}: {err}")
+                say(f"watchdog: could not take {redact(url)!r} out of the proxy: {err}")
                 continue
             del out[url]
-            say(f"watchdog: {url} was registered with a path; kept it once, as {clean}")
+            if url not in self._refused:
+                self._refused.add(url)
+                say(f"watchdog: took {redact(url)!r} out of the proxy: it is not a URL the proxy can reach ({problem})")
+        kept: list[str] = []
+        for url in sorted(out, key=lambda u: (u not in self.members, self._spelled(u) != u, u)):
+            node = out[url]
+            twin = same_node(url, kept, self.timeout_s, self._addresses)
+            clean = self._spelled(url)
+            try:
+                if twin is None and clean != url and clean not in out:
+                    register(self.proxy, clean, node.models, timeout=self.timeout_s)
+                    out[clean] = Node(clean, node.models, node.unfinished)
+                if twin is not None or clean != url:
+                    deregister(self.proxy, url, timeout=self.timeout_s)
+            except LaunchError as err:
+                say(f"watchdog: could not replace {redact(url)} by {redact(twin or clean)}: {err}")
+                kept.append(url)
+                continue
+            if twin is None and clean == url:
+                kept.append(url)
+                continue
+            del out[url]
+            if twin is None:
+                kept.append(clean)
+            say(f"watchdog: {redact(url)} is {redact(twin or clean)} spelled another way; kept it once, as "
+                f"{redact(twin or clean)}")
         return out
+
+    @staticmethod
+    def _spelled(url: str) -> str:
+        """``url`` as ``node_url`` spells it; ``url`` itself where ``node_url`` refuses it (0.0.0.0,
+        credentials: reported by ``launch proxy status``, not guessed at)."""
+        try:
+            return node_url(url)
+        except LaunchError:
+            return url
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -24,13 +24,12 @@ from .engine import (
     spec_to_json,
     turbomind_problem,
 )
-from .errors import BadOption, EngineUnavailable, NoGpu, NoSessionFits
+from .errors import BadOption, EngineUnavailable, LaunchError, NoGpu, NoSessionFits
 from .kvcache import GiB
 from .overlay import check_overlay, slug
-from .paths import cache_dir, write_spec
+from .paths import cache_dir
 from .plan import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
 
-SPEC_NAME = "spec.json"
 LOG_NAME = "server.log"
 
 
@@ -54,16 +53,30 @@ class ServeRequest:
     ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
 
 
-def _check_engine(plan: Plan) -> None:
-    """No silent fallback: the chosen engine must exist here and take the (patched) architecture."""
+def _check_engine(plan: Plan, *, here: bool = True) -> None:
+    """No silent fallback: the chosen engine must take the (patched) architecture and, with ``here``
+    (serving on this machine, not a dry run), exist here."""
     if plan.engine.backend != "turbomind":
         return
     arch = architecture_of(plan.patched_config)
     if arch not in TURBOMIND_ARCHS:
         raise EngineUnavailable("turbomind", f"TurboMind does not support the {arch} architecture")
-    problem = turbomind_problem()
+    problem = turbomind_problem() if here else None
     if problem:
         raise EngineUnavailable("turbomind", problem)
+
+
+def refusal(plan: Plan, *, here: bool = True) -> LaunchError | None:
+    """What serve refuses this plan for, from the plan alone: more tp than the GPUs counted here, no
+    session fitting the KV cache, an engine that cannot take the model (and, with ``here``, is not
+    installed here). ``serve --dry-run`` (``here`` False) shows it and exits as serve would."""
+    try:
+        _check_gpus(plan)
+        _check_memory(plan)
+        _check_engine(plan, here=here)
+    except LaunchError as err:
+        return err
+    return None
 
 
 def _check_gpus(plan: Plan) -> None:
@@ -162,11 +175,15 @@ def prepare(request: ServeRequest) -> Plan:
     return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
 
 
-def _write_spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[Path, Path]:
-    run_dir = cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
+def _run_dir(plan: Plan) -> Path:
+    return cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
+
+
+def _spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[bytes, Path]:
+    """(the serving process's spec, handed over on its stdin: API keys never on disk; its log)."""
     spec = spec_to_json(plan.engine, str(model_path))
     spec["engine_config"].update(engine_extra or {})  # nnodes, node_rank, dist_init_addr
-    return write_spec(run_dir, SPEC_NAME, spec), run_dir / LOG_NAME
+    return json.dumps(spec).encode(), _run_dir(plan) / LOG_NAME
 
 
 ENGINE_SERVER = ("-m", "launcher.engine_server")
@@ -245,60 +262,85 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             raise NoGpu(problem)
     scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
                         routing=request.routing, need_rank=not request.dry_run)
-    from .address import validate_host, validate_port
+    from .address import check_port_free, exposure_warnings, say_warnings, validate_host, validate_port
 
     joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
     plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
     count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, scale, gpu_count=count)
+    warnings = exposure_warnings(plan.engine.host, plan.engine.port, bool(plan.engine.api_keys),
+                                 node_api=scale.kind == "replicas")
     if request.dry_run:
-        from .plan import OVERLAY_PLACEHOLDER
-        from .render import engine_call, plan_json, render_plan
+        return _dry_run(plan, layout, scale, warnings, request.as_json, out)
 
-        where, shown = "the serving process", plan
-        if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
-            first = layout.replicas[0]
-            where = "replica 0's serving process; each replica's differs only in its port"
-            shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
-        call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
-        if request.as_json:
-            data = plan_json(plan, layout)
-            data["engine_call"] = call
-            print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
-        else:
-            print(render_plan(plan, layout), file=out)
-            print(f"\nengine call (in {where}):", file=out)
-            print(call, file=out)
-        return 0
+    from .process import PortClaim
 
-    from .address import check_port_free, exposure_warning
-    from .supervise import run_supervised
-
-    _check_gpus(plan)
-    _check_memory(plan)
-    _check_engine(plan)
-    check_port_free(plan.engine.host, plan.engine.port)
-    if scale.kind == "replicas":
-        for replica in layout.replicas:
-            check_port_free(replica.host, replica.port)
+    refused = refusal(plan)
+    if refused is not None:
+        raise refused
+    binds = [(plan.engine.host, plan.engine.port)]
+    binds += [(r.host, r.port) for r in layout.replicas] if scale.kind == "replicas" else []
+    for host, port in binds:
+        check_port_free(host, port)
     if joining is not None:
         from .proxy import proxy_nodes
 
         proxy_nodes(joining.proxy)  # the proxy answers, before anything slow
-    if exposed := exposure_warning(plan.engine.host, bool(plan.engine.api_keys)):
-        print(f"warning: {exposed}", file=sys.stderr)
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if plan.memory is None:
-        print(f"warning: the KV-cache fit is not checked: {plan.memory_note}", file=sys.stderr)
+    # claimed before anything is written: a second run on one of these ports stops here
+    with PortClaim(plan.engine.host, [port for _, port in binds]):
+        say_warnings([*warnings, *plan.warnings], sys.stderr)
+        if plan.memory is None:
+            say_warnings([f"the KV-cache fit is not checked: {plan.memory_note}"], sys.stderr)
+        return _serve_claimed(plan, scale, layout, count, joining, request, out, server_argv)
 
-    # Now the slow part: the files. The plan stands unless the downloaded config differs.
+
+def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out: TextIO) -> int:
+    """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
+    what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would."""
+    from .address import say_warnings
+    from .plan import OVERLAY_PLACEHOLDER
+    from .render import engine_call, plan_json, render_plan
+
+    refused = refusal(plan, here=False)
+    where, shown = "the serving process", plan
+    if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
+        first = layout.replicas[0]
+        where = "replica 0's serving process; each replica's differs only in its port"
+        shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
+    call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
+    say_warnings(warnings, sys.stderr)
+    if as_json:
+        data = plan_json(plan, layout)
+        data["engine_call"] = call
+        data["warnings"] = [*data.get("warnings", []), *warnings]
+        data["refused"] = None if refused is None else {"error": type(refused).__name__, "message": str(refused),
+                                                        "exit_code": refused.exit_code}
+        print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+    else:
+        print(render_plan(plan, layout), file=out)
+        print(f"\nengine call (in {where}):", file=out)
+        print(call, file=out)
+        if refused is not None:
+            print(f"\nserve would refuse this: {refused}", file=out)
+    out.flush()
+    if refused is not None:
+        raise refused
+    return 0
+
+
+def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joining | None, request: ServeRequest,
+                   out: TextIO, server_argv: tuple[str, ...] | None) -> int:
+    """The slow part, with the ports claimed: the files, the overlay, the server(s)."""
+    from .address import say_warnings
+    from .layout import layout_for_plan
+    from .process import SPEC_ON_STDIN
+    from .supervise import run_supervised
+
+    # The plan stands unless the downloaded config differs.
     full, note = with_files(plan)
     if note:
         print(note, file=sys.stderr)
-        for warning in full.warnings:
-            if warning not in plan.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+        say_warnings([w for w in full.warnings if w not in plan.warnings], sys.stderr)
         _check_gpus(full)
         if full.architecture != plan.architecture:
             _check_engine(full)
@@ -314,7 +356,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     if scale.kind == "nodes":
         print(f"overlay hash: {overlay_digest(full)} (compare it across the nodes)", file=sys.stderr)
         extra = {"nnodes": scale.nnodes, "node_rank": scale.node_rank, "dist_init_addr": scale.dist_init_addr}
-    spec_path, log_path = _write_spec(full, overlay.path, extra)
+    spec, log_path = _spec(full, overlay.path, extra)
     on_join, on_stop = _join_hooks(joining, out) if joining is not None else (None, None)
 
     def on_ready(info) -> None:
@@ -330,7 +372,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         out.flush()
 
     return run_supervised(
-        base_argv + [str(spec_path)],
+        base_argv + [SPEC_ON_STDIN],
         host=full.engine.host,
         port=full.engine.port,
         log_path=log_path,
@@ -338,27 +380,30 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         api_keys=list(full.engine.api_keys) or None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
-        probe=_probe_hook(full, spec_path.parent, out, request.ppl_text) if request.probe else None,
+        probe=_probe_hook(full, log_path.parent, out, request.ppl_text) if request.probe else None,
         on_stop=on_stop,
+        stdin_data=spec,
     )
 
 
 def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str], request: ServeRequest,
                     out: TextIO) -> int:
-    """The replicas' spec files (one overlay, each its own port) and the proxy's; then run them all."""
-    from .proxy_start import DEFAULT_START_TIMEOUT_S, write_proxy_spec
+    """The replicas' specs (one overlay, each its own port) and the proxy's, each handed over on
+    its process's stdin; then run them all."""
+    from .process import SPEC_ON_STDIN
+    from .proxy_start import DEFAULT_START_TIMEOUT_S, proxy_spec, run_dir
     from .serve_replicas import ReplicaRun, run_replicas
 
-    argvs, logs = [], []
+    specs, logs = [], []
     for replica in layout.replicas:
-        spec_path, log_path = _write_spec(
-            replace(plan, engine=replace(plan.engine, host=replica.host, port=replica.port)), overlay_path)
-        argvs.append(tuple(base_argv + [str(spec_path)]))
+        spec, log_path = _spec(replace(plan, engine=replace(plan.engine, host=replica.host, port=replica.port)),
+                               overlay_path)
+        specs.append(spec)
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port
-    proxy_spec, proxy_dir = write_proxy_spec(host, port, layout.routing, plan.engine.api_keys)
-    run = ReplicaRun(proxy_spec=proxy_spec, proxy_dir=proxy_dir, proxy_host=host, proxy_port=port,
-                     layout=layout, argvs=tuple(argvs), logs=tuple(logs),
-                     api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
+    run = ReplicaRun(proxy_spec=proxy_spec(host, port, layout.routing, plan.engine.api_keys), proxy_dir=run_dir(port),
+                     proxy_host=host, proxy_port=port, layout=layout,
+                     argvs=tuple(tuple(base_argv + [SPEC_ON_STDIN]) for _ in specs), specs=tuple(specs),
+                     logs=tuple(logs), api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
     return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
                         out=out)

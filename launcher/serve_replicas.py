@@ -33,14 +33,15 @@ GRACE_S = 15.0
 @dataclass(frozen=True)
 class ReplicaRun:
     """What ``run_replicas`` starts: the proxy's spec and run directory, and each replica's server
-    command (its spec file last), log and layout entry."""
+    command, spec (each spec is handed over on its process's stdin), log and layout entry."""
 
-    proxy_spec: Path
+    proxy_spec: bytes
     proxy_dir: Path
     proxy_host: str  # where the proxy listens (the public --host)
     proxy_port: int
     layout: ReplicaLayout  # the replicas and the proxy's routing
     argvs: tuple[tuple[str, ...], ...]
+    specs: tuple[bytes, ...]
     logs: tuple[Path, ...]
     api_keys: tuple[str, ...] = ()
     model_name: str = "MODEL"
@@ -63,7 +64,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
     from . import http
-    from .address import is_loopback, server_root_url
+    from .address import server_root_url
     from .errors import LaunchError, ReplicaNotRegistered, ServerDied
     from .progress import StartProgress
     from .proxy import add_node
@@ -84,8 +85,8 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
 
     proxy = proxy_process(run.proxy_spec, run.proxy_dir)
     replicas = [
-        ServerProcess(argv, log_path=log, env={**os.environ, **replica.env})
-        for argv, log, replica in zip(run.argvs, run.logs, run.layout.replicas)
+        ServerProcess(argv, log_path=log, env={**os.environ, **replica.env}, stdin_data=spec)
+        for argv, spec, log, replica in zip(run.argvs, run.specs, run.logs, run.layout.replicas)
     ]
     everything = [proxy, *replicas]
     watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed))
@@ -126,10 +127,6 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
                 (f"  proxy log {proxy.log_path}   routing {run.layout.routing}; launch's watchdog takes out a replica "
                 f"that stops answering /health (`launch proxy status --proxy {root}` lists it)"),
             ]
-            if not is_loopback(run.proxy_host):
-                lines.append(f"  listening on {run.proxy_host}: the proxy's node API (/nodes/add, /nodes/remove) "
-                             f"takes no API key, so whoever reaches port {run.proxy_port} can change the nodes; keep "
-                             "it on a private network")
             if run.layout.total_sessions is not None:
                 lines.append(f"  capacity {run.layout.capacity.text('replica')}")
             lines += info.access_lines()

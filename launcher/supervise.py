@@ -26,6 +26,7 @@ from .address import check_port_free, server_root_url, validate_host
 from .engine import DEFAULT_HEALTH_TIMEOUT_S
 from .errors import ServerDied, ServerStartFailed, ServerStartTimeout
 from .health import POLL_S, health_status, served_models
+from .http import parse_url
 from .process import DEFAULT_GRACE_S, ServerProcess
 from .progress import PROGRESS_EVERY_S, StartProgress
 from .ready import ReadyInfo
@@ -104,12 +105,15 @@ def wait_ready(
     progress: StartProgress,
     stop_requested: Callable[[], bool],
 ) -> bool:
-    """Wait for ``GET health_url`` = 200 while ``server`` runs. ``True`` when healthy, ``False`` when
-    ``stop_requested()`` turned true first (the caller stops the server).
+    """Wait for ``GET health_url`` = 200 while ``server`` runs, answered by ``server`` itself (a
+    process of its group holds the listening socket: another program that took the port first does
+    not make it ready). ``True`` when healthy, ``False`` when ``stop_requested()`` turned true first
+    (the caller stops the server).
 
     Raises ``ServerStartFailed`` (the process ended; its group is swept) or ``ServerStartTimeout``
     (after stopping the server), each with the log's last lines."""
     started = time.monotonic()
+    port = parse_url(health_url).port
     while True:
         if stop_requested():
             return False
@@ -117,7 +121,8 @@ def wait_ready(
         if code is not None:
             server.sweep_group()
             raise ServerStartFailed(code, str(server.log_path), tuple(server.log_tail()))
-        if health_status(health_url, timeout=1.0) == 200 and server.poll() is None:
+        if (health_status(health_url, timeout=1.0) == 200 and server.poll() is None
+                and server.listens_on(port) is not False):
             progress.done(time.monotonic() - started)
             return True
         elapsed = time.monotonic() - started
@@ -142,6 +147,7 @@ def run_supervised(
     on_ready: Callable[[ReadyInfo], None] | None = None,
     probe: Callable[[ReadyInfo], Callable[[], None] | None] | None = None,
     on_stop: Callable[[], None] | None = None,
+    stdin_data: bytes | None = None,
     seams: SeamsForTests = PRODUCT,
 ) -> int:
     """Serve until stopped: check the port, start ``argv``, wait for health, report, supervise.
@@ -165,6 +171,9 @@ def run_supervised(
     ``on_stop()`` runs once on every path out once ``on_ready`` was called (a signal, the server
     dying, a probe failing, ``on_ready`` itself failing), before the server is stopped: a replica
     leaves its proxy there. It must not raise (what it raises is dropped: the stop goes on).
+
+    ``stdin_data``: what the server reads on its stdin (its spec, API keys included: handed over
+    through a pipe, never written to disk).
     """
     if isinstance(api_keys, (str, bytes)):
         raise TypeError("api_keys must be a list of keys, not one string")
@@ -172,7 +181,7 @@ def run_supervised(
     host = validate_host(host)
     root = server_root_url(host, port)
     grace_s = seams.grace_s
-    server = ServerProcess(argv, log_path=log_path)
+    server = ServerProcess(argv, log_path=log_path, stdin_data=stdin_data)
     leaving: list[Callable[[], None]] = []  # on_stop, once on_ready has returned
 
     def stop_server(hurry: Callable[[], bool] | None = None) -> None:

@@ -6,9 +6,11 @@ api_server: ``/health``, ``/v1/models``, ``/v1/chat/completions``, ``/metrics`` 
 proxy tests need:
 
 - ``SIGUSR1`` toggles "stuck": ``/health`` still accepts the connection and reads the request but
-  never answers (a wedged engine), while the other endpoints keep working.
+  never answers (a wedged engine), while the other endpoints keep working;
+- ``--reply-delay S``: each chat is answered after S seconds (a slower engine), for routing tests.
 
     python tests/standin_replica.py --port P [--model-name NAME] [--api-keys k1,k2] [--unhealthy-seconds S]
+        [--reply-delay S]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standin_openai  # (found through the path above)
 
 STUCK = threading.Event()
+REPLY_DELAY_S = [0.0]
 _original = standin_openai.make_handler
 
 
@@ -37,6 +41,11 @@ def make_handler(state):
                     threading.Event().wait(3600)
             super().do_GET()
 
+        def do_POST(self) -> None:
+            if REPLY_DELAY_S[0] and self.path.split("?", 1)[0] == "/v1/chat/completions":
+                time.sleep(REPLY_DELAY_S[0])
+            super().do_POST()
+
     return Handler
 
 
@@ -48,7 +57,17 @@ def _toggle(signum, frame) -> None:
     standin_openai.log(f"standin_replica: stuck={STUCK.is_set()}")
 
 
+def _take_delay(argv: list[str]) -> list[str]:
+    """``argv`` without ``--reply-delay S`` (the api_server stand-in's parser does not know it)."""
+    if "--reply-delay" in argv:
+        at = argv.index("--reply-delay")
+        REPLY_DELAY_S[0] = float(argv[at + 1])
+        return argv[:at] + argv[at + 2:]
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv = _take_delay(sys.argv)
     signal.signal(signal.SIGUSR1, _toggle)
     standin_openai.make_handler = make_handler
     sys.exit(standin_openai.main())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launcher import gpu
-from launcher.gpu import _visible, free_memory, nvidia_problem
+from launcher.gpu import free_memory, nvidia_problem
 from launcher.paths import hf_cache_dir, hf_home
 from tests.conftest import REPO, assert_one_line_error
 
@@ -23,16 +23,14 @@ HEAVY = ("torch", "transformers", "lmdeploy", "yapf", "triton")
 
 
 @pytest.mark.parametrize("value, expected", [
-    (None, [0, 1, 2, 3]), ("2,0", [2, 0]), ("1,7", [1]), ("", []), ("-1", []),
-    ("GPU-8a4c1f2e-0000-0000-0000-000000000000", [0, 1, 2, 3]),  # UUIDs: read all
-    ("MIG-1b2c3d4e-0000-0000-0000-000000000000,0", [0, 1, 2, 3]),
+    (None, ("0", "1", "2", "3")), ("2,0", ("2", "0")), ("1,7", ("1",)), ("", ()), ("-1", ()),
+    ("1,-1,3", ("1",)), ("0,junk,1", ("0",)), ("01, 2", ("1", "2")),
+    ("GPU-8a4c1f2e-0000-0000-0000-000000000000", ("GPU-8a4c1f2e-0000-0000-0000-000000000000",)),
+    ("MIG-1b2c3d4e-0000-0000-0000-000000000000,0", ("MIG-1b2c3d4e-0000-0000-0000-000000000000", "0")),
 ])
-def test_cuda_visible_devices(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
-    assert _visible(4) == expected
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(value, expected):
+    environ = {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
+    assert gpu.visible(environ, 4).ids == expected
 
 
 def test_no_nvml_here_means_no_reading():

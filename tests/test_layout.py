@@ -167,7 +167,7 @@ def test_replicas_take_the_visible_gpus_in_order(serve_parser):
     layout = replica_layout(engine(2), "/m", LLAMA, replicas=2, devices=devices, first_port=9001)
     assert [r.devices for r in layout.replicas] == [("3", "5"), ("GPU-aa", "7")]
     assert not layout.devices_assumed and layout.total_sessions is None
-    assert visible_devices(3, {}) == ("0", "1", "2") and visible_devices(None, {}) is None
+    assert visible_devices(3, {}).ids == ("0", "1", "2") and visible_devices(None, {}).ids is None
     flat = [d for r in layout.replicas for d in r.devices]
     assert len(flat) == len(set(flat))
     assert [parse(serve_parser, r.argv).server_port for r in layout.replicas] == [9001, 9002]

@@ -21,9 +21,10 @@ import pytest
 
 from launcher import http
 from launcher.address import free_ports
-from launcher.process import group_members
+from launcher.process import group_members, listening_inodes, socket_inodes
 from launcher.proxy import proxy_nodes
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running, run_launch
+from tests.standin_engine_server import key_digest, spec_seen
 from tests.test_layout import lmdeploy_serve_parser, parse
 from tests.test_proxy import children_of, start_launch_proxy, stop, wait_for
 from tests.test_serve import PRETEND_GPU, launch_with_gpu, read_until
@@ -37,9 +38,10 @@ def serve_parser():
 # --- launch plan --replicas / --nnodes ----------------------------------------------------------
 
 
-def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser):
+def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # unset: no GPU seen here, ids assumed
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "4", "--tp", "2", "--replicas", "4",
-                    "--gpu-memory", "80", "--json", env={"CUDA_VISIBLE_DEVICES": ""})
+                    "--gpu-memory", "80", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     replicas = data["replicas"]
@@ -188,7 +190,7 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     (["--tp", "2", "--replicas", "3"], ["--replicas 3 x --tp 2 needs 6 GPUs", "4 are visible"]),
     (["--tp", "3", "--replicas", "1", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp", "32 attention heads"]),
     (["--tp", "8", "--nnodes", "3", "--dist-init-addr", "h:1"], ["--tp 8", "3 node"]),
-    (["--port", "65535", "--replicas", "2"], ["--port", "replica ports"]),
+    (["--port", "65535", "--replicas", "2"], ["--port '65535'", "give --port 65533 or lower"]),
     (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)", "launch proxy start --routing"]),
     (["--replicas", "1", "--routing", "random"], ["--routing 'random'", "--replicas N"]),
     (["--nnodes", "2", "--dist-init-addr", "h:1", "--routing", "random"], ["--routing", "--replicas N"]),
@@ -268,10 +270,11 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
         assert len(engines) == 2 and len(proxies) == 1, [cmdline(p) for p in kids]
         groups = [*engines, *proxies]
         assert sorted(environ_of(p)["CUDA_VISIBLE_DEVICES"] for p in engines) == ["0", "1"]
-        specs = [json.loads(Path(cmdline(p).split()[-1]).read_text()) for p in engines]
+        specs = [spec_seen(log) for log in (tmp_path / "cache" / "runs").glob("*/server.log")]
         assert len({s["model_path"] for s in specs}) == 1  # one overlay
         assert sorted(s["server_port"] for s in specs) == [port + 1, port + 2]
-        assert all(s["server_name"] == "127.0.0.1" and s["api_keys"] == [KEY] for s in specs)
+        assert all(s["server_name"] == "127.0.0.1" and s["api_keys"] == [key_digest(KEY)] for s in specs)
+        assert not [f for f in (tmp_path / "cache").rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
         # chats through the proxy: all answered, and both replicas answered some
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
         assert http.post(root + "/v1/chat/completions", body, timeout=20).status == 401  # the proxy wants a key
@@ -292,7 +295,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
             return json.loads(run_launch("proxy", "status", "--proxy", root, "--json", env=here).stdout)
 
         assert status()["removed_by_watchdog"] == []
-        stuck = next(p for p, spec in zip(engines, specs) if spec["server_port"] == port + 2)
+        stuck = next(p for p in engines if socket_inodes(p) & listening_inodes(port + 2))
         os.kill(stuck, signal.SIGSTOP)
         try:
             assert wait_for(lambda: replicas[1] not in proxy_nodes(root), 15, 0.2), "not taken out"
@@ -332,8 +335,8 @@ def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
         # --routing reaches the proxy serve runs: its spec, and lmdeploy's proxy started with it
         assert "routing random;" in ready, ready
         run_dir = tmp_path / "cache" / "runs" / f"proxy-{port}"
-        assert json.loads((run_dir / "proxy-spec.json").read_text())["routing_strategy"] == "random"
         assert "routing random, API keys off" in (run_dir / "proxy.log").read_text()
+        assert not list((tmp_path / "cache").rglob("*spec*.json"))  # every spec went through a pipe
         engines, proxies = replica_processes(proc)
         assert len(engines) == 2 and len(proxies) == 1
         os.kill(engines[0], signal.SIGKILL)
@@ -506,13 +509,14 @@ def test_serve_nnodes_dry_run_shows_the_node_layout(launch):
     assert "TurbomindEngineConfig(" in data["engine_call"] and "tp=16" in data["engine_call"]
 
 
-def test_serve_replicas_dry_run_shows_a_replicas_engine_call_not_one_on_the_proxys_port(launch):
+def test_serve_replicas_dry_run_shows_a_replicas_engine_call_not_one_on_the_proxys_port(launch, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     args = ("serve", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--port", "9000", "--gpu-memory", "80",
             "--dry-run")
-    data = json.loads(launch(*args, "--json", env={"CUDA_VISIBLE_DEVICES": ""}).stdout)
+    data = json.loads(launch(*args, "--json").stdout)
     assert "server_name='127.0.0.1', server_port=9001" in data["engine_call"]
     assert data["command"] is None and [c["role"] for c in data["commands"]] == ["proxy", "replica", "replica"]
-    text = launch(*args, env={"CUDA_VISIBLE_DEVICES": ""}).stdout
+    text = launch(*args).stdout
     assert "engine call (in replica 0's serving process; each replica's differs only in its port):" in text
     assert "server_port=9001" in text and "server_port=9000" not in text
 
@@ -525,13 +529,12 @@ def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
 
     from launcher.engine import backend_config
     from launcher.plan import PlanRequest, build_plan
-    from launcher.serve import _write_spec
+    from launcher.serve import _spec
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
-    spec_path, _log = _write_spec(plan, tmp_path / "overlay",
-                                  {"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:29500"})
-    config = backend_config(json.loads(spec_path.read_text()))
+    spec, _log = _spec(plan, tmp_path / "overlay", {"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:29500"})
+    config = backend_config(json.loads(spec))
     assert type(config) is TurbomindEngineConfig
     assert (config.tp, config.nnodes, config.node_rank, config.dist_init_addr) == (16, 2, 1, "10.0.0.1:29500")
     assert config.session_len == 131072

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -22,8 +21,10 @@ import pytest
 from launcher.engine import backend_config, chat_template_config, serve_kwargs, spec_to_json
 from launcher.plan import PlanRequest, build_plan, make_overlay
 from launcher.presets import get_preset
+from launcher.process import SPEC_ON_STDIN
 from launcher.resolve import from_dir
 from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
+from tests.standin_engine_server import key_digest, spec_seen
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -249,10 +250,10 @@ def test_serve_end_to_end_with_a_standin_engine(model_dir, tmp_path):
         assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
         assert get(root + "/metrics", key="sk-flag")[0] == 200
         # what the serving process was given
-        spec_path = next((tmp_path / "cache" / "runs").glob("*/spec.json"))
-        assert stat.S_IMODE(spec_path.stat().st_mode) == 0o600
-        spec = json.loads(spec_path.read_text())
-        assert spec["api_keys"] == ["sk-flag", "sk-env"] and spec["server_name"] == "127.0.0.1"
+        spec = spec_seen(next((tmp_path / "cache" / "runs").glob("*/server.log")))
+        assert spec["api_keys"] == [key_digest("sk-flag"), key_digest("sk-env")]
+        assert spec["server_name"] == "127.0.0.1"
+        assert not keys_on_disk(tmp_path / "cache", "sk-flag", "sk-env")  # the spec came through a pipe
         assert spec["engine_config"]["session_len"] == 512
         overlay = Path(spec["model_path"])
         assert json.loads((overlay / "config.json").read_text())["rope_scaling"]["factor"] == 2.0
@@ -263,6 +264,12 @@ def test_serve_end_to_end_with_a_standin_engine(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert not keys_on_disk(tmp_path / "cache", "sk-flag", "sk-env")
+
+
+def keys_on_disk(root: Path, *keys: str) -> list[Path]:
+    """Files under ``root`` that hold one of ``keys``."""
+    return [p for p in root.rglob("*") if p.is_file() and any(k.encode() in p.read_bytes() for k in keys)]
 
 
 def test_serve_probe_prints_the_table_before_handing_over(model_dir, tmp_path):
@@ -292,7 +299,7 @@ def serve_until_ready(model, tmp_path, env=None):
     proc = start_driver(model, free_port(), tmp_path, env=env)
     try:
         read_until(proc, "curl")
-        spec = json.loads(next((tmp_path / "cache" / "runs").glob("*/spec.json")).read_text())
+        spec = spec_seen(next((tmp_path / "cache" / "runs").glob("*/server.log")))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -378,15 +385,15 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
 def test_run_files_stay_in_launchs_cache_whatever_the_model_name(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from launcher.serve import _write_spec
+    from launcher.serve import _spec
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     plan = build_plan(PlanRequest(model="llama-2-7b-chat", model_name="../../escape"))
     plan = replace(plan, engine=replace(plan.engine, api_keys=("sk",)))
-    spec, log = _write_spec(plan, tmp_path / "overlay")
-    assert spec.parent.parent == tmp_path / "cache" / "runs" and log.parent == spec.parent
-    assert json.loads(spec.read_text())["model_name"] == "../../escape"  # the served name is kept
-    assert stat.S_IMODE(spec.stat().st_mode) == 0o600
+    spec, log = _spec(plan, tmp_path / "overlay")
+    assert log.parent.parent == tmp_path / "cache" / "runs" and log.name == "server.log"
+    assert json.loads(spec)["model_name"] == "../../escape"  # the served name is kept
+    assert not (tmp_path / "cache").exists()  # the spec is handed over, not written
 
 
 def test_the_real_serving_process_refuses_without_turbomind(tmp_path):
@@ -397,9 +404,8 @@ def test_the_real_serving_process_refuses_without_turbomind(tmp_path):
     if turbomind_problem() is None:
         pytest.skip("TurboMind works here")
     plan = build_plan(PlanRequest(model="llama-2-7b-chat"))
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(spec_to_json(plan.engine, str(tmp_path))))
-    result = subprocess.run([sys.executable, "-m", "launcher.engine_server", str(spec)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "launcher.engine_server", SPEC_ON_STDIN], cwd=REPO,
+                            input=json.dumps(spec_to_json(plan.engine, str(tmp_path))),  # as serve hands it over
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 3
     assert "TurboMind" in result.stderr and "--backend pytorch" in result.stderr

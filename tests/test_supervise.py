@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.address import check_port_free, exposure_warning, openai_base_url
+from launcher.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
 from launcher.apikeys import resolve_api_keys
 from launcher.errors import (
     ApiKeyFileError,
@@ -312,17 +312,23 @@ def test_odd_port_on_the_command_line_is_one_line(launch, port):
     assert_one_line_error(result, "--port", "1 to 65535", code=2)
 
 
-@pytest.mark.parametrize(("host", "keys", "warns"), [
-    ("127.0.0.1", False, False), ("127.0.0.2", False, False), ("localhost", False, False),
-    ("::1", False, False), ("[::1]", False, False),
-    ("0.0.0.0", False, True), ("::", False, True), ("192.168.1.5", False, True), ("gpu-box", False, True),
-    ("0.0.0.0", True, False),
+@pytest.mark.parametrize(("host", "keys", "loopback"), [
+    ("127.0.0.1", False, True), ("127.0.0.2", False, True), ("localhost", False, True),
+    ("::1", False, True), ("[::1]", False, True), ("127.1", False, True), ("::ffff:127.0.0.1", False, True),
+    ("0.0.0.0", False, False), ("::", False, False), ("192.168.1.5", False, False), ("gpu-box", False, False),
+    ("0.0.0.0", True, False), ("0", False, False), ("localhost.evil.com", False, False),
 ])
-def test_binding_beyond_loopback_without_keys_warns(host, keys, warns):
-    line = exposure_warning(host, keys)
-    assert (line is not None) == warns
-    if line:
+def test_binding_beyond_loopback_warns(host, keys, loopback):
+    """One rule: the OpenAI API open without a key; and for a proxy its node API, open whatever keys."""
+    assert is_loopback(host) == loopback
+    lines = exposure_warnings(host, 8000, keys)
+    assert len(lines) == (0 if loopback or keys else 1)
+    for line in lines:
         assert "\n" not in line and host in line and "LAUNCH_API_KEYS" in line and "--api-key-file" in line
+        assert "OpenAI API" in line and "8000" in line
+    proxy = exposure_warnings(host, 8000, keys, node_api=True)
+    assert proxy[:len(lines)] == lines and len(proxy) == len(lines) + (0 if loopback else 1)
+    assert all("node API" in line for line in proxy[len(lines):])
 
 
 def test_serve_warns_once_when_it_exposes_a_server_without_keys(model_dir, tmp_path, monkeypatch, capsys):

@@ -78,19 +78,23 @@ def add(
     ] = None,
 ) -> None:
     """Register a replica with the proxy, once its /health answers, with the models it serves."""
+    from .. import http
     from ..proxy import add_node
 
-    node = add_node(url, proxy, api_key or os.environ.get("LAUNCH_API_KEY") or None)
-    print(f"added {node.url} ({', '.join(node.models)})")
+    node, new = add_node(url, proxy, api_key or os.environ.get("LAUNCH_API_KEY") or None)
+    shown = http.redact(node.url)
+    print(f"added {shown} ({', '.join(node.models)})" if new
+          else f"already registered as {shown} ({', '.join(node.models)}): not added twice")
 
 
 @proxy_app.command(epilog="Example:  launch proxy remove http://10.0.0.5:23333 --proxy http://10.0.0.1:8000")
 def remove(url: NodeArg, proxy: ProxyOpt) -> None:
     """Take a replica out of the proxy (the replica keeps running)."""
+    from .. import http
     from ..proxy import remove_node
 
     node = remove_node(url, proxy)
-    print(f"removed {node.url}")
+    print(f"removed {http.redact(node.url)}")
 
 
 @proxy_app.command(epilog="Examples:  launch proxy status --proxy http://127.0.0.1:8000   |   ... --json")
