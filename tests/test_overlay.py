@@ -282,3 +282,23 @@ def test_an_entry_that_vanishes_mid_check_is_changed_not_a_crash(tmp_path):
     assert _as_written(str(tmp_path / "gone"), "link:/x") is False
     (tmp_path / "file").write_text("a")
     assert _as_written(str(tmp_path / "file"), "link:/x") is False
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o711, 0o1777, 0o2775])
+def test_an_empty_out_directory_keeps_its_mode_and_so_does_a_replaced_overlay(tmp_path, mode):
+    """An empty --out is replaced by the overlay's directory in one rename: it takes the mode the user
+    gave it (0700 stays private), and rebuilding with other settings keeps it again."""
+    import stat
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(LLAMA))
+    (src / "w.safetensors").write_bytes(b"abc")
+    out = tmp_path / "o"
+    out.mkdir()
+    os.chmod(out, mode)
+    build_overlay(src, {**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}}, {}, out)
+    assert stat.S_IMODE(os.lstat(out).st_mode) == mode and (out / "config.json").is_file()
+    build_overlay(src, {**LLAMA, "rope_scaling": {"type": "linear", "factor": 3.0}}, {}, out)
+    assert stat.S_IMODE(os.lstat(out).st_mode) == mode
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 3.0

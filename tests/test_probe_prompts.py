@@ -28,7 +28,7 @@ def test_same_seed_same_prompts_and_other_seed_other_passkeys():
     assert prompts(7) == prompts(7)
     keys_7 = [passkey_for(7, n, d, t) for n, d, t in GRID]
     keys_8 = [passkey_for(8, n, d, t) for n, d, t in GRID]
-    assert all(a != b for a, b in zip(keys_7, keys_8))
+    assert all(a != b for a, b in zip(keys_7, keys_8, strict=True))
     assert len(set(keys_7)) == len(keys_7)  # every cell trial has its own passkey
     assert all(len(k) == 5 and k.isdigit() for k in keys_7)
 

@@ -37,7 +37,7 @@ def table_cells(table: str) -> dict[tuple[int, float], str]:
     for line in lines:
         if re.match(r"^\d\.\d\d ", line):
             depth, *texts = line.split()
-            cells.update({(length, float(depth)): text for length, text in zip(lengths, texts)})
+            cells.update({(length, float(depth)): text for length, text in zip(lengths, texts, strict=True)})
     return cells
 
 
@@ -48,7 +48,7 @@ def test_finds_the_passkey_exactly_where_the_model_can_see_it(tmp_path):
     assert result.model == "standin-7b-chat" and result.lengths_exact
     assert result.token_counting == "server: POST /v1/encode"
     assert len(result.trials) == 27 == len(prompts)
-    for trial, prompt in zip(result.trials, prompts):
+    for trial, prompt in zip(result.trials, prompts, strict=True):
         assert trial.passkey in prompt and trial.error is None
         # Lengths are in the model's tokens: the message text is the target (within a word).
         assert trial.length - 3 <= len(tokenize(prompt)) == trial.measured_tokens <= trial.length
@@ -120,7 +120,7 @@ def test_same_seed_same_prompts_other_seed_other_passkeys():
         assert server.prompts == first_prompts
         other = run_probe(sweep(server, lengths=(600,), trials=2, seed=1))
     assert [t.passkey for t in again.trials] == [t.passkey for t in first.trials]
-    assert all(a.passkey != b.passkey for a, b in zip(first.trials, other.trials))
+    assert all(a.passkey != b.passkey for a, b in zip(first.trials, other.trials, strict=True))
 
 
 def test_a_length_past_the_session_is_an_error_cell_and_the_sweep_goes_on(tmp_path):
@@ -268,5 +268,6 @@ def test_prompt_builder_matches_what_the_server_receives():
     with ProbeStandin(visible=K) as server:
         result = run_probe(sweep(server, lengths=(900,), depths=(0.25,), trials=2, seed=5))
         sent = list(server.prompts)
-    for trial, text in zip(result.trials, sent):
+    assert len(result.trials) == len(sent) == 2  # zip alone would pass having compared nothing
+    for trial, text in zip(result.trials, sent, strict=True):
         assert build_prompt(Filler(5, trial.trial), trial.passkey, 0.25, trial.filler_words).text == text
