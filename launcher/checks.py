@@ -1,69 +1,65 @@
 """Checks of flag values, written once: each takes the flag's name and the value as given and
 returns it typed, or raises ``BadOption(option, value, reason)`` (one line, exit 2).
 
-Pure functions: no I/O (``hub_timeout`` reads its environment variable). Every number from a
-flag gets a type and a range here, so that a value such as ``1e305`` or ``-0`` is refused in words
-instead of overflowing later.
+Every number flag is text in the parser and is read here by its entry in the one table of limits
+(``launcher/limits.py``: ``checks.limited("--tp", text, limits.TP)``), by the one grammar for
+number text (ASCII digits, one sign; ``"２"``, ``"1_000"``, ``"nan"`` are refused), so every bad
+number flag of every command is answered in one voice: ``--tp '２': must be a whole number from 1
+to 64, e.g. --tp 2``. A preset's or a config's number is read by the same limits (``presets.py``,
+``configcheck.py``), so the two never disagree.
+
+Pure functions: no I/O (``hub_timeout`` reads its environment variable).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TypeVar
 
+from . import limits
 from .errors import BadOption
+from .limits import WEEK_S, Limit
 
 T = TypeVar("T")
-_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)  # one sign at most; "٣" is a digit to str.isdigit, not here
-WEEK_S = 7 * 24 * 3600.0  # the longest wait any flag may ask for
+__all__ = ["WEEK_S", "choice", "hub_timeout", "limited", "number", "one_of", "revision", "seconds", "whole", "word"]
 
 
 def _shown(value: object) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def limited(option: str, value: object, limit: Limit) -> int | float:
+    """The flag's value (text, or a number given in code) by ``limit``: typed and in range."""
+    try:
+        return limit.read(value)
+    except ValueError as err:
+        hint = f", e.g. {option} {limit.example}" if limit.example is not None else ""
+        raise BadOption(option, _shown(value), f"{err}{hint}") from None
+
+
 def whole(option: str, value: object, low: int, high: int, example: object | None = None) -> int:
     """A whole number in ``low..high`` (an ``int``, or text of ASCII digits)."""
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
-        number = int(value.strip())
-    if number is None or not low <= number <= high:
-        hint = f", e.g. {option} {example}" if example is not None else ""
-        raise BadOption(option, _shown(value), f"must be a whole number from {low:,} to {high:,}{hint}")
-    return number
+    return int(limited(option, value, Limit(True, low, high, example=example)))
 
 
 def number(option: str, value: object, low: float, high: float, *, low_open: bool = False,
            high_open: bool = False, unit: str = "", example: object | None = None) -> float:
-    """A finite number in the range ``low..high`` (either end open when asked)."""
-    result: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            result = None
-    ok = (
-        result is not None and math.isfinite(result)
-        and (result > low if low_open else result >= low)
-        and (result < high if high_open else result <= high)
-    )
-    if not ok:
-        what = f" {unit}" if unit else ""
-        hint = f", e.g. {option} {example}" if example is not None else ""
-        if low_open and high_open:
-            span = f"strictly between {low:g} and {high:g}"
-        else:
-            span = f"{'greater than' if low_open else 'at least'} {low:g} and {'less than' if high_open else 'at most'} {high:g}"
-        raise BadOption(option, _shown(value), f"must be a number{what} {span}{hint}")
-    return result  # type: ignore[return-value]
+    """A finite number in the range ``low..high`` (either end open when asked); ``unit``: what it
+    counts ("GiB")."""
+    return float(limited(option, value, Limit(False, low, high, low_open, high_open, unit, example)))
+
+
+def choice(option: str, value: object, choices: Iterable[int]) -> object:
+    """A whole number (text by the one grammar) that is one of ``choices`` (``--quant-policy``)."""
+    options = tuple(choices)
+    try:
+        value = Limit(True, min(options), max(options)).read(value)
+    except ValueError:
+        pass
+    return one_of(option, value, options)
 
 
 def one_of(option: str, value: T, choices: Iterable[T]) -> T:
@@ -93,8 +89,8 @@ def revision(option: str, value: object) -> str:
 
 
 def seconds(option: str, value: object, example: object | None = None) -> float:
-    """A wait in seconds: more than 0 and at most a week (``WEEK_S``)."""
-    return number(option, value, 0.0, WEEK_S, low_open=True, unit="of seconds", example=example)
+    """A wait in seconds: more than 0 and at most a week (``limits.SECONDS``)."""
+    return float(limited(option, value, replace(limits.SECONDS, example=example)))
 
 
 HUB_TIMEOUT_ENV = "LAUNCH_HUB_TIMEOUT"

@@ -2,77 +2,78 @@
 preset's stand-in for it). Each number has a type and a range, and a refusal names the file, the
 field and the value: ``BadConfig(source, "num_key_value_heads must be ..., found 'abc'")``.
 
-Flags are checked elsewhere (``launcher/checks.py``); presets' own fields use these checks through
-``presets.py``. Pure functions: nothing here reads files.
+The ranges are the one table's (``launcher/limits.py``, ``CONFIG_KEYS``), the same that flags
+(``launcher/checks.py``) and presets (``presets.py``) are read by. Pure functions: nothing here
+reads files.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 from typing import Any
 
 from .errors import BadConfig
+from .limits import CONFIG_KEYS, INT32_MAX, SHAPE_MAX, Limit, shown
 
-# lmdeploy keeps session_len, max_position_embeddings and token positions in 32-bit ints.
-INT32_MAX = 2**31 - 1
-# Model shape numbers (layers, heads, head sizes): far above any real model, far below overflow.
-SHAPE_MAX = 1 << 20
+__all__ = [
+    "INT32_MAX",
+    "MAX_DEPTH",
+    "SHAPE_MAX",
+    "check_config",
+    "config_int",
+    "config_number",
+    "real_number",
+    "shown",
+    "whole_number",
+]
+
 # How deep a config.json may nest (real ones nest 3 or 4 levels; the copying and formatting code
 # after parsing recurses once per level).
 MAX_DEPTH = 64
-_SHOWN = 60
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut to a readable length (a value may be a huge or deeply nested thing)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        text = f"<a deeply nested {type(value).__name__}>"
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def whole_number(value: Any, low: int = 1, high: int = INT32_MAX) -> int:
     """``value`` as an int within [low, high], or ValueError saying what it must be. Booleans are
     not numbers; a float is taken only when it is whole (``32768.0``)."""
-    number = value
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        number = int(value)
-    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
-        raise ValueError(f"must be a whole number from {low:,} to {high:,}, found {shown(value)}")
-    return number
+    return int(Limit(True, low, high).check(value))
 
 
 def real_number(value: Any, low: float = 0.0, high: float = float(INT32_MAX), *, low_open: bool = True) -> float:
     """``value`` as a finite float within (low, high] (or [low, high]), or ValueError."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    number = (float(value) if abs(value) < 1e308 else math.inf) if is_number else math.nan
-    below = number <= low if low_open else number < low
-    if not is_number:
-        raise ValueError(f"must be a number, found {shown(value)}")
-    if not math.isfinite(number) or below or number > high:
-        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise ValueError(f"must be a finite number {bound} and at most {high:g}, found {shown(value)}")
-    return number
+    return float(Limit(False, low, high, low_open=low_open).check(value))
 
 
-def config_int(section: dict, key: str, source: str, where: str = "", *, low: int = 1,
-               high: int = INT32_MAX) -> int:
-    """The whole number ``section[key]`` (required), or BadConfig naming file, field and value."""
+def _limit(key: str, whole: bool, low: float | None, high: float | None, low_open: bool = True) -> Limit:
+    """The table's limit of config field ``key`` (``limits.CONFIG_KEYS``), with the bounds a reader
+    gives in its place; a field outside the table is a positive number up to INT32_MAX."""
+    limit = CONFIG_KEYS.get(key)
+    if limit is None or limit.whole != whole:
+        limit = Limit(whole, 1 if whole else 0.0, INT32_MAX, low_open=not whole)
+    if low is not None:
+        limit = replace(limit, low=low, low_open=low_open and not whole)
+    return limit if high is None else replace(limit, high=high)
+
+
+def config_int(section: dict, key: str, source: str, where: str = "", *, low: int | None = None,
+               high: int | None = None) -> int:
+    """The whole number ``section[key]`` (required), or BadConfig naming file, field and value. Its
+    range: the table's for ``key`` (``limits.CONFIG_KEYS``), unless ``low`` / ``high`` are given."""
+    limit = _limit(key, True, low, high)
     if section.get(key) is None:
-        raise BadConfig(source, f"{where}{key} is missing (a whole number from {low:,} to {high:,})")
+        raise BadConfig(source, f"{where}{key} is missing ({limit.rule})")
     try:
-        return whole_number(section.get(key), low, high)
+        return int(limit.check(section.get(key)))
     except ValueError as err:
         raise BadConfig(source, f"{where}{key} {err}") from None
 
 
-def config_number(section: dict, key: str, source: str, where: str = "", *, low: float = 0.0,
-                  high: float = float(INT32_MAX), low_open: bool = True) -> float:
+def config_number(section: dict, key: str, source: str, where: str = "", *, low: float | None = None,
+                  high: float | None = None, low_open: bool = True) -> float:
+    limit = _limit(key, False, low, high, low_open)
     if section.get(key) is None:
-        raise BadConfig(source, f"{where}{key} is missing (a number)")
+        raise BadConfig(source, f"{where}{key} is missing ({limit.rule})")
     try:
-        return real_number(section.get(key), low, high, low_open=low_open)
+        return float(limit.check(section.get(key)))
     except ValueError as err:
         raise BadConfig(source, f"{where}{key} {err}") from None
 
@@ -111,12 +112,16 @@ def depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
 
 def check_config(config: Any, source: str) -> dict:
     """The facts every config launch reads must have the right shape: an object, nested at most
-    MAX_DEPTH deep, ``architectures`` a list of names. Returns ``config``."""
+    MAX_DEPTH deep, ``architectures`` (when present) a non-empty list of class names: lmdeploy
+    picks the model's code by its first name, so ``[]`` would plan as "architecture None" and fail
+    only when serve loads it. Returns ``config``."""
     if not isinstance(config, dict):
         raise BadConfig(source, f"the config must be a JSON object, found {type(config).__name__}")
     if not depth_within(config):
         raise BadConfig(source, f"the config nests more than {MAX_DEPTH} levels deep; it is not a model config")
     archs = config.get("architectures")
-    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs)):
-        raise BadConfig(source, f"architectures must be a list of class names, found {shown(archs)}")
+    if archs is not None and (not isinstance(archs, list) or not archs
+                              or not all(isinstance(a, str) and a.strip() and a.isprintable() for a in archs)):
+        raise BadConfig(source, "architectures must be a list of one or more class names (e.g. "
+                        f"[\"LlamaForCausalLM\"]), found {shown(archs)}")
     return config

@@ -14,7 +14,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from .configcheck import INT32_MAX
+from . import limits
 from .kvcache import DEFAULT_CACHE_RATIO
 from .overlay import CHAT_TEMPLATE
 
@@ -34,11 +34,11 @@ BACKENDS = ("turbomind", "pytorch")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
 DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
-# Ranges of the engine flags. lmdeploy keeps session_len in an int32 (TurboMind's C++ side).
-SESSION_LEN_MAX = INT32_MAX
-TP_MAX = 64
-MAX_BATCH_SIZE_MAX = 65536
-GPU_MEMORY_MAX_GIB = 4096.0  # per GPU; today's largest have under 300
+# Ranges of the engine flags: the one table's (launcher/limits.py), the same for flags and presets.
+SESSION_LEN_MAX = limits.SESSION_LEN.high
+TP_MAX = limits.TP.high
+MAX_BATCH_SIZE_MAX = limits.MAX_BATCH_SIZE.high
+GPU_MEMORY_MAX_GIB = limits.GPU_MEMORY.high
 
 
 @dataclass(frozen=True)

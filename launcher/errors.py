@@ -12,6 +12,7 @@ wrong and what to do next.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 DEBUG_ENV = "LAUNCH_DEBUG"
@@ -68,8 +69,47 @@ class LaunchError(Exception):
         return user_message(self)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a path, an escape sequence) and lone
+    surrogates (a file name that is not UTF-8) written as escapes, so that it stays one line,
+    cannot drive the terminal and can be written to any stream."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+class _Fact(str):
+    """A text fact as a message shows it: printable (``printable``); ``{fact!r}`` is ``repr`` of
+    the text as given (which escapes the same characters)."""
+
+    given: str
+
+    def __repr__(self) -> str:
+        return repr(self.given)
+
+
+def _shown_fact(value: Any) -> Any:
+    """A fact as every message shows it: text (a path included) printable, in tuples and lists too."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, _Fact) or not isinstance(value, str):
+        return value if not isinstance(value, (tuple, list)) else type(value)(_shown_fact(v) for v in value)
+    fact = _Fact(printable(value))
+    fact.given = value
+    return fact
+
+
+class _Shown:
+    """``err`` as its ``message`` method reads it: each fact through ``_shown_fact``."""
+
+    def __init__(self, err: LaunchError) -> None:
+        self._err = err
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._err, name)
+        return _shown_fact(value) if name in self._err._fields else value
+
+
 def _format(template: str, err: LaunchError) -> str:
-    facts = err.facts()
+    facts = {key: _shown_fact(value) for key, value in err.facts().items()}
     for key, value in list(facts.items()):
         if isinstance(value, (tuple, list)):
             facts[f"{key}_list"] = ", ".join(str(v) for v in value)
@@ -77,11 +117,13 @@ def _format(template: str, err: LaunchError) -> str:
 
 
 def user_message(err: LaunchError) -> str:
-    """The one line a user sees for ``err``: its class's ``message``, a format string over its facts
-    (``{name_list}`` joins a tuple) or a method."""
+    """What a user sees for ``err``: its class's ``message``, a format string over its facts
+    (``{name_list}`` joins a tuple) or a method. Every fact is shown printable, whatever a server,
+    a file or a file name put in it: the message's lines are the template's own (one, except a
+    server log's tail), and no fact can add a line or drive the terminal."""
     own = type(err).message
     if callable(own):
-        return own(err)
+        return own(_Shown(err))
     if isinstance(own, str):
         return _format(own, err)
     return type(err).__name__
@@ -125,14 +167,9 @@ class UnknownRopeType(LaunchError):
 # --- RoPE rules -------------------------------------------------------------------------------
 
 
-def printable(text: str) -> str:
-    """``text`` with control characters (a newline in a path, an escape sequence) written as escapes,
-    so that a message stays one line and cannot drive the terminal."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
 class _Printable(LaunchError):
-    """Errors whose facts come from file names and file contents: shown through ``printable``."""
+    """Errors whose facts come from file names and file contents. (Every error's facts are shown
+    printable now, by ``user_message``; this class only keeps its name for its subclasses.)"""
 
     def __str__(self) -> str:
         return printable(user_message(self))

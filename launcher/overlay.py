@@ -98,8 +98,9 @@ def parse_model_config(data: bytes, origin: str) -> dict:
 
 
 def config_bytes(config: dict) -> bytes:
-    """How launch writes a config.json: stable, readable, UTF-8."""
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    """How launch writes a config.json: stable, readable, UTF-8 (a lone surrogate, which UTF-8
+    cannot hold, as its JSON escape: it reads back as the same text)."""
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 def source_files(source: Path) -> dict[str, str]:
@@ -148,7 +149,7 @@ def slug(name: str) -> str:
 
 def overlay_key(source: Path, patched: bytes) -> str:
     digest = hashlib.sha256()
-    digest.update(os.path.realpath(source).encode())
+    digest.update(os.fsencode(os.path.realpath(source)))  # the path's own bytes, UTF-8 or not
     digest.update(b"\0")
     digest.update(patched)
     return digest.hexdigest()[:16]

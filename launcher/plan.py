@@ -14,16 +14,13 @@ import operator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import __version__, checks
+from . import __version__, checks, limits
 from .engine import (
     BACKENDS,
     DEFAULT_HOST,
     DEFAULT_PORT,
     DEFAULTS,
-    GPU_MEMORY_MAX_GIB,
-    MAX_BATCH_SIZE_MAX,
     SESSION_LEN_MAX,
-    TP_MAX,
     EngineSettings,
     EngineSpec,
     api_server_argv,
@@ -42,13 +39,11 @@ from .kvcache import (
     plan_memory,
     weights_bytes_estimate,
 )
-from .layout import NNODES_MAX
 from .overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
 from .resolve import Fetching, ModelSource, resolve
 from .rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
-FACTOR_MAX = 1024.0  # x1024 of even a 2k model is 2M tokens; more is a typo
 
 
 @dataclass(frozen=True)
@@ -85,36 +80,30 @@ class PlanRequest:
 
 
 def check_request(request: PlanRequest) -> PlanRequest:
-    """Every flag of ``request`` typed and in range, or a one-line BadOption (or BadFactor,
-    UnknownRopeType, OverlayConflict). Reads no config and makes no request: this runs before
-    anything is downloaded or written. Checking a checked request changes nothing."""
+    """Every flag of ``request`` typed and in range (numbers by the one table, ``limits``), or a
+    one-line BadOption (or UnknownRopeType, OverlayConflict). Reads no config and makes no request:
+    this runs before anything is downloaded or written. Checking a checked request changes nothing."""
     r = request
-    factor = r.factor
-    if factor is not None:  # BadFactor for what is not a number > 1 at all, then the range
-        parse_factor(factor)
-        factor = checks.number("--factor", factor, 1.0, FACTOR_MAX, low_open=True, example=2)
     out = r.out
     if out is not None:
         local = Path(r.model).expanduser()
         out = check_target(out, local if local.is_dir() else None)
     return replace(
         r,
-        factor=factor,
+        factor=_maybe(checks.limited, "--factor", r.factor, limits.FACTOR),
         rope_type=parse_rope_type(r.rope_type) if r.rope_type is not None else None,
-        session_len=_maybe(checks.whole, "--session-len", r.session_len, 1, SESSION_LEN_MAX, example=65536),
+        session_len=_maybe(checks.limited, "--session-len", r.session_len, limits.SESSION_LEN),
         backend=checks.one_of("--backend", r.backend, BACKENDS) if r.backend is not None else None,
-        tp=_maybe(checks.whole, "--tp", r.tp, 1, TP_MAX, example=2),
-        max_batch_size=_maybe(checks.whole, "--max-batch-size", r.max_batch_size, 1, MAX_BATCH_SIZE_MAX, example=64),
-        cache_max_entry_count=_maybe(checks.number, "--cache-max-entry-count", r.cache_max_entry_count, 0.0, 1.0,
-                                     low_open=True, high_open=True, example=0.8),
-        quant_policy=(checks.one_of("--quant-policy", r.quant_policy, QUANT_POLICIES)
-                      if r.quant_policy is not None else None),
-        gpu_memory_gib=_maybe(checks.number, "--gpu-memory", r.gpu_memory_gib, 0.0, GPU_MEMORY_MAX_GIB,
-                              low_open=True, unit="of GiB", example=80),
+        tp=_maybe(checks.limited, "--tp", r.tp, limits.TP),
+        max_batch_size=_maybe(checks.limited, "--max-batch-size", r.max_batch_size, limits.MAX_BATCH_SIZE),
+        cache_max_entry_count=_maybe(checks.limited, "--cache-max-entry-count", r.cache_max_entry_count,
+                                     limits.CACHE_MAX_ENTRY_COUNT),
+        quant_policy=_maybe(checks.choice, "--quant-policy", r.quant_policy, QUANT_POLICIES),
+        gpu_memory_gib=_maybe(checks.limited, "--gpu-memory", r.gpu_memory_gib, limits.GPU_MEMORY),
         model_name=checks.word("--model-name", r.model_name, "a name") if r.model_name is not None else None,
         revision=checks.revision("--revision", r.revision) if r.revision is not None else None,
         out=out,
-        nnodes=checks.whole("--nnodes", r.nnodes, 1, NNODES_MAX, example=2),
+        nnodes=checks.limited("--nnodes", r.nnodes, limits.NNODES),
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,8 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import checks
-from .configcheck import INT32_MAX, whole_number
+from . import checks, limits
 from .engine import BACKENDS, EngineSettings
 from .errors import BadOption, DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
 from .kvcache import QUANT_POLICIES
@@ -39,7 +37,9 @@ _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when pres
 # --- the schema ----------------------------------------------------------------------------------
 # Each section is a frozen dataclass; a field's ``metadata["check"]`` turns the YAML value into the
 # field's value or raises ValueError saying what is wrong. Unknown keys are refused, naming them.
-# (Hand-written rather than pydantic: importing pydantic costs every `launch plan` ~0.15 s.)
+# Every number is read by its entry in the one table of limits (``launcher/limits.py``), the entry
+# its flag or its config.json field is read by: a preset can hold nothing ``--tp`` or a config could
+# not. (Hand-written rather than pydantic: importing pydantic costs every `launch plan` ~0.15 s.)
 
 Check = Callable[[Any], Any]
 
@@ -66,47 +66,29 @@ def _flag(value: Any) -> bool:
     return value
 
 
-def _positive_int(value: Any) -> int:
-    return whole_number(value, 1, INT32_MAX)
+def _limited(limit: limits.Limit) -> Check:
+    """A number by ``limit``. A decimal number may be YAML text: YAML 1.1 reads 7.3e9 (no exponent
+    sign) as a string, so such text is read by the flags' grammar."""
+
+    def check(value: Any) -> int | float:
+        if isinstance(value, str) and not limit.whole:
+            try:
+                return limit.parse(value)
+            except ValueError:
+                pass
+        return limit.check(value)
+
+    return check
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 7.3e9 (no exponent sign) as text
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"must be a number, found {value!r}")
-    if abs(value) > 1e300:
-        raise ValueError(f"must be a number of a sensible size, found {value!r}")
-    return float(value)
-
-
-def _positive(value: Any) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise ValueError(f"must be greater than 0, found {value!r}")
-    return number
-
-
-def _factor(value: Any) -> float:
-    number = _number(value)
-    if number <= 1:
-        raise ValueError(f"must be a finite number greater than 1, found {value!r}")
-    return number
-
-
-def _ratio(value: Any) -> float:
-    number = _number(value)
-    if not 0 < number < 1:
-        raise ValueError(f"must be greater than 0 and less than 1, found {value!r}")
-    return number
+def _config_number(key: str) -> Check:
+    """A config.json fact by the limit its key has in config.json (``limits.CONFIG_KEYS``)."""
+    return _limited(limits.CONFIG_KEYS[key])
 
 
 def _one_of(*choices: Any) -> Check:
     def check(value: Any) -> Any:
-        if isinstance(value, bool) or value not in choices:
+        if isinstance(value, bool) or value not in choices or type(value) is not type(choices[0]):
             raise ValueError(f"must be one of {', '.join(map(str, choices))}, found {value!r}")
         return value
 
@@ -184,7 +166,7 @@ def _plain(section: Any) -> dict:
 @dataclass(frozen=True)
 class RopeDefaults:
     type: str = _spec(_one_of(*WRITABLE_TYPES))
-    factor: float = _spec(_factor)
+    factor: float = _spec(_limited(limits.FACTOR))
 
 
 @dataclass(frozen=True)
@@ -192,21 +174,21 @@ class ShippedConfig:
     """The facts of the checkpoint's config.json, with config.json's own key names."""
 
     architectures: tuple[str, ...] = _spec(_texts)
-    max_position_embeddings: int = _spec(_positive_int)
-    num_hidden_layers: int = _spec(_positive_int)
-    hidden_size: int = _spec(_positive_int)
-    num_attention_heads: int = _spec(_positive_int)
+    max_position_embeddings: int = _spec(_config_number("max_position_embeddings"))
+    num_hidden_layers: int = _spec(_config_number("num_hidden_layers"))
+    hidden_size: int = _spec(_config_number("hidden_size"))
+    num_attention_heads: int = _spec(_config_number("num_attention_heads"))
     torch_dtype: str = _spec(_one_of("float16", "bfloat16", "float32"))
     model_type: str | None = _spec(_optional(_text), None)
-    rope_theta: float | None = _spec(_optional(_number), None)
+    rope_theta: float | None = _spec(_optional(_config_number("rope_theta")), None)
     rope_scaling: dict | None = _spec(_optional(_mapping), None)
     rope_parameters: dict | None = _spec(_optional(_mapping), None)
-    num_key_value_heads: int | None = _spec(_optional(_positive_int), None)
-    head_dim: int | None = _spec(_optional(_positive_int), None)
-    vocab_size: int | None = _spec(_optional(_positive_int), None)
+    num_key_value_heads: int | None = _spec(_optional(_config_number("num_key_value_heads")), None)
+    head_dim: int | None = _spec(_optional(_config_number("head_dim")), None)
+    vocab_size: int | None = _spec(_optional(_config_number("vocab_size")), None)
     bias: bool | None = _spec(_optional(_flag), None)  # InternLM v1: biases on the attention projections
     attention_bias: bool | None = _spec(_optional(_flag), None)
-    sliding_window: int | None = _spec(_optional(_positive_int), None)
+    sliding_window: int | None = _spec(_optional(_config_number("sliding_window")), None)
 
     def as_config(self) -> dict:
         """A config.json-shaped dict (keys that are None are left out, except rope_scaling)."""
@@ -221,9 +203,9 @@ class EngineDefaults:
     """A preset's engine settings; the defaults are the engine's own (``engine.EngineSettings``)."""
 
     backend: str = _spec(_one_of(*BACKENDS), EngineSettings.backend)
-    tp: int = _spec(_positive_int, EngineSettings.tp)
-    max_batch_size: int = _spec(_positive_int, EngineSettings.max_batch_size)
-    cache_max_entry_count: float = _spec(_ratio, EngineSettings.cache_max_entry_count)
+    tp: int = _spec(_limited(limits.TP), EngineSettings.tp)
+    max_batch_size: int = _spec(_limited(limits.MAX_BATCH_SIZE), EngineSettings.max_batch_size)
+    cache_max_entry_count: float = _spec(_limited(limits.CACHE_MAX_ENTRY_COUNT), EngineSettings.cache_max_entry_count)
     quant_policy: int = _spec(_one_of(*QUANT_POLICIES), EngineSettings.quant_policy)
 
 
@@ -251,9 +233,9 @@ class ChatTemplate:
 class Preset:
     name: str = _spec(_text)
     repo: str = _spec(_repo)
-    native_context: int = _spec(_positive_int)
+    native_context: int = _spec(_limited(limits.CONTEXT))
     rope: RopeDefaults = _spec(_section(RopeDefaults))
-    parameters: float = _spec(_positive)  # parameter count, for the weight-size estimate
+    parameters: float = _spec(_limited(limits.PARAMETERS))  # parameter count, for the weight-size estimate
     config: ShippedConfig = _spec(_section(ShippedConfig))
     revision: str | None = _spec(_optional(_revision), None)
     description: str = _spec(_text, "")
@@ -315,6 +297,44 @@ def _yaml_refusal(text: str) -> str | None:
     return None
 
 
+def _duplicate_key(root: yaml.Node) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of the composed YAML: (its dotted path, first line,
+    second line). YAML takes the last silently (a second ``repo:`` would switch the repository)."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, where) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                name = f"{where}{key.value}" if isinstance(key, yaml.ScalarNode) else where.rstrip(".")
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in seen:
+                        return name, seen[(key.tag, key.value)], line
+                    seen[(key.tag, key.value)] = line
+                stack.append((value, f"{name}." if name else ""))
+    return None
+
+
+def _parse(text: str, path: Path) -> Any:
+    """The YAML document of ``text``; a key given twice in one mapping is refused, naming it."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        twice = _duplicate_key(node)
+        if twice:
+            key, first, second = twice
+            lines = f"on line {first}" if first == second else f"on lines {first} and {second}"
+            raise InvalidPreset(str(path), key, f"is given twice, {lines}; keep one")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 @lru_cache(maxsize=64)
 def _load(path: Path, mtime_ns: int) -> Preset:
     try:
@@ -326,7 +346,7 @@ def _load(path: Path, mtime_ns: int) -> Preset:
         refusal = _yaml_refusal(text)
         if refusal:
             raise InvalidPreset(str(path), "(file)", refusal)
-        data = yaml.load(text, Loader=_YamlLoader)
+        data = _parse(text, path)
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidPreset(str(path), "(file)", f"cannot read it: {err}") from None
     except RecursionError:
@@ -353,10 +373,12 @@ def _check_consistent(preset: Preset, path: Path) -> None:
     its default RoPE must be one the rules accept on those facts (else every use would fail later
     with a message that does not name the preset)."""
     from .errors import BadConfig, LaunchError
+    from .kvcache import ModelShape
     from .rope import RopeRequest, decide, read_rope
 
     try:
         state = read_rope(preset.stub_config(), f"preset {preset.name}")
+        ModelShape.from_config(preset.stub_config(), f"preset {preset.name}")  # heads against KV heads, hidden size
     except BadConfig as err:
         raise InvalidPreset(str(path), "config", err.problem) from None
     except LaunchError as err:

@@ -389,7 +389,9 @@ def test_patch_and_plan_keep_the_contract_over_generated_configs_and_flags(capsy
     # from max_position_embeddings / original, which launch writes as round(N x F).)
     cases = TURBOMIND_CASES[:]
     assert len(cases) == outcomes["patch success"] + outcomes["plan success"]
-    for case, read in zip(cases, turbomind_reads(cases, tmp_path)):
+    reads = turbomind_reads(cases, tmp_path)
+    assert len(reads) == len(cases), (len(reads), len(cases))  # one reading per case, none skipped
+    for case, read in zip(cases, reads, strict=True):
         assert read["type"] == case["type"], (case, read)
         assert math.isclose(read["factor"], case["factor"], rel_tol=0.01), (case, read)
         if case["type"] != "linear":

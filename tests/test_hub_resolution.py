@@ -94,7 +94,7 @@ def test_a_downloaded_preset_plans_from_its_real_config_without_a_request(hub, t
 
 
 FLAG_REFUSALS = [
-    (["patch", "org/tiny", "--factor", "0"], "factor must be a finite number greater than 1"),
+    (["patch", "org/tiny", "--factor", "0"], "--factor '0': must be a number greater than 1"),
     (["patch", "org/tiny", "--factor", "1e305"], "--factor '1e305'"),
     (["patch", "org/tiny", "--type", "bogus"], "unknown RoPE type 'bogus'"),
     (["patch", "org/tiny", "--factor", "2", "--out", "FILE"], "exists and is not a directory"),
@@ -105,7 +105,7 @@ FLAG_REFUSALS = [
     (["plan", "org/tiny", "--factor", "2", "--tp", "0"], "--tp"),
     (["plan", "org/tiny", "--factor", "2", "--gpu-memory", "1e300"], "--gpu-memory"),
     (["plan", "org/tiny", "--factor", "2", "--quant-policy", "3"], "--quant-policy"),
-    (["serve", "org/tiny", "--dry-run", "--factor", "0"], "factor must be a finite number greater than 1"),
+    (["serve", "org/tiny", "--dry-run", "--factor", "0"], "--factor '0': must be a number greater than 1"),
     (["serve", "org/tiny", "--dry-run", "--factor", "2", "--cache-max-entry-count", "1"], "strictly between 0 and 1"),
     (["serve", "org/tiny", "--dry-run", "--factor", "2", "--port", "0"], "--port"),
     (["serve", "org/tiny", "--dry-run", "--factor", "2", "--health-timeout", "1e300"], "--health-timeout"),

@@ -119,7 +119,7 @@ def test_default_user_directory_is_under_the_config_home(monkeypatch, tmp_path):
         (lambda d: d.update(repo="not a repo"), "repo", "repo id ORG/NAME"),
         (lambda d: d.pop("parameters"), "parameters", "required"),
         (lambda d: d.update(engine={"quant_policy": 2}), "engine.quant_policy", "one of 0, 8, 4"),
-        (lambda d: d.update(engine={"cache_max_entry_count": 1.0}), "engine.cache_max_entry_count", "less than 1"),
+        (lambda d: d.update(engine={"cache_max_entry_count": 1.0}), "engine.cache_max_entry_count", "strictly between 0 and 1"),
         (lambda d: d.update(name="other"), "name", "must match the file name"),
         (lambda d: d.update(rope="dynamic"), "rope", "must be a mapping"),
         (lambda d: d["config"].update(rope_scaling="dynamic"), "config.rope_scaling", "must be a mapping"),

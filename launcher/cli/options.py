@@ -1,7 +1,10 @@
 """Option types shared by several commands, declared once.
 
-Values that need checking (factor, type) arrive as text and are parsed by the library, so that a
-bad value gets the same one-line error everywhere.
+Every value that needs checking arrives as text and is checked by the library, so that a bad value
+gets the same one-line error everywhere. A number flag is declared with ``number``: text in the
+parser (click's INT and FLOAT would take "２" and "1_000", and answer in their own voice), read by
+its entry in the one table of limits (``launcher/limits.py``) through ``checks.limited``; its help
+states the range from that entry.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import checks, limits
+from ..engine import DEFAULT_PORT, DEFAULTS
 from ..proxy_start import DEFAULT_ROUTING, ROUTINGS
 
 
@@ -18,15 +23,33 @@ def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
     return Annotated[kind | None, typer.Option(*names, help=help, show_default=False, **more)]
 
 
+def number(limit: limits.Limit, *names: str, help: str, default: object = None, **more: Any) -> Any:
+    """A number flag: text in the parser, read by ``checks.limited(names[0], text, limit)`` as it is
+    parsed, so the command gets an int or float in range (or None when the flag is left out) and a
+    bad value is one ``BadOption`` line, whatever the command. Its range (from ``limit``) and
+    ``default`` (a value held elsewhere, shown as it is) end the help."""
+
+    def checked(value: str | None) -> int | float | None:
+        return None if value is None else checks.limited(names[0], value, limit)
+
+    more.setdefault("metavar", "N" if limit.whole else "X")
+    tail = f" {limit.rule[0].upper()}{limit.rule[1:]}."
+    if default is not None:
+        tail += f" Default: {default}."
+    return optional(str, *names, help=help + tail, callback=checked, **more)
+
+
 ModelArg = Annotated[
     str,
     typer.Argument(help="A preset name (see `launch presets`), a Hub repo id (org/name) or a local model "
                    "directory.", show_default=False),
 ]
-FactorOpt = optional(str, "--factor", "-f", help="Context multiplier F > 1: serve N x F tokens. Default: the preset's.")
+FactorOpt = number(limits.FACTOR, "--factor", "-f", metavar="F", help="Context multiplier: serve N x F tokens.",
+                   default="the preset's")
 TypeOpt = optional(str, "--type", "-t", help="RoPE scaling type: dynamic, linear, yarn or llama3. "
                    "Default: the preset's, else the config's, else dynamic.")
-SessionLenOpt = optional(int, "--session-len", help="Tokens per session. Default: what the scaling covers (N x F).")
+SessionLenOpt = number(limits.SESSION_LEN, "--session-len", metavar="TOKENS", help="Tokens per session.",
+                       default="what the scaling covers (N x F)")
 ForceOpt = Annotated[
     bool,
     typer.Option("--force", help="Allow replacing another scaling type, shrinking the context, or a "
@@ -36,28 +59,28 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 # as typed: Path('') would silently become the current directory
 OutOpt = optional(str, "--out", "-o", help="Where to write the overlay. Default: launch's cache directory.")
 BackendOpt = optional(str, "--backend", help="turbomind or pytorch. Default: the preset's, else turbomind.")
-TpOpt = optional(int, "--tp", help="Tensor parallel GPUs.")
-MaxBatchOpt = optional(int, "--max-batch-size", help="Concurrent sequences.")
-CacheRatioOpt = optional(float, "--cache-max-entry-count", help="Share of free GPU memory (after weights) for the KV "
-                         "cache, 0 < r < 1.")
-QuantOpt = optional(int, "--quant-policy", help="KV cache: 0 fp16, 8 int8, 4 int4.")
-GpuMemoryOpt = optional(float, "--gpu-memory", help="Free memory per GPU in GiB, to plan on a machine without one "
-                        "(default: read through NVML).")
+TpOpt = number(limits.TP, "--tp", help="Tensor parallel GPUs.", default=f"the preset's, else {DEFAULTS.tp}")
+MaxBatchOpt = number(limits.MAX_BATCH_SIZE, "--max-batch-size", help="Concurrent sequences.",
+                     default=f"the preset's, else {DEFAULTS.max_batch_size}")
+CacheRatioOpt = number(limits.CACHE_MAX_ENTRY_COUNT, "--cache-max-entry-count", metavar="RATIO",
+                       help="Share of free GPU memory (after weights) for the KV cache.",
+                       default=f"the preset's, else {DEFAULTS.cache_max_entry_count:g}")
+QuantOpt = optional(str, "--quant-policy", metavar="0|8|4", help="KV cache: 0 fp16, 8 int8, 4 int4. "
+                    f"Default: the preset's, else {DEFAULTS.quant_policy}.")
+GpuMemoryOpt = number(limits.GPU_MEMORY, "--gpu-memory", metavar="GIB",
+                      help="Free memory per GPU in GiB, to plan on a machine without one.", default="read through NVML")
 RevisionOpt = optional(str, "--revision", help="Branch, tag or commit sha on the Hub. Default: the preset's pin, else main.")
 TrustOpt = optional(bool, "--trust-remote-code/--no-trust-remote-code",
                     help="Use (and download) the repo's own Python code. Default: only when the preset says so.")
 HostOpt = Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")]
-PortOpt = Annotated[str, typer.Option("--port", help="Port of the OpenAI API (of the proxy with --replicas).")]
-ReplicasOpt = Annotated[
-    str,
-    typer.Option("--replicas", metavar="N", help="N engines on this machine, tp GPUs each, behind lmdeploy's proxy on --port; "
-                 "the replicas listen on loopback ports after it."),
-]
-NnodesOpt = Annotated[
-    str,
-    typer.Option("--nnodes", metavar="N", help="One engine across N nodes (TurboMind): --tp is the TOTAL, tp/N GPUs per node."),
-]
-NodeRankOpt = optional(str, "--node-rank", metavar="R", help="This node's rank with --nnodes, 0 to N-1; rank 0 serves HTTP.")
+PortOpt = number(limits.PORT, "--port", metavar="PORT", help="Port of the OpenAI API (of the proxy with --replicas).",
+                 default=DEFAULT_PORT)
+ReplicasOpt = number(limits.REPLICAS, "--replicas", help="N engines on this machine, tp GPUs each, behind lmdeploy's "
+                     "proxy on --port; the replicas listen on loopback ports after it.", default=1)
+NnodesOpt = number(limits.NNODES, "--nnodes", help="One engine across N nodes (TurboMind): --tp is the TOTAL, tp/N "
+                   "GPUs per node.", default=1)
+NodeRankOpt = number(limits.NODE_RANK, "--node-rank", metavar="R", help="This node's rank with --nnodes, 0 to N-1; rank 0 "
+                     "serves HTTP.")
 DistInitAddrOpt = optional(str, "--dist-init-addr", metavar="HOST:PORT",
                            help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.")
 RoutingOpt = optional(str, "--routing", metavar="|".join(ROUTINGS),

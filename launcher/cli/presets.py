@@ -34,7 +34,8 @@ def presets(ctx: typer.Context) -> None:
             f"{p.name:<26} {p.native_context:>8,} {default:<12} {serves:>9}  {p.engine.backend:<9} {p.repo}{origin}"
         )
     dirs = ", ".join(str(d) for d in user_presets_dirs())
-    typer.echo(f"\nYour own presets go in {dirs} (LAUNCH_PRESETS_DIR).", err=True)
+    typer.echo(err=True)
+    typer.echo(f"note: your own presets go in {dirs} (LAUNCH_PRESETS_DIR).", err=True)
 
 
 @presets_app.command("show")

@@ -1,0 +1,155 @@
+"""The one table of limits: the type and range of every number launch takes from a flag, a preset
+or a config, written once.
+
+A ``Limit`` reads a value and returns it typed, or raises ``ValueError`` saying the rule in words
+("must be a whole number from 1 to 64"). Where the value came from is the caller's to say:
+``checks.py`` turns the refusal into ``BadOption`` naming the flag, ``presets.py`` into
+``InvalidPreset`` naming the preset file and key, ``configcheck.py`` into ``BadConfig`` naming the
+config and field. So a preset's ``tp: 128`` is refused by the rule ``--tp 128`` is refused by.
+
+Text (a flag) is read by one grammar: ASCII digits, at most one sign, for a decimal number a point
+and an exponent; no underscores, no other scripts' digits, no ``inf`` or ``nan`` (Python's
+``int()`` and ``float()`` take ``"２"`` and ``"1_000"``; launch does not). A number from YAML or
+JSON is taken as it is: a boolean is not a number, and a float counts as whole only when it is
+(``32768.0``).
+
+Pure: no I/O, and no imports from launch (every other layer may import this one).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+INT32_MAX = 2**31 - 1  # lmdeploy keeps session_len and token positions in 32-bit ints
+SHAPE_MAX = 1 << 20  # layers, heads, head sizes: far above any real model, far below overflow
+FLOAT32_MAX = 3.4028234663852886e38  # TurboMind keeps a RoPE base as a 32-bit float
+WEEK_S = 7 * 24 * 3600.0  # the longest wait any flag may ask for
+
+_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_BLANKS = " \t"
+_LONGEST = 400  # characters of a number's text: more is no number anyone typed (int() stops at 4300 digits)
+_SHOWN = 60
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to a readable length (a value may be a huge or deeply nested thing)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A number's type and range. ``whole``: an int (else a finite float). ``low_open`` /
+    ``high_open``: the end itself is outside. ``unit`` names what a decimal number counts ("GiB");
+    ``example`` is a good value, shown after a refused flag ("e.g. --tp 2")."""
+
+    whole: bool
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    unit: str = ""
+    example: Any = None
+
+    @property
+    def rule(self) -> str:
+        """The range in words: "a whole number from 1 to 64", "a number greater than 1 and at most 1,024"."""
+        if self.whole:
+            return f"a whole number from {self.low:,} to {self.high:,}"
+        what = f"a number of {self.unit}" if self.unit else "a number"
+        if self.low_open and self.high_open:
+            return f"{what} strictly between {self.low:g} and {self.high:g}"
+        low = f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        high = f"{'less than' if self.high_open else 'at most'} {self.high:g}"
+        return f"{what} {low} and {high}"
+
+    def contains(self, number: float) -> bool:
+        finite = isinstance(number, int) or math.isfinite(number)  # an int may be past any float
+        return (finite and (number > self.low if self.low_open else number >= self.low)
+                and (number < self.high if self.high_open else number <= self.high))
+
+    def check(self, value: Any) -> int | float:
+        """A number from YAML or JSON, typed and in range; ValueError("must be ..., found ...")."""
+        number: int | float | None = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = None
+        elif not self.whole:
+            number = float(value) if not isinstance(value, int) or abs(value) < 1e308 else math.inf
+        elif isinstance(value, int):
+            number = value
+        elif math.isfinite(value) and value == int(value):
+            number = int(value)
+        if number is None or not self.contains(number):
+            raise ValueError(f"must be {self.rule}, found {shown(value)}")
+        return number
+
+    def parse(self, text: str) -> int | float:
+        """The text of a flag, by the one grammar (ASCII digits, one sign; a decimal number may have
+        a point and an exponent), typed and in range; ValueError("must be ...") otherwise."""
+        stripped = text.strip(_BLANKS) if isinstance(text, str) else ""
+        if len(stripped) <= _LONGEST and (_WHOLE if self.whole else _DECIMAL).fullmatch(stripped):
+            number = int(stripped) if self.whole else float(stripped)
+            if self.contains(number):
+                return number
+        raise ValueError(f"must be {self.rule}")
+
+    def read(self, value: Any) -> int | float:
+        """``parse`` for text, ``check`` for a number (a flag's value given in code as an int)."""
+        if isinstance(value, str):
+            return self.parse(value)
+        try:
+            return self.check(value)
+        except ValueError:
+            raise ValueError(f"must be {self.rule}") from None
+
+
+def _whole(low: int, high: int, example: Any = None) -> Limit:
+    return Limit(True, low, high, example=example)
+
+
+def _positive(high: float, unit: str = "", example: Any = None, *, high_open: bool = False) -> Limit:
+    return Limit(False, 0.0, high, low_open=True, high_open=high_open, unit=unit, example=example)
+
+
+# --- the table ----------------------------------------------------------------------------------
+# Engine and request: the same limit for the flag, the preset's ``engine:`` / ``rope:`` key and the plan.
+FACTOR = Limit(False, 1.0, 1024.0, low_open=True, example=2)  # x1024 of even a 2k model is 2M tokens
+SESSION_LEN = _whole(1, INT32_MAX, 65536)
+TP = _whole(1, 64, 2)
+MAX_BATCH_SIZE = _whole(1, 65536, 64)
+CACHE_MAX_ENTRY_COUNT = _positive(1.0, example=0.8, high_open=True)
+GPU_MEMORY = _positive(4096.0, "GiB", 80)  # per GPU; today's largest have under 300
+PORT = _whole(1, 65535, 23333)  # 0 ("any free port") would make the printed URL wrong
+REPLICAS = _whole(1, 256, 2)  # replicas on one machine
+NNODES = _whole(1, 256, 2)  # nodes of one engine
+NODE_RANK = _whole(0, NNODES.high - 1, 0)
+SECONDS = _positive(WEEK_S, "seconds")  # any wait a flag or variable sets
+
+# A model: the facts a preset stores and a config.json holds, read by the same limits.
+CONTEXT = _whole(1, INT32_MAX, 8192)  # native_context, max_position_embeddings, --native
+SHAPE = _whole(1, SHAPE_MAX)  # layers, heads, KV heads, head_dim
+HIDDEN_SIZE = _whole(1, SHAPE_MAX * SHAPE_MAX)
+TOKENS = _whole(1, INT32_MAX)  # vocab_size, sliding_window
+PARAMETERS = Limit(False, 1.0, 1e15, unit="parameters")  # the weight-size estimate; the largest have ~2e12
+ROPE_THETA = _positive(FLOAT32_MAX)
+
+# Config keys read by these limits (where a key has no entry, the reader passes its own bounds).
+CONFIG_KEYS: dict[str, Limit] = {
+    "max_position_embeddings": CONTEXT,
+    "original_max_position_embeddings": CONTEXT,
+    "num_hidden_layers": SHAPE,
+    "num_attention_heads": SHAPE,
+    "num_key_value_heads": SHAPE,
+    "head_dim": SHAPE,
+    "hidden_size": HIDDEN_SIZE,
+    "vocab_size": TOKENS,
+    "sliding_window": TOKENS,
+    "rope_theta": ROPE_THETA,
+}
