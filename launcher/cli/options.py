@@ -9,13 +9,14 @@ states the range from that entry.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
 
 from .. import checks, limits
-from ..engine import DEFAULT_PORT, DEFAULTS
-from ..proxy_start import DEFAULT_ROUTING, ROUTINGS
+from ..engine import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_PORT, DEFAULTS
+from ..proxy_start import DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
 
 
 def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
@@ -23,11 +24,17 @@ def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
     return Annotated[kind | None, typer.Option(*names, help=help, show_default=False, **more)]
 
 
-def number(limit: limits.Limit, *names: str, help: str, default: object = None, **more: Any) -> Any:
+def number(limit: limits.Limit, *names: str, help: str, default: object = None, example: object = None,
+           **more: Any) -> Any:
     """A number flag: text in the parser, read by ``checks.limited(names[0], text, limit)`` as it is
     parsed, so the command gets an int or float in range (or None when the flag is left out) and a
     bad value is one ``BadOption`` line, whatever the command. Its range (from ``limit``) and
-    ``default`` (a value held elsewhere, shown as it is) end the help."""
+    ``default`` (a value held elsewhere, shown as it is) end the help; ``example`` replaces the
+    limit's own in a refusal ("e.g. --health-timeout 1800").
+
+    Usage, one line per flag: ``tp: number(limits.TP, "--tp", help="...") = None``."""
+    if example is not None:
+        limit = replace(limit, example=example)
 
     def checked(value: str | None) -> int | float | None:
         return None if value is None else checks.limited(names[0], value, limit)
@@ -35,7 +42,7 @@ def number(limit: limits.Limit, *names: str, help: str, default: object = None, 
     more.setdefault("metavar", "N" if limit.whole else "X")
     tail = f" {limit.rule[0].upper()}{limit.rule[1:]}."
     if default is not None:
-        tail += f" Default: {default}."
+        tail += f" Default: {default:g}." if isinstance(default, float) else f" Default: {default}."
     return optional(str, *names, help=help + tail, callback=checked, **more)
 
 
@@ -88,3 +95,8 @@ RoutingOpt = optional(str, "--routing", metavar="|".join(ROUTINGS),
                       "sends each request to the replica with the fewest in flight, so faster replicas get more; "
                       "random picks one uniformly, whatever its load; min_observed_latency is refused. serve and "
                       "plan: with --replicas.")
+HealthTimeoutOpt = number(limits.SECONDS, "--health-timeout", metavar="SECONDS", example=1800,
+                          help="Seconds to wait for the engine to load and answer /health.",
+                          default=DEFAULT_HEALTH_TIMEOUT_S)
+StartTimeoutOpt = number(limits.SECONDS, "--start-timeout", metavar="SECONDS", example=120,
+                         help="Seconds to wait for the proxy to answer.", default=DEFAULT_START_TIMEOUT_S)

@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from ..proxy_start import DEFAULT_START_TIMEOUT_S
 from .app import app
-from .options import JsonOpt, RoutingOpt
+from .options import JsonOpt, RoutingOpt, StartTimeoutOpt
 
 proxy_app = typer.Typer(
     name="proxy",
@@ -48,9 +49,7 @@ def start(
         Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
     ] = None,
     routing: RoutingOpt = None,
-    start_timeout: Annotated[
-        float, typer.Option("--start-timeout", help="Seconds to wait for the proxy to answer.")
-    ] = 120.0,
+    start_timeout: StartTimeoutOpt = DEFAULT_START_TIMEOUT_S,
 ) -> None:
     """Run lmdeploy's proxy, supervised, with launch's watchdog over its nodes' /health.
 

@@ -16,6 +16,7 @@ from .options import (
     FactorOpt,
     ForceOpt,
     GpuMemoryOpt,
+    HealthTimeoutOpt,
     HostOpt,
     JsonOpt,
     MaxBatchOpt,
@@ -71,9 +72,7 @@ def serve(
     ] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
-    health_timeout: Annotated[
-        float, typer.Option("--health-timeout", help="Seconds to wait for the engine to load and answer /health.")
-    ] = DEFAULT_HEALTH_TIMEOUT_S,
+    health_timeout: HealthTimeoutOpt = DEFAULT_HEALTH_TIMEOUT_S,
     probe: Annotated[
         bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
     ] = False,
