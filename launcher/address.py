@@ -85,7 +85,9 @@ def check_host(host: str, option: str = "--host", advice: str = _HOST_ADVICE) ->
     if not text:
         raise BadOption(option, _shown(raw), f"is empty; {advice}")
     if ":" in text:
-        raise BadOption(option, _shown(raw), f"is not an IPv6 address; {advice}")
+        port_given = text.count(":") == 1 and not bracketed
+        raise BadOption(option, _shown(raw), ("is not an address: give the host alone (the port has a place of its "
+                                              f"own); {advice}") if port_given else f"is not an IPv6 address; {advice}")
     name = text.removesuffix(".")
     labels = name.split(".")
     if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):

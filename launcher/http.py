@@ -93,7 +93,8 @@ def parse_url(url: str, option: str = "--url") -> Url:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Url(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), path, auth)
+    default = 443 if parts.scheme == "https" else 80
+    return Url(parts.scheme, parts.hostname, default if port is None else port, path, auth)  # ":0" is port 0
 
 
 def redact(url: str) -> str:

@@ -2,8 +2,9 @@
 
 lmdeploy's proxy forgets a node once it is removed; only the process running launch's watchdog
 (``launch proxy start``, ``launch serve --replicas``) knows which nodes it took out, when and why.
-That process keeps a small JSON file beside the proxy's spec, ``<launch cache>/runs/proxy-PORT/
-watchdog.json`` (0600, replaced atomically on every change, removed when it stops), and ``launch
+That process keeps a small JSON file beside the proxy's log, ``<launch cache>/runs/proxy-PORT/
+watchdog.json`` (0600, replaced atomically on every change, removed when it stops; node URLs
+without credentials; one run per port at a time, ``process.PortClaim``), and ``launch
 proxy status`` reads it, but only when the file can be the queried proxy's: the proxy's host is an
 address of this machine (a proxy elsewhere has its own file, on its own machine), the file names
 that port, and the process that wrote it still runs (a file left by a killed run is stale; the

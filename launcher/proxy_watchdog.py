@@ -151,6 +151,12 @@ class Watchdog:
             if result.ok:
                 member.failures = 0
                 if member.removed:
+                    twin = same_node(url, registered, self.timeout_s, self._addresses)
+                    if twin is not None:  # registered again meanwhile, under another spelling: not twice
+                        del self.members[url]
+                        say(f"watchdog: {redact(url)} answers again and is registered as {redact(twin)}: not added "
+                            "back twice")
+                        continue
                     try:
                         register(self.proxy, url, member.models, timeout=self.timeout_s)
                     except LaunchError as err:

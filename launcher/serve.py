@@ -2,9 +2,11 @@
 
 Everything that can fail cheaply fails before anything slow: every flag first (before any request),
 then from the config alone the RoPE rules, the KV-cache fit, the engine's availability and
-architecture support, and the port, all before a weight is downloaded or loaded. The plan is made
-once; after the download it is made again only when the downloaded config differs from the one it
-was made from, and serve says so.
+architecture support, and the port, all before a weight is downloaded or loaded (``--dry-run`` makes
+the same checks from the config and exits as serve would). The ports are claimed before anything is
+written (``process.PortClaim``); the serving process gets its spec, API keys included, through a
+pipe. The plan is made once; after the download it is made again only when the downloaded config
+differs from the one it was made from, and serve says so.
 """
 
 from __future__ import annotations
@@ -250,8 +252,9 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 
     One engine; or with ``replicas`` > 1, lmdeploy's proxy and that many engines behind it
     (``launcher.serve_replicas``); or with ``nnodes`` > 1, this node's share of one engine across
-    nodes. ``server_argv`` is the serving process's command before the spec path (default: this
-    Python running ``launcher.engine_server``); the tests pass a stand-in for the GPU engine there."""
+    nodes. ``server_argv`` is the serving process's command before the spec's path (``/dev/stdin``:
+    the spec comes through a pipe; default: this Python running ``launcher.engine_server``); the
+    tests pass a stand-in for the GPU engine there."""
     from .layout import check_scale, gpus_here, layout_for_plan
 
     out = out or sys.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from launcher import gpu
+from launcher.errors import BadOption
 from launcher.gpu import free_memory, nvidia_problem
 from launcher.paths import hf_cache_dir, hf_home
 from tests.conftest import REPO, assert_one_line_error
@@ -44,6 +45,82 @@ def test_a_driver_library_that_does_not_load_is_a_problem_not_a_crash(monkeypatc
     monkeypatch.setattr(gpu, "NVML_LIBRARY", "libnvidia-ml-that-is-not-there.so.1")
     assert "libnvidia-ml-that-is-not-there.so.1 does not load" in nvidia_problem()
     assert free_memory() is None
+
+
+class StandinNvml:
+    """STAND-IN for the NVIDIA driver's libnvidia-ml (no driver here): the NVML calls launcher.gpu
+    makes, with NVML's C conventions (0 = success, results written through ``ctypes.byref``), over
+    GPUs of given UUIDs and free bytes, and MIG instances found by their UUID only."""
+
+    def __init__(self, gpus: list[tuple[str, int]], migs: dict[str, int]) -> None:
+        self.gpus, self.migs = gpus, migs
+        self.handles: dict[int, int] = {}  # handle -> free bytes
+
+    def nvmlInit_v2(self) -> int:
+        return 0
+
+    def nvmlShutdown(self) -> int:
+        return 0
+
+    def nvmlDeviceGetCount_v2(self, count) -> int:
+        count._obj.value = len(self.gpus)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index: int, handle) -> int:
+        if not 0 <= index < len(self.gpus):
+            return 2  # NVML_ERROR_INVALID_ARGUMENT
+        handle._obj.value = 1000 + index
+        self.handles[1000 + index] = self.gpus[index][1]
+        return 0
+
+    def nvmlDeviceGetUUID(self, handle, buffer, size: int) -> int:
+        buffer.value = self.gpus[handle.value - 1000][0].encode()
+        return 0
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: bytes, handle) -> int:
+        names = list(self.migs)
+        if uuid.decode() not in names:
+            return 6  # NVML_ERROR_NOT_FOUND
+        handle._obj.value = 5000 + names.index(uuid.decode())
+        self.handles[handle._obj.value] = self.migs[uuid.decode()]
+        return 0
+
+    def nvmlDeviceGetMemoryInfo(self, handle, memory) -> int:
+        memory._obj.free = self.handles[handle.value]
+        return 0
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, [10, 11, 12, 13]), ("2,0", [12, 10]), ("GPU-bbbb", [11]), ("0,GPU-CCCC-3", [10, 12]),
+    ("MIG-1111/1/0", [40]), ("0,GPU-zzzz,1", [10]), ("1,GPU-aaa,2", [11]), ("1,7,2", [11]), ("0,junk,1", [10]),
+    ("GPU-", []), ("-1", []), ("", []),
+])
+def test_nvml_reads_the_gpus_cuda_will_use(monkeypatch, value, expected):
+    """UUIDs (a unique prefix of one, as CUDA takes them) and MIG ids map to their own GPU's memory;
+    an id no GPU has, or more than one has, ends the list there, as it ends CUDA's."""
+    nvml = StandinNvml([("GPU-aaaa-1", 10), ("GPU-bbbb-2", 11), ("GPU-cccc-3", 12), ("GPU-aaab-4", 13)],
+                       {"MIG-1111/1/0": 40})
+    monkeypatch.setattr(gpu.ctypes, "CDLL", lambda name: nvml)
+    if value is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert free_memory() == (expected or None)
+    problem = nvidia_problem()
+    assert (problem is None) == bool(expected)
+    if not expected:
+        assert "hides every GPU" in problem
+
+
+def test_nvml_refuses_a_gpu_named_twice(monkeypatch):
+    nvml = StandinNvml([("GPU-aaaa-1", 10), ("GPU-bbbb-2", 11)], {})
+    monkeypatch.setattr(gpu.ctypes, "CDLL", lambda name: nvml)
+    for value in ("0,0", "1,01", "GPU-aaaa-1,GPU-AAAA-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        with pytest.raises(BadOption, match="twice"):
+            free_memory()
+        with pytest.raises(BadOption, match="twice"):
+            nvidia_problem()
 
 
 # --- serve refuses without a GPU, before anything -------------------------------------------------

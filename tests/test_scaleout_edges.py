@@ -38,9 +38,10 @@ from launcher.process import PortClaim, ServerProcess
 from launcher.progress import StartProgress
 from launcher.proxy import node_url, proxy_nodes, same_node
 from launcher.supervise import wait_ready
+from tests import test_proxy
 from tests.conftest import LLAMA, REPO, assert_one_line_error, free_port, killed_if_running
 from tests.servers import JSONHandler, serving
-from tests.test_proxy import MODEL, Replicas, start_launch_proxy, stop, wait_for
+from tests.test_proxy import MODEL, start_launch_proxy, stop, wait_for
 from tests.test_serve import launch_with_gpu
 
 KEY = "edge-test-key-1"
@@ -60,19 +61,9 @@ def proxy(tmp_path_factory):
     assert stop(proc) == 0, err.read_text()[-2000:]
 
 
-@pytest.fixture
-def empty_proxy(proxy):
-    for url in proxy_nodes(proxy["url"]):
-        assert http.post(proxy["url"] + "/nodes/remove", {"url": url}, timeout=5).ok
-    assert proxy_nodes(proxy["url"]) == {}
-    return proxy
-
-
-@pytest.fixture
-def replicas(tmp_path):
-    group = Replicas(tmp_path)
-    yield group
-    group.close()
+# test_proxy's fixtures over this module's proxy: the proxy emptied of nodes; stand-in replicas, killed after
+empty_proxy = test_proxy.empty_proxy
+replicas = test_proxy.replicas
 
 
 def post_node(proxy: str, url: str) -> None:
@@ -267,7 +258,8 @@ def test_the_watchdog_keeps_one_entry_for_one_server_registered_under_several_sp
 def test_malformed_node_urls_are_taken_out_with_one_line_each_and_no_traceback(empty_proxy):
     proxy, err = empty_proxy["url"], empty_proxy["err"]
     before = len(err.read_text().splitlines())
-    bad = ["not a url", "ftp://127.0.0.1:21", "http://127.0.0.1:99999", f"http://user:{PASSWORD}@h:99999"]
+    bad = ["not a url", "ftp://127.0.0.1:21", "http://127.0.0.1:99999", f"http://user:{PASSWORD}@h:99999",
+           "http://127.0.0.1:0"]
     for url in bad:
         post_node(proxy, url)
     assert wait_for(lambda: proxy_nodes(proxy) == {}, 10, 0.2), proxy_nodes(proxy)
@@ -277,6 +269,19 @@ def test_malformed_node_urls_are_taken_out_with_one_line_each_and_no_traceback(e
     said = [line for line in new if "is not a URL the proxy can reach" in line]
     assert len(said) == len(bad), new
     assert all(line.startswith("launch: watchdog: took ") for line in said)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("not a url", "no http://"), ("127.0.0.1:5", "no http://"), ("ftp://h:1", "http(s) address"),
+    ("http://h:99999", "port"), ("http://h:0", "port"), ("http://[::1", "port"), ("http://256.1.1.1:5", "IP address"),
+    ("http://a b:5", "host name"), ("http://", "http(s) address"), ("gopher://x", "http(s) address"),
+])
+def test_what_the_watchdog_takes_out_at_once(url, why):
+    from launcher.proxy_watchdog import unroutable
+
+    assert why in unroutable(url)
+    for fine in ("http://127.0.0.1:5", "https://node-1.cluster:443", f"http://u:{PASSWORD}@h:1", "http://[::1]:5/"):
+        assert unroutable(fine) is None
 
 
 def test_a_password_in_a_node_url_is_never_printed_or_recorded(empty_proxy, replicas, launch):
@@ -363,18 +368,18 @@ def warnings_in(stderr: str) -> list[str]:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "gpu-box"])
 def test_serve_its_dry_run_its_replicas_and_proxy_start_warn_by_one_rule(launch, tmp_path, host):
     expected = ["warning: " + line for line in exposure_warnings(host, 8000, False)]
-    replicas = ["warning: " + line for line in exposure_warnings(host, 8000, False, node_api=True)]
-    assert len(expected) == 1 and len(replicas) == 2
+    proxied = ["warning: " + line for line in exposure_warnings(host, 8000, False, node_api=True)]
+    assert len(expected) == 1 and len(proxied) == 2
     dry = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run")
     assert dry.returncode == 0 and warnings_in(dry.stderr) == expected, dry.stderr
     dry_json = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--json")
     assert json.loads(dry_json.stdout)["warnings"][-1] == expected[0].removeprefix("warning: ")
     dry = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--replicas", "2",
                  env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    assert dry.returncode == 0 and warnings_in(dry.stderr) == replicas, dry.stderr
+    assert dry.returncode == 0 and warnings_in(dry.stderr) == proxied, dry.stderr
     keyed = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--replicas", "2",
                    env={"CUDA_VISIBLE_DEVICES": "0,1", "LAUNCH_API_KEYS": KEY})
-    assert warnings_in(keyed.stderr) == replicas[1:]  # a key closes the OpenAI API, not the node API
+    assert warnings_in(keyed.stderr) == proxied[1:]  # a key closes the OpenAI API, not the node API
     if host in ("0.0.0.0", "::"):  # a proxy that can bind here: it warns before it starts (then times out)
         port = free_port()
         started = launch("proxy", "start", "--host", host, "--port", str(port), "--start-timeout", "0.1",
@@ -428,7 +433,7 @@ def test_a_dry_run_shows_what_serve_refuses_and_exits_as_serve(model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("host", ["256.1.1.1", "1.2.3.4.5", "08.1.1.1", "0x100.0.0.1", "a..b", "-x", "x" * 64,
-                                  "4294967296", "::g", "1:2", "host name", "[10.0.0.1]"])
+                                  "4294967296", "::g", "1:2", "host name", "[10.0.0.1]", "localhost:8000"])
 def test_a_host_that_is_no_address_and_no_name_is_refused_everywhere(launch, host):
     assert_one_line_error(launch("serve", *PLAN_MODEL, "--host", host, "--dry-run"), "--host", code=2)
     assert_one_line_error(launch("plan", *PLAN_MODEL, "--host", host), "--host", code=2)
@@ -439,16 +444,16 @@ def test_a_host_that_is_no_address_and_no_name_is_refused_everywhere(launch, hos
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 256), st.integers(0, 300))
-def test_replica_ports_past_65535_name_the_port_given(replicas, below):
+def test_replica_ports_past_65535_name_the_port_given(count, below):
     from launcher.layout import replicas_for_plan
     from launcher.plan import PlanRequest, build_plan
 
-    port = 65535 - replicas + 1 + below % replicas  # the first replica fits, the last does not
+    port = 65535 - count + 1 + below % count  # the first replica fits, the last does not
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="2", gpu_memory_gib=80, port=port))
     with pytest.raises(BadOption) as err:
-        replicas_for_plan(plan, replicas, environ={})
+        replicas_for_plan(plan, count, environ={})
     assert err.value.option == "--port" and err.value.value == str(port)
-    assert f"give --port {65535 - replicas} or lower" in str(err.value) and "65536" not in err.value.value
+    assert f"give --port {65535 - count} or lower" in str(err.value) and "65536" not in err.value.value
 
 
 def test_plan_replicas_on_the_last_port_names_the_flag_and_value_given(launch):
