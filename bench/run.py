@@ -10,6 +10,7 @@ Targets (exit 1 when one is missed):
   `hf download` of the same files into an empty cache: whole-process medians, runs alternated.
 
 Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
+`python bench/run.py fetch` runs the fetch comparison alone (bench-results/bench-fetch.json).
 """
 
 from __future__ import annotations
@@ -100,11 +101,29 @@ def bench_fetch(env: dict) -> dict:
             "hf_download_median_s": hf_s, "ratio": ratio, "pass": ratio <= 1.05}
 
 
-def main() -> int:
+def fetch_line(fetched: dict) -> str:
+    return (f"{'launch fetch vs hf download, ' + str(FETCH_MB) + ' MB':<42} {fetched['launch_median_s']:.3f} s vs "
+            f"{fetched['hf_download_median_s']:.3f} s   ratio {fetched['ratio']:.3f}   "
+            f"{'PASS' if fetched['pass'] else 'FAIL'}  (target <= 1.05, {FETCH_RUNS} runs each, same files)")
+
+
+def write(name: str, results: dict) -> None:
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {out / name}")
+
+
+def main(argv: list[str]) -> int:
     # Measure launch as installed (byte-compiled), not a first run that compiles its sources.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "launcher")], check=True)
     launch = [sys.executable, "-m", "launcher"]
     env = dict(os.environ, LAUNCH_PRESETS_DIR=str(Path(tempfile.mkdtemp()) / "none"))
+    if argv == ["fetch"]:
+        fetched = bench_fetch(env)
+        print(fetch_line(fetched))
+        write("bench-fetch.json", {"python": sys.version.split()[0], "fetch": fetched})
+        return 0 if fetched["pass"] else 1
     results: dict = {"runs": RUNS, "python": sys.version.split()[0]}
 
     lmdeploy = VENV_BIN / "lmdeploy"
@@ -158,15 +177,10 @@ def main() -> int:
               "  (target < 0.5 s and >= 10x)")
     print(f"{'launch patch, 10 GB of weights vs 10 MB':<42} {t_big:.3f} s vs {t_small:.3f} s   ratio {patch_ratio:.2f}"
           f"   overlay {overlay_bytes:,} B   {'PASS' if patch_pass else 'FAIL'}  (target ratio < 1.5, nothing copied)")
-    print(f"{'launch fetch vs hf download, ' + str(FETCH_MB) + ' MB':<42} {fetched['launch_median_s']:.3f} s vs "
-          f"{fetched['hf_download_median_s']:.3f} s   ratio {fetched['ratio']:.3f}   "
-          f"{'PASS' if fetched['pass'] else 'FAIL'}  (target <= 1.05, {FETCH_RUNS} runs each, same files)")
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {out / 'bench.json'}")
+    print(fetch_line(fetched))
+    write("bench.json", results)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

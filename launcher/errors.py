@@ -668,8 +668,8 @@ class HubTimeout(LaunchError):
     seconds: float
     doing: str
     knob: str = "--timeout (or LAUNCH_HUB_TIMEOUT)"
-    message = ("the hub at {endpoint} sent nothing for {seconds:g} s while {doing}, so launch gave up. Check the "
-               "network or HF_ENDPOINT, or allow longer with {knob}.")
+    message = ("the hub at {endpoint} gave no complete answer in {seconds:g} s while {doing}, so launch gave up. "
+               "Check the network or HF_ENDPOINT, or allow longer with {knob}.")
 
 
 class HubError(LaunchError):

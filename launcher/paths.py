@@ -74,16 +74,6 @@ def repo_folder(repo_id: str) -> str:
     return "models--" + repo_id.replace("/", "--")
 
 
-def cached_ref(storage: Path, revision: str) -> str | None:
-    """The commit sha a branch or tag pointed at when it was last resolved into the cache
-    (``<storage>/refs/<revision>``), or None."""
-    try:
-        sha = (storage / "refs" / revision).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return sha if is_commit_sha(sha) else None
-
-
 # The Hub's repo id rule, the one place it is written: ORG/NAME, each part letters, digits, "-",
 # "_" or ".", at most 96 characters, not starting or ending with "-" or ".", no "--" or "..", no
 # ".git" ending. Purely syntactic: callers check local paths and preset names first.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import NotAModelDir, UnknownPreset
 from .overlay import parse_model_config, read_model_config
-from .paths import DEFAULT_REVISION, cached_ref, hf_cache_dir, is_commit_sha, is_repo_id, repo_folder
+from .paths import hf_cache_dir, is_repo_id, repo_folder
 from .presets import Preset, find_preset, suggestions
 
 
@@ -75,14 +75,14 @@ def from_preset_facts(preset: Preset) -> ModelSource:
 
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """A snapshot of ``repo_id`` already in the Hugging Face cache that has a config.json, found
-    without a request and without importing huggingface_hub (plan must not touch anything)."""
-    storage = hf_cache_dir() / repo_folder(repo_id)
-    rev = revision or DEFAULT_REVISION
-    sha = rev if is_commit_sha(rev) else cached_ref(storage, rev)
-    if sha is None:
+    without a request by huggingface_hub's own lookup (launcher/hubcache.py). When the cache holds
+    nothing of the repo, huggingface_hub is not even imported (``plan``'s start-up)."""
+    if not (hf_cache_dir() / repo_folder(repo_id)).is_dir():
         return None
-    snapshot = storage / "snapshots" / sha
-    return snapshot if (snapshot / "config.json").is_file() else None
+    from .hubcache import cached_config
+
+    found = cached_config(repo_id, revision)
+    return found.parent if found is not None else None
 
 
 @dataclass(frozen=True)

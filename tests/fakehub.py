@@ -16,18 +16,21 @@ Served (checked against huggingface_hub 2.4's client code, see /work/shared/desi
   header is the only way the client tells them apart.
 
 It counts every request, and can be told to require a token (gated repo), stall (accept, read the
-request, never answer), stall in the middle of a body, drop the connection in the middle of a body
-once, understate sizes in its tree listing, and stop (later connections are refused).
+request, never answer), trickle (send its whole answer one byte at a time, slowly), stall in the
+middle of a body, drop the connection in the middle of a body once, hang up on a request once
+without answering, understate sizes in its tree listing, and stop (later connections are refused).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,6 +111,8 @@ class FakeHub:
         self.dropped: list[str] = []  # files whose body was cut off
         self.understate_sizes = False
         self._stall: Callable[[str, str, str | None], bool] | None = None
+        self._trickle: tuple[Callable[[str, str], bool], float] | None = None
+        self._hang_up_once: list[Callable[[str, str], bool]] = []
         self._stall_body: set[str] = set()
         self._drop_once: set[str] = set()
         self._cut_at: dict[str, int | None] = {}
@@ -129,6 +134,15 @@ class FakeHub:
     def stall(self, when: Callable[[str, str, str | None], bool] | None = lambda m, p, f: True) -> None:
         """Accept and read matching requests ``when(method, path, file)``, never answer. None: off."""
         self._stall = when
+
+    def trickle(self, when: Callable[[str, str], bool] | None = lambda m, p: True, every: float = 0.05) -> None:
+        """Answer matching requests ``when(method, raw path)`` in full, but one byte every ``every``
+        seconds (status line and headers included), on a connection closed afterwards. None: off."""
+        self._trickle = None if when is None else (when, every)
+
+    def hang_up_once(self, when: Callable[[str, str], bool]) -> None:
+        """Close the connection of the next request ``when(method, raw path)`` without answering."""
+        self._hang_up_once.append(when)
 
     def stall_body(self, file: str) -> None:
         """Send the headers and half the body of ``file``, then go silent (the connection stays open)."""
@@ -240,6 +254,43 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path, query = parts.path, parts.query
         self._file: str | None = None
         self._seen_args = (self.command, raw_path, query)
+        with self.hub._lock:
+            hang_up = next((w for w in self.hub._hang_up_once if w(self.command, raw_path)), None)
+            if hang_up is not None:
+                self.hub._hang_up_once.remove(hang_up)
+        if hang_up is not None:
+            self._note(0)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        trickle = self.hub._trickle
+        if trickle is not None and trickle[0](self.command, raw_path):
+            self._trickled(head, raw_path, query, trickle[1])
+            return
+        self._dispatch(head, raw_path, query)
+
+    def _trickled(self, head: bool, raw_path: str, query: str, every: float) -> None:
+        """The answer ``_dispatch`` gives, sent one byte at a time; stops when the client leaves."""
+        real, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self._dispatch(head, raw_path, query)
+            data = self.wfile.getvalue()
+        finally:
+            self.wfile = real
+        self.close_connection = True
+        for i in range(len(data)):
+            if self.hub._stopping.is_set():
+                return
+            try:
+                real.write(data[i:i + 1])
+                real.flush()
+            except OSError:
+                with self.hub._lock:
+                    self.hub.hangups.append(raw_path)
+                return
+            time.sleep(every)
+
+    def _dispatch(self, head: bool, raw_path: str, query: str) -> None:
         segments = raw_path.strip("/").split("/")
         try:
             if segments[:2] == ["api", "models"] and len(segments) >= 4:

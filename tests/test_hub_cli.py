@@ -100,7 +100,7 @@ def test_stalled_hub_ends_the_command(hub):
     done = run_launch("fetch", "org/tiny", "--timeout", "2", timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
-        "launch: error: the hub at " + hub.url + " sent nothing for 2 s while downloading org/tiny@main")
+        "launch: error: the hub at " + hub.url + " gave no complete answer in 2 s while downloading org/tiny@main")
     assert hub.hangups and all("/resolve/" in p for p in hub.hangups)
 
 
