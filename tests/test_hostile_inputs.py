@@ -451,3 +451,18 @@ def test_trained_scalings_still_refuse_a_smaller_factor_unless_forced(tmp_path, 
 def test_dynamic_replacing_another_type_is_still_refused(tmp_path, capsys):
     src = make_model(tmp_path / "m", {**INTERNLM3, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     refused(cli(capsys, "plan", str(src), "--factor", "4", "--type", "dynamic"), "would replace it")
+
+
+# --- architectures: a list of one or more class names (issue 16) ----------------------------------
+
+
+@pytest.mark.parametrize("archs", [[], [""], ["  "], ["Llama\nForCausalLM"], ["LlamaForCausalLM", ""]])
+@pytest.mark.parametrize("argv", [("plan",), ("patch",), ("serve", "--dry-run", "--gpu-memory", "80")])
+def test_architectures_without_a_class_name_are_refused_before_anything(tmp_path, capsys, archs, argv):
+    """`"architectures": []` planned as "architecture None", and serve would have failed only when
+    loading: refused in one line naming the field, nothing written."""
+    src = make_model(tmp_path / "model", _with(architectures=archs))
+    before = tree_state(tmp_path)
+    err = refused(cli(capsys, argv[0], str(src), "--factor", "2", *argv[1:]), "config.json",
+                  "architectures must be a list of one or more class names")
+    assert "None" not in err and tree_state(tmp_path) == before

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from launcher import limits
 from launcher.errors import InvalidPreset, UnknownPreset
 from launcher.paths import builtin_presets_dir
 from launcher.presets import all_presets, get_preset, load_preset_file, preset_files, suggestions
@@ -192,3 +195,107 @@ def test_invalid_user_preset_fails_listing_with_one_line(launch, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "mine.yaml" in result.stderr and "'factorr'" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- a key given twice: YAML would take the last one silently (issue 17) -----------------------------
+
+
+def _key_lines(text: str) -> list[tuple[int, str, str]]:
+    """(line index, indent, key) of each block-style ``key: value`` line of ``text``."""
+    found = []
+    for index, line in enumerate(text.splitlines()):
+        stripped = line.lstrip(" ")
+        if stripped and not stripped.startswith(("-", "#")) and ":" in stripped:
+            found.append((index, line[: len(line) - len(stripped)], stripped.split(":", 1)[0]))
+    return found
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data(), quote=st.sampled_from(["{}", '"{}"', "'{}'"]), value=st.sampled_from(["evil/other", "3", "[]", "x"]))
+def test_a_key_given_twice_anywhere_is_refused_naming_the_file_the_key_and_both_lines(tmp_path_factory, data, quote,
+                                                                                       value):
+    """Block style at any depth, with the second spelling quoted or not: refused before any field is
+    read, naming the file, the dotted key and both lines (a second `repo:` would switch the repo)."""
+    text = yaml.safe_dump(dict(GOOD, engine={"backend": "turbomind", "tp": 1}), sort_keys=False)
+    lines = text.splitlines()
+    index, indent, key = data.draw(st.sampled_from(_key_lines(text)))
+    # the duplicate goes after the last line of the mapping that holds the key (same indent, or deeper)
+    end = index + 1
+    while end < len(lines) and (lines[end].startswith(indent + " ") or lines[end].startswith(indent + "-")):
+        end += 1
+    while end < len(lines) and lines[end].startswith(indent) and not lines[end].startswith(indent + " ") and indent:
+        end += 1
+    lines.insert(end, f"{indent}{quote.format(key)}: {value}")
+    path = tmp_path_factory.mktemp("dup") / "mine.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    message = str(err.value)
+    parents = [k for i, ind, k in _key_lines(text) if i < index and len(ind) < len(indent)]
+    dotted = ".".join([*parents[-(len(indent) // 2):], key] if indent else [key])
+    assert message == (f"invalid preset {path}: field {dotted!r}: is given twice, on lines {index + 1} and {end + 1}; "
+                       "keep one"), message
+
+
+@pytest.mark.parametrize("text, key, where", [
+    ("repo: me/mine\nrepo: evil/other\n", "repo", "on lines 1 and 2"),
+    ("rope: {type: dynamic, factor: 2.0, factor: 3.0}\n", "rope.factor", "on line 1"),
+    ("engine: {tp: 1}\nengine:\n  tp: 2\n", "engine", "on lines 1 and 2"),
+    ("notes: [a]\nnotes: [b]\n", "notes", "on lines 1 and 2"),
+])
+def test_flow_style_and_whole_sections_given_twice_are_refused_too(tmp_path, text, key, where):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert str(err.value) == f"invalid preset {path}: field {key!r}: is given twice, {where}; keep one"
+
+
+def test_a_preset_that_switches_its_repo_by_a_second_line_stops_plan_and_presets_in_one_line(launch, tmp_path):
+    user = tmp_path / "presets"
+    path = write_preset(user, GOOD)
+    path.write_text(path.read_text() + "repo: evil/other\n")
+    for argv in (("plan", "mine", "--gpu-memory", "80"), ("presets",), ("presets", "show", "mine")):
+        result = launch(*argv, env={"LAUNCH_PRESETS_DIR": str(user)})
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+        assert result.stderr.startswith(f"launch: error: invalid preset {path}: field 'repo': is given twice, on lines")
+        assert result.stderr.count("\n") == 1 and "evil" not in result.stderr
+
+
+# --- every number a preset holds has a type and a range (issue 17: parameters 1e300) -----------------
+
+NUMBER_FIELDS = {
+    ("parameters",): limits.PARAMETERS, ("native_context",): limits.CONTEXT, ("rope", "factor"): limits.FACTOR,
+    ("engine", "tp"): limits.TP, ("engine", "max_batch_size"): limits.MAX_BATCH_SIZE,
+    ("engine", "cache_max_entry_count"): limits.CACHE_MAX_ENTRY_COUNT,
+    **{("config", key): limits.CONFIG_KEYS[key] for key in (
+        "max_position_embeddings", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size", "sliding_window", "rope_theta")},
+}
+
+
+def outside(limit: limits.Limit) -> st.SearchStrategy:
+    """Numbers past either end of ``limit`` (or not whole where it must be), and what is no number
+    (a decimal number may be YAML text, "7.3e9": YAML 1.1 reads an exponent without a sign as text)."""
+    below = st.floats(max_value=limit.low, allow_nan=False, allow_infinity=False, exclude_max=not limit.low_open)
+    above = st.floats(min_value=limit.high, allow_nan=False, allow_infinity=False, exclude_min=not limit.high_open)
+    if limit.whole:
+        below = st.integers(max_value=int(limit.low) - 1)
+        above = st.one_of(st.integers(min_value=int(limit.high) + 1), st.just(int(limit.high) + 0.5))
+    return st.one_of(below, above, st.sampled_from([1e300, -1e300, True, "12" if limit.whole else "1_0", "twelve"]))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data(), field=st.sampled_from(sorted(NUMBER_FIELDS)))
+def test_every_preset_number_out_of_its_range_is_refused_naming_the_file_and_key(tmp_path_factory, data, field):
+    limit = NUMBER_FIELDS[field]
+    value = data.draw(outside(limit))
+    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1})))
+    section = preset
+    for key in field[:-1]:
+        section = section[key]
+    section[field[-1]] = value
+    path = write_preset(tmp_path_factory.mktemp("num"), preset)
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert str(err.value).startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {limit.rule}, found ")
