@@ -309,7 +309,7 @@ def test_bad_host_values(host):
 @pytest.mark.parametrize("port", ["²", "1" * 5000])
 def test_odd_port_on_the_command_line_is_one_line(launch, port):
     result = launch("serve", "internlm2_5-7b-chat", "--dry-run", "--port", port)
-    assert_one_line_error(result, "--port", "1 to 65535", code=2)
+    assert_one_line_error(result, "--port", "must be a whole number from 1 to", code=2)
 
 
 @pytest.mark.parametrize(("host", "keys", "loopback"), [
