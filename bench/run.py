@@ -102,7 +102,8 @@ def bench_fetch(env: dict) -> dict:
 
 
 def fetch_line(fetched: dict) -> str:
-    return (f"{'launch fetch vs hf download, ' + str(FETCH_MB) + ' MB':<42} {fetched['launch_median_s']:.3f} s vs "
+    label = f"launch fetch vs hf download, {FETCH_MB} MB"
+    return (f"{label:<42} {fetched['launch_median_s']:.3f} s vs "
             f"{fetched['hf_download_median_s']:.3f} s   ratio {fetched['ratio']:.3f}   "
             f"{'PASS' if fetched['pass'] else 'FAIL'}  (target <= 1.05, {FETCH_RUNS} runs each, same files)")
 

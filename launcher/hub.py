@@ -2,23 +2,21 @@
 (launcher/selection.py chooses), under deadlines, with clear errors and no request when the cache can answer.
 
 All through huggingface_hub's public API: ``HfApi.model_info`` resolves a branch, ``snapshot_download``
-lists the files (recording ``refs/`` and the listing), ``hf_hub_download`` downloads,
-``get_cached_repo_tree`` / ``try_to_load_from_cache`` read the cache offline. launch never writes into
-the cache itself. Settings are read and checked at each call by launcher/hubenv.py before
+lists the files (recording ``refs/`` and the listing), ``hf_hub_download`` downloads; launcher/hubcache.py
+reads the cache offline. Settings are read and checked at each call by launcher/hubenv.py before
 huggingface_hub is imported; every error leaving here has its secrets taken out (``hubenv.scrub``).
 
 Deadlines: httpx's timeouts are per read (a hub that trickles its answer never trips them) and the
 file listing takes none, so every hub call runs in a daemon thread watched by ``_watched``: the
-metadata (branch, file list, config.json) must be complete within ``timeout_s`` of the start, all of
-it together, and a download must make progress (a file ends, a blob grows) every ``timeout_s``.
-Daemon threads do not hold the exit: a command that gave up ends at once.
+metadata (branch, file list, config.json) must be complete within ``timeout_s`` of the start, all
+together, and a download must make progress (a file ends, a blob grows) every ``timeout_s``. Daemon
+threads do not hold the exit: a command that gave up ends at once.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import logging
 import os
 import re
 import shutil
@@ -93,12 +91,14 @@ class _Call:
         seconds = checks.hub_timeout(timeout_s)
         hf = hubenv.read()
         from huggingface_hub import constants
+        from huggingface_hub.utils import logging as hf_logging  # (sets up the handler of its logger)
 
+        hubenv.redact_logs(hf_logging.get_logger())  # it logs the URLs it retries
         if constants.is_offline_mode():  # huggingface_hub read HF_HUB_OFFLINE when it was imported
             hf = replace(hf, offline=True)
-        return cls(repo_id, revision, hf, seconds, min(float(hf.etag_timeout or constants.DEFAULT_ETAG_TIMEOUT),
-                   seconds), time.monotonic() + seconds, f"downloading {repo_id}@{revision}",
-                   commit if is_commit_sha(commit) else None)
+        wait = min(float(hf.etag_timeout or constants.DEFAULT_ETAG_TIMEOUT), seconds)
+        return cls(repo_id, revision, hf, seconds, wait, time.monotonic() + seconds,
+                   f"downloading {repo_id}@{revision}", commit if is_commit_sha(commit) else None)
 
 
 def _redacted(func: Callable[..., T]) -> Callable[..., T]:
@@ -209,8 +209,7 @@ def _hf_output(*, warnings: bool, bars: bool) -> Iterator[None]:
     from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()  # (sets up huggingface_hub's handler, which redacts from now on)
-    hubenv.redact_logs(logging.getLogger("huggingface_hub"))
+    level = hf_logging.get_verbosity()
     try:
         if not warnings:
             hf_logging.set_verbosity_error()
@@ -226,7 +225,8 @@ def _result(call: _Call, snapshot: Path, selection: Selection, started: float,
     size = sum((snapshot / f).stat().st_size for f in selection.files if (snapshot / f).is_file())
     new = 0 if before is None else sum(n for b, n in blob_sizes(call.storage).items() if b not in before)
     return FetchResult(snapshot, call.repo_id, call.revision, snapshot.name, selection.files, size, new,
-                       time.monotonic() - started, new == 0, selection.weights_format, selection.skipped, note)
+                       time.monotonic() - started, new == 0, selection.weights_format, selection.skipped,
+                       note)
 
 
 # --- fetching ---------------------------------------------------------------------------------
@@ -243,7 +243,8 @@ def _commit(call: _Call) -> tuple[str, LaunchError | None]:
     else:
         from huggingface_hub import HfApi
 
-        api, resolving = HfApi(endpoint=call.endpoint), replace(call, doing=f"resolving {call.repo_id}@{call.revision}")
+        api = HfApi(endpoint=call.endpoint)
+        resolving = replace(call, doing=f"resolving {call.repo_id}@{call.revision}")
         try:  # a private/gated repo whose token lapsed, or an outage: the cache may do
             sha = _watched(resolving, [lambda: api.model_info(call.repo_id, revision=call.revision,
                                                               timeout=call.wait_s).sha], metadata=True)[0]
@@ -253,7 +254,8 @@ def _commit(call: _Call) -> tuple[str, LaunchError | None]:
                 raise failure from exc
         else:
             if not is_commit_sha(sha):
-                raise HubError(call.repo_id, call.endpoint, "its answer names no commit sha; is HF_ENDPOINT a hub?")
+                raise HubError(call.repo_id, call.endpoint,
+                               "its answer names no commit sha; is HF_ENDPOINT a hub?")
             return str(sha), None
     found = None if call.pinned else cached_config(call.repo_id, call.revision, call.cache_dir)
     sha = call.pinned or (found.parent.name if found else None)
@@ -298,7 +300,8 @@ def fetch(
         with _hf_output(warnings=not quiet, bars=not quiet and sys.stderr.isatty()):
             sha, failure = _commit(call)
             snapshot = call.snapshot(sha)
-            selection, missing, listed = in_cache(call.repo_id, call.revision, call.cache_dir, sha, trust_remote_code)
+            selection, missing, listed = in_cache(call.repo_id, call.revision, call.cache_dir, sha,
+                                                  trust_remote_code)
             if not missing and (listed or failure):
                 return _result(call, snapshot, selection, started, note=failure and _why(failure))
             if failure is None:
@@ -323,8 +326,8 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
 
     def listing(revision: str) -> Path:  # no pattern matches: nothing is downloaded yet (and the
         with _hf_output(warnings=False, bars=False):  # "No files matched" warning is not the user's)
-            return Path(_watched(call, [lambda: snapshot_download(call.repo_id, revision=revision,
-                                                                  allow_patterns=[], **common)], metadata=True)[0])
+            task = (lambda: snapshot_download(call.repo_id, revision=revision, allow_patterns=[], **common))
+            return Path(_watched(call, [task], metadata=True)[0])
 
     # The file list at the revision asked for, so that huggingface_hub records where it points
     # (refs/, for offline use later); at the planned commit instead if the branch moved or went since.

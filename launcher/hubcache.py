@@ -1,7 +1,8 @@
 """The Hugging Face cache, read only and offline, through huggingface_hub's public API: which commit
 a revision points at (``try_to_load_from_cache`` reads its ``refs/``), what huggingface_hub listed of a
 commit (``get_cached_repo_tree``), what of it serving needs is there; and ``FetchResult``, a snapshot
-as launcher/hub.py hands it back. Settings are checked (launcher/hubenv.py) before huggingface_hub is imported.
+as launcher/hub.py hands it back. Settings are checked (launcher/hubenv.py) before huggingface_hub is
+imported.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ def cached_config(repo_id: str, revision: str | None = None, cache_dir: Path | N
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, CONFIG, cache_dir=cache_dir, revision=revision or DEFAULT_REVISION)
+        found = try_to_load_from_cache(repo_id, CONFIG, cache_dir=cache_dir,
+                                       revision=revision or DEFAULT_REVISION)
     except (OSError, ValueError):  # a ref that is a folder, or not text
         return None
-    snapshots = Path(cache_dir) / repo_folder(repo_id) / "snapshots"
-    ok = isinstance(found, str) and Path(found).parent.parent == snapshots and is_commit_sha(Path(found).parent.name)
-    return Path(found) if ok else None
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    ours = snapshot.parent == Path(cache_dir) / repo_folder(repo_id) / "snapshots"
+    return Path(found) if ours and is_commit_sha(snapshot.name) else None
 
 
 def cached_tree(repo_id: str, sha: str, cache_dir: Path) -> dict[str, Any] | None:
@@ -66,7 +70,8 @@ def in_cache(repo_id: str, revision: str, cache_dir: Path, sha: str,
         paths = list(tree)
         selection = serving_files(paths, repo_id, revision, trust_remote_code=trust_remote_code)
     else:
-        paths = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
+        paths = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*")
+                       if p.is_file() or p.is_symlink())
         selection = select_files(paths, trust_remote_code=trust_remote_code)
     if selection.index and (weight_map := read_weight_map(snapshot / selection.index)):
         selection = select_files(paths, trust_remote_code=trust_remote_code, weight_map=weight_map)
@@ -105,7 +110,8 @@ class FetchResult:
             tail = "from cache" + (f": {self.note}" if self.note else "")
         else:
             tail = f"downloaded {human_bytes(self.downloaded_bytes)} in {self.seconds:.1f} s"
-        extra = "; the repo has no safetensors, so its .bin weights were taken" if self.weights_format == "bin" else ""
+        bin_only = self.weights_format == "bin"
+        extra = "; the repo has no safetensors, so its .bin weights were taken" if bin_only else ""
         return f"{head}: {len(self.files)} files, {human_bytes(self.bytes)}, {tail}{extra}"
 
 

@@ -143,7 +143,8 @@ def _endpoint(value: str) -> str:
         problem = f"[{host}] is not an IPv6 address (without a zone)"
     elif not bracketed and not (host and _HOST.fullmatch(host) and len(host) <= 253):
         problem = f"{host!r} is not a host name or IP address" if host else "it names no host"
-    elif not bracketed and re.fullmatch(r"[0-9.]+", host) and not _is_ip(host.rstrip("."), ipaddress.IPv4Address):
+    elif not bracketed and re.fullmatch(r"[0-9.]+", host) and not _is_ip(host.rstrip("."),
+                                                                        ipaddress.IPv4Address):
         problem = f"{host} is not an IPv4 address"
     elif port and not (re.fullmatch(r":[0-9]{1,5}", port) and 1 <= int(port[1:]) <= 65535):
         problem = f"its port {port.removeprefix(':')!r} is not a number from 1 to 65535"
@@ -169,7 +170,8 @@ def _seconds(var: str) -> int | None:
         return None
     text = value.strip()
     if not re.fullmatch(r"\+?[0-9]{1,7}", text, re.ASCII) or not 1 <= int(text) <= WEEK_S:
-        raise _bad(var, value, f"a whole number of seconds from 1 to {WEEK_S:,} (huggingface_hub reads it with int())")
+        raise _bad(var, value, f"a whole number of seconds from 1 to {WEEK_S:,} (huggingface_hub reads it "
+                   "with int())")
     return int(text)
 
 

@@ -135,7 +135,8 @@ class FakeHub:
         """Accept and read matching requests ``when(method, path, file)``, never answer. None: off."""
         self._stall = when
 
-    def trickle(self, when: Callable[[str, str], bool] | None = lambda m, p: True, every: float = 0.05) -> None:
+    def trickle(self, when: Callable[[str, str], bool] | None = lambda m, p: True,
+                every: float = 0.05) -> None:
         """Answer matching requests ``when(method, raw path)`` in full, but one byte every ``every``
         seconds (status line and headers included), on a connection closed afterwards. None: off."""
         self._trickle = None if when is None else (when, every)
