@@ -112,16 +112,19 @@ def depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
 
 def check_config(config: Any, source: str) -> dict:
     """The facts every config launch reads must have the right shape: an object, nested at most
-    MAX_DEPTH deep, ``architectures`` (when present) a non-empty list of class names: lmdeploy
+    MAX_DEPTH deep, ``architectures`` (when present, at the top or in a nested model's section such
+    as ``text_config``) a non-empty list of class names: lmdeploy
     picks the model's code by its first name, so ``[]`` would plan as "architecture None" and fail
     only when serve loads it. Returns ``config``."""
     if not isinstance(config, dict):
         raise BadConfig(source, f"the config must be a JSON object, found {type(config).__name__}")
     if not depth_within(config):
         raise BadConfig(source, f"the config nests more than {MAX_DEPTH} levels deep; it is not a model config")
-    archs = config.get("architectures")
-    if archs is not None and (not isinstance(archs, list) or not archs
-                              or not all(isinstance(a, str) and a.strip() and a.isprintable() for a in archs)):
-        raise BadConfig(source, "architectures must be a list of one or more class names (e.g. "
-                        f"[\"LlamaForCausalLM\"]), found {shown(archs)}")
+    sections = {"": config, **{f"{key}.": value for key, value in config.items() if isinstance(value, dict)}}
+    for where, section in sections.items():  # the top level, and a nested model's (text_config, llm_config)
+        archs = section.get("architectures")
+        if archs is not None and (not isinstance(archs, list) or not archs
+                                  or not all(isinstance(a, str) and a.strip() and a.isprintable() for a in archs)):
+            raise BadConfig(source, f"{where}architectures must be a list of one or more class names (e.g. "
+                            f"[\"LlamaForCausalLM\"]), found {shown(archs)}")
     return config

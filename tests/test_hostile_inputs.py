@@ -456,12 +456,16 @@ def test_dynamic_replacing_another_type_is_still_refused(tmp_path, capsys):
 # --- architectures: a list of one or more class names (issue 16) ----------------------------------
 
 
-@pytest.mark.parametrize("archs", [[], [""], ["  "], ["Llama\nForCausalLM"], ["LlamaForCausalLM", ""]])
+@pytest.mark.parametrize("config", [
+    *(_with(architectures=archs) for archs in ([], [""], ["  "], ["Llama\nForCausalLM"], ["LlamaForCausalLM", ""])),
+    *({"architectures": ["SomeVLM"], key: _with(architectures=archs)}  # a nested model's own list
+      for key, archs in (("text_config", 5), ("llm_config", []), ("language_config", [3]))),
+])
 @pytest.mark.parametrize("argv", [("plan",), ("patch",), ("serve", "--dry-run", "--gpu-memory", "80")])
-def test_architectures_without_a_class_name_are_refused_before_anything(tmp_path, capsys, archs, argv):
+def test_architectures_without_a_class_name_are_refused_before_anything(tmp_path, capsys, config, argv):
     """`"architectures": []` planned as "architecture None", and serve would have failed only when
     loading: refused in one line naming the field, nothing written."""
-    src = make_model(tmp_path / "model", _with(architectures=archs))
+    src = make_model(tmp_path / "model", config)
     before = tree_state(tmp_path)
     err = refused(cli(capsys, argv[0], str(src), "--factor", "2", *argv[1:]), "config.json",
                   "architectures must be a list of one or more class names")

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -106,23 +104,16 @@ HOSTILE_NUMBER = st.one_of(
 )
 
 
-@contextmanager
-def world(tmp_path: Path):
-    """A tiny model directory and no network: HF_HUB_OFFLINE, probe/ppl URLs on a closed port."""
+def tiny_model(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny model directory, launch's cache in ``tmp_path`` and no network: HF_HUB_OFFLINE, and the
+    probe/ppl URLs below on a closed port."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     model = tmp_path / "tiny"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps(LLAMA))
     (model / "model.safetensors").write_bytes(b"\0" * 64)
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "LAUNCH_CACHE_DIR")}
-    os.environ.update(HF_HUB_OFFLINE="1", LAUNCH_CACHE_DIR=str(tmp_path / "cache"))
-    try:
-        yield model
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return model
 
 
 def base_argv(command: str, model: Path, tmp_path: Path) -> list[str]:
@@ -167,10 +158,10 @@ def test_the_flag_list_is_every_number_flag_the_commands_declare():
 
 @settings(max_examples=160, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(case=st.sampled_from(FLAG_CASES), text=HOSTILE_NUMBER)
-def test_every_number_flag_of_every_command_refuses_what_is_no_number_in_one_voice(tmp_path, case, text):
+def test_every_number_flag_of_every_command_refuses_what_is_no_number_in_one_voice(tmp_path, monkeypatch, case, text):
     command, flag = case
-    with world(tmp_path) as model:
-        code, out, err = run([*base_argv(command, model, tmp_path), flag, text])
+    model = tiny_model(tmp_path, monkeypatch)
+    code, out, err = run([*base_argv(command, model, tmp_path), flag, text])
     assert code == 2 and out == "", (case, text, out, err)
     assert err.count("\n") == 1 and err.startswith(f"launch: error: {flag} {text!r}: "), (case, err)
     limit = NUMBER_FLAGS[command][flag]
@@ -182,15 +173,14 @@ def test_every_number_flag_of_every_command_refuses_what_is_no_number_in_one_voi
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(case=st.sampled_from([(c, f) for c, f in FLAG_CASES if NUMBER_FLAGS[c][f] is not None and c != "proxy start"]),
        data=st.data())
-def test_every_number_flag_takes_ascii_numbers_in_its_range(tmp_path, case, data):
+def test_every_number_flag_takes_ascii_numbers_in_its_range(tmp_path, monkeypatch, case, data):
     """In range and written in ASCII, the flag itself is never what is refused (the command may
     still stop later for another reason: no hub offline, a layout past the GPUs)."""
     command, flag = case
     limit = NUMBER_FLAGS[command][flag]
     number = data.draw(in_range(limit))
     text = str(number) if limit.whole else repr(number)
-    with world(tmp_path) as model:
-        err = run([*base_argv(command, model, tmp_path), flag, text])[2]
+    err = run([*base_argv(command, tiny_model(tmp_path, monkeypatch), tmp_path), flag, text])[2]
     assert f"{flag} {text!r}: must be" not in err, err
     assert "Traceback" not in err and err.count("launch: error:") <= 1
 
@@ -222,7 +212,7 @@ def with_value(key: tuple[str, ...], value: object) -> dict:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(key=st.sampled_from(sorted(SHARED)), data=st.data())
-def test_a_preset_number_is_refused_exactly_where_its_flag_is_with_the_flags_rule(tmp_path, key, data):
+def test_a_preset_number_is_refused_exactly_where_its_flag_is_with_the_flags_rule(tmp_path, monkeypatch, key, data):
     flag = SHARED[key]
     limit = flag_limit(flag)
     edges = [0, 1, 64, 65, 128, 1024, 1025, 5000, 65536, 65537, 100000000, -1]
@@ -231,13 +221,10 @@ def test_a_preset_number_is_refused_exactly_where_its_flag_is_with_the_flags_rul
     presets = Path(tempfile.mkdtemp(dir=tmp_path))  # a new file each time: presets are cached by path and mtime
     path = presets / "mine.yaml"
     path.write_text(yaml.safe_dump(with_value(key, value)))
-    os.environ["LAUNCH_PRESETS_DIR"] = str(presets)
-    try:
-        with world(tmp_path) as model:
-            by_flag = run(["plan", str(model), "--factor", "2", "--gpu-memory", "80", flag, repr(value)])
-            by_preset = run(["plan", "mine", "--gpu-memory", "80", "--json"])
-    finally:
-        os.environ.pop("LAUNCH_PRESETS_DIR", None)
+    monkeypatch.setenv("LAUNCH_PRESETS_DIR", str(presets))
+    model = tiny_model(tmp_path, monkeypatch)
+    by_flag = run(["plan", str(model), "--factor", "2", "--gpu-memory", "80", flag, repr(value)])
+    by_preset = run(["plan", "mine", "--gpu-memory", "80", "--json"])
     rule = f": must be {limit.rule}"
     flag_refused = rule in by_flag[2]
     preset_refused = by_preset[2].startswith(f"launch: error: invalid preset {path}: field '{'.'.join(key)}': ")
