@@ -36,7 +36,8 @@ def limited(option: str, value: object, limit: Limit) -> int | float:
     try:
         return limit.read(value)
     except ValueError as err:
-        hint = f", e.g. {option} {limit.example}" if limit.example is not None else ""
+        example = f"{limit.example:g}" if isinstance(limit.example, float) else limit.example
+        hint = f", e.g. {option} {example}" if example is not None else ""
         raise BadOption(option, _shown(value), f"{err}{hint}") from None
 
 

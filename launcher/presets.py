@@ -372,8 +372,9 @@ def _check_consistent(preset: Preset, path: Path) -> None:
     """The preset's own numbers must agree with what the RoPE rules read from its config facts, and
     its default RoPE must be one the rules accept on those facts (else every use would fail later
     with a message that does not name the preset)."""
-    from .errors import BadConfig, LaunchError
+    from .errors import BadConfig, LaunchError, LayoutHeadsIndivisible
     from .kvcache import ModelShape
+    from .layout import kv_heads_per_gpu
     from .rope import RopeRequest, decide, read_rope
 
     try:
@@ -394,6 +395,11 @@ def _check_consistent(preset: Preset, path: Path) -> None:
         decide(preset.stub_config(), request, f"preset {preset.name}")
     except LaunchError as err:
         raise InvalidPreset(str(path), "rope", str(err)) from None
+    try:  # the preset's own tp on its own heads, by the layout's rule (else "--tp", a flag not given)
+        kv_heads_per_gpu(preset.stub_config(), preset.engine.tp)
+    except LayoutHeadsIndivisible as err:
+        raise InvalidPreset(str(path), "engine.tp", f"{err.tp} does not divide the model's {err.count} {err.what} "
+                            "(they are split evenly over the tp GPUs); use a tp that divides it") from None
 
 
 def load_preset_file(path: Path) -> Preset:

@@ -299,3 +299,18 @@ def test_every_preset_number_out_of_its_range_is_refused_naming_the_file_and_key
     with pytest.raises(InvalidPreset) as err:
         load_preset_file(path)
     assert str(err.value).startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {limit.rule}, found ")
+
+
+@pytest.mark.parametrize("tp, heads, hidden, what", [(8, 4, 64, "4 attention heads"), (2, 6, 63, "63 hidden size")])
+def test_a_presets_tp_that_its_own_model_cannot_split_names_the_preset_key_not_the_flag(launch, tmp_path, tp, heads,
+                                                                                       hidden, what):
+    user = tmp_path / "presets"
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["config"].update(num_attention_heads=heads, hidden_size=hidden)
+    data["engine"] = {"tp": tp}
+    path = write_preset(user, data)
+    result = launch("plan", "mine", "--gpu-memory", "80", env={"LAUNCH_PRESETS_DIR": str(user)})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"launch: error: invalid preset {path}: field 'engine.tp': {tp} does not divide the "
+                                    f"model's {what}"), result.stderr
+    assert "--tp" not in result.stderr and result.stderr.count("\n") == 1

@@ -6,8 +6,12 @@ from typing import Annotated
 
 import typer
 
+from .. import limits
+from ..checks import HUB_TIMEOUT_ENV, HUB_TIMEOUT_S
 from .app import app
-from .options import TrustOpt
+from .options import TrustOpt, number
+
+HUB_DEFAULT = f"${HUB_TIMEOUT_ENV}, else {HUB_TIMEOUT_S:g}"
 
 
 @app.command(
@@ -33,13 +37,10 @@ def fetch(
         bool,
         typer.Option("--quiet", "-q", help="No progress bars and no summary: print only the path."),
     ] = False,
-    timeout: Annotated[
-        str | None,
-        typer.Option("--timeout", help="Give up when the hub does not answer a request or list the "
-                     "repo's files within this many seconds, or a download makes no progress for that long "
-                     "(a stalled file is also bounded by huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT). "
-                     "Default: $LAUNCH_HUB_TIMEOUT, else 600.", show_default=False),
-    ] = None,
+    timeout: number(limits.SECONDS, "--timeout", metavar="SECONDS", example=HUB_TIMEOUT_S, default=HUB_DEFAULT,
+                    help="Give up when the hub does not answer a request or list the repo's files within this many "
+                    "seconds, or a download makes no progress for that long (a stalled file is also bounded by "
+                    "huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT).") = None,
 ) -> None:
     """Download what serving MODEL needs into the Hugging Face cache; print the snapshot path.
 
