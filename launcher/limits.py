@@ -91,14 +91,15 @@ class Limit:
         return number
 
     def parse(self, text: str) -> int | float:
-        """The text of a flag, by the one grammar (ASCII digits, one sign; a decimal number may have
-        a point and an exponent), typed and in range; ValueError("must be ...") otherwise."""
-        stripped = text.strip(_BLANKS) if isinstance(text, str) else ""
-        if len(stripped) <= _LONGEST and (_WHOLE if self.whole else _DECIMAL).fullmatch(stripped):
-            number = int(stripped) if self.whole else float(stripped)
-            if self.contains(number):
-                return number
-        raise ValueError(f"must be {self.rule}")
+        """The text of a flag, by the one grammar (``number_text``), typed and in range;
+        ValueError("must be ...") otherwise."""
+        try:
+            number = number_text(text, whole=self.whole)
+        except ValueError:
+            number = None
+        if number is None or not self.contains(number):
+            raise ValueError(f"must be {self.rule}")
+        return number
 
     def read(self, value: Any) -> int | float:
         """``parse`` for text, ``check`` for a number (a flag's value given in code as an int)."""
@@ -108,6 +109,17 @@ class Limit:
             return self.check(value)
         except ValueError:
             raise ValueError(f"must be {self.rule}") from None
+
+
+def number_text(text: str, *, whole: bool = False) -> int | float:
+    """Number text by the one grammar, with no range: ASCII digits and at most one sign; a decimal
+    number may have a point and an exponent (``1.5``, ``2e3``). Blanks at the ends are taken off.
+    ValueError for anything else ("２", "1_000", "nan", "0x10"). For a flag's part that is a number
+    (``8k``, ``1.5x`` of ``--lengths``): ``number_text(item[:-1])``."""
+    stripped = text.strip(_BLANKS) if isinstance(text, str) else ""
+    if len(stripped) > _LONGEST or not (_WHOLE if whole else _DECIMAL).fullmatch(stripped):
+        raise ValueError(f"not a {'whole ' if whole else ''}number written in ASCII digits: {text!r}")
+    return int(stripped) if whole else float(stripped)
 
 
 def _whole(low: int, high: int, example: Any = None) -> Limit:

@@ -257,3 +257,13 @@ def test_tp_and_replicas_and_every_other_number_flag_answer_in_one_voice(launch,
     assert result.returncode == 2 and result.stdout == ""
     limit = flag_limit(flag)
     assert result.stderr == f"launch: error: {flag} 'x': must be {limit.rule}, e.g. {flag} {limit.example}\n"
+
+
+@pytest.mark.parametrize("command", ["probe", "ppl"])
+@pytest.mark.parametrize("item", ["４000", "4_000", "０.５x", "1_5k", "٣k", "nanx", "0x10"])
+def test_a_length_is_written_in_ascii_digits_too(tmp_path, monkeypatch, command, item):
+    """--lengths takes 4000, 8k and 1.5x: the number in each is read by the same grammar."""
+    argv = base_argv(command, tiny_model(tmp_path, monkeypatch), tmp_path)
+    code, out, err = run([*argv, "--lengths", f"2000,{item}"])
+    assert code == 2 and out == "" and err.startswith(f"launch: error: --lengths {item!r}: not a token count"), err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -15,6 +15,7 @@ from .. import checks
 from ..configcheck import INT32_MAX
 from ..errors import BadOption
 from ..http import redact
+from ..limits import number_text
 from .client import DEFAULT_URL, normalize_url
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -151,15 +152,15 @@ def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
         lower = item.lower()
         try:
             if lower.endswith("x"):
-                factor = float(lower[:-1])
+                factor = number_text(lower[:-1])
                 if native_context is None:
                     raise BadOption("--lengths", item, "a multiple of the native context needs --native N "
                                     "or --preset NAME; or give token counts")
                 value = factor * native_context
             elif lower.endswith("k"):
-                value = float(lower[:-1]) * 1000
+                value = number_text(lower[:-1]) * 1000
             else:
-                value = float(lower)
+                value = number_text(lower)
         except ValueError:
             raise BadOption("--lengths", item, "not a token count (4000), thousands (8k) or multiple (1.5x)") from None
         scaled = lower.endswith(("x", "k"))  # 1.5x and 2.5k round to whole tokens; 500.5 is a mistake
