@@ -189,6 +189,31 @@ def test_results_go_only_into_a_new_or_empty_directory_and_nothing_else_changes(
         check()
 
 
+def test_results_that_cannot_be_written_are_one_line_and_leave_no_directory(tmp_path):
+    """A file system that takes no more (here: a file size limit of 1 kB, EFBIG like a full disk's
+    ENOSPC): the table still printed, one error line, exit 1, and the directory launch made for the
+    run is gone again."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+        proc = subprocess.run([sys.executable, "-m", "launcher", *run_args("probe", server.url),
+                               "--out", str(tmp_path / "o")], check=False, cwd=REPO, capture_output=True,
+                              text=True, timeout=120, preexec_fn=small_files, env={**os.environ, "LAUNCH_API_KEY": ""})
+    assert proc.returncode == 1
+    assert "overall accuracy 1.00 (1/1 found" in proc.stdout and "wrote" not in proc.stdout  # the numbers survive
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"launch: error: cannot write the results at {tmp_path / 'o' / 'results.json'}: ")
+    assert "nothing of yours was changed" in last and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 CHANGES = ("user-file", "user-results-link", "user-chart-link-outside", "out-became-a-link", "out-became-a-file",
            "out-removed", "another-run-wrote-there", "fifo-named-like-a-chart")
 

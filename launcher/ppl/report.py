@@ -14,11 +14,12 @@ from typing import TextIO
 
 from ..errors import CompareBadRun
 from ..probe.report import (  # the same rules as probe
-    RESULTS_NAME,
+    OutputPaths,
+    publish_run,
     read_results,
-    results_bytes,
     show_written,
     table_text,
+    write_run,
 )
 from ..probe.runfiles import RunDir
 from .runner import PplResult
@@ -176,30 +177,17 @@ def distinct_labels(runs: list[Run], dirs: list[Path]) -> list[Run]:
             for r, d in zip(runs, dirs)]
 
 
-@dataclass(frozen=True)
-class OutputPaths:
-    out_dir: Path
-    results_json: Path
-    chart_png: Path
-    note: str | None = None  # set when --out was taken during the run and the files went beside it
-
-
 def write_outputs(result: PplResult, out_dir: Path | str) -> OutputPaths:
-    """``results.json`` first (a chart failure cannot lose it), then ``ppl.png``, into a new (or
-    empty) directory, never replacing anything (``probe.runfiles.RunDir``)."""
+    """``results.json``, then ``ppl.png`` (``probe.report.write_run``)."""
     from .chart import chart_png
 
-    with RunDir.claim(out_dir) as run:
-        results = run.write(RESULTS_NAME, results_bytes(results_dict(result)))
-        chart = run.write(CHART_NAME, chart_png([run_of(result)], title=f"Long-context loss: {result.label}"))
-    return OutputPaths(run.path, results, chart, run.note)
+    return write_run(out_dir, results_dict(result), CHART_NAME,
+                     lambda: chart_png([run_of(result)], title=f"Long-context loss: {result.label}"))
 
 
 def publish(result: PplResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``ppl`` and ``serve --probe``)."""
-    paths = write_outputs(result, out_dir)
-    show_written(format_table(result), stream, paths.results_json, paths.chart_png, note=paths.note)
-    return paths
+    return publish_run(format_table(result), lambda: write_outputs(result, out_dir), stream)
 
 
 def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:

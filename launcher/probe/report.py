@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -150,10 +151,25 @@ def results_dict(result: ProbeResult) -> dict:
 
 @dataclass(frozen=True)
 class OutputPaths:
+    """What a probe or ppl run wrote."""
+
     out_dir: Path
     results_json: Path
-    heatmap_png: Path
+    chart_png: Path  # heatmap.png (probe), ppl.png (ppl)
     note: str | None = None  # set when --out was taken during the run and the files went beside it
+
+    @property
+    def heatmap_png(self) -> Path:
+        return self.chart_png
+
+
+def write_run(out_dir: Path | str, results: dict, chart_name: str, chart: Callable[[], bytes]) -> OutputPaths:
+    """``results.json`` (first, so a chart failure cannot lose it), then the chart drawn by ``chart``,
+    into a new (or empty) directory, never replacing anything (``runfiles.RunDir``)."""
+    with RunDir.claim(out_dir) as run:
+        written = run.write(RESULTS_NAME, results_bytes(results))
+        png = run.write(chart_name, chart())
+    return OutputPaths(run.path, written, png, run.note)
 
 
 def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
@@ -162,20 +178,29 @@ def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
 
 
 def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
-    """Write ``results.json`` (first, so a chart failure cannot lose it) and ``heatmap.png`` into a
-    new (or empty) directory, never replacing anything (``runfiles.RunDir``)."""
+    """Write ``results.json`` and ``heatmap.png`` (``write_run``)."""
     from .chart import heatmap_png
 
-    with RunDir.claim(out_dir) as run:
-        results = run.write(RESULTS_NAME, results_bytes(results_dict(result)))
-        heatmap = run.write(HEATMAP_NAME, heatmap_png(result))
-    return OutputPaths(run.path, results, heatmap, run.note)
+    return write_run(out_dir, results_dict(result), HEATMAP_NAME, lambda: heatmap_png(result))
 
 
 def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``probe`` and ``serve --probe``)."""
-    paths = write_outputs(result, out_dir)
-    show_written(format_table(result), stream, paths.results_json, paths.heatmap_png, note=paths.note)
+    return publish_run(format_table(result), lambda: write_outputs(result, out_dir), stream)
+
+
+def publish_run(table: str, write: Callable[[], OutputPaths], stream: TextIO) -> OutputPaths:
+    """``write`` a run's files, then print ``table`` and where they are. When they cannot be written
+    the table is still printed before the error, so the numbers of a long run are not lost."""
+    from .runfiles import OutNotWritable
+
+    try:
+        paths = write()
+    except OutNotWritable:
+        print(table, file=stream)
+        stream.flush()
+        raise
+    show_written(table, stream, paths.results_json, paths.chart_png, note=paths.note)
     return paths
 
 

@@ -103,10 +103,11 @@ def _describe(names: list[str]) -> str:
 class RunDir:
     """A directory a run writes into: made by launch, or found empty; use as a context manager."""
 
-    def __init__(self, path: Path, fd: int, note: str | None) -> None:
+    def __init__(self, path: Path, fd: int, note: str | None, created: bool) -> None:
         self.path = path
         self.note = note  # set when --out was taken during the run and the results went beside it
         self._fd = fd
+        self._created = created
         self.written: list[Path] = []
 
     @classmethod
@@ -116,15 +117,15 @@ class RunDir:
         from ..overlay import check_out_path
 
         path = check_out_path(out)
-        fd, why = _take(path, may_exist=True)
+        fd, why, created = _take(path, may_exist=True)
         if fd is not None:
-            return cls(path, fd, None)
+            return cls(path, fd, None, created)
         for number in range(2, FALLBACK_TRIES + 2):
             other = path.with_name(f"{path.name}-{number}")
-            fd, _ = _take(other, may_exist=False)
+            fd, _, _ = _take(other, may_exist=False)
             if fd is not None:
                 return cls(other, fd, f"{printable(str(path))} {why} when the run ended, so its results are in "
-                                      f"{printable(str(other))}")
+                                      f"{printable(str(other))}", True)
         raise OutNotWritable(str(path), f"it {why}, and so did {path.name}-2 to -{FALLBACK_TRIES + 1} beside it")
 
     def write(self, name: str, data: bytes) -> Path:
@@ -172,13 +173,18 @@ class RunDir:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
         self.close()
+        if kind is not None and self._created and not self.written:
+            try:  # nothing was written: the directory launch made goes again
+                os.rmdir(self.path)
+            except OSError:
+                pass
 
 
-def _take(path: Path, may_exist: bool) -> tuple[int | None, str]:
-    """An open descriptor of ``path`` when launch may write there (made now, or with ``may_exist``
-    an empty real directory), else ``(None, why not)``."""
+def _take(path: Path, may_exist: bool) -> tuple[int | None, str, bool]:
+    """``(descriptor, "", made now)`` of ``path`` when launch may write there (made now, or with
+    ``may_exist`` an empty real directory), else ``(None, why not, False)``."""
     created = False
     try:
         _make_parents(path.parent)
@@ -186,19 +192,19 @@ def _take(path: Path, may_exist: bool) -> tuple[int | None, str]:
         created = True
     except FileExistsError:
         if not may_exist:
-            return None, "existed"
+            return None, "existed", False
     except OSError as err:
         raise OutNotWritable(str(path), err.strerror or str(err)) from None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            return None, "was a link or a file"
+            return None, "was a link or a file", False
         raise OutNotWritable(str(path), err.strerror or str(err)) from None
     if not created and os.listdir(fd):
         os.close(fd)
-        return None, "was no longer empty"
-    return fd, ""
+        return None, "was no longer empty", False
+    return fd, "", created
 
 
 def _make_parents(directory: Path) -> None:

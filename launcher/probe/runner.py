@@ -23,6 +23,7 @@ from ..errors import (
     ProbeNoModel,
     ProbeUnauthorized,
     ProbeUnknownModel,
+    printable,
 )
 from ..http import Unreachable
 from .client import OpenAIClient, StuckWatch, waiting_notice
@@ -121,7 +122,7 @@ def _pick_model(client: OpenAIClient, wanted: str | None) -> str:
             raise ProbeNoModel(client.shown)
         return models[0]
     if models and wanted not in models:
-        raise ProbeUnknownModel(wanted, tuple(models))
+        raise ProbeUnknownModel(wanted, tuple(printable(m) for m in models))  # the server's names
     return wanted
 
 
