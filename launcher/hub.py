@@ -327,7 +327,8 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
     def listing(revision: str) -> Path:  # no pattern matches: nothing is downloaded yet (and the
         with _hf_output(warnings=False, bars=False):  # "No files matched" warning is not the user's)
             task = (lambda: snapshot_download(call.repo_id, revision=revision, allow_patterns=[], **common))
-            return Path(_watched(call, [task], metadata=True)[0])
+            return Path(_watched(replace(call, doing=f"listing the files of {call.repo_id}@{revision}"), [task],
+                                 metadata=True)[0])
 
     # The file list at the revision asked for, so that huggingface_hub records where it points
     # (refs/, for offline use later); at the planned commit instead if the branch moved or went since.
@@ -352,8 +353,8 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
         _watched(call, [lambda name=name: hf_hub_download(call.repo_id, name, revision=path.name, **common)
                         for name in names])
 
-    if selection.index is not None:  # the index names the shards: fetch it (and the small files) first
-        get(selection.meta)
+    if selection.index is not None:  # the index names the shards: fetch it first
+        get([selection.index])
         weight_map = read_weight_map(path / selection.index)
         if weight_map is None:
             raise HubError(call.repo_id, call.endpoint, f"its {selection.index} has no weight_map")
@@ -361,7 +362,7 @@ def _download(call: _Call, trust_remote_code: bool, started: float) -> FetchResu
         absent = [w for w in selection.weights if w not in tree]
         if absent:
             raise HubFileMissing(call.repo_id, call.revision, f"{absent[0]} (named in {selection.index})")
-    get(selection.files)
+    get(sorted(selection.files, key=lambda f: -tree[f].size if f in tree else 0))  # the biggest first
     return _result(call, path, selection, started, before)
 
 

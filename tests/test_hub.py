@@ -396,9 +396,14 @@ class SilentHub:
             self.accepted.append(conn)
 
     def close(self) -> None:
+        """Stop accepting. The connections accepted stay open (parked until the test process ends): a
+        client thread launch left waiting on one (it gave up on it, as a daemon) never wakes to retry,
+        and huggingface_hub's retry would reset its HTTP client shared with the tests that follow."""
         self.sock.close()
-        for conn in self.accepted:
-            conn.close()
+        _PARKED.extend(self.accepted)
+
+
+_PARKED: list = []
 
 
 @pytest.fixture

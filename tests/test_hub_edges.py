@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 import urllib.parse
+from pathlib import Path
 from unittest import mock
 
 import httpx2
@@ -262,7 +263,7 @@ def run_with_deadline(hub, *argv: str, seconds: int = 2, password: str = "S3cret
 
 @pytest.mark.parametrize(("path_part", "method", "pinned", "doing"), [
     ("/revision/", None, False, "resolving org/tiny@main"),
-    ("/tree/", None, True, "downloading org/tiny@"),
+    ("/tree/", None, True, "listing the files of org/tiny@"),
     ("/resolve/", "HEAD", False, "downloading org/tiny@main"),
     ("/resolve/", "GET", False, "downloading org/tiny@main"),
 ], ids=["branch lookup", "file list", "HEAD of a file", "body of a file"])
@@ -273,6 +274,20 @@ def test_a_trickling_hub_ends_fetch_at_the_deadline(hub, path_part, method, pinn
     hub.trickle(trickling(path_part, method))
     done = run_with_deadline(hub, "fetch", "org/tiny", *(["--revision", sha] if pinned else []))
     assert f"while {doing}" in done.stderr
+
+
+def test_a_trickled_branch_lookup_falls_back_to_a_complete_cache(hub):
+    """As with a hub that cannot be reached: after the deadline the complete cache answers, and the
+    summary says why (without the password)."""
+    first = run_launch("fetch", "org/tiny", "-q")
+    assert first.returncode == 0, first.stderr
+    hub.trickle(trickling("/revision/"))
+    started = time.monotonic()
+    again = run_launch("fetch", "org/tiny", "--timeout", "2",
+                       env={"HF_ENDPOINT": with_password(hub.url, "S3cret-pw")}, timeout=120)
+    assert time.monotonic() - started < 30
+    assert again.returncode == 0 and again.stdout == first.stdout and "S3cret" not in again.stderr
+    assert f"from cache: the hub at http://***@127.0.0.1:{hub.port} did not answer within 2 s" in again.stderr
 
 
 @pytest.mark.parametrize("argv", [
@@ -302,8 +317,10 @@ def test_the_metadata_shares_one_deadline(hub):
 def test_a_trickle_that_completes_within_the_deadline_is_fine(hub):
     """The deadline bounds a whole answer, not its pace: slow but complete answers are taken."""
     hub.trickle(lambda m, p: "/api/models/" in p, every=0.0005)
-    result = fetch("org/tiny", timeout_s=60)
-    assert result.commit_sha == hub.repos["org/tiny"].refs["main"] and not result.from_cache
+    done = run_launch("fetch", "org/tiny", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.splitlines()[-1]).name == hub.repos["org/tiny"].refs["main"]
+    assert hub.count(contains="/api/models/") >= 2 and "downloaded" in done.stderr
 
 
 # --- secrets: no password of HF_ENDPOINT, no token, in any message -------------------------------------
