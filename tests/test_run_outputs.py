@@ -357,6 +357,18 @@ def test_a_ppl_text_that_is_not_a_regular_file_is_refused_without_waiting(tmp_pa
     assert outcome and "is not a regular file" in outcome[0]
 
 
+@pytest.mark.parametrize("command", ["probe", "ppl"])
+def test_a_tokenizer_directory_holding_a_fifo_is_refused_without_waiting(tmp_path, command):
+    (tmp_path / "tok").mkdir()
+    os.mkfifo(tmp_path / "tok" / "tokenizer.json")
+    with ProbeStandin(visible=5000, encode=False) as server:  # no /v1/encode: the local tokenizer counts
+        proc = run_launch(*run_args(command, server.url, "--tokenizer", str(tmp_path / "tok"), "--out",
+                                    str(tmp_path / "o")), env={"LAUNCH_API_KEY": ""}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"cannot load a tokenizer from {tmp_path / 'tok'}: tokenizer.json is not a regular file" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # --- a stuck engine, and runs that answered nothing ---------------------------------------------
 
 

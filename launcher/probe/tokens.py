@@ -8,6 +8,8 @@ estimate of ~4 characters per token, which the report flags as such.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ class TokenizerDir:
     def __init__(self, path: str) -> None:
         self.method = f"tokenizer: {path}"
         self._ids: Callable[[str], list[int]]
+        _refuse_special_files(path)  # the libraries would wait forever on a FIFO named tokenizer.json
         try:
             if (Path(path) / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
@@ -81,6 +84,21 @@ class TokenizerDir:
     def ids(self, text: str) -> list[int]:
         """The token ids of ``text`` (no special tokens), as the server's tokenizer gives them."""
         return self._ids(text)
+
+
+def _refuse_special_files(path: str) -> None:
+    """``ProbeTokenizerFailed`` when the directory holds a FIFO, a socket or a device (links followed)."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    mode = entry.stat().st_mode
+                except OSError:  # a dangling link: the loaders skip what they do not need
+                    continue
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise ProbeTokenizerFailed(path, f"{entry.name} is not a regular file")
+    except OSError as err:
+        raise ProbeTokenizerFailed(path, err.strerror or str(err)) from None
 
 
 @dataclass
