@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import TextIO
 
+from .errors import printable
+
 PROGRESS_EVERY_S = 10.0
 
 
@@ -35,6 +37,7 @@ class StartProgress:
             pass  # a closed or broken stderr must not stop the server
 
     def update(self, elapsed: float, last_line: str) -> None:
+        last_line = printable(last_line)  # the server's own log line: no control character reaches the terminal
         if self.tty:
             width = max(20, shutil.get_terminal_size().columns - 1)
             text = f"launch: loading… {elapsed:4.0f} s | {last_line}"[:width]

@@ -531,3 +531,24 @@ def test_whatever_the_server_sends_every_line_probe_prints_is_printable(text, wh
     assert exit_.value.code == (0 if where == "model id" else 3), err.getvalue()
     assert all_printable(out.getvalue(), err.getvalue())
     assert [str(w.message) for w in warned] == []  # a warning would print its own lines on stderr
+
+
+@PROPERTY
+@given(line=st.text(max_size=40), tty=st.booleans())
+def test_the_server_start_progress_line_is_printable(line, tty):
+    """``serve`` shows the server's last log line while it loads: whatever the server logged, one
+    printable line (the terminal's own rewrite, carriage return and erase, is launch's only escape)."""
+    import io
+
+    from launcher.progress import StartProgress
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    stream = Stream()
+    progress = StartProgress(stream, log_path=Path("server.log"), every_s=1.0)
+    progress.update(2.0, line)
+    progress.done(3.0)
+    shown = stream.getvalue().replace("\r\x1b[K", "")
+    assert all_printable(shown) and shown.count("\n") == (2 if tty else 3)
