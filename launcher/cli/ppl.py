@@ -39,7 +39,8 @@ def ppl(
     label: Annotated[_Text, typer.Option("--label", metavar="NAME", help="Name of this run on charts. Default: the "
                                          "served model name.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="DIR", help="Directory for results.json and ppl.png (with --compare: ppl-compare.png). "
+        "--out", "-o", metavar="DIR", help="New or empty directory for results.json and ppl.png (with --compare: "
+        "ppl-compare.png). "
         "Default: ./ppl-<timestamp>/.", show_default=False)] = None,
     timeout: Annotated[_Text, typer.Option("--timeout", metavar="SECONDS", help="Seconds per HTTP request. Default: 600.",
                                            show_default=False)] = None,
@@ -47,7 +48,8 @@ def ppl(
     """Measure the language-modelling loss of a long text at growing context lengths.
 
     Prints a length x loss table (the last --span tokens, and the whole window) and writes
-    results.json and ppl.png. Example: launch ppl --native 8192 --lengths 0.5x,1x,1.5x,2x
+    results.json and ppl.png; exits 3 when no window was scored (or the engine stopped answering).
+    Example: launch ppl --native 8192 --lengths 0.5x,1x,1.5x,2x
     """
     if compare:
         from ..ppl import compare as draw

@@ -41,7 +41,8 @@ def probe(
         "tokenize endpoint. Without both, lengths are estimated (~4 characters per token).",
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="DIR", help="Directory for results.json and heatmap.png. Default: ./probe-<timestamp>/.",
+        "--out", "-o", metavar="DIR", help="New or empty directory for results.json and heatmap.png (with --compare: "
+        "heatmap-compare.png). Default: ./probe-<timestamp>/.",
         show_default=False)] = None,
     min_accuracy: Annotated[_Text, typer.Option(
         "--min-accuracy", metavar="A", help="Exit 1 when the overall accuracy is below this (0..1). Default: 0.",
@@ -53,7 +54,8 @@ def probe(
 ) -> None:
     """Check that the served model still finds a passkey hidden at any depth of a long prompt.
 
-    Prints a length x depth accuracy table and writes results.json and heatmap.png.
+    Prints a length x depth accuracy table and writes results.json and heatmap.png. Exits 3 when no
+    trial was answered (or the engine stopped answering), 1 below --min-accuracy.
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
     if compare:

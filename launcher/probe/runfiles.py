@@ -187,7 +187,11 @@ def _take(path: Path, may_exist: bool) -> tuple[int | None, str, bool]:
     ``may_exist`` an empty real directory), else ``(None, why not, False)``."""
     created = False
     try:
-        _make_parents(path.parent)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutNotWritable(str(path), err.strerror or str(err)) from None
+    try:
         os.mkdir(path)
         created = True
     except FileExistsError:
@@ -205,11 +209,6 @@ def _take(path: Path, may_exist: bool) -> tuple[int | None, str, bool]:
         os.close(fd)
         return None, "was no longer empty", False
     return fd, "", created
-
-
-def _make_parents(directory: Path) -> None:
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
 
 
 class UnreadableRun(Exception):
