@@ -95,12 +95,13 @@ NUMBER_FLAGS = {
     "probe": {"--trials": None, "--seed": None, "--native": None, "--max-tokens": None, "--timeout": None,
               "--min-accuracy": None},
     "ppl": {"--native": None, "--span": None, "--timeout": None},
-    "proxy start": {"--start-timeout": limits.SECONDS, "--port": None},
+    "proxy start": {"--start-timeout": limits.SECONDS, "--port": limits.PORT},
 }
 HOSTILE_NUMBER = st.one_of(
     st.builds(lambda d, n: d * n, NON_ASCII_DIGIT, st.integers(1, 3)),
     st.builds(lambda a, b: f"{a}_{b}", st.integers(0, 99), st.integers(0, 999)),
-    st.sampled_from(["", " ", "x", "nan", "inf", "0x10", "+-2", "1e400", "9" * 30, "-1", "1 2", "²", "4\u00a0"]),
+    st.sampled_from(["", " ", "x", "nan", "inf", "0x10", "+-2", "1e400", "9" * 30, "-1", "1 2", "²", "4\u00a0",
+                     "\u20034", "4\n"]),
 )
 
 
@@ -226,11 +227,12 @@ def test_a_preset_number_is_refused_exactly_where_its_flag_is_with_the_flags_rul
     by_flag = run(["plan", str(model), "--factor", "2", "--gpu-memory", "80", flag, repr(value)])
     by_preset = run(["plan", "mine", "--gpu-memory", "80", "--json"])
     rule = f": must be {limit.rule}"
-    flag_refused = rule in by_flag[2]
+    flag_refused = by_flag[2].startswith(f"launch: error: {flag} {repr(value)!r}: ")  # its range, or its model's
     preset_refused = by_preset[2].startswith(f"launch: error: invalid preset {path}: field '{'.'.join(key)}': ")
     assert flag_refused == preset_refused, (value, by_flag[2], by_preset[2])
+    assert (rule in by_flag[2]) == (rule in by_preset[2]), (by_flag[2], by_preset[2])  # and by the same rule
     if preset_refused:
-        assert by_preset[0] != 0 and by_preset[2].count("\n") == 1 and rule in by_preset[2], by_preset[2]
+        assert by_preset[0] != 0 and by_preset[2].count("\n") == 1, by_preset[2]
         assert flag not in by_preset[2]  # the preset's key is named, not a flag the user never gave
 
 

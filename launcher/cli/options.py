@@ -16,7 +16,7 @@ import typer
 
 from .. import checks, limits
 from ..engine import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_PORT, DEFAULTS
-from ..proxy_start import DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
+from ..proxy_start import DEFAULT_PROXY_PORT, DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
 
 
 def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
@@ -98,5 +98,7 @@ RoutingOpt = optional(str, "--routing", metavar="|".join(ROUTINGS),
 HealthTimeoutOpt = number(limits.SECONDS, "--health-timeout", metavar="SECONDS", example=1800,
                           help="Seconds to wait for the engine to load and answer /health.",
                           default=DEFAULT_HEALTH_TIMEOUT_S)
+ProxyPortOpt = number(limits.PORT, "--port", metavar="PORT", help="Port of the proxy (OpenAI API and node API).",
+                      default=DEFAULT_PROXY_PORT, example=DEFAULT_PROXY_PORT)
 StartTimeoutOpt = number(limits.SECONDS, "--start-timeout", metavar="SECONDS", example=120,
                          help="Seconds to wait for the proxy to answer.", default=DEFAULT_START_TIMEOUT_S)

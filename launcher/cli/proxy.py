@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ..proxy_start import DEFAULT_START_TIMEOUT_S
+from ..proxy_start import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 from .app import app
-from .options import JsonOpt, RoutingOpt, StartTimeoutOpt
+from .options import JsonOpt, ProxyPortOpt, RoutingOpt, StartTimeoutOpt
 
 proxy_app = typer.Typer(
     name="proxy",
@@ -39,7 +39,7 @@ NodeArg = Annotated[str, typer.Argument(help="The replica's address, e.g. http:/
 )
 def start(
     host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = "127.0.0.1",
-    port: Annotated[str, typer.Option("--port", help="Port of the proxy (OpenAI API and node API).")] = "8000",
+    port: ProxyPortOpt = DEFAULT_PROXY_PORT,
     api_key: Annotated[
         list[str] | None,
         typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
