@@ -51,12 +51,8 @@ def ppl(
     results.json and ppl.png; exits 3 when no window was scored (or the engine stopped answering).
     Example: launch ppl --native 8192 --lengths 0.5x,1x,1.5x,2x
     """
-    if compare:
-        from ..ppl import compare as draw
-
-        run_dirs.compare("ppl", runs, out, draw)
+    if run_dirs.compared("ppl", compare, runs, out):
         return
-    run_dirs.refuse_runs(runs, "measure")
 
     from ..ppl import measure, publish, settings_from_flags
     from ..probe.settings import preset_native

@@ -58,12 +58,8 @@ def probe(
     trial was answered (or the engine stopped answering), 1 below --min-accuracy.
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
-    if compare:
-        from ..probe.report import compare as draw
-
-        run_dirs.compare("probe", runs, out, draw)
+    if run_dirs.compared("probe", compare, runs, out):
         return
-    run_dirs.refuse_runs(runs, "probe")
 
     from ..probe import publish, settings_from_flags, sweep
     from ..probe.settings import preset_native

@@ -47,25 +47,27 @@ class NothingAnswered(LaunchError):
                          f"(details in {self.results}).")
 
 
-def compare(command: str, runs: list[Path] | None, out: Path | None,
-            draw: Callable[[list[Path], Path, TextIO], object]) -> None:
-    """``launch COMMAND --compare RUN_DIR...``: check where the chart goes, then ``draw`` the runs."""
+def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | None) -> bool:
+    """With ``--compare``: draw ``RUN_DIR...`` into ``--out`` (checked first) and say True. Without it,
+    refuse run directories (they are for ``--compare`` only) and say False: the command runs."""
+    import importlib
+
     from ..errors import BadOption
     from ..probe.report import default_out_dir
     from ..probe.runfiles import check_out_dir
 
+    if not compare:
+        if runs:
+            raise BadOption("RUN_DIR", str(runs[0]), f"run directories are for --compare; to run `launch {command}`, "
+                            "give --url")
+        return False
     if not runs:
         raise BadOption("--compare", "(none)", f"give the run directories to compare: launch {command} --compare DIR DIR")
+    draw: Callable[[list[Path], Path, TextIO], object] = importlib.import_module(f"..{command}.report", __package__
+                                                                                 ).compare
     out_dir = out if out is not None else default_out_dir(prefix=f"{command}-compare")
     draw(list(runs), check_out_dir(out_dir, example=f"./{command}-compare"), sys.stdout)
-
-
-def refuse_runs(runs: list[Path] | None, verb: str) -> None:
-    """Run directories are for ``--compare`` only."""
-    from ..errors import BadOption
-
-    if runs:
-        raise BadOption("RUN_DIR", str(runs[0]), f"run directories are for --compare; to {verb}, give --url")
+    return True
 
 
 def new_out_dir(command: str, out: Path | None) -> Path:
