@@ -52,10 +52,10 @@ _SCHEME = re.compile(r"\s*[^:/@]*:?/*")  # what stands before a URL's user info,
 _MIN_SECRET = 4  # shorter literal secrets are only taken out where they stand in a URL
 
 
-def secrets(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+def secrets() -> tuple[str, ...]:
     """The literal secrets of this environment: HF_ENDPOINT's user info (as written and decoded)
-    and HF_TOKEN, longest first."""
-    found = list(extra)
+    and HF_TOKEN, longest first. (A token from the token file is taken out by its shape.)"""
+    found = []
     head = (os.environ.get("HF_ENDPOINT") or "").rpartition("@")[0]
     userinfo = head[len(_SCHEME.match(head).group(0)):]  # type: ignore[union-attr]
     if userinfo and "/" not in userinfo:  # (else the "@" is in the path)
@@ -66,10 +66,10 @@ def secrets(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(sorted({s for s in found if len(s) >= _MIN_SECRET}, key=len, reverse=True))
 
 
-def redact(text: str, extra: tuple[str, ...] = ()) -> str:
+def redact(text: str) -> str:
     """``text`` without the user info of any URL, HF_ENDPOINT's password, a token or an
     Authorization value: what a message that can carry a hub URL is passed through."""
-    for secret in secrets(extra):
+    for secret in secrets():
         text = text.replace(secret, "***")
     text = _USERINFO.sub(r"\1***@", text)
     return _BEARER.sub(r"\1 ***", _TOKEN.sub("hf_***", text))
@@ -119,8 +119,7 @@ _ENDPOINT_MUST = "the http:// or https:// URL of a Hugging Face Hub or mirror, s
 def _endpoint(value: str) -> str:
     """HF_ENDPOINT without its trailing ``/``: a URL huggingface_hub and its HTTP client take as the
     same host and port, and under which launch can add ``/api/...`` paths."""
-    text = value
-    scheme, sep, rest = text.partition("://")
+    scheme, sep, rest = value.partition("://")
     authority, slash, path = rest.partition("/")
     userinfo, _, hostport = authority.rpartition("@")
     bracketed = hostport.startswith("[")
@@ -129,11 +128,11 @@ def _endpoint(value: str) -> str:
     else:
         host, close, port = hostport.split(":")[0], "", hostport[len(hostport.split(":")[0]):]
     problem = None
-    if not text.isascii() or not text.isprintable() or " " in text:
+    if not value.isascii() or not value.isprintable() or " " in value:
         problem = "it has blanks, control or non-ASCII characters (an IDN host is written in its xn-- form)"
     elif not sep or scheme.lower() not in ("http", "https"):
         problem = "it does not start with http:// or https://"
-    elif "?" in text or "#" in text:
+    elif "?" in value or "#" in value:
         problem = "it has a query or fragment (launch adds paths after it)"
     elif "@" in userinfo or not _URL_CHARS.fullmatch(userinfo) or not _URL_CHARS.fullmatch(path):
         problem = "its user info or path has characters a URL must percent-encode"
@@ -216,10 +215,6 @@ class HubSettings:
     etag_timeout: int | None  # None: huggingface_hub's own default
     download_timeout: int | None
     token: str | None  # the one huggingface_hub sends (HF_TOKEN, else the token file)
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (self.token,) if self.token else ()
 
 
 def existing(path: Path) -> Path:
