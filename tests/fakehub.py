@@ -111,7 +111,7 @@ class FakeHub:
         self.dropped: list[str] = []  # files whose body was cut off
         self.understate_sizes = False
         self._stall: Callable[[str, str, str | None], bool] | None = None
-        self._trickle: tuple[Callable[[str, str], bool], float] | None = None
+        self._trickle: tuple[Callable[[str, str], bool], float, float | None] | None = None
         self._hang_up_once: list[Callable[[str, str], bool]] = []
         self._stall_body: set[str] = set()
         self._drop_once: set[str] = set()
@@ -135,11 +135,12 @@ class FakeHub:
         """Accept and read matching requests ``when(method, path, file)``, never answer. None: off."""
         self._stall = when
 
-    def trickle(self, when: Callable[[str, str], bool] | None = lambda m, p: True,
-                every: float = 0.05) -> None:
+    def trickle(self, when: Callable[[str, str], bool] | None = lambda m, p: True, every: float = 0.05,
+                over: float | None = None) -> None:
         """Answer matching requests ``when(method, raw path)`` in full, but one byte every ``every``
-        seconds (status line and headers included), on a connection closed afterwards. None: off."""
-        self._trickle = None if when is None else (when, every)
+        seconds, or each answer spread over ``over`` seconds (status line and headers included), on a
+        connection closed afterwards. None: off."""
+        self._trickle = None if when is None else (when, every, over)
 
     def hang_up_once(self, when: Callable[[str, str], bool]) -> None:
         """Close the connection of the next request ``when(method, raw path)`` without answering."""
@@ -269,11 +270,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         trickle = self.hub._trickle
         if trickle is not None and trickle[0](self.command, raw_path):
-            self._trickled(head, raw_path, query, trickle[1])
+            self._trickled(head, raw_path, query, *trickle[1:])
             return
         self._dispatch(head, raw_path, query)
 
-    def _trickled(self, head: bool, raw_path: str, query: str, every: float) -> None:
+    def _trickled(self, head: bool, raw_path: str, query: str, every: float, over: float | None) -> None:
         """The answer ``_dispatch`` gives, sent one byte at a time; stops when the client leaves."""
         real, self.wfile = self.wfile, io.BytesIO()
         try:
@@ -282,6 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.wfile = real
         self.close_connection = True
+        every = every if over is None else over / max(1, len(data))
         for i in range(len(data)):
             if self.hub._stopping.is_set():
                 return

@@ -34,7 +34,7 @@ from launcher.errors import GatedRepo, HubUnreachable, RepoNotFound, RevisionNot
 from launcher.hub import fetch, read_config
 from launcher.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, assert_one_line_error, run_launch, tree_state, user_presets
-from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
+from tests.fakehub import FakeHub, tiny_repo_files
 
 WEEK = hubenv.WEEK_S
 ENV_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=30)
@@ -302,16 +302,13 @@ def test_every_command_on_a_trickling_hub_ends_at_the_deadline_writing_nothing(h
 
 
 def test_the_metadata_shares_one_deadline(hub):
-    """A repo of two files: its branch lookup (asked twice: by launch, then by huggingface_hub's
-    listing) and its file list are each trickled to take at most 60% of the 4 s deadline, so a
-    deadline per request would let each through; together they take more than 1.5 times it."""
-    sha = hub.add_repo("org/small", {"config.json": json.dumps(TINY_CONFIG).encode(),
-                                     "model.safetensors": safetensors_bytes({"w": (4, 4)})}).refs["main"]
-    sizes = [len(httpx2.get(f"{hub.url}/api/models/org/small/{tail}").content) + 200
-             for tail in ("revision/main", f"tree/{sha}?recursive=True&expand=False")]
-    assert max(sizes) < 1.5 * min(sizes)  # so the three answers together take over 1.5 deadlines
-    hub.trickle(lambda m, p: "/api/models/" in p, every=0.6 * 4 / max(sizes))
-    run_with_deadline(hub, "fetch", "org/small", seconds=4, cut=False)
+    """Every metadata answer is trickled over 2.6 s: launch's branch lookup (one request) and
+    huggingface_hub's listing (the branch again, then the file list) each fit the 6 s deadline, so a
+    deadline per call would let both through; the three answers together take 7.8 s."""
+    hub.trickle(lambda m, p: "/api/models/" in p, over=2.6)
+    done = run_with_deadline(hub, "fetch", "org/tiny", seconds=6, cut=False)
+    assert "while listing the files of org/tiny@main" in done.stderr  # the first call had ended
+    assert hub.count(contains="/revision/") == 2
 
 
 def test_a_trickle_that_completes_within_the_deadline_is_fine(hub):
