@@ -223,6 +223,9 @@ def existing(path: Path) -> Path:
 
 
 def _cache() -> Path:
+    for var in ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN_PATH"):  # huggingface_hub takes "" as the current folder
+        if (value := os.environ.get(var)) is not None and not value.strip():
+            raise _bad(var, value, "a path, not blank (huggingface_hub would look in the current folder)")
     cache = hf_cache_dir()
     if not existing(cache).is_dir():  # HF_HOME / HF_HUB_CACHE, or a folder above, is a file
         var, value = ("HF_HUB_CACHE", cache) if os.environ.get("HF_HUB_CACHE") else ("HF_HOME", hf_home())
@@ -238,7 +241,8 @@ def read() -> HubSettings:
     etag, download = _seconds("HF_HUB_ETAG_TIMEOUT"), _seconds("HF_HUB_DOWNLOAD_TIMEOUT")
     token = _token(os.environ.get("HF_TOKEN"), "HF_TOKEN") or _token(os.environ.get("HUGGING_FACE_HUB_TOKEN"),
                                                                      "HUGGING_FACE_HUB_TOKEN")
-    return HubSettings(endpoint, offline, _cache(), etag, download, token or _token_file())
+    cache = _cache()
+    return HubSettings(endpoint, offline, cache, etag, download, token or _token_file())
 
 
 __all__ = ["BadHubSetting", "HubSettings", "Redacted", "existing", "read", "redact", "redact_logs", "scrub"]

@@ -208,7 +208,8 @@ MALFORMED = [
     ("HF_HUB_ETAG_TIMEOUT", "1_0"), ("HF_ENDPOINT", "ftp://mirror"), ("HF_ENDPOINT", "hf-mirror.com"),
     ("HF_ENDPOINT", "http://h:0"), ("HF_ENDPOINT", "http://h/?x=1"), ("HF_ENDPOINT", "http://[::1]:65536"),
     ("HF_ENDPOINT", "http://256.0.0.1"), ("HF_ENDPOINT", "http://mïrror"), ("HF_TOKEN", "t\u00f6ken"),
-    ("HF_TOKEN", "hf_a\x1bb"), ("HF_HUB_OFFLINE", "maybe"), ("TRANSFORMERS_OFFLINE", "2"),
+    ("HF_TOKEN", "hf_a\x1bb"), ("HF_HUB_OFFLINE", "maybe"), ("TRANSFORMERS_OFFLINE", "2"), ("HF_HOME", ""),
+    ("HF_HUB_CACHE", " "), ("HF_TOKEN_PATH", ""),
 ]
 
 
