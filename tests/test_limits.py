@@ -262,7 +262,7 @@ def test_tp_and_replicas_and_every_other_number_flag_answer_in_one_voice(launch,
 
 
 @pytest.mark.parametrize("command", ["probe", "ppl"])
-@pytest.mark.parametrize("item", ["４000", "4_000", "０.５x", "1_5k", "٣k", "nanx", "0x10"])
+@pytest.mark.parametrize("item", ["４000", "4_000", "０.５x", "1_5k", "٣k", "nanx", "0x10", "4\u00a0", "\u20038k"])
 def test_a_length_is_written_in_ascii_digits_too(tmp_path, monkeypatch, command, item):
     """--lengths takes 4000, 8k and 1.5x: the number in each is read by the same grammar."""
     argv = base_argv(command, tiny_model(tmp_path, monkeypatch), tmp_path)

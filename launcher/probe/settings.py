@@ -144,7 +144,7 @@ def request_timeout(value: object) -> float:
 
 def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
     """``4000,8k,1.5x``: tokens, thousands of tokens (``k``), or multiples of the native context (``x``)."""
-    items = [item.strip() for item in text.split(",")]
+    items = [item.strip(" \t") for item in text.split(",")]  # the blanks number_text takes off
     if not text.strip() or any(not item for item in items):
         raise BadOption("--lengths", text, "give comma-separated token counts, e.g. 4000,8000,16000 or 1x,2x")
     lengths = []
@@ -174,7 +174,7 @@ def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
 
 def parse_depths(text: str) -> tuple[float, ...]:
     """``0,0.5,1``: where the passkey goes, 0 = start of the filler, 1 = its end."""
-    items = [item.strip() for item in text.split(",")]
+    items = [item.strip(" \t") for item in text.split(",")]  # the blanks number_text takes off
     if not text.strip() or any(not item for item in items):
         raise BadOption("--depths", text, "give comma-separated depths between 0 and 1, e.g. 0,0.5,1")
     return tuple(checks.number("--depths", item, 0.0, 1.0) for item in items)
