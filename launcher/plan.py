@@ -260,9 +260,6 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         engine=settings.backend,
     )
     config = source.config
-    archs = config.get("architectures") if isinstance(config, dict) else None
-    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
-        raise BadConfig(source.config_origin, f"architectures must be a list of class names, found {archs!r}")
     decision = decide(config, rope_request, source=source.config_origin)
     if decision.session_len > SESSION_LEN_MAX:
         raise BadConfig(source.config_origin, f"a session of {decision.session_len:,} tokens "

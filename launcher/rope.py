@@ -92,6 +92,7 @@ from .errors import (
     UnknownRopeType,
     UnsupportedRopeType,
 )
+from .limits import ROPE_THETA
 
 # Types launch knows how to write (the one list: presets, flags and the contract test import it).
 WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")
@@ -110,8 +111,6 @@ _NO_SCALING = (None, "", "default", "none", "mrope")  # "mrope": no scaling, as 
 
 LLAMA3_LOW_FREQ = 1.0
 LLAMA3_HIGH_FREQ = 4.0
-# TurboMind keeps the RoPE base as a 32-bit float.
-ROPE_THETA_MAX = 3.4028234663852886e38
 
 INTERNLM_V1_ARCH = "InternLMForCausalLM"
 _REMOTE_MODEL_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
@@ -344,7 +343,7 @@ def _check_dict(settings: Any, source: str, where: str) -> dict | None:
         kinds = _per_attention_kinds(settings)
         if kinds:
             raise PerAttentionRope(source, where, kinds)
-        optional_number(settings, "rope_theta", source, f"{where}.", high=ROPE_THETA_MAX)
+        optional_number(settings, "rope_theta", source, f"{where}.")
     return settings
 
 
@@ -359,7 +358,7 @@ def read_rope(config: dict, source: str = "config.json") -> RopeState:
     settings = _check_dict(section.get(key), source, f"{where}{key}")
     if mirror is not None:
         _check_dict(section.get(mirror), source, f"{where}{mirror}")
-    optional_number(section, "rope_theta", source, where, high=ROPE_THETA_MAX)
+    optional_number(section, "rope_theta", source, where)
     rope_type = _scaling_type(settings, source, f"{where}{key}.")
     max_pos = config_int(section, "max_position_embeddings", source, where)
     factor = None
@@ -449,7 +448,7 @@ def _v1_changes(config: dict, source: str) -> list[Change]:
             changes.append(Change((key,), config.get(key), value, added=key not in config))
     if "rope_theta" not in config and "rope_parameters" not in config:
         rotary = config.get("rotary") if isinstance(config.get("rotary"), dict) else {}
-        theta = optional_number(rotary, "base", source, "rotary.", high=ROPE_THETA_MAX) or 10000.0
+        theta = optional_number(rotary, "base", source, "rotary.", high=ROPE_THETA.high) or 10000.0
         changes.append(Change(("rope_theta",), None, theta, added=True))
     auto_map = config.get("auto_map")
     if isinstance(auto_map, dict) and any(k in auto_map for k in _REMOTE_MODEL_CLASSES):
