@@ -353,8 +353,8 @@ class StaleOverlay(_Printable):
     )
 
 
-# --- probe and ppl (launcher/probe, launcher/ppl) ----------------------------------------------
-# Transport failures are launcher.http's Unreachable / DeadlineExceeded; URLs here are redacted.
+# --- probe and ppl (launcher/eval/probe, launcher/eval/ppl) ----------------------------------------------
+# Transport failures are launcher.net.http's Unreachable / DeadlineExceeded; URLs here are redacted.
 
 
 class ProbeUnauthorized(LaunchError):
@@ -467,7 +467,7 @@ class CompareBadRun(LaunchError):
     message = "--compare {path}: {problem}"
 
 
-# --- serve: API keys, port check, supervised server (launcher/apikeys.py, address.py, supervise.py) ---
+# --- serve: API keys, port check, supervised server (launcher/runtime/apikeys.py, address.py, supervise.py) ---
 # These messages never contain an API key itself, only where it came from. The server errors end
 # with the last lines of the server's log, one per line after the first (the first line alone says
 # what happened and what to do).
@@ -564,7 +564,7 @@ class ServerDied(LaunchError):
                           f"{self.log_path}.", self.tail)
 
 
-# --- hub: checkpoint download (launcher/hub.py, launch fetch) ----------------------------------
+# --- hub: checkpoint download (launcher/model/hub.py, launch fetch) ----------------------------------
 # One line each, naming the repo and what to do. Sizes are bytes (shown human-readable).
 
 
@@ -722,7 +722,7 @@ def human_bytes(n: float | None) -> str:
     return f"{value:.1f} TB"
 
 
-# --- serve: engine and memory checks before loading (launcher/serve.py, launcher/gpu.py) -------------
+# --- serve: engine and memory checks before loading (launcher/app/serve.py, launcher/runtime/gpu.py) -------------
 
 
 class NoGpu(LaunchError):
@@ -758,7 +758,7 @@ class NoSessionFits(LaunchError):
                "per GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}")
 
 
-# --- scale-out (launcher/proxy*, launcher/layout.py) ---
+# --- scale-out (launcher/scaleout/nodes*, launcher/rules/layout.py) ---
 # lmdeploy's proxy driven through its node API, launch's watchdog, and the replica / multi-node
 # layouts. URLs in these messages are shown without credentials (``http.redact``).
 

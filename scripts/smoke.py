@@ -37,8 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher import http as client  # the checkout's launcher, found through ROOT
-from launcher.address import free_ports
+from launcher import found through ROOT
+
+from launcher.net import http as client  # the checkout's launcher
+from launcher.runtime.address import free_ports
 
 TINY_NATIVE = 256
 
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def gpu_problem(replicas: int) -> str | None:
     """Why this box cannot run ``replicas`` one-GPU replicas (None when it can)."""
-    from launcher.gpu import free_memory, nvidia_problem
+    from launcher.runtime.gpu import free_memory, nvidia_problem
 
     if problem := nvidia_problem():
         return f"--replicas {replicas} needs {replicas} NVIDIA GPUs: {problem}"
@@ -127,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     model = os.environ.get("SMOKE_MODEL")
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(work / "launch-cache"), PYTHONUNBUFFERED="1")
     if model:
-        from launcher.presets import get_preset
+        from launcher.model.presets import get_preset
 
         native = get_preset(model).native_context
         say(f"model: preset {model} (native {native}), downloaded from the Hub")
     else:
-        from launcher.tinymodel import make_tiny_llama
+        from launcher.model.tinymodel import make_tiny_llama
 
         path = work / "tiny-llama"
         if not (path / "config.json").exists():

@@ -115,7 +115,7 @@ def tree_state(root: Path) -> dict[str, str] | None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    from launcher.address import free_ports
+    from launcher.runtime.address import free_ports
 
     return free_ports(1)
 
@@ -142,7 +142,7 @@ def cache_mismatches(endpoint: str, repo_id: str, revision: str | None = None) -
     entry that is no readable file (a dangling link), which that check passes over. [] is pristine."""
     from huggingface_hub import HfApi
 
-    from launcher.paths import hf_cache_dir
+    from launcher.runtime.paths import hf_cache_dir
 
     api = HfApi(endpoint=endpoint)
     checked = api.verify_repo_checksums(repo_id, revision=revision, cache_dir=hf_cache_dir())

@@ -153,8 +153,8 @@ def extra_cases() -> list[dict]:
 
 
 def preset_cases() -> list[dict]:
-    from launcher.presets import all_presets
-    from launcher.rope import WRITABLE_TYPES
+    from launcher.model.presets import all_presets
+    from launcher.rules.rope import WRITABLE_TYPES
 
     cases = []
     for _entry, preset in all_presets():
@@ -281,7 +281,7 @@ def pytorch_reads(cfg) -> dict:
 
 def read_case(workdir: Path, case: dict) -> dict:
     from launcher.errors import LaunchError
-    from launcher.plan import PlanRequest, build_plan, make_overlay
+    from launcher.plan.build import PlanRequest, build_plan, make_overlay
 
     src = checkpoint(workdir, case)
     trust = case.get("trust", True)
@@ -348,8 +348,8 @@ def main() -> None:
     from lmdeploy.turbomind.models import utils as tm_utils
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
 
-    from launcher.engine import TURBOMIND_ARCHS
-    from launcher.rope import ENGINE_TYPES
+    from launcher.engine.spec import TURBOMIND_ARCHS
+    from launcher.rules.rope import ENGINE_TYPES
 
     records = [read_case(workdir, case) for case in preset_cases() + extra_cases()]
     # The Qwen2.5 card's recipe as written by hand (not by launch): what TurboMind makes of it.

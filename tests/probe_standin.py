@@ -314,7 +314,7 @@ def passkey_end(prompt_text: str, passkey: str) -> int:
 
 def closed_port_url() -> str:
     """An address on 127.0.0.1 where nothing listens (connection refused)."""
-    from launcher.address import free_ports
+    from launcher.runtime.address import free_ports
 
     return f"http://127.0.0.1:{free_ports(1)}"
 

@@ -1,4 +1,4 @@
-"""STAND-IN for ``python -m launcher.engine_server SPEC.json`` (the GPU engine cannot run here).
+"""STAND-IN for ``python -m launcher.engine.server SPEC.json`` (the GPU engine cannot run here).
 
 Same interface as the real serving process: one argument, the spec's path (launch passes
 ``/dev/stdin`` and writes the spec into a pipe); it binds the spec's host and port, serves the

@@ -1,6 +1,6 @@
 """STAND-IN for lmdeploy's OpenAI ``api_server`` process (the GPU engine cannot run here).
 
-It exists only so the supervisor (``launcher.supervise``) can be tested against a real process and a
+It exists only so the supervisor (``launcher.runtime.supervise``) can be tested against a real process and a
 real HTTP server. It keeps the interface of lmdeploy 0.18's api_server where the supervisor and
 the smoke test touch it:
 

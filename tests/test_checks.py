@@ -1,4 +1,4 @@
-"""Flag values: each check in launcher/checks.py gives a value of its type in its range or one
+"""Flag values: each check in launcher/rules/checks.py gives a value of its type in its range or one
 BadOption, for any input; and `launch plan` driven in-process over generated flag values keeps the
 contract (a plan, or exit 2 with one `launch: error:` line, no traceback, nothing written)."""
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import checks
+from launcher.rules import checks
 from launcher.errors import BadOption
 from tests.conftest import LLAMA
 from tests.test_overlay import tree_digest

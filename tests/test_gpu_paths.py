@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import gpu
+from launcher.runtime import gpu
 from launcher.errors import BadOption
-from launcher.gpu import free_memory, nvidia_problem
-from launcher.paths import hf_cache_dir, hf_home
+from launcher.runtime.gpu import free_memory, nvidia_problem
+from launcher.runtime.paths import hf_cache_dir, hf_home
 from tests.conftest import REPO, assert_one_line_error
 
 NO_GPU_HERE = nvidia_problem() is not None
@@ -48,7 +48,7 @@ def test_a_driver_library_that_does_not_load_is_a_problem_not_a_crash(monkeypatc
 
 
 class StandinNvml:
-    """STAND-IN for the NVIDIA driver's libnvidia-ml (no driver here): the NVML calls launcher.gpu
+    """STAND-IN for the NVIDIA driver's libnvidia-ml (no driver here): the NVML calls launcher.runtime.gpu
     makes, with NVML's C conventions (0 = success, results written through ``ctypes.byref``), over
     GPUs of given UUIDs and free bytes, and MIG instances found by their UUID only."""
 
@@ -191,8 +191,8 @@ def test_serve_refusal_starts_no_server(monkeypatch, tmp_path, model_dir):
     """In process, with the one seam saying there is no GPU (so it runs on a GPU machine too): the
     stand-in server command is never run, no run directory or overlay is made."""
     from launcher.errors import NoGpu
-    from launcher.plan import PlanRequest
-    from launcher.serve import ServeRequest, serve
+    from launcher.plan.build import PlanRequest
+    from launcher.app.serve import ServeRequest, serve
 
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: "no NVIDIA driver was found (test)")
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
@@ -229,7 +229,7 @@ def test_the_turbomind_check_leaves_no_trace_in_home(tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
     env["HOME"] = str(home)
-    code = ("import os; from launcher.engine import turbomind_problem; print(turbomind_problem()); "
+    code = ("import os; from launcher.engine.spec import turbomind_problem; print(turbomind_problem()); "
             "print('XDG_CACHE_HOME' in os.environ)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
@@ -242,7 +242,7 @@ def test_write_spec_is_private_atomic_and_refuses_an_unwritable_place(tmp_path):
     import stat
 
     from launcher.errors import RunDirNotWritable
-    from launcher.paths import write_spec
+    from launcher.runtime.paths import write_spec
 
     path = write_spec(tmp_path / "run", "spec.json", {"api_keys": ["k"]})
     assert json.loads(path.read_text()) == {"api_keys": ["k"]}
@@ -256,11 +256,11 @@ def test_write_spec_is_private_atomic_and_refuses_an_unwritable_place(tmp_path):
 
 
 def test_read_spec_reads_what_write_spec_wrote_and_wants_one_path(tmp_path, capsys):
-    from launcher.paths import read_spec, write_spec
+    from launcher.runtime.paths import read_spec, write_spec
 
     data = {"api_keys": ["k"], "server_port": 23334, "engine_config": {"session_len": 65536}}
     path = write_spec(tmp_path / "run", "spec.json", data)
-    assert read_spec([str(path)], "launcher.engine_server") == data
+    assert read_spec([str(path)], "launcher.engine.server") == data
     for argv in ([], [str(path), str(path)]):
-        assert read_spec(argv, "launcher.engine_server") is None
-        assert capsys.readouterr().err == "usage: python -m launcher.engine_server SPEC.json\n"
+        assert read_spec(argv, "launcher.engine.server") is None
+        assert capsys.readouterr().err == "usage: python -m launcher.engine.server SPEC.json\n"

@@ -114,7 +114,7 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
 
 def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
     from launcher.errors import BadOutPath, OverlayConflict
-    from launcher.overlay import check_out
+    from launcher.model.overlay import check_out
 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "a.txt").write_text("mine")
@@ -137,7 +137,7 @@ def test_an_empty_out_directory_is_used(tmp_path, capsys, model_dir):
 
 def test_removing_an_old_overlay_takes_only_what_its_manifest_names(tmp_path, model_dir):
     # The last step of a replacement, after a file appeared in the old overlay: it stays.
-    from launcher.overlay import _remove_own, build_overlay
+    from launcher.model.overlay import _remove_own, build_overlay
 
     old = tmp_path / "old"
     build_overlay(model_dir, {**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}}, {}, old)

@@ -195,7 +195,7 @@ def prepare_out(root: Path, src: Path, kind: str) -> str | None:
     if kind == "empty":
         target.mkdir()
     elif kind in ("own", "own+user"):
-        from launcher.overlay import build_overlay
+        from launcher.model.overlay import build_overlay
 
         build_overlay(src, {"max_position_embeddings": 1}, {"tool": "launch"}, target)
         if kind == "own+user":

@@ -1,4 +1,4 @@
-"""launcher/http.py, the one HTTP client, against real sockets on 127.0.0.1: normal replies, a server
+"""launcher/net/http.py, the one HTTP client, against real sockets on 127.0.0.1: normal replies, a server
 that accepts and never answers, one that sends a byte a second, a closed port, credentials in URLs."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from launcher import http
-from launcher.address import free_ports
+from launcher.net import http
+from launcher.runtime.address import free_ports
 from launcher.errors import BadOption
 from tests.servers import JSONHandler, RawServer, serving, url_of
 

@@ -1,4 +1,4 @@
-"""launch fetch / launcher.hub against a real HTTP fake of the Hugging Face Hub on 127.0.0.1
+"""launch fetch / launcher.model.hub against a real HTTP fake of the Hugging Face Hub on 127.0.0.1
 (tests/fakehub.py). huggingface_hub itself is never mocked: the real client talks to the server,
 which counts what it is asked."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.checks import hub_timeout
+from launcher.rules.checks import hub_timeout
 from launcher.errors import (
     BadOption,
     BadRepoId,
@@ -26,8 +26,8 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from launcher.hub import fetch, read_config
-from launcher.paths import hf_cache_dir, is_repo_id, repo_folder
+from launcher.model.hub import fetch, read_config
+from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files
 from tests.test_selection import SERVING_FILES, SKIPPED  # what fetch takes and leaves of org/tiny
@@ -336,7 +336,7 @@ def test_cache_check_proves_blobs_match_their_etags_and_catches_edits(hub):
 def test_cache_pristine_after_fetch_patch_plan(hub, tmp_path):
     """Fetch, build the patched overlay, and every blob still hashes to its ETag. (The lead extends
     this with the `launch plan`/`launch patch` steps on the repo id.)"""
-    overlay = pytest.importorskip("launcher.overlay")
+    overlay = pytest.importorskip("launcher.model.overlay")
     result = fetch("org/tiny")
     original = result.config_path.read_bytes()
     patched = {**TINY_CONFIG, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}

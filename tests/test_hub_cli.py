@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.paths import hf_cache_dir, repo_folder
+from launcher.runtime.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, run_launch
 from tests.fakehub import FakeHub, tiny_repo_files
 

@@ -156,7 +156,7 @@ def test_a_refusal_from_the_config_comes_before_the_weights(hub, isolated_env, t
 def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
     """The config is fetched alone first; the files then come from that same commit, even when the
     branch moves in between (here: before the download starts)."""
-    from launcher.plan import PlanRequest, build_plan, with_files
+    from launcher.plan.build import PlanRequest, build_plan, with_files
 
     plan = build_plan(PlanRequest(model="org/tiny", factor="2", quiet=True))
     assert plan.source.path is None and plan.overlay_path is None
@@ -170,7 +170,7 @@ def test_patch_on_a_repo_id_downloads_the_commit_it_planned_with(hub, tmp_path):
 
 
 def test_a_branch_deleted_after_planning_still_downloads_the_planned_commit(hub):
-    from launcher.plan import PlanRequest, build_plan, with_files
+    from launcher.plan.build import PlanRequest, build_plan, with_files
 
     repo = hub.repos["org/tiny"]
     repo.refs["dev"] = repo.refs["main"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.errors import BadConfig
-from launcher.kvcache import (
+from launcher.rules.kvcache import (
     GiB,
     ModelShape,
     bytes_per_session,

@@ -1,4 +1,4 @@
-"""Scale-out layouts (launcher/layout.py): replicas on one machine and one engine across nodes,
+"""Scale-out layouts (launcher/rules/layout.py): replicas on one machine and one engine across nodes,
 checked with the installed lmdeploy's own parallel-config function, and every command parsed by
 lmdeploy's own `lmdeploy serve` parser."""
 
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from launcher.capacity import Capacity
-from launcher.engine import EngineConfig, EngineSpec
+from launcher.rules.capacity import Capacity
+from launcher.engine.spec import EngineConfig, EngineSpec
 from launcher.errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
-from launcher.layout import (
+from launcher.rules.layout import (
     check_parallel,
     kv_heads_per_gpu,
     lmdeploy_derive_parallel_config,
@@ -29,7 +29,7 @@ from launcher.layout import (
     replicas_json,
     visible_devices,
 )
-from launcher.plan import PlanRequest, build_plan
+from launcher.plan.build import PlanRequest, build_plan
 from tests.conftest import LLAMA
 
 
@@ -204,8 +204,8 @@ def test_one_node_is_not_a_multi_node_layout():
 def test_layouts_import_neither_lmdeploy_nor_torch():
     code = (
         "import sys, json\n"
-        "from launcher.plan import PlanRequest, build_plan\n"
-        "from launcher.layout import replicas_for_plan, nodes_for_plan\n"
+        "from launcher.plan.build import PlanRequest, build_plan\n"
+        "from launcher.rules.layout import replicas_for_plan, nodes_for_plan\n"
         "plan = build_plan(PlanRequest(model='internlm2_5-7b-chat', factor='2', tp=2, gpu_memory_gib=80))\n"
         "replicas_for_plan(plan, 2, environ={})\n"
         "nodes_for_plan(plan, 2, '10.0.0.1:29500')\n"

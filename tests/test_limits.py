@@ -1,4 +1,4 @@
-"""The one table of limits (launcher/limits.py): one grammar for number text, every number flag of
+"""The one table of limits (launcher/rules/limits.py): one grammar for number text, every number flag of
 every command read by it in launch's voice, and a preset's number refused exactly where its flag's
 is, naming the preset file and key (issues 16 and 17)."""
 
@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from launcher import limits
+from launcher.rules import limits
 from launcher.cli import app, main
 from tests.conftest import LLAMA
 

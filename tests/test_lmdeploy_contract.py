@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.presets import preset_files
-from launcher.rope import WRITABLE_TYPES
+from launcher.model.presets import preset_files
+from launcher.rules.rope import WRITABLE_TYPES
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import NotAModelDir, OverlayConflict, OverlayNotWritable, StaleOverlay
-from launcher.overlay import (
+from launcher.model.overlay import (
     PROVENANCE,
     build_overlay,
     check_overlay,
@@ -20,7 +20,7 @@ from launcher.overlay import (
     read_model_config,
     source_files,
 )
-from launcher.plan import PlanRequest, build_plan, make_overlay
+from launcher.plan.build import PlanRequest, build_plan, make_overlay
 from tests.conftest import LLAMA
 
 
@@ -184,7 +184,7 @@ def test_build_overlay_reports_a_source_without_config(tmp_path):
 _RACE = r"""
 import sys, json
 from pathlib import Path
-from launcher.overlay import build_overlay
+from launcher.model.overlay import build_overlay
 src, target, barrier, factor = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 config = json.loads((Path(src) / "config.json").read_text())
 config["rope_scaling"] = {"type": "dynamic", "rope_type": "dynamic", "factor": factor}
@@ -253,7 +253,7 @@ def test_out_naming_an_existing_file_is_refused_and_the_file_kept(snapshot, hf_h
 
 
 def test_slug_is_one_safe_path_component():
-    from launcher.overlay import slug
+    from launcher.model.overlay import slug
 
     assert slug("../../etc") == "etc" and "/" not in slug("a/b") and slug("..") == "model"
 
@@ -275,7 +275,7 @@ def test_concurrent_builds_with_other_settings_all_succeed_and_leave_one_complet
 def test_an_entry_that_vanishes_mid_check_is_changed_not_a_crash(tmp_path):
     """Another run swapping its overlay in can remove an entry between the walk and its check (seen
     as a FileNotFoundError traceback in about 1 in 120 racing builds before)."""
-    from launcher.overlay import _as_written
+    from launcher.model.overlay import _as_written
 
     os.symlink("/x", tmp_path / "link")
     assert _as_written(str(tmp_path / "link"), "link:/x") is True

@@ -15,10 +15,10 @@ from launcher.errors import (
     PplTextTooShort,
     ProbeUnauthorized,
 )
-from launcher.http import Unreachable
-from launcher.ppl import PplSettings, format_table, load_run, plan_windows, run_ppl, span_loss, write_outputs
-from launcher.ppl.chart import CHART_SIZE_PX
-from launcher.ppl.text import default_text_path
+from launcher.net.http import Unreachable
+from launcher.eval.ppl import PplSettings, format_table, load_run, plan_windows, run_ppl, span_loss, write_outputs
+from launcher.eval.ppl.chart import CHART_SIZE_PX
+from launcher.eval.ppl.text import default_text_path
 from tests.conftest import assert_one_line_error, run_launch
 from tests.probe_standin import ProbeStandin, closed_port_url, png_size, token_ids, tokenize
 
@@ -143,7 +143,7 @@ def test_ctrl_c_keeps_the_windows_so_far(tmp_path):
         if event.kind == "start" and event.done == 1:
             raise KeyboardInterrupt
 
-    from launcher.ppl import runner
+    from launcher.eval.ppl import runner
 
     with ProbeStandin(visible=VISIBLE, session_len=100_000) as server:
         result = runner.run_ppl(PplSettings(url=server.url, lengths=(500, 1000, 2000), span=100), progress=progress)
@@ -282,7 +282,7 @@ def test_serve_probe_hook_also_measures_ppl_when_given_a_text(tmp_path):
     import io
     from types import SimpleNamespace
 
-    from launcher.serve import _probe_hook
+    from launcher.app.serve import _probe_hook
 
     text = tmp_path / "t.txt"
     text.write_text("one two three four five six seven. " * 200)  # 1600 tokens

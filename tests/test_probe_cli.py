@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from launcher.probe.chart import HEATMAP_SIZE_PX
+from launcher.eval.probe.chart import HEATMAP_SIZE_PX
 from tests.conftest import REPO, assert_one_line_error, run_launch
 from tests.probe_standin import ProbeStandin, closed_port_url, png_size
 
@@ -96,7 +96,7 @@ def test_min_accuracy_fails_the_run_but_keeps_the_results(tmp_path, no_key_env):
 
 
 def test_preset_gives_the_native_context(tmp_path, no_key_env):
-    from launcher.presets import get_preset
+    from launcher.model.presets import get_preset
 
     native = get_preset("llama-3-8b-instruct").native_context
     with ProbeStandin(visible=100_000, session_len=100_000) as server:

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher.errors import BadOption, ProbeLengthTooShort
-from launcher.probe.client import normalize_url
-from launcher.probe.passkey import INTRO, QUESTION, Filler, build_prompt, is_correct, needle, passkey_for
-from launcher.probe.settings import ProbeSettings, parse_depths, parse_lengths, settings_from_flags
-from launcher.probe.tokens import fit_words
+from launcher.net.openai import normalize_url
+from launcher.eval.probe.passkey import INTRO, QUESTION, Filler, build_prompt, is_correct, needle, passkey_for
+from launcher.eval.probe.settings import ProbeSettings, parse_depths, parse_lengths, settings_from_flags
+from launcher.eval.tokens import fit_words
 from tests.conftest import REPO
 from tests.probe_standin import tokenize
 
@@ -35,7 +35,7 @@ def test_same_seed_same_prompts_and_other_seed_other_passkeys():
 
 def test_prompts_do_not_depend_on_the_interpreter_run():
     """str hashing is randomised per process; the prompts must not be."""
-    code = ("from launcher.probe.passkey import Filler, build_prompt, passkey_for;"
+    code = ("from launcher.eval.probe.passkey import Filler, build_prompt, passkey_for;"
             "print(build_prompt(Filler(3, 1), passkey_for(3, 900, 0.25, 1), 0.25, 300).text)")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(h), "PATH": ""}, cwd=REPO).stdout for h in (1, 2)}
@@ -148,7 +148,7 @@ FLAGS: dict[str, str | None] = {
     ("depths", "half", "--depths"),
     ("trials", "0", "--trials"),
     ("trials", "2.5", "--trials"),
-    ("trials", "1001", "--trials"),  # every number from a flag has a range (launcher/checks.py)
+    ("trials", "1001", "--trials"),  # every number from a flag has a range (launcher/rules/checks.py)
     ("seed", "-1", "--seed"),
     ("seed", "99999999999999999999", "--seed"),
     ("native", "0", "--native"),
@@ -189,7 +189,7 @@ def test_urls_are_normalised_to_the_server_root(given_url, expected):
 
 
 def test_default_lengths_leave_room_for_the_template_and_answer_in_the_session():
-    from launcher.probe.settings import default_lengths
+    from launcher.eval.probe.settings import default_lengths
 
     assert default_lengths(32768) == (16384, 32768, 49152, 65536)
     capped = default_lengths(32768, session_len=65536, max_tokens=64)
@@ -198,6 +198,6 @@ def test_default_lengths_leave_room_for_the_template_and_answer_in_the_session()
 
 
 def test_depth_labels_keep_the_precision_given():
-    from launcher.probe.report import depth_label
+    from launcher.eval.probe.report import depth_label
 
     assert [depth_label(d) for d in (0.0, 0.5, 0.125, 1.0)] == ["0.00", "0.50", "0.125", "1.00"]

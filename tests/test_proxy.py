@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import http
+from launcher.net import http
 from launcher.errors import BadOption, NodeNotHealthy, NodeNotRegistered, NodeUnauthorized, ProxyUnreachable
-from launcher.process import group_members as _group_members
-from launcher.proxy import (
+from launcher.runtime.process import group_members as _group_members
+from launcher.scaleout.nodes import (
     add_node,
     advertise_url,
     check_health_all,
@@ -36,9 +36,9 @@ from launcher.proxy import (
     render_status,
     taken_out,
 )
-from launcher.proxy_server import proxy_kwargs
-from launcher.proxy_start import ROUTINGS, proxy_command
-from launcher.proxy_state import STATE_NAME, started
+from launcher.engine.proxy_server import proxy_kwargs
+from launcher.scaleout.proxy import ROUTINGS, proxy_command
+from launcher.scaleout.state import STATE_NAME, started
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser
 
@@ -479,7 +479,7 @@ def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path):
 
 
 def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_machine(tmp_path, monkeypatch):
-    from launcher.proxy_state import (
+    from launcher.scaleout.state import (
         Removed,
         clear_state,
         is_this_machine,
@@ -522,7 +522,7 @@ def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_mach
 def test_a_stopped_watchdog_records_nothing_more(tmp_path):
     """Once ``stop()`` returned, a round still under way cannot write its record again after the
     owner cleared it (the owner deletes the state file right after stop())."""
-    from launcher.proxy_watchdog import Watchdog, _Member
+    from launcher.scaleout.watchdog import Watchdog, _Member
 
     heard: list[list] = []
     dog = Watchdog("http://127.0.0.1:9", on_change=heard.append)

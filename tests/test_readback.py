@@ -1,6 +1,6 @@
-"""The serving process's last check (launcher.readback), with the installed lmdeploy's own loader on real
+"""The serving process's last check (launcher.engine.readback), with the installed lmdeploy's own loader on real
 overlays: a class of the checkpoint's code that refuses the overlay, or a RoPE setting changed after
-launch wrote it, stops ``launcher.engine_server`` with one line before any weight is loaded."""
+launch wrote it, stops ``launcher.engine.server`` with one line before any weight is loaded."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import engine_server
-from launcher.readback import readback_problem
+from launcher.engine import server as engine_server
+from launcher.engine.readback import readback_problem
 from tests.conftest import LLAMA
 from tests.test_readers import internlm2_checkpoint
 

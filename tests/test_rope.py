@@ -22,7 +22,7 @@ from launcher.errors import (
     UnknownRopeType,
     UnsupportedRopeType,
 )
-from launcher.rope import (
+from launcher.rules.rope import (
     ENGINE_TYPES,
     ConfigClassRefusesType,
     RopeRequest,
@@ -467,7 +467,7 @@ def test_patching_is_idempotent_and_never_mutates_the_source(config, request):
 
 
 def test_the_one_config_number_checker():
-    from launcher.configcheck import INT32_MAX, depth_within, real_number, whole_number
+    from launcher.rules.configcheck import INT32_MAX, depth_within, real_number, whole_number
 
     assert whole_number(4096) == 4096 and whole_number(4096.0) == 4096
     for bad in (0, -1, True, "4096", 2.5, float("nan"), float("inf"), 10**400, INT32_MAX + 1, None, [1]):
@@ -524,7 +524,7 @@ def test_internlm2_over_a_shipped_dynamic_and_over_an_older_three_key_overlay():
 @pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
 @pytest.mark.parametrize("force", [False, True])
 def test_types_internlm2s_class_cannot_hold_are_refused_force_or_not(rope_type, force):
-    from launcher.rope import ConfigClassRefusesType
+    from launcher.rules.rope import ConfigClassRefusesType
 
     for config in (internlm2(None), internlm2({"type": "dynamic", "factor": 2.0})):
         with pytest.raises(ConfigClassRefusesType) as err:
@@ -546,7 +546,7 @@ def test_internlm2_found_by_architecture_alone_and_inside_internvl():
 
 
 def test_internlm2_extra_keys_in_the_shipped_dict_are_refused():
-    from launcher.rope import ConfigClassRefusesKeys
+    from launcher.rules.rope import ConfigClassRefusesKeys
 
     with pytest.raises(ConfigClassRefusesKeys) as err:
         decide(internlm2({"type": "dynamic", "factor": 2.0, "rope_theta": 1e6}), RopeRequest(factor=3.0))
@@ -569,7 +569,7 @@ def test_transformers_own_classes_get_the_pair_and_keep_a_shipped_single_key():
 
 
 def test_a_class_launch_does_not_know_gets_the_shipped_key_style_and_yarn_only_with_force():
-    from launcher.rope import ConfigClassRefusesType
+    from launcher.rules.rope import ConfigClassRefusesType
 
     config = llama(4096, {"type": "linear", "factor": 2.0}, model_type="baichuan",
                    auto_map={"AutoConfig": "org/repo--configuration_baichuan.BaichuanConfig"})
@@ -665,7 +665,7 @@ def test_with_both_keys_both_are_written_alike_with_the_base_kept():
 @settings(max_examples=200, deadline=None)
 @given(native=st.integers(min_value=64, max_value=1 << 20), factor=st.floats(min_value=1.001, max_value=64))
 def test_yarn_writes_a_factor_that_is_exactly_the_ratio_turbomind_reads(native, factor):
-    from launcher.rope import YarnFactorRoundsAway
+    from launcher.rules.rope import YarnFactorRoundsAway
 
     try:
         d = decide(llama(native), RopeRequest(factor=factor, rope_type="yarn"))
@@ -679,7 +679,7 @@ def test_yarn_writes_a_factor_that_is_exactly_the_ratio_turbomind_reads(native, 
 
 
 def test_a_yarn_factor_that_rounds_to_one_is_refused():
-    from launcher.rope import YarnFactorRoundsAway
+    from launcher.rules.rope import YarnFactorRoundsAway
 
     with pytest.raises(YarnFactorRoundsAway) as err:
         decide(llama(4097), RopeRequest(factor=1.0001, rope_type="yarn"))

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.errors import ProbeBadReply
-from launcher.probe.client import STUCK_AFTER, OpenAIClient
+from launcher.net.openai import STUCK_AFTER, OpenAIClient
 from tests.conftest import run_launch
 from tests.probe_standin import ProbeStandin
 from tests.test_hostile_inputs import cli
@@ -223,9 +223,9 @@ CHANGES = ("user-file", "user-results-link", "user-chart-link-outside", "out-bec
 def test_an_out_taken_during_the_run_keeps_its_contents_and_the_results_go_beside_it(change, command):
     """``--out`` is checked before the run and written hours later: whatever appeared there meanwhile
     stays untouched, and the results still land, in a new directory launch makes beside it."""
-    from launcher.ppl import write_outputs as write_ppl
-    from launcher.probe import write_outputs as write_probe
-    from launcher.probe.runfiles import check_out_dir
+    from launcher.eval.ppl import write_outputs as write_ppl
+    from launcher.eval.probe import write_outputs as write_probe
+    from launcher.eval.runfiles import check_out_dir
 
     result = _results()[command]
     write = write_probe if command == "probe" else write_ppl
@@ -273,8 +273,8 @@ _CACHE: dict = {}
 def _results() -> dict:
     """A real probe result and a real ppl result from the stand-in (made once)."""
     if not _CACHE:
-        from launcher.ppl import PplSettings, run_ppl
-        from launcher.probe import ProbeSettings, run_probe
+        from launcher.eval.ppl import PplSettings, run_ppl
+        from launcher.eval.probe import ProbeSettings, run_probe
 
         with ProbeStandin(visible=5000, session_len=100_000) as server:
             _CACHE["probe"] = run_probe(ProbeSettings(url=server.url, lengths=(300,), depths=(0.0,), trials=1))
@@ -340,7 +340,7 @@ def test_a_ppl_text_that_is_not_a_regular_file_is_refused_without_waiting(tmp_pa
     import threading
 
     from launcher.errors import PplBadText
-    from launcher.ppl.text import load_texts
+    from launcher.eval.ppl.text import load_texts
 
     target = special_file(tmp_path, kind)
     outcome = []
@@ -540,7 +540,7 @@ def test_the_server_start_progress_line_is_printable(line, tty):
     printable line (the terminal's own rewrite, carriage return and erase, is launch's only escape)."""
     import io
 
-    from launcher.progress import StartProgress
+    from launcher.runtime.progress import StartProgress
 
     class Stream(io.StringIO):
         def isatty(self) -> bool:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import http
-from launcher.address import free_ports
-from launcher.process import group_members, listening_inodes, socket_inodes
-from launcher.proxy import proxy_nodes
+from launcher.net import http
+from launcher.runtime.address import free_ports
+from launcher.runtime.process import group_members, listening_inodes, socket_inodes
+from launcher.scaleout.nodes import proxy_nodes
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running, run_launch
 from tests.standin_engine_server import key_digest, spec_seen
 from tests.test_layout import lmdeploy_serve_parser, parse
@@ -161,15 +161,15 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     """The hash covers the bytes launch writes into the overlay (less the machine's source path)."""
     import hashlib
 
-    from launcher.overlay import CONFIG, PROVENANCE
-    from launcher.plan import PlanRequest, build_plan, make_overlay, overlay_digest
+    from launcher.model.overlay import CONFIG, PROVENANCE
+    from launcher.plan.build import PlanRequest, build_plan, make_overlay, overlay_digest
 
     plan = build_plan(PlanRequest(model=str(model_dir), factor="2"))
     overlay = make_overlay(plan)
     provenance = json.loads((overlay.path / PROVENANCE).read_text())
     provenance.pop("source")
     provenance.pop("files")  # the manifest: link targets are this machine's paths
-    from launcher.overlay import config_bytes
+    from launcher.model.overlay import config_bytes
 
     digest = hashlib.sha256()
     for part in ((overlay.path / CONFIG).read_bytes(), config_bytes(provenance)):
@@ -211,8 +211,8 @@ KEY = "sk-scale-test"
 # the serving process (serve's server_argv, the stand-in seam test_serve.py's driver uses).
 CLI_DRIVER = PRETEND_GPU + (
     "import functools, sys\n"
-    "import launcher.serve\n"
-    f"launcher.serve.serve = functools.partial(launcher.serve.serve, server_argv=(sys.executable, {str(STANDIN_ENGINE)!r}))\n"
+    "import launcher.app.serve\n"
+    f"launcher.app.serve.serve = functools.partial(launcher.app.serve.serve, server_argv=(sys.executable, {str(STANDIN_ENGINE)!r}))\n"
     "from launcher.cli import main\n"
     "main(sys.argv[1:])\n"
 )
@@ -266,7 +266,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
         # each replica on its own GPU set, from the same overlay
         kids = children_of(proc.pid)
         engines = sorted((p for p in kids if str(STANDIN_ENGINE) in cmdline(p)), key=lambda p: cmdline(p))
-        proxies = [p for p in kids if "launcher.proxy_server" in cmdline(p)]
+        proxies = [p for p in kids if "launcher.engine.proxy_server" in cmdline(p)]
         assert len(engines) == 2 and len(proxies) == 1, [cmdline(p) for p in kids]
         groups = [*engines, *proxies]
         assert sorted(environ_of(p)["CUDA_VISIBLE_DEVICES"] for p in engines) == ["0", "1"]
@@ -323,7 +323,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
 def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
     kids = children_of(proc.pid)
     return ([p for p in kids if str(STANDIN_ENGINE) in cmdline(p)],
-            [p for p in kids if "launcher.proxy_server" in cmdline(p)])
+            [p for p in kids if "launcher.engine.proxy_server" in cmdline(p)])
 
 
 def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
@@ -480,7 +480,7 @@ def test_a_replica_the_proxy_cannot_reach_is_stopped_with_one_line(model_dir, tm
 
 
 def test_smoke_replicas_mode_parses_and_refuses_cleanly_without_gpus(tmp_path):
-    from launcher.gpu import nvidia_problem
+    from launcher.runtime.gpu import nvidia_problem
 
     if nvidia_problem() is None:
         pytest.skip("this machine has a GPU: the smoke test would run")
@@ -527,9 +527,9 @@ def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
     sets from its flags)."""
     from lmdeploy.messages import TurbomindEngineConfig
 
-    from launcher.engine import backend_config
-    from launcher.plan import PlanRequest, build_plan
-    from launcher.serve import _spec
+    from launcher.engine.spec import backend_config
+    from launcher.plan.build import PlanRequest, build_plan
+    from launcher.app.serve import _spec
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
@@ -544,8 +544,8 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
     from dataclasses import replace
 
     from launcher.errors import BadOption
-    from launcher.plan import PlanRequest, build_plan
-    from launcher.serve import _check_gpus
+    from launcher.plan.build import PlanRequest, build_plan
+    from launcher.app.serve import _check_gpus
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
     _check_gpus(replace(plan, gpu_count=8))  # 16 over 2 nodes: 8 here

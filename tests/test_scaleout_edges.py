@@ -30,14 +30,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import http
-from launcher.address import check_host, exposure_warnings, ip_literal
+from launcher.net import http
+from launcher.runtime.address import check_host, exposure_warnings, ip_literal
 from launcher.errors import BadOption, PortBusy, ServerStartTimeout
-from launcher.gpu import visible
-from launcher.process import PortClaim, ServerProcess
-from launcher.progress import StartProgress
-from launcher.proxy import node_url, proxy_nodes, same_node
-from launcher.supervise import wait_ready
+from launcher.runtime.gpu import visible
+from launcher.runtime.process import PortClaim, ServerProcess
+from launcher.runtime.progress import StartProgress
+from launcher.scaleout.nodes import node_url, proxy_nodes, same_node
+from launcher.runtime.supervise import wait_ready
 from tests import test_proxy
 from tests.conftest import LLAMA, REPO, assert_one_line_error, free_port, killed_if_running
 from tests.servers import JSONHandler, serving
@@ -113,7 +113,7 @@ def test_two_proxy_starts_on_one_port_one_serves_as_it_said_the_other_refuses_in
 def test_a_port_claim_is_one_runs_until_it_ends(tmp_path, monkeypatch):
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     port = free_port()
-    other = ("import sys; from launcher.process import PortClaim\n"
+    other = ("import sys; from launcher.runtime.process import PortClaim\n"
              f"try:\n    PortClaim('127.0.0.1', [{port}]).__enter__()\nexcept Exception as err:\n    print(err); sys.exit(7)")
 
     def claim_elsewhere() -> subprocess.CompletedProcess:
@@ -277,7 +277,7 @@ def test_malformed_node_urls_are_taken_out_with_one_line_each_and_no_traceback(e
     ("http://a b:5", "host name"), ("http://", "http(s) address"), ("gopher://x", "http(s) address"),
 ])
 def test_what_the_watchdog_takes_out_at_once(url, why):
-    from launcher.proxy_watchdog import unroutable
+    from launcher.scaleout.watchdog import unroutable
 
     assert why in unroutable(url)
     for fine in ("http://127.0.0.1:5", "https://node-1.cluster:443", f"http://u:{PASSWORD}@h:1", "http://[::1]:5/"):
@@ -445,8 +445,8 @@ def test_a_host_that_is_no_address_and_no_name_is_refused_everywhere(launch, hos
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 256), st.integers(0, 300))
 def test_replica_ports_past_65535_name_the_port_given(count, below):
-    from launcher.layout import replicas_for_plan
-    from launcher.plan import PlanRequest, build_plan
+    from launcher.rules.layout import replicas_for_plan
+    from launcher.plan.build import PlanRequest, build_plan
 
     port = 65535 - count + 1 + below % count  # the first replica fits, the last does not
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="2", gpu_memory_gib=80, port=port))

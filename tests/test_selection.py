@@ -1,4 +1,4 @@
-"""Which files serving needs (launcher/selection.py): pure decisions from a repo's file list."""
+"""Which files serving needs (launcher/model/selection.py): pure decisions from a repo's file list."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launcher.errors import HubFileMissing, NoWeights
-from launcher.selection import read_weight_map, select_files, serving_files
+from launcher.model.selection import read_weight_map, select_files, serving_files
 from tests.fakehub import tiny_repo_files
 
 SERVING_FILES = {

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher.engine import backend_config, chat_template_config, serve_kwargs, spec_to_json
-from launcher.plan import PlanRequest, build_plan, make_overlay
-from launcher.presets import get_preset
-from launcher.process import SPEC_ON_STDIN
-from launcher.resolve import from_dir
+from launcher.engine.spec import backend_config, chat_template_config, serve_kwargs, spec_to_json
+from launcher.plan.build import PlanRequest, build_plan, make_overlay
+from launcher.model.presets import get_preset
+from launcher.runtime.process import SPEC_ON_STDIN
+from launcher.model.source import from_dir
 from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
 from tests.standin_engine_server import key_digest, spec_seen
 
@@ -133,9 +133,9 @@ def test_done_when_dry_run_prints_the_plan_and_a_command_lmdeploy_parses(launch)
 
 # --- checks before anything slow -----------------------------------------------------------------
 
-# STAND-IN seam: this machine has no GPU, so serve's first check (launcher.gpu.nvidia_problem) would
+# STAND-IN seam: this machine has no GPU, so serve's first check (launcher.runtime.gpu.nvidia_problem) would
 # refuse; the checks after it, and the stand-in engine below, are reached by telling it one exists.
-PRETEND_GPU = "import launcher.gpu\nlauncher.gpu.nvidia_problem = lambda: None\n"
+PRETEND_GPU = "import launcher.runtime.gpu\nlauncher.gpu.nvidia_problem = lambda: None\n"
 
 
 def launch_with_gpu(*args: str, env: dict | None = None):
@@ -184,8 +184,8 @@ DRIVER = PRETEND_GPU + r"""
 import sys
 from pathlib import Path
 from launcher.errors import LaunchError
-from launcher.plan import PlanRequest
-from launcher.serve import ServeRequest, serve
+from launcher.plan.build import PlanRequest
+from launcher.app.serve import ServeRequest, serve
 model, port, probe = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "probe"
 request = ServeRequest(
     plan=PlanRequest(model=model, factor="2", backend="pytorch", port=port),
@@ -347,7 +347,7 @@ def test_serve_replans_only_when_the_downloaded_config_differs(hub, tmp_path, mo
 
 
 def test_a_planned_local_directory_is_not_planned_again(model_dir, monkeypatch):
-    import launcher.plan as plan_module
+    import launcher.plan.build as plan_module
 
     plan = build_plan(PlanRequest(model=str(model_dir), factor="2"))
     calls = []
@@ -371,7 +371,7 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
     from dataclasses import replace
 
     from launcher.errors import BadOption
-    from launcher.serve import _check_gpus
+    from launcher.app.serve import _check_gpus
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
     assert plan.engine.config.tp == 4
@@ -385,7 +385,7 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
 def test_run_files_stay_in_launchs_cache_whatever_the_model_name(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from launcher.serve import _spec
+    from launcher.app.serve import _spec
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     plan = build_plan(PlanRequest(model="llama-2-7b-chat", model_name="../../escape"))
@@ -397,14 +397,14 @@ def test_run_files_stay_in_launchs_cache_whatever_the_model_name(tmp_path, monke
 
 
 def test_the_real_serving_process_refuses_without_turbomind(tmp_path):
-    """launcher.engine_server itself (no stand-in): on a machine without CUDA it stops with exit 3
+    """launcher.engine.server itself (no stand-in): on a machine without CUDA it stops with exit 3
     and names --backend pytorch, before lmdeploy's server is started."""
-    from launcher.engine import turbomind_problem
+    from launcher.engine.spec import turbomind_problem
 
     if turbomind_problem() is None:
         pytest.skip("TurboMind works here")
     plan = build_plan(PlanRequest(model="llama-2-7b-chat"))
-    result = subprocess.run([sys.executable, "-m", "launcher.engine_server", SPEC_ON_STDIN], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "launcher.engine.server", SPEC_ON_STDIN], cwd=REPO,
                             input=json.dumps(spec_to_json(plan.engine, str(tmp_path))),  # as serve hands it over
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 3

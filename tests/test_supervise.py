@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
-from launcher.apikeys import resolve_api_keys
+from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
+from launcher.runtime.apikeys import resolve_api_keys
 from launcher.errors import (
     ApiKeyFileError,
     BadApiKey,
@@ -37,10 +37,10 @@ from launcher.errors import (
     ServerStartFailed,
     ServerStartTimeout,
 )
-from launcher.health import health_status, health_url_for, served_models, wait_healthy
-from launcher.process import read_log_tail
-from launcher.progress import StartProgress
-from launcher.supervise import SeamsForTests, run_supervised
+from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
+from launcher.runtime.process import read_log_tail
+from launcher.runtime.progress import StartProgress
+from launcher.runtime.supervise import SeamsForTests, run_supervised
 from tests.conftest import REPO, assert_one_line_error, free_port
 from tests.servers import JSONHandler, serving
 
@@ -50,7 +50,7 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DRIVER = """
 import json, sys
 from launcher.errors import LaunchError
-from launcher.supervise import SeamsForTests, run_supervised
+from launcher.runtime.supervise import SeamsForTests, run_supervised
 
 def on_ready(info):
     print("READY", info.pid, info.base_url, flush=True)
@@ -271,7 +271,7 @@ def test_busy_port_held_by_a_server_says_so():
 
 
 def test_free_ports_gives_a_run_that_can_be_bound_and_says_when_there_is_none():
-    from launcher.address import free_ports
+    from launcher.runtime.address import free_ports
 
     first = free_ports(3)
     held = []
@@ -334,9 +334,9 @@ def test_binding_beyond_loopback_warns(host, keys, loopback):
 def test_serve_warns_once_when_it_exposes_a_server_without_keys(model_dir, tmp_path, monkeypatch, capsys):
     """The real serve path up to the server start (a command that exits at once stands in for the
     engine, so the run ends with the server's own error after the warning)."""
-    from launcher import gpu
-    from launcher.plan import PlanRequest
-    from launcher.serve import ServeRequest, serve
+    from launcher.runtime import gpu
+    from launcher.plan.build import PlanRequest
+    from launcher.app.serve import ServeRequest, serve
 
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: None)  # STAND-IN seam: pretend a GPU
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))

@@ -3,7 +3,7 @@
 Every value that needs checking arrives as text and is checked by the library, so that a bad value
 gets the same one-line error everywhere. A number flag is declared with ``number``: text in the
 parser (click's INT and FLOAT would take "２" and "1_000", and answer in their own voice), read by
-its entry in the one table of limits (``launcher/limits.py``) through ``checks.limited``; its help
+its entry in the one table of limits (``launcher/rules/limits.py``) through ``checks.limited``; its help
 states the range from that entry.
 """
 
@@ -14,9 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import checks, limits
-from ..engine import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_PORT, DEFAULTS
-from ..proxy_start import DEFAULT_PROXY_PORT, DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
+from launcher.rules import checks
+
+from launcher.rules import limits
+from launcher.engine.spec import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_PORT, DEFAULTS
+from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
 
 
 def optional(kind: type, *names: str, help: str, **more: Any) -> Any:

@@ -6,8 +6,8 @@ import sys
 
 import typer
 
-from .app import app
-from .options import FactorOpt, ForceOpt, ModelArg, OutOpt, RevisionOpt, SessionLenOpt, TrustOpt, TypeOpt
+from launcher.cli.app import app
+from launcher.cli.options import FactorOpt, ForceOpt, ModelArg, OutOpt, RevisionOpt, SessionLenOpt, TrustOpt, TypeOpt
 
 
 @app.command(
@@ -28,8 +28,8 @@ def patch(
     MODEL is a preset name, a Hugging Face repo id ORG/NAME (downloaded first), or a local model
     directory.
     """
-    from ..plan import PlanRequest, build_plan, make_overlay, with_files
-    from ..render import reader_line
+    from launcher.plan.build import PlanRequest, build_plan, make_overlay, with_files
+    from launcher.plan.render import reader_line
 
     # Every flag and --out first, then the config alone, then the plan; only then the files.
     plan, note = with_files(build_plan(

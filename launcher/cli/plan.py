@@ -6,9 +6,9 @@ import json
 
 import typer
 
-from ..engine import DEFAULT_HOST, DEFAULT_PORT
-from .app import app
-from .options import (
+from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
+from launcher.cli.app import app
+from launcher.cli.options import (
     BackendOpt,
     CacheRatioOpt,
     DistInitAddrOpt,
@@ -69,9 +69,9 @@ def plan(
     directory. Nothing is written and no weights are downloaded. With --replicas or --nnodes: the
     whole layout, each replica's or node's GPUs, port and command, and the total capacity.
     """
-    from ..layout import plan_with_layout
-    from ..plan import PlanRequest
-    from ..render import plan_json, render_plan
+    from launcher.rules.layout import plan_with_layout
+    from launcher.plan.build import PlanRequest
+    from launcher.plan.render import plan_json, render_plan
 
     result, layout = plan_with_layout(
         PlanRequest(

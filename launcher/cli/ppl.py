@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from . import runs as run_dirs
-from .app import app
+from launcher.cli import runs as run_dirs
+from launcher.cli.app import app
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
 
@@ -54,8 +54,8 @@ def ppl(
     if run_dirs.compared("ppl", compare, runs, out):
         return
 
-    from ..ppl import measure, publish, settings_from_flags
-    from ..probe.settings import preset_native
+    from launcher.eval.ppl import measure, publish, settings_from_flags
+    from launcher.eval.probe.settings import preset_native
 
     native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(url=url, api_key=api_key, lengths=lengths, native=native, texts=text,

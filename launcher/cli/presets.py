@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import app
+from launcher.cli.app import app
 
 presets_app = typer.Typer(
     help="List the model presets (built-in and yours); `launch presets show NAME` prints one.",
@@ -19,9 +19,9 @@ def presets(ctx: typer.Context) -> None:
     """List every preset: name, native context, default RoPE, repo."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..paths import user_presets_dirs
-    from ..presets import all_presets
-    from ..rope import RopeRequest, decide
+    from launcher.runtime.paths import user_presets_dirs
+    from launcher.model.presets import all_presets
+    from launcher.rules.rope import RopeRequest, decide
 
     rows = all_presets()
     typer.echo(f"{'NAME':<26} {'NATIVE':>8} {'DEFAULT':<12} {'SERVES':>9}  {'ENGINE':<9} REPO")
@@ -41,7 +41,7 @@ def presets(ctx: typer.Context) -> None:
 @presets_app.command("show")
 def show(name: str = typer.Argument(..., help="Preset name.")) -> None:
     """Print one preset's file."""
-    from ..presets import get_preset, preset_files
+    from launcher.model.presets import get_preset, preset_files
 
     get_preset(name)  # validates, and suggests names when unknown
     entry = preset_files()[name]

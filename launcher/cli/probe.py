@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from . import runs as run_dirs
-from .app import app
+from launcher.cli import runs as run_dirs
+from launcher.cli.app import app
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
 
@@ -61,8 +61,8 @@ def probe(
     if run_dirs.compared("probe", compare, runs, out):
         return
 
-    from ..probe import publish, settings_from_flags, sweep
-    from ..probe.settings import preset_native
+    from launcher.eval.probe import publish, settings_from_flags, sweep
+    from launcher.eval.probe.settings import preset_native
 
     native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(
@@ -76,6 +76,6 @@ def probe(
     paths = publish(result, out_dir, sys.stdout)
     run_dirs.end(result, "trial", [t.error for t in result.trials], paths.results_json)
     if result.overall_accuracy < settings.min_accuracy:
-        from ..errors import ProbeBelowThreshold
+        from launcher.errors import ProbeBelowThreshold
 
         raise ProbeBelowThreshold(result.overall_accuracy, settings.min_accuracy, str(paths.results_json))

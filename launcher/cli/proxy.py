@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ..proxy_start import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
-from .app import app
-from .options import JsonOpt, ProxyPortOpt, RoutingOpt, StartTimeoutOpt
+from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
+from launcher.cli.app import app
+from launcher.cli.options import JsonOpt, ProxyPortOpt, RoutingOpt, StartTimeoutOpt
 
 proxy_app = typer.Typer(
     name="proxy",
@@ -56,7 +56,7 @@ def start(
     A node that dies or stops answering /health is taken out within seconds (lmdeploy alone waits
     90 s and meanwhile answers with errors) and added back when it answers again. Ctrl-C stops it all.
     """
-    from ..proxy_start import DEFAULT_ROUTING, ProxyRequest, run_proxy
+    from launcher.scaleout.proxy import DEFAULT_ROUTING, ProxyRequest, run_proxy
 
     raise typer.Exit(run_proxy(ProxyRequest(host=host, port=port, api_keys=tuple(api_key or ()),
                                             api_key_file=api_key_file,
@@ -77,8 +77,8 @@ def add(
     ] = None,
 ) -> None:
     """Register a replica with the proxy, once its /health answers, with the models it serves."""
-    from .. import http
-    from ..proxy import add_node
+    from launcher.net import http
+    from launcher.scaleout.nodes import add_node
 
     node, new = add_node(url, proxy, api_key or os.environ.get("LAUNCH_API_KEY") or None)
     shown = http.redact(node.url)
@@ -89,8 +89,8 @@ def add(
 @proxy_app.command(epilog="Example:  launch proxy remove http://10.0.0.5:23333 --proxy http://10.0.0.1:8000")
 def remove(url: NodeArg, proxy: ProxyOpt) -> None:
     """Take a replica out of the proxy (the replica keeps running)."""
-    from .. import http
-    from ..proxy import remove_node
+    from launcher.net import http
+    from launcher.scaleout.nodes import remove_node
 
     node = remove_node(url, proxy)
     print(f"removed {http.redact(node.url)}")
@@ -100,7 +100,7 @@ def remove(url: NodeArg, proxy: ProxyOpt) -> None:
 def status(proxy: ProxyOpt, as_json: JsonOpt = False) -> None:
     """The proxy's nodes, their models and their /health now; and the nodes launch's watchdog took
     out (when and why), for a proxy that `launch proxy start` or `serve --replicas` runs here."""
-    from ..proxy import render_status, status_json, status_report
+    from launcher.scaleout.nodes import render_status, status_json, status_report
 
     report = status_report(proxy)
     if as_json:

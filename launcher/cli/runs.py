@@ -14,8 +14,8 @@ from typing import Annotated, Protocol, TextIO
 
 import typer
 
-from ..errors import LaunchError, printable
-from .options import optional
+from launcher.errors import LaunchError, printable
+from launcher.cli.options import optional
 
 RunDirsArg = Annotated[list[Path] | None, typer.Argument(
     metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)]
@@ -52,9 +52,9 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
     refuse run directories (they are for ``--compare`` only) and say False: the command runs."""
     import importlib
 
-    from ..errors import BadOption
-    from ..probe.report import default_out_dir
-    from ..probe.runfiles import check_out_dir
+    from launcher.errors import BadOption
+    from launcher.eval.probe.report import default_out_dir
+    from launcher.eval.runfiles import check_out_dir
 
     if not compare:
         if runs:
@@ -73,8 +73,8 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
 def new_out_dir(command: str, out: Path | None) -> Path:
     """Where a new run writes (``--out``, else ``./COMMAND-<timestamp>``), checked before the run:
     a new directory or an empty one (``probe.runfiles.check_out_dir``)."""
-    from ..probe.report import default_out_dir
-    from ..probe.runfiles import check_out_dir
+    from launcher.eval.probe.report import default_out_dir
+    from launcher.eval.runfiles import check_out_dir
 
     chosen = out if out is not None else default_out_dir(prefix=command)
     return check_out_dir(chosen, example=f"./{command}-run")

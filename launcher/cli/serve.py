@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..engine import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_HOST, DEFAULT_PORT
-from .app import app
-from .options import (
+from launcher.engine.spec import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_HOST, DEFAULT_PORT
+from launcher.cli.app import app
+from launcher.cli.options import (
     BackendOpt,
     CacheRatioOpt,
     DistInitAddrOpt,
@@ -102,10 +102,10 @@ def serve(
     MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
     directory. Everything is checked before anything is downloaded or loaded; --dry-run stops there.
     """
-    from ..plan import PlanRequest
-    from ..ppl.text import serve_ppl_text
-    from ..serve import ServeRequest
-    from ..serve import serve as run_serve
+    from launcher.plan.build import PlanRequest
+    from launcher.eval.ppl.text import serve_ppl_text
+    from launcher.app.serve import ServeRequest
+    from launcher.app.serve import serve as run_serve
 
     request = ServeRequest(
         plan=PlanRequest(

@@ -1,0 +1,1 @@
+"""The only place that sequences the layers: serve."""

@@ -1,0 +1,412 @@
+"""`launch serve`: flags -> config -> plan -> checks -> fetch -> overlay -> supervised api_server.
+
+Everything that can fail cheaply fails before anything slow: every flag first (before any request),
+then from the config alone the RoPE rules, the KV-cache fit, the engine's availability and
+architecture support, and the port, all before a weight is downloaded or loaded (``--dry-run`` makes
+the same checks from the config and exits as serve would). The ports are claimed before anything is
+written (``process.PortClaim``); the serving process gets its spec, API keys included, through a
+pipe. The plan is made once; after the download it is made again only when the downloaded config
+differs from the one it was made from, and serve says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+from launcher.rules import checks
+from launcher.engine.spec import (
+    DEFAULT_HEALTH_TIMEOUT_S,
+    TURBOMIND_ARCHS,
+    architecture_of,
+    spec_to_json,
+    turbomind_problem,
+)
+from launcher.errors import BadOption, EngineUnavailable, LaunchError, NoGpu, NoSessionFits
+from launcher.rules.kvcache import GiB
+from launcher.model.overlay import check_overlay, slug
+from launcher.runtime.paths import cache_dir
+from launcher.plan.build import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
+
+LOG_NAME = "server.log"
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    plan: PlanRequest
+    api_keys: tuple[str, ...] = ()  # as given by --api-key flags
+    api_key_file: Path | None = None
+    dry_run: bool = False
+    as_json: bool = False
+    probe: bool = False
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    # scale-out, as given (``layout.check_scale`` types them)
+    replicas: int | str = 1
+    nnodes: int | str = 1
+    node_rank: int | str | None = None
+    dist_init_addr: str | None = None
+    routing: str | None = None  # the proxy's, with replicas
+    proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
+    advertise_url: str | None = None  # the URL the proxy reaches this server at
+    ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
+
+
+def _check_engine(plan: Plan, *, here: bool = True) -> None:
+    """No silent fallback: the chosen engine must take the (patched) architecture and, with ``here``
+    (serving on this machine, not a dry run), exist here."""
+    if plan.engine.backend != "turbomind":
+        return
+    arch = architecture_of(plan.patched_config)
+    if arch not in TURBOMIND_ARCHS:
+        raise EngineUnavailable("turbomind", f"TurboMind does not support the {arch} architecture")
+    problem = turbomind_problem() if here else None
+    if problem:
+        raise EngineUnavailable("turbomind", problem)
+
+
+def refusal(plan: Plan, *, here: bool = True) -> LaunchError | None:
+    """What serve refuses this plan for, from the plan alone: more tp than the GPUs counted here, no
+    session fitting the KV cache, an engine that cannot take the model (and, with ``here``, is not
+    installed here). ``serve --dry-run`` (``here`` False) shows it and exits as serve would."""
+    try:
+        _check_gpus(plan)
+        _check_memory(plan)
+        _check_engine(plan, here=here)
+    except LaunchError as err:
+        return err
+    return None
+
+
+def _check_gpus(plan: Plan) -> None:
+    tp = plan.engine.config.tp
+    nnodes = plan.request.nnodes
+    local = tp // nnodes if nnodes > 1 and tp % nnodes == 0 else tp
+    if plan.gpu_count is not None and local > plan.gpu_count:
+        if nnodes > 1:
+            raise BadOption("--tp", str(tp), f"over {nnodes} nodes each node needs {local} GPUs; this machine has "
+                            f"{plan.gpu_count}")
+        raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
+
+
+@dataclass(frozen=True)
+class Joining:
+    """``--proxy-url``: the proxy (normalised, credentials kept for the requests) and the URL this
+    server registers under."""
+
+    proxy: str
+    url: str
+
+
+def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joining | None:
+    """``--proxy-url`` / ``--advertise-url`` checked against each other and the layout (no request)."""
+    from launcher.scaleout.nodes import advertise_url, proxy_url
+
+    if request.probe and scale.kind == "replicas":
+        raise BadOption("--probe", "with --replicas", "probes one engine: serve the replicas, then `launch probe --url "
+                        "http://127.0.0.1:PORT+1` for the first replica (or the proxy's PORT for all)")
+    if request.proxy_url is None:
+        if request.advertise_url is not None:
+            raise BadOption("--advertise-url", request.advertise_url, "is the URL a proxy reaches this server at: "
+                            "give --proxy-url too")
+        return None
+    if scale.kind == "replicas":
+        raise BadOption("--proxy-url", request.proxy_url, "--replicas runs its own proxy on --port; serve one "
+                        "replica per command to join another proxy")
+    if scale.kind == "nodes" and scale.node_rank:
+        raise BadOption("--proxy-url", request.proxy_url, "only rank 0 serves HTTP: give --proxy-url on node 0")
+    from launcher.net import http
+    from launcher.runtime.address import is_loopback
+
+    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"), advertise_url(host, port, request.advertise_url))
+    own, proxy_host = http.parse_url(joining.url).host, http.parse_url(joining.proxy).host
+    if is_loopback(own) and not is_loopback(proxy_host):
+        raise BadOption("--advertise-url", joining.url, f"the proxy at {proxy_host} cannot reach this machine's loopback "
+                        "address; serve with --host 0.0.0.0 (or this machine's address) and --advertise-url "
+                        "http://THIS-MACHINE:PORT")
+    return joining
+
+
+def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
+    """(on ready: register with the proxy, or stop serving; on stop: leave the proxy)."""
+    from launcher.net import http
+    from launcher.errors import LaunchError, ReplicaNotRegistered
+    from launcher.scaleout.nodes import add_node, leave
+
+    shown = http.redact(joining.proxy)
+    joined: list[bool] = []
+
+    def join(info) -> None:
+        try:
+            add_node(joining.url, joining.proxy, info.api_key)
+        except LaunchError as exc:
+            raise ReplicaNotRegistered(joining.url, shown, str(exc)) from None
+        joined.append(True)
+        print(f"  registered with the proxy at {shown} as {joining.url} (it leaves the proxy when stopped)",
+              file=out)
+
+    def part() -> None:
+        if not joined:  # never registered: nothing to take out
+            return
+        left = leave(joining.url, joining.proxy)
+        print(f"launch: {'left' if left else 'could not leave (not registered, or it does not answer)'} "
+              f"the proxy at {shown}", file=sys.stderr, flush=True)
+
+    return join, part
+
+
+def _check_memory(plan: Plan) -> None:
+    m = plan.memory
+    if m is not None and not m.fits:
+        raise NoSessionFits(plan.decision.session_len, m.bytes_per_session / GiB, m.budget_bytes / GiB, m.advice)
+
+
+def prepare(request: ServeRequest) -> Plan:
+    """The plan serve would run, from the config alone (no weights downloaded). Every flag is
+    checked before the config is looked at (for a repo id: before any request)."""
+    from launcher.runtime.address import validate_host, validate_port
+    from launcher.runtime.apikeys import resolve_api_keys
+
+    checks.seconds("--health-timeout", request.health_timeout_s, example=1800)
+    host = validate_host(request.plan.host)
+    port = validate_port(request.plan.port)
+    keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
+    return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
+
+
+def _run_dir(plan: Plan) -> Path:
+    return cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
+
+
+def _spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[bytes, Path]:
+    """(the serving process's spec, handed over on its stdin: API keys never on disk; its log)."""
+    spec = spec_to_json(plan.engine, str(model_path))
+    spec["engine_config"].update(engine_extra or {})  # nnodes, node_rank, dist_init_addr
+    return json.dumps(spec).encode(), _run_dir(plan) / LOG_NAME
+
+
+ENGINE_SERVER = ("-m", "launcher.engine.server")
+PROBE_TRIALS = 1
+
+
+def probe_lengths(native: int, session_len: int) -> tuple[int, ...]:
+    """0.5x, 1x, 1.5x and 2x the native context, capped to fit the session; and the longest prompt
+    the session takes when that is longer still (Llama 3.1: native 8k, served 128k)."""
+    from launcher.eval.probe.settings import default_lengths, longest_prompt
+
+    return tuple(sorted(set(default_lengths(native, session_len)) | {longest_prompt(session_len)}))
+
+
+def _probe_hook(plan: Plan, run_dir: Path, out: TextIO, ppl_text: Path | None = None) -> Callable:
+    """``serve --probe``: once ready, a passkey sweep (see ``probe_lengths``), then with ``ppl_text``
+    the long-context loss of that text at the same lengths (``launch ppl``); a Ctrl-C cuts them short,
+    and their tables and files are still written before serve hands over. A ppl measurement that
+    cannot run (a text shorter than the windows, a server without /get_ppl) is one warning line:
+    the server keeps serving."""
+
+    def run(info) -> Callable[[], None]:
+        from datetime import datetime
+
+        from launcher.errors import LaunchError
+        from launcher.eval.probe import ProbeSettings, publish, sweep
+
+        d = plan.decision
+        lengths = probe_lengths(d.native_context, d.session_len)
+        settings = ProbeSettings(
+            lengths=lengths, url=info.root_url, model=info.model_name,
+            api_key=info.api_key, native_context=d.native_context, trials=PROBE_TRIALS,
+        )
+        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+        result = sweep(settings)
+        ppl_result, ppl_error = None, None
+        if ppl_text is not None and not result.interrupted:
+            from launcher.eval.ppl import PplSettings, measure
+
+            try:
+                ppl_result = measure(PplSettings(
+                    lengths=lengths, texts=(ppl_text,), span=min(512, min(lengths) // 2), url=info.root_url,
+                    api_key=info.api_key, native_context=d.native_context))
+            except LaunchError as err:
+                ppl_error = err
+
+        def finish() -> None:
+            publish(result, run_dir / f"probe-{stamp}", out)
+            if ppl_result is not None:
+                from launcher.eval.ppl import publish as publish_ppl
+
+                publish_ppl(ppl_result, run_dir / f"ppl-{stamp}", out)
+            if ppl_error is not None:
+                print(f"launch: warning: no ppl measurement: {ppl_error}", file=out)
+
+        return finish
+
+    return run
+
+
+def serve(request: ServeRequest, out: TextIO | None = None,
+          server_argv: tuple[str, ...] | None = None) -> int:
+    """Run serve end to end. Returns the exit code (0 after a clean stop).
+
+    One engine; or with ``replicas`` > 1, lmdeploy's proxy and that many engines behind it
+    (``launcher.scaleout.replicas``); or with ``nnodes`` > 1, this node's share of one engine across
+    nodes. ``server_argv`` is the serving process's command before the spec's path (``/dev/stdin``:
+    the spec comes through a pipe; default: this Python running ``launcher.engine.server``); the
+    tests pass a stand-in for the GPU engine there."""
+    from launcher.rules.layout import check_scale, gpus_here, layout_for_plan
+
+    out = out or sys.stdout
+    if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
+        from launcher.runtime.gpu import nvidia_problem
+
+        if problem := nvidia_problem():
+            raise NoGpu(problem)
+    scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
+                        routing=request.routing, need_rank=not request.dry_run)
+    from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings, validate_host, validate_port
+
+    joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
+    plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
+    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
+    layout = layout_for_plan(plan, scale, gpu_count=count)
+    warnings = exposure_warnings(plan.engine.host, plan.engine.port, bool(plan.engine.api_keys),
+                                 node_api=scale.kind == "replicas")
+    if request.dry_run:
+        return _dry_run(plan, layout, scale, warnings, request.as_json, out)
+
+    from launcher.runtime.process import PortClaim
+
+    refused = refusal(plan)
+    if refused is not None:
+        raise refused
+    binds = [(plan.engine.host, plan.engine.port)]
+    binds += [(r.host, r.port) for r in layout.replicas] if scale.kind == "replicas" else []
+    for host, port in binds:
+        check_port_free(host, port)
+    if joining is not None:
+        from launcher.scaleout.nodes import proxy_nodes
+
+        proxy_nodes(joining.proxy)  # the proxy answers, before anything slow
+    # claimed before anything is written: a second run on one of these ports stops here
+    with PortClaim(plan.engine.host, [port for _, port in binds]):
+        say_warnings([*warnings, *plan.warnings], sys.stderr)
+        if plan.memory is None:
+            say_warnings([f"the KV-cache fit is not checked: {plan.memory_note}"], sys.stderr)
+        return _serve_claimed(plan, scale, layout, count, joining, request, out, server_argv)
+
+
+def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out: TextIO) -> int:
+    """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
+    what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would."""
+    from launcher.runtime.address import say_warnings
+    from launcher.plan.build import OVERLAY_PLACEHOLDER
+    from launcher.plan.render import engine_call, plan_json, render_plan
+
+    refused = refusal(plan, here=False)
+    where, shown = "the serving process", plan
+    if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
+        first = layout.replicas[0]
+        where = "replica 0's serving process; each replica's differs only in its port"
+        shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
+    call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
+    say_warnings(warnings, sys.stderr)
+    if as_json:
+        data = plan_json(plan, layout)
+        data["engine_call"] = call
+        data["warnings"] = [*data.get("warnings", []), *warnings]
+        data["refused"] = None if refused is None else {"error": type(refused).__name__, "message": str(refused),
+                                                        "exit_code": refused.exit_code}
+        print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+    else:
+        print(render_plan(plan, layout), file=out)
+        print(f"\nengine call (in {where}):", file=out)
+        print(call, file=out)
+        if refused is not None:
+            print(f"\nserve would refuse this: {refused}", file=out)
+    out.flush()
+    if refused is not None:
+        raise refused
+    return 0
+
+
+def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joining | None, request: ServeRequest,
+                   out: TextIO, server_argv: tuple[str, ...] | None) -> int:
+    """The slow part, with the ports claimed: the files, the overlay, the server(s)."""
+    from launcher.runtime.address import say_warnings
+    from launcher.rules.layout import layout_for_plan
+    from launcher.runtime.process import SPEC_ON_STDIN
+    from launcher.runtime.supervise import run_supervised
+
+    # The plan stands unless the downloaded config differs.
+    full, note = with_files(plan)
+    if note:
+        print(note, file=sys.stderr)
+        say_warnings([w for w in full.warnings if w not in plan.warnings], sys.stderr)
+        _check_gpus(full)
+        if full.architecture != plan.architecture:
+            _check_engine(full)
+        layout = layout_for_plan(full, scale, gpu_count=count)
+    _check_memory(full)  # now with the weights' real size
+    overlay = make_overlay(full)
+    check_overlay(overlay.path)
+    print(f"overlay: {overlay.path} ({'reused' if overlay.reused else 'written'})", file=sys.stderr)
+    base_argv = list(server_argv or (sys.executable, *ENGINE_SERVER))
+    if scale.kind == "replicas":
+        return _serve_replicas(full, layout, overlay.path, base_argv, request, out)
+    extra = None
+    if scale.kind == "nodes":
+        print(f"overlay hash: {overlay_digest(full)} (compare it across the nodes)", file=sys.stderr)
+        extra = {"nnodes": scale.nnodes, "node_rank": scale.node_rank, "dist_init_addr": scale.dist_init_addr}
+    spec, log_path = _spec(full, overlay.path, extra)
+    on_join, on_stop = _join_hooks(joining, out) if joining is not None else (None, None)
+
+    def on_ready(info) -> None:
+        if on_join:
+            on_join(info)  # registered first: a replica the proxy refuses is not announced
+        for line in info.summary_lines():
+            print(line, file=out)
+        if scale.kind == "nodes":
+            role = ("this node serves the OpenAI API" if scale.node_rank == 0
+                    else "engine share only: clients use node 0's address")
+            print(f"  node {scale.node_rank} of {scale.nnodes} (tp {full.engine.config.tp} in all, rendezvous "
+                  f"{scale.dist_init_addr}): {role}", file=out)
+        out.flush()
+
+    return run_supervised(
+        base_argv + [SPEC_ON_STDIN],
+        host=full.engine.host,
+        port=full.engine.port,
+        log_path=log_path,
+        model_name=full.engine.model_name,
+        api_keys=list(full.engine.api_keys) or None,
+        health_timeout_s=request.health_timeout_s,
+        on_ready=on_ready,
+        probe=_probe_hook(full, log_path.parent, out, request.ppl_text) if request.probe else None,
+        on_stop=on_stop,
+        stdin_data=spec,
+    )
+
+
+def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str], request: ServeRequest,
+                    out: TextIO) -> int:
+    """The replicas' specs (one overlay, each its own port) and the proxy's, each handed over on
+    its process's stdin; then run them all."""
+    from launcher.runtime.process import SPEC_ON_STDIN
+    from launcher.scaleout.proxy import DEFAULT_START_TIMEOUT_S, proxy_spec, run_dir
+    from launcher.scaleout.replicas import ReplicaRun, run_replicas
+
+    specs, logs = [], []
+    for replica in layout.replicas:
+        spec, log_path = _spec(replace(plan, engine=replace(plan.engine, host=replica.host, port=replica.port)),
+                               overlay_path)
+        specs.append(spec)
+        logs.append(log_path)
+    host, port = plan.engine.host, plan.engine.port
+    run = ReplicaRun(proxy_spec=proxy_spec(host, port, layout.routing, plan.engine.api_keys), proxy_dir=run_dir(port),
+                     proxy_host=host, proxy_port=port, layout=layout,
+                     argvs=tuple(tuple(base_argv + [SPEC_ON_STDIN]) for _ in specs), specs=tuple(specs),
+                     logs=tuple(logs), api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)
+    return run_replicas(run, health_timeout_s=request.health_timeout_s, proxy_timeout_s=DEFAULT_START_TIMEOUT_S,
+                        out=out)

@@ -1,0 +1,1 @@
+"""What mirrors lmdeploy: the engine settings and command, and the processes that run lmdeploy's servers."""

@@ -1,0 +1,194 @@
+"""The run: tokenize each text once, cut one window per length, score each window and its prefix
+through lmdeploy's ``POST /get_ppl``, derive the target span's loss.
+
+``run_ppl`` checks the server first (reachable, key accepted, which model, ``/get_ppl`` there, how to
+tokenize, every window fits the text), so those failures stop it before any long scoring pass.
+After that a length the server refuses (a 400: past its session) is recorded on its point and the
+run goes on. Ctrl-C, a server that goes away, or ``STUCK_AFTER`` requests in a row past their
+deadline end the run early with the points so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+from launcher.errors import (
+    LaunchError,
+    PplNoEndpoint,
+    PplNoTokenizer,
+    ProbeBadReply,
+    ProbeErrorBody,
+    ProbeHTTPError,
+    ProbeNoModel,
+    ProbeUnauthorized,
+)
+from launcher.net.http import Unreachable
+from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
+from launcher.eval.ppl.settings import PplSettings
+from launcher.eval.ppl.text import Text, load_texts
+from launcher.eval.ppl.windows import Window, plan_windows, span_loss
+
+
+@dataclass
+class Point:
+    """One window of one text, scored. ``error`` set: not scored (the losses are None)."""
+
+    text: str
+    length: int
+    span: int
+    window_loss: float | None = None  # mean over the window's length - 1 targets (what /get_ppl says)
+    prefix_loss: float | None = None  # mean over the prefix's targets
+    span_loss: float | None = None  # mean over the last ``span`` tokens
+    seconds: float | None = None
+    error: str | None = None
+    http_status: int | None = None
+
+
+@dataclass
+class PplResult:
+    settings: PplSettings
+    model: str
+    tokenization: str
+    text_tokens: dict[str, int]
+    started_at: str
+    points: list[Point] = field(default_factory=list)
+    finished_at: str | None = None
+    interrupted: bool = False
+    stopped_by: LaunchError | None = None
+
+    @property
+    def label(self) -> str:
+        return self.settings.label or self.model
+
+    @property
+    def planned(self) -> int:
+        return len(self.text_tokens) * len(self.settings.lengths)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.points) == self.planned and not any(p.error for p in self.points)
+
+    def mean_over_texts(self, length: int, attr: str) -> float | None:
+        """The mean of ``attr`` over the texts scored at ``length`` (None when none was)."""
+        values = [getattr(p, attr) for p in self.points if p.length == length and getattr(p, attr) is not None]
+        return sum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class PplEvent:
+    """``begin``: what the run will do; ``start``: a window is being scored; ``done``: it was."""
+
+    kind: Literal["begin", "start", "done"]
+    done: int = 0
+    total: int = 0
+    point: Point | None = None
+    message: str = ""
+
+
+Progress = Callable[[PplEvent], None]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def score(client: OpenAIClient, ids: list[int]) -> float:
+    """lmdeploy's ``POST /get_ppl`` for token ids: the mean next-token loss (``{"ppl": float}``)."""
+    try:
+        data = client.call("POST", "/get_ppl", {"input": ids})
+    except ProbeHTTPError as err:
+        if err.status in (404, 405):
+            raise PplNoEndpoint(client.shown, err.status) from None
+        raise
+    value = data.get("ppl") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ProbeBadReply(client.shown + "/get_ppl", "no finite non-negative number 'ppl' in the reply")
+    return float(value)
+
+
+def _tokenizer(client: OpenAIClient, tokenizer_dir: str | None) -> tuple[str, Callable[[str], list[int]]]:
+    """The server's ``/v1/encode`` when it has one, else ``--tokenizer DIR``."""
+    try:
+        client.encode_ids("The quick brown fox.")
+        return "server: POST /v1/encode", client.encode_ids
+    except (ProbeHTTPError, ProbeBadReply):
+        if tokenizer_dir is None:
+            raise PplNoTokenizer(client.shown) from None
+    from launcher.eval.tokens import TokenizerDir
+
+    local = TokenizerDir(tokenizer_dir)
+    return local.method, local.ids
+
+
+def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResult:
+    """Run it. Raises (before any scoring pass) when the server is unreachable, refuses the key, has
+    no ``/get_ppl``, or a window is longer than a text; returns a result with ``interrupted`` /
+    ``stopped_by`` set when it ended early."""
+    emit = progress or (lambda event: None)
+    texts = load_texts(settings.texts)
+    client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
+    with waiting_notice(client, lambda line: emit(PplEvent("begin", message=line))):
+        models = client.models()
+        if not models:
+            raise ProbeNoModel(client.shown)
+        method, encode = _tokenizer(client, settings.tokenizer)
+        token_ids = [encode(text.content) for text in texts]
+        plans = [plan_windows(len(ids), settings.lengths, settings.span, text.source)
+                 for text, ids in zip(texts, token_ids)]
+        score(client, token_ids[0][:2])  # /get_ppl is there and answers, before any long pass
+    result = PplResult(settings, models[0], method, {t.source: len(ids) for t, ids in zip(texts, token_ids)}, _now())
+    total = result.planned
+    emit(PplEvent("begin", 0, total, message=(
+        f"scoring {total} window(s) on {client.shown}, model {result.model}: lengths "
+        f"{', '.join(str(n) for n in settings.lengths)}, target span the last {settings.span} tokens; "
+        f"each request has a {settings.timeout:g} s deadline")))
+    watch = StuckWatch(client)
+    try:
+        for text, ids, windows in zip(texts, token_ids, plans):
+            for window in windows:
+                emit(PplEvent("start", len(result.points), total, Point(text.source, window.length, window.span)))
+                point, error, fatal = _score_window(client, text, ids, window)
+                result.points.append(point)
+                emit(PplEvent("done", len(result.points), total, point))
+                # The server went away, turned the key down, or keeps missing its deadline: stop here.
+                result.stopped_by = fatal or watch.after(error)
+                if result.stopped_by is not None:
+                    result.finished_at = _now()
+                    return result
+    except KeyboardInterrupt:
+        result.interrupted = True
+    result.finished_at = _now()
+    return result
+
+
+def _score_window(client: OpenAIClient, text: Text, ids: list[int],
+                  window: Window) -> tuple[Point, LaunchError | None, LaunchError | None]:
+    """The scored point, what spoiled it (None: scored), and the error that must end the run."""
+    point = Point(text.source, window.length, window.span)
+    error = fatal = None
+    started = time.monotonic()
+    window_ids = ids[window.start: window.end]
+    try:
+        # The window first, then its prefix: an engine with a prefix cache (or the tests' stand-in)
+        # can answer the second from the first; the numbers do not depend on the order.
+        point.window_loss = score(client, window_ids)
+        point.prefix_loss = score(client, window_ids[: window.prefix_length])
+        loss = span_loss(point.window_loss, window.length, point.prefix_loss, window.prefix_length)
+        if not math.isfinite(loss):
+            raise ProbeBadReply(client.shown + "/get_ppl", "the two scores give no finite span loss")
+        point.span_loss = loss
+    except (Unreachable, ProbeUnauthorized, PplNoEndpoint) as err:
+        point.error, error, fatal = str(err), err, err
+    except ProbeHTTPError as err:  # e.g. 400: the window is past the server's session
+        point.error, point.http_status, error = f"HTTP {err.status}: {err.detail}", err.status, err
+    except ProbeErrorBody as err:
+        point.error, point.http_status, error = f"error_code {err.code}: {err.detail}", 200, err
+    except LaunchError as err:  # a deadline, a reply of the wrong shape: this point only
+        point.error, error = str(err), err
+    point.seconds = round(time.monotonic() - started, 3)
+    return point, error, fatal

@@ -1,0 +1,1 @@
+"""HTTP with deadlines, and the client for lmdeploy's endpoints."""

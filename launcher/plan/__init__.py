@@ -1,0 +1,1 @@
+"""The plan: everything serve will do, computed first, and its rendering."""

@@ -1,0 +1,377 @@
+"""The plan: everything ``serve`` will do, computed first, shown by ``plan``, then executed.
+
+``check_request`` checks every flag (no I/O but a look at ``--out``); ``build_plan`` applies the
+RoPE rules to a config, sizes the KV cache and fills in the typed engine settings and the
+equivalent lmdeploy command line. It writes nothing and loads no engine. ``with_files`` gets the
+files a planned model needs and keeps the plan when the downloaded config is the one planned with.
+Showing a plan is ``launcher.plan.render``'s job.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from launcher import __version__
+
+from launcher.rules import checks
+
+from launcher.rules import limits
+from launcher.engine.spec import (
+    BACKENDS,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULTS,
+    SESSION_LEN_MAX,
+    EngineSettings,
+    EngineSpec,
+    api_server_argv,
+    architecture_of,
+    engine_config,
+    turbomind_supports,
+)
+from launcher.errors import BadConfig, BadOption
+from launcher.rules.kvcache import (
+    QUANT_POLICIES,
+    GiB,
+    KvCost,
+    MemoryPlan,
+    ModelShape,
+    kv_costs,
+    plan_memory,
+    weights_bytes_estimate,
+)
+from launcher.model.overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
+from launcher.model.source import Fetching, ModelSource, resolve
+from launcher.rules.rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
+
+OVERLAY_PLACEHOLDER = "<overlay: made after download>"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for; ``None`` means the preset's (or lmdeploy's) default. Values arrive
+    as given; ``check_request`` gives each its type and range."""
+
+    model: str
+    factor: str | float | None = None
+    rope_type: str | None = None
+    session_len: int | None = None
+    force: bool = False
+    backend: str | None = None
+    tp: int | None = None
+    max_batch_size: int | None = None
+    cache_max_entry_count: float | None = None
+    quant_policy: int | None = None
+    gpu_memory_gib: float | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model_name: str | None = None
+    out: Path | str | None = None
+    need_files: bool = False
+    revision: str | None = None
+    trust_remote_code: bool | None = None
+    quiet: bool = False
+    hub_timeout_s: float | str | None = None
+    nnodes: int = 1  # one engine across this many nodes (tp is the TOTAL over them; GPUs here: tp / nnodes)
+
+    @property
+    def fetching(self) -> Fetching:
+        return Fetching(revision=self.revision, quiet=self.quiet, timeout_s=self.hub_timeout_s,
+                        trust_remote_code=self.trust_remote_code)
+
+
+def check_request(request: PlanRequest) -> PlanRequest:
+    """Every flag of ``request`` typed and in range (numbers by the one table, ``limits``), or a
+    one-line BadOption (or UnknownRopeType, OverlayConflict). Reads no config and makes no request:
+    this runs before anything is downloaded or written. Checking a checked request changes nothing."""
+    r = request
+    out = r.out
+    if out is not None:
+        local = Path(r.model).expanduser()
+        out = check_target(out, local if local.is_dir() else None)
+    return replace(
+        r,
+        factor=_maybe(checks.limited, "--factor", r.factor, limits.FACTOR),
+        rope_type=parse_rope_type(r.rope_type) if r.rope_type is not None else None,
+        session_len=_maybe(checks.limited, "--session-len", r.session_len, limits.SESSION_LEN),
+        backend=checks.one_of("--backend", r.backend, BACKENDS) if r.backend is not None else None,
+        tp=_maybe(checks.limited, "--tp", r.tp, limits.TP),
+        max_batch_size=_maybe(checks.limited, "--max-batch-size", r.max_batch_size, limits.MAX_BATCH_SIZE),
+        cache_max_entry_count=_maybe(checks.limited, "--cache-max-entry-count", r.cache_max_entry_count,
+                                     limits.CACHE_MAX_ENTRY_COUNT),
+        quant_policy=_maybe(checks.choice, "--quant-policy", r.quant_policy, QUANT_POLICIES),
+        gpu_memory_gib=_maybe(checks.limited, "--gpu-memory", r.gpu_memory_gib, limits.GPU_MEMORY),
+        model_name=checks.word("--model-name", r.model_name, "a name") if r.model_name is not None else None,
+        revision=checks.revision("--revision", r.revision) if r.revision is not None else None,
+        out=out,
+        nnodes=checks.limited("--nnodes", r.nnodes, limits.NNODES),
+    )
+
+
+def _maybe(check, option: str, value, *args, **kwargs):
+    return None if value is None else check(option, value, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest  # checked
+    source: ModelSource
+    decision: RopeDecision
+    patched_config: dict
+    section: dict  # the language model's section of ``patched_config`` (the whole of it, mostly)
+    shape: ModelShape
+    kv: dict[int, KvCost]
+    memory: MemoryPlan | None
+    memory_note: str
+    gpu_bytes: int | None
+    gpu_source: str
+    gpu_count: int | None
+    settings: EngineSettings
+    engine: EngineSpec
+    overlay_path: Path | None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def command(self) -> list[str]:
+        return api_server_argv(str(self.overlay_path or OVERLAY_PLACEHOLDER), self.engine)
+
+    @property
+    def architecture(self) -> str | None:
+        return architecture_of(self.patched_config)
+
+    @property
+    def provenance(self) -> dict:
+        d = self.decision
+        return {
+            "tool": "launch",
+            "version": __version__,
+            "model": self.source.label,
+            "repo_id": self.source.repo_id,
+            "revision": self.source.revision,
+            "rope": {
+                "type": d.rope_type,
+                "factor": d.factor,
+                "native_context": d.native_context,
+                "session_len": d.session_len,
+                "key": ".".join(d.section + (d.key,)),
+                "original": d.before.settings if d.before else None,
+                "written": d.settings,
+                "max_position_embeddings": {
+                    "original": d.before.max_position_embeddings if d.before else None,
+                    "written": d.max_position_embeddings,
+                },
+            },
+            "changes": [
+                {"key": c.dotted, "old": c.old, "new": None if c.removed else c.new, "removed": c.removed}
+                for c in d.changes
+            ],
+        }
+
+
+def _engine_settings(request: PlanRequest, source: ModelSource) -> EngineSettings:
+    """Flags over the preset's engine defaults over launch's (``engine.DEFAULTS``)."""
+    base = source.preset.engine if source.preset else DEFAULTS
+
+    def pick(flag, default):
+        return default if flag is None else flag
+
+    return EngineSettings(
+        backend=pick(request.backend, base.backend),
+        tp=pick(request.tp, base.tp),
+        max_batch_size=pick(request.max_batch_size, base.max_batch_size),
+        cache_max_entry_count=float(pick(request.cache_max_entry_count, base.cache_max_entry_count)),
+        quant_policy=pick(request.quant_policy, base.quant_policy),
+    )
+
+
+def weights_size(source: ModelSource) -> tuple[int | None, str]:
+    """Bytes of the weights: the safetensors files when present, else the preset's estimate."""
+    if source.path is not None:
+        total = 0
+        for entry in Path(source.path).rglob("*.safetensors"):
+            try:
+                total += entry.stat().st_size
+            except OSError:
+                continue
+        if total:
+            return total, "safetensors files"
+    if source.preset is not None:
+        dtype = source.preset.config.torch_dtype
+        return weights_bytes_estimate(source.preset.parameters, dtype), f"preset ({source.preset.parameters:.3g} parameters)"
+    return None, "unknown"
+
+
+def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
+    if request.gpu_memory_gib is not None:
+        return int(request.gpu_memory_gib * GiB), "--gpu-memory", None
+    from launcher.runtime.gpu import free_memory
+
+    free = free_memory()
+    if not free:
+        return None, "none", None
+    return min(free), "nvml", len(free)
+
+
+def _memory(shape: ModelShape, decision: RopeDecision, settings: EngineSettings, source: ModelSource,
+            gpu_bytes: int | None, gpu_source: str, gpu_count: int | None) -> tuple[MemoryPlan | None, str]:
+    weights, weights_source = weights_size(source)
+    if gpu_bytes is None:
+        return None, "no GPU found: give --gpu-memory GiB to check that a session fits"
+    if weights is None:
+        return None, "the weights' size is unknown (no safetensors files, no preset)"
+    return plan_memory(
+        shape,
+        session_len=decision.session_len,
+        gpu_bytes=gpu_bytes,
+        weights_bytes=weights,
+        tp=settings.tp,
+        cache_max_entry_count=settings.cache_max_entry_count,
+        quant_policy=settings.quant_policy,
+        native_context=decision.native_context,
+        gpu_source=gpu_source,
+        weights_source=weights_source,
+        gpu_count=gpu_count,
+    ), ""
+
+
+def _overlay_path(request: PlanRequest, source: ModelSource, patched: dict) -> Path | None:
+    if request.out is not None:
+        return Path(request.out).expanduser()
+    if source.path is not None:
+        return default_overlay_path(source.name, source.path, config_bytes(patched))
+    return None
+
+
+def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
+               api_keys: tuple[str, ...] = ()) -> Plan:
+    """Compute everything serve would do from ``source``'s config (resolved from the request when
+    not given). Writes nothing. ``api_keys``: what the server will require (serve)."""
+    request = check_request(request)
+    if source is None:
+        source = resolve(request.model, need_files=request.need_files, fetching=request.fetching)
+    preset = source.preset
+    factor = request.factor if request.factor is not None else (preset.rope.factor if preset else None)
+    rope_type = request.rope_type if request.rope_type is not None else (preset.rope.type if preset else None)
+    settings = _engine_settings(request, source)
+    rope_request = RopeRequest(
+        factor=parse_factor(factor) if factor is not None else None,
+        rope_type=parse_rope_type(rope_type) if rope_type is not None else None,
+        session_len=request.session_len,
+        force=request.force,
+        engine=settings.backend,
+    )
+    config = source.config
+    decision = decide(config, rope_request, source=source.config_origin)
+    if decision.session_len > SESSION_LEN_MAX:
+        raise BadConfig(source.config_origin, f"a session of {decision.session_len:,} tokens "
+                        f"({decision.rope_type} x{decision.factor:g} over {decision.native_context:,}) is past "
+                        f"lmdeploy's limit of {SESSION_LEN_MAX:,}: use a smaller --factor or --session-len")
+    patched = apply(config, decision)
+    section = functools.reduce(operator.getitem, decision.section, patched)
+    shape = ModelShape.from_config(section, source.config_origin)
+    if shape.heads % settings.tp:
+        raise BadOption("--tp", str(settings.tp), f"the model's {shape.heads} attention heads must divide evenly by it")
+    warnings = list(decision.warnings)
+    if decision.reader.remote and not source.trust_remote_code:
+        warnings.append(
+            f"the config's own class {decision.reader.name} ({decision.reader.code}) needs trust_remote_code, which "
+            "is off: lmdeploy will load the overlay through its generic fallback, which checks nothing, and "
+            "transformers cannot load it. Add --trust-remote-code if you trust the checkpoint's code"
+        )
+    if settings.backend == "turbomind" and not turbomind_supports(patched):
+        warnings.append(
+            f"TurboMind does not serve {architecture_of(patched)}: serve will stop; use --backend pytorch"
+        )
+
+    gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
+    local_tp = settings.tp // request.nnodes if settings.tp % request.nnodes == 0 else settings.tp
+    if gpu_count is not None and local_tp > gpu_count:
+        where = " on each node" if request.nnodes > 1 else ""
+        warnings.append(f"--tp {settings.tp} needs {local_tp} GPUs{where}; this machine has {gpu_count}: serve will stop")
+    memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count)
+
+    engine = EngineSpec(
+        backend=settings.backend,
+        config=engine_config(settings, decision.session_len),
+        model_name=request.model_name or source.name,
+        trust_remote_code=source.trust_remote_code,
+        chat_template=preset.chat_template.as_dict() if preset and preset.chat_template else None,
+        host=request.host,
+        port=request.port,
+        api_keys=tuple(api_keys),
+    )
+    return Plan(
+        request=request,
+        source=source,
+        decision=decision,
+        patched_config=patched,
+        section=section,
+        shape=shape,
+        kv=kv_costs(shape, decision.session_len, settings.tp),
+        memory=memory,
+        memory_note=memory_note,
+        gpu_bytes=gpu_bytes,
+        gpu_source=gpu_source,
+        gpu_count=gpu_count,
+        settings=settings,
+        engine=engine,
+        overlay_path=_overlay_path(request, source, patched),
+        warnings=tuple(warnings),
+    )
+
+
+def with_files(plan: Plan) -> tuple[Plan, str | None]:
+    """``plan`` for the model's files, downloading them when they come from the Hub.
+
+    The plan was made from a config alone. When the downloaded config.json is that config, the
+    plan stands: it only learns where the files are (the overlay's place) and the weights' real
+    size (the memory check). When it differs (a preset's stored facts, or a branch that moved),
+    the plan is made again from the downloaded config, and the second value says so in one line.
+    """
+    from launcher.model.source import with_files as files_of
+
+    source = files_of(plan.source, plan.request.fetching)
+    if source is plan.source:
+        return plan, None
+    if source.config == plan.source.config:
+        memory, memory_note = _memory(plan.shape, plan.decision, plan.settings, source, plan.gpu_bytes,
+                                      plan.gpu_source, plan.gpu_count)
+        return replace(plan, source=source, memory=memory, memory_note=memory_note,
+                       overlay_path=_overlay_path(plan.request, source, plan.patched_config)), None
+    again = build_plan(plan.request, source, api_keys=plan.engine.api_keys)
+    before, after = plan.decision, again.decision
+    outcome = (
+        "the plan is the same" if (before.settings, before.session_len) == (after.settings, after.session_len)
+        else f"session_len {before.session_len} -> {after.session_len}, {before.rope_type} x{before.factor:g} -> "
+             f"{after.rope_type} x{after.factor:g}"
+    )
+    return again, (f"note: planned with {plan.source.config_origin}; the downloaded {source.config_origin} "
+                   f"differs, so launch re-planned from it ({outcome})")
+
+
+def overlay_digest(plan: Plan) -> str:
+    """The overlay's content hash, ``sha256:<hex>``: of the patched config.json, launch's provenance
+    record and the chat template file, as launch writes them (the machine-specific source path and
+    file manifest left out). The same model and settings give the same hash on every node, so nodes can be
+    compared before they load anything."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = [config_bytes(plan.patched_config), config_bytes(plan.provenance)]
+    if plan.engine.chat_template:
+        parts.append(config_bytes(plan.engine.chat_template))
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def make_overlay(plan: Plan) -> Overlay:
+    """Write (or reuse) the plan's overlay. The source directory is never written."""
+    if plan.source.path is None or plan.overlay_path is None:
+        raise BadOption("MODEL", plan.source.label, "needs a downloaded model directory to patch")
+    return build_overlay(plan.source.path, plan.patched_config, plan.provenance, plan.overlay_path,
+                         chat_template=plan.engine.chat_template)

@@ -1,0 +1,1 @@
+"""The decisions, as pure functions: no I/O, no environment (RoPE, KV cache, capacity, layouts, limits)."""

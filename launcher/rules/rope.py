@@ -1,0 +1,713 @@
+"""The RoPE rules: what to write into a model's config so that every reader serves F x its context.
+
+Everything here is a pure function of a config dict (the parsed ``config.json``) and a request.
+Nothing reads files, imports an engine or prints. The facts behind the rules (lmdeploy 0.18,
+transformers 5.25, read in their source and run on a CPU):
+
+Who reads the overlay
+  lmdeploy loads a config with ``lmdeploy.archs.get_model_arch`` -> ``hf_configs.config_from_pretrained``:
+  transformers' ``AutoConfig`` first (the model's own class: transformers' or, with ``auto_map``, the
+  checkpoint's ``configuration_*.py``), and when that raises, a generic ``PretrainedConfig`` that checks
+  nothing. Both engines then read RoPE from that object: TurboMind's ``models/utils.parse_rope_param``
+  (``rope_parameters`` first, else ``rope_scaling`` + ``rope_theta``; ``rope_type`` before ``type``) and
+  the PyTorch engine's ``nn/rotary_embedding.build_rotary_params``. A fallback load is not acceptance:
+  transformers, OpenCompass and every ``AutoModelForCausalLM`` script then fail on the same overlay. So
+  the shape written is the one the model's own config class accepts (``ConfigClass`` below):
+
+  * InternLM2 (``configuration_internlm2.py``, InternLM2Config, shipped with every InternLM2 checkpoint
+    and copied into InternVL's): ``_rope_scaling_validation`` takes a dict of exactly two fields,
+    ``type`` in {linear, dynamic} and a float ``factor`` >= 1. launch writes ``{"type": T, "factor": F}``
+    (the seed fix's shape) and refuses yarn and llama3 for it, ``--force`` or not.
+  * InternLM3 (``configuration_internlm3.py``, InternLM3Config): copies ``type`` into ``rope_type`` and
+    runs transformers' ``rope_config_validation``; it ships ``{"rope_type": "dynamic", "factor": 6.0}``,
+    and launch writes that form (``rope_type`` only), every type.
+  * transformers' own classes (Llama, Qwen2, Mistral, Qwen2-VL, ...): ``type`` and ``rope_type`` both
+    (transformers 4 reads the first, 5 the second, both accept the pair).
+  * A class from a checkpoint's code that launch has not read: the key style the checkpoint ships (the
+    two-field ``{"type", "factor"}`` form, which most such classes copied from old Llama, when it ships
+    none); dynamic and linear only unless ``--force``, with a warning.
+
+What to write, per type (TurboMind's reading rules)
+  * Native context N: ``max_position_embeddings`` when the config has no scaling, or ``dynamic`` /
+    ``linear`` scaling (these leave it at the native value); ``original_max_position_embeddings`` of an
+    existing ``yarn`` / ``llama3`` scaling.
+  * dynamic / linear: write the factor, keep ``max_position_embeddings`` = N. TurboMind uses
+    ``max_position_embeddings`` as the NTK threshold: raising it switches scaling off below it.
+  * yarn: write factor and ``original_max_position_embeddings`` = N, and ``max_position_embeddings``
+    = N x F. TurboMind ignores ``factor`` when the original is present and reads
+    ``max_position_embeddings / N`` instead, so N x F must be whole: a factor is rounded to the nearest
+    one that is (x1.1 over 4096 is written as 4506 / 4096 = x1.10009765625, and every engine reads that),
+    and a factor that rounds to x1 is refused.
+  * llama3: factor, low 1.0, high 4.0, original N, ``max_position_embeddings`` = N x F (Llama 3.1's shape).
+
+Where to write it
+  * transformers 5 saves ``rope_parameters`` (with ``rope_theta`` inside). When a config has both keys,
+    transformers 5 (``convert_rope_params_to_dict``: ``rope_scaling or rope_parameters``) and lmdeploy
+    through it read a non-empty ``rope_scaling``: launch patches that one and rewrites ``rope_parameters``
+    to the same settings (keeping its ``rope_theta``), so the two never disagree; a base kept only in
+    ``rope_parameters`` is copied into the dict written, where transformers would otherwise put 10000.
+  * Kept through every rewrite, ``--force`` included: ``rope_theta`` and ``partial_rotary_factor`` inside
+    the dict, and Qwen2-VL's ``mrope_section`` / ``mrope_interleaved`` (``"type": "mrope"`` counts as no
+    scaling, as in both engines; mrope is applied on top of the base RoPE in both, so a scaled mrope is
+    served as planned: TurboMind's ``qwen2_vl`` reads ``text_config`` and ``parse_rope_param`` keeps the
+    section).
+  * Multimodal configs keep the language model under ``llm_config`` (InternVL: both engines' InternVL
+    readers take it before ``text_config``), ``text_config`` or ``language_config``; launch patches the
+    first present, in that order, and says so when another is present too.
+  * InternLM v1 is Llama with biases on the attention projections: rewritten to ``LlamaForCausalLM``
+    with ``attention_bias: true`` so that current TurboMind loads it; its reader is then transformers'
+    LlamaConfig.
+
+Never silently
+  * shrink the context a trained scaling (linear, yarn, llama3) serves, replace another scaling type,
+    or write a type the engine or the config class does not implement. Dynamic over dynamic takes the
+    factor asked for, smaller included, with a note: dynamic NTK is training-free, and lmdeploy serves
+    such a config at N anyway (InternLM3 ships dynamic x6).
+  * Every number read has a type and a range (``configcheck``); N x F must fit lmdeploy's int32;
+    ``rope_theta`` is any finite positive float32 (TurboMind keeps the base as a float).
+  * A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3) is refused, never rewritten:
+    lmdeploy reads it only in its own Gemma code, as a fixed linear scaling.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.rules.configcheck import INT32_MAX, check_config, config_int, optional_number, shown
+from launcher.errors import (
+    BadConfig,
+    BadFactor,
+    BadOption,
+    ContextTooLong,
+    ExistingScalingUnsupported,
+    LaunchError,
+    MissingFactor,
+    PerAttentionRope,
+    ReplacesScaling,
+    SessionBeyondScaling,
+    ShrinksContext,
+    UnknownRopeType,
+    UnsupportedRopeType,
+)
+from launcher.rules.limits import ROPE_THETA
+
+# Types launch knows how to write (the one list: presets, flags and the contract test import it).
+WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")
+# Types each lmdeploy engine implements (turbomind: models/utils.py parse_rope_param;
+# pytorch: nn/rotary_embedding.py build_rotary_params). A contract test checks these.
+ENGINE_TYPES: dict[str, tuple[str, ...]] = {
+    "turbomind": ("default", "linear", "dynamic", "yarn", "llama3"),
+    "pytorch": ("default", "linear", "dynamic", "yarn", "longrope", "llama3"),
+}
+# Where multimodal configs keep the language model, in the order lmdeploy's readers look.
+NESTED_TEXT_KEYS: tuple[str, ...] = ("llm_config", "text_config", "language_config")
+# Keys of a RoPE dict that are not about scaling: kept through every rewrite.
+_KEPT_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+_TYPE_KEYS = ("type", "rope_type")
+_NO_SCALING = (None, "", "default", "none", "mrope")  # "mrope": no scaling, as both engines read it
+
+LLAMA3_LOW_FREQ = 1.0
+LLAMA3_HIGH_FREQ = 4.0
+
+INTERNLM_V1_ARCH = "InternLMForCausalLM"
+_REMOTE_MODEL_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
+
+_MISSING = object()
+
+
+# --- errors raised here -----------------------------------------------------------------------
+
+
+class ConfigClassRefusesType(LaunchError):
+    """The model's own config class cannot hold this RoPE type (or, for a class launch has not read,
+    may not): lmdeploy would load such an overlay only through its generic fallback, transformers not
+    at all."""
+
+    config_class: str
+    rope_type: str
+    types: tuple[str, ...]
+    known: bool = True
+    exit_code = 2
+
+    def message(self) -> str:
+        if self.known:
+            return (f"{self.config_class} (the model's own config class) cannot hold {self.rope_type!r} RoPE "
+                    f"scaling, it takes {', '.join(self.types)}: lmdeploy would read such a config only through "
+                    f"its generic fallback and transformers not at all. Use --type {self.types[0]}")
+        return (f"{self.config_class} (the model's own config class) is not one launch knows; launch writes only "
+                f"{', '.join(self.types)} for it. Use --type {self.types[0]}, or add --force to write "
+                f"{self.rope_type!r} and check that the model still loads")
+
+
+class ConfigClassRefusesKeys(LaunchError):
+    """The config's RoPE dict holds keys the model's own class does not accept next to the scaling."""
+
+    source: str
+    key: str
+    config_class: str
+    extra: tuple[str, ...]
+    allowed: tuple[str, ...]
+    exit_code = 2
+    message = (
+        "{source}: {key} holds {extra_list}, but {config_class} accepts only {allowed_list} there. "
+        "Fix the config (the model's own code would refuse it too), or pick a checkpoint with a valid one."
+    )
+
+
+class YarnFactorRoundsAway(LaunchError):
+    """yarn x F over N: TurboMind reads max_position_embeddings / N, and round(N x F) / N is 1."""
+
+    factor: float
+    native: int
+    exit_code = 2
+
+    def message(self) -> str:
+        return (
+            f"yarn x{self.factor:g} over {self.native:,} tokens would be written as max_position_embeddings "
+            f"{round(self.native * self.factor):,}, which TurboMind reads as x1 (no extension). "
+            "Use a larger --factor, e.g. --factor 2"
+        )
+
+
+# --- parsing the user's values --------------------------------------------------------------
+
+
+def parse_factor(value: str | float) -> float:
+    """A finite number greater than 1, from a flag or a preset (plain ASCII digits: Python's float()
+    would also take "３" or "1_0")."""
+    if isinstance(value, str) and (not value.isascii() or "_" in value):
+        raise BadFactor(ascii(value)[1:-1])
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise BadFactor(str(value)) from None
+    if isinstance(value, bool) or not math.isfinite(factor) or factor <= 1.0:
+        raise BadFactor(str(value))
+    return factor
+
+
+def parse_rope_type(value: str) -> str:
+    name = str(value).strip().lower()
+    if name not in WRITABLE_TYPES:
+        raise UnknownRopeType(str(value), WRITABLE_TYPES)
+    return name
+
+
+# --- who reads a config section ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigClass:
+    """The class that turns a config section into the object both engines read, and the RoPE shape it
+    accepts: the types it can hold, the key(s) naming the type, and (when it allows no others) the only
+    keys the dict may have."""
+
+    name: str
+    code: str | None = None  # the checkpoint's own file, for a class that comes with the checkpoint
+    types: tuple[str, ...] = WRITABLE_TYPES
+    type_keys: tuple[str, ...] = _TYPE_KEYS
+    only: tuple[str, ...] | None = None
+    known: bool = True  # False: a class of the checkpoint's code whose rule launch has not read
+
+    @property
+    def remote(self) -> bool:
+        return self.code is not None
+
+    def describe(self) -> str:
+        if not self.remote:
+            return f"{self.name} (transformers' own)"
+        rule = "" if self.known else "; its rule is not one launch knows"
+        return f"{self.name} (the model's own code, {self.code}{rule})"
+
+    def as_dict(self) -> dict:
+        return {"class": self.name, "remote_code": self.code, "types": list(self.types),
+                "type_keys": list(self.type_keys), "only_keys": list(self.only) if self.only else None,
+                "known": self.known}
+
+
+# The config classes that come with checkpoints, by model_type, and the architecture that names them.
+_INTERNLM2 = ConfigClass("InternLM2Config", "configuration_internlm2.py", types=("dynamic", "linear"),
+                         type_keys=("type",), only=("type", "factor"))
+_INTERNLM3 = ConfigClass("InternLM3Config", "configuration_internlm3.py", type_keys=("rope_type",))
+REMOTE_CLASSES: dict[str, ConfigClass] = {"internlm2": _INTERNLM2, "internlm3": _INTERNLM3}
+_REMOTE_ARCHS = {"InternLM2ForCausalLM": "internlm2", "InternLM3ForCausalLM": "internlm3"}
+# transformers' own config class names, for the plan (any other model_type is named by it).
+_NATIVE_NAMES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig",
+                 "qwen2_vl": "Qwen2VLConfig", "qwen2_vl_text": "Qwen2VLTextConfig",
+                 "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3": "Qwen3Config",
+                 "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
+
+
+def _shipped_type_keys(settings: dict | None) -> tuple[str, ...]:
+    keys = tuple(k for k in _TYPE_KEYS if isinstance(settings, dict) and k in settings)
+    return keys or ("type",)
+
+
+def config_class(section: dict, settings: dict | None = None) -> ConfigClass:
+    """The class that reads ``section`` (a config, or its language model's part): a known class of the
+    checkpoint's code by ``model_type`` or architecture, an unknown one named by ``auto_map``, else
+    transformers' own."""
+    model_type = section.get("model_type")
+    archs = section.get("architectures") or []
+    family = model_type if model_type in REMOTE_CLASSES else _REMOTE_ARCHS.get(archs[0] if archs else None)
+    if family is not None:
+        return REMOTE_CLASSES[family]
+    auto_map = section.get("auto_map")
+    remote = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    if isinstance(remote, str) and remote:
+        module, _, name = remote.rpartition("--")[2].rpartition(".")
+        return ConfigClass(name or remote, f"{module or name}.py", types=("dynamic", "linear"),
+                           type_keys=_shipped_type_keys(settings), known=False)
+    return ConfigClass(_NATIVE_NAMES.get(model_type, f"the config class of model_type {model_type!r}"))
+
+
+# --- reading what a config says ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeState:
+    """What a config's RoPE settings are now, as lmdeploy reads them."""
+
+    section: tuple[str, ...]  # () for the top level, ("llm_config",) for a nested language model
+    key: str  # "rope_scaling" or "rope_parameters": the one read
+    settings: dict | None  # the dict under ``key`` (None when absent / null)
+    rope_type: str | None  # None when the config has no scaling
+    factor: float | None
+    max_position_embeddings: int
+    native_context: int
+    served_context: int  # the context these settings cover
+    mirror: str | None = None  # the other key, present too: kept consistent with ``key``
+    others: tuple[str, ...] = ()  # other language-model sections present beside ``section``
+
+
+def text_section_path(config: dict) -> tuple[str, ...]:
+    for key in NESTED_TEXT_KEYS:
+        if isinstance(config.get(key), dict):
+            return (key,)
+    return ()
+
+
+def _get_section(config: dict, path: tuple[str, ...]) -> dict:
+    section = config
+    for key in path:
+        section = section[key]
+    return section
+
+
+def _scaling_type(settings: dict | None, source: str, where: str) -> str | None:
+    if not isinstance(settings, dict):
+        return None
+    for key in _TYPE_KEYS:
+        name = settings.get(key)
+        if name is not None and not isinstance(name, str):
+            raise BadConfig(source, f"{where}{key} must be a RoPE type name, found {shown(name)}")
+    name = settings.get("rope_type") or settings.get("type")
+    return None if name in _NO_SCALING else name
+
+
+def _per_attention_kinds(settings: dict) -> tuple[str, ...]:
+    """The keys of a transformers-5 ``rope_parameters`` that is keyed per attention type (Gemma 3:
+    ``{"full_attention": {...}, "sliding_attention": {...}}``), else ()."""
+    if "rope_type" in settings or "type" in settings:
+        return ()
+    return tuple(str(k) for k, v in settings.items() if isinstance(v, dict))
+
+
+def _read_key(section: dict) -> tuple[str, str | None]:
+    """The key transformers 5 (and lmdeploy through it) reads, and the other one when present too:
+    ``rope_scaling or rope_parameters``."""
+    if section.get("rope_scaling"):
+        return "rope_scaling", ("rope_parameters" if "rope_parameters" in section else None)
+    if "rope_parameters" in section:
+        return "rope_parameters", None
+    return "rope_scaling", None
+
+
+def served_context(rope_type: str | None, factor: float | None, max_pos: int, native: int) -> int:
+    """The context a config's settings cover: N x F for dynamic / linear, the declared
+    max_position_embeddings for yarn / llama3 (which carry N separately), N without scaling."""
+    if rope_type in ("dynamic", "linear") and factor and factor > 1:
+        return round(native * factor)
+    if rope_type in ("yarn", "llama3"):
+        return max(max_pos, native)
+    return native
+
+
+def _check_dict(settings: Any, source: str, where: str) -> dict | None:
+    if settings is not None and not isinstance(settings, dict):
+        raise BadConfig(source, f"{where} must be an object or null, found {shown(settings)}")
+    if settings is not None:
+        kinds = _per_attention_kinds(settings)
+        if kinds:
+            raise PerAttentionRope(source, where, kinds)
+        optional_number(settings, "rope_theta", source, f"{where}.")
+    return settings
+
+
+def read_rope(config: dict, source: str = "config.json") -> RopeState:
+    """Read the RoPE state of ``config`` (raises BadConfig when a needed fact is missing or has
+    the wrong type or range, naming the file, the field and the value)."""
+    check_config(config, source)
+    path = text_section_path(config)
+    section = _get_section(config, path)
+    where = "".join(f"{p}." for p in path)
+    key, mirror = _read_key(section)
+    settings = _check_dict(section.get(key), source, f"{where}{key}")
+    if mirror is not None:
+        _check_dict(section.get(mirror), source, f"{where}{mirror}")
+    optional_number(section, "rope_theta", source, where)
+    rope_type = _scaling_type(settings, source, f"{where}{key}.")
+    max_pos = config_int(section, "max_position_embeddings", source, where)
+    factor = None
+    if rope_type is not None:
+        factor = optional_number(settings, "factor", source, f"{where}{key}.")
+    native = max_pos
+    if rope_type in ("yarn", "llama3") and settings.get("original_max_position_embeddings") is not None:
+        native = config_int(settings, "original_max_position_embeddings", source, f"{where}{key}.")
+    others = tuple(k for k in NESTED_TEXT_KEYS if path and k != path[0] and isinstance(config.get(k), dict))
+    return RopeState(
+        section=path,
+        key=key,
+        settings=copy.deepcopy(settings),
+        rope_type=rope_type,
+        factor=factor,
+        max_position_embeddings=max_pos,
+        native_context=native,
+        served_context=served_context(rope_type, factor, max_pos, native),
+        mirror=mirror,
+        others=others,
+    )
+
+
+# --- deciding what to write -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeRequest:
+    """What the user (or a preset) asks for. ``None`` means: keep what the config has."""
+
+    factor: float | None = None
+    rope_type: str | None = None
+    session_len: int | None = None
+    force: bool = False
+    engine: str = "turbomind"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One config value that the patch sets (``new`` is ``None`` with ``removed`` for a deletion)."""
+
+    path: tuple[str, ...]
+    old: Any
+    new: Any
+    removed: bool = False
+    added: bool = False
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+@dataclass(frozen=True)
+class RopeDecision:
+    native_context: int
+    factor: float
+    rope_type: str
+    session_len: int
+    covered_context: int  # what the written scaling covers
+    section: tuple[str, ...]
+    key: str
+    settings: dict  # the RoPE dict as written
+    max_position_embeddings: int  # as written
+    changes: tuple[Change, ...]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+    before: RopeState | None = None
+    reader: ConfigClass = field(default_factory=lambda: ConfigClass("unknown"))
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.changes
+
+
+def _v1_changes(config: dict, source: str) -> list[Change]:
+    """InternLM v1 -> Llama with attention bias (lmdeploy dropped InternLM v1 in 0.14)."""
+    if INTERNLM_V1_ARCH not in (config.get("architectures") or []):
+        return []
+    changes = [
+        Change(("architectures",), config.get("architectures"), ["LlamaForCausalLM"]),
+        Change(("model_type",), config.get("model_type"), "llama", added="model_type" not in config),
+    ]
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise BadConfig(source, f"bias must be true or false, found {shown(bias)}")
+    for key, value in (("attention_bias", bias), ("mlp_bias", False)):
+        if config.get(key, _MISSING) != value:
+            changes.append(Change((key,), config.get(key), value, added=key not in config))
+    if "rope_theta" not in config and "rope_parameters" not in config:
+        rotary = config.get("rotary") if isinstance(config.get("rotary"), dict) else {}
+        theta = optional_number(rotary, "base", source, "rotary.", high=ROPE_THETA.high) or 10000.0
+        changes.append(Change(("rope_theta",), None, theta, added=True))
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and any(k in auto_map for k in _REMOTE_MODEL_CLASSES):
+        kept = {k: v for k, v in auto_map.items() if k not in _REMOTE_MODEL_CLASSES}
+        if kept:
+            changes.append(Change(("auto_map",), auto_map, kept))
+        else:
+            changes.append(Change(("auto_map",), auto_map, None, removed=True))
+    return changes
+
+
+def _reader_of(config: dict, before: RopeState, v1: list[Change]) -> ConfigClass:
+    """The class that will read the patched section (InternLM v1 is rewritten to transformers' Llama)."""
+    if v1:
+        return config_class({"model_type": "llama"})
+    return config_class(_get_section(config, before.section), before.settings)
+
+
+def _dict_rule(reader: ConfigClass, key: str) -> ConfigClass:
+    """The shape rule for the dict under ``key``: a class's own rule covers ``rope_scaling``, the argument
+    it validates; ``rope_parameters`` is transformers 5's structure, read by its own code (both type keys,
+    other keys allowed)."""
+    if key == "rope_scaling":
+        return reader
+    return ConfigClass(reader.name, reader.code, reader.types, known=reader.known)
+
+
+def _shaped(settings: dict, reader: ConfigClass, rope_type: str) -> dict:
+    """``settings`` with the type named the way ``reader`` reads it, in the key order of its examples."""
+    out = {k: rope_type for k in reader.type_keys}
+    out.update((k, v) for k, v in settings.items() if k not in _TYPE_KEYS)
+    return out
+
+
+def _in_shape(settings: dict | None, reader: ConfigClass) -> bool:
+    """Whether ``reader`` takes ``settings`` as they are: a class that allows other keys reads either type
+    key (transformers' own convert one into the other); one that does not needs exactly its own."""
+    if not settings or not any(k in settings for k in _TYPE_KEYS):
+        return False
+    if reader.only is None:
+        return True
+    present = tuple(k for k in _TYPE_KEYS if k in settings)
+    return present == tuple(k for k in _TYPE_KEYS if k in reader.type_keys) and set(settings) <= set(reader.only)
+
+
+def _new_settings(before: RopeState, reader: ConfigClass, rope_type: str, factor: float) -> tuple[dict, int]:
+    """The RoPE dict to write and the max_position_embeddings to write with it."""
+    native = before.native_context
+    old = before.settings or {}
+    if before.rope_type == rope_type:
+        settings = dict(old)  # same type: keep its extra keys (beta_fast, attention_factor, ...)
+    else:
+        settings = {k: old[k] for k in _KEPT_KEYS if k in old}
+    settings["factor"] = float(factor)
+    if rope_type in ("dynamic", "linear"):
+        settings.pop("original_max_position_embeddings", None)
+        for stale in ("low_freq_factor", "high_freq_factor"):
+            settings.pop(stale, None)
+        return _shaped(settings, reader, rope_type), native
+    settings["original_max_position_embeddings"] = native
+    if rope_type == "llama3":
+        settings.setdefault("low_freq_factor", LLAMA3_LOW_FREQ)
+        settings.setdefault("high_freq_factor", LLAMA3_HIGH_FREQ)
+    return _shaped(settings, reader, rope_type), round(native * factor)
+
+
+def _already_right(before: RopeState, reader: ConfigClass, rope_type: str, factor: float) -> bool:
+    """The config already carries this scaling in a shape its class and lmdeploy read correctly."""
+    if before.rope_type != rope_type or before.factor != factor or before.mirror is not None:
+        return False
+    old = before.settings or {}
+    if not _in_shape(old, reader) or not isinstance(old.get("factor"), float):
+        return False
+    if rope_type in ("dynamic", "linear"):
+        return True
+    original = old.get("original_max_position_embeddings")
+    if original is None:
+        return False
+    if rope_type == "yarn":  # TurboMind derives the factor from the ratio
+        return before.max_position_embeddings == round(original * factor)
+    # llama3: both engines read factor, low, high and original directly; lmdeploy's PyTorch
+    # engine needs both frequency factors present.
+    return "low_freq_factor" in old and "high_freq_factor" in old
+
+
+def _check_reader(reader: ConfigClass, rope_type: str, force: bool, warnings: list[str]) -> None:
+    """Refuse a type the config class cannot hold (a known class: ``--force`` or not)."""
+    if rope_type in reader.types:
+        return
+    if reader.known or not force:
+        raise ConfigClassRefusesType(reader.name, rope_type, reader.types, reader.known)
+    warnings.append(f"writing {rope_type} for {reader.name}, whose rule launch does not know (--force)")
+
+
+def _check_keys(reader: ConfigClass, before: RopeState, settings: dict, source: str) -> None:
+    """A class that takes only some keys gets only those (a key it refuses was in the shipped dict)."""
+    extra = tuple(k for k in settings if reader.only is not None and k not in reader.only)
+    if extra:
+        where = ".".join(before.section + (before.key,))
+        raise ConfigClassRefusesKeys(source, where, reader.name, extra, reader.only or ())
+
+
+def _yarn_factor(native: int, factor: float) -> tuple[float, str | None]:
+    """yarn's factor as TurboMind will read it (max_position_embeddings / N, both whole)."""
+    max_pos = round(native * factor)
+    read = max_pos / native
+    if read <= 1.0:
+        raise YarnFactorRoundsAway(factor, native)
+    if read == factor:
+        return factor, None
+    return read, (f"yarn x{factor:g} over {native:,} tokens is written as x{read!r} ({max_pos:,} / {native:,}): "
+                  "TurboMind reads the factor as max_position_embeddings / N, so every engine reads that")
+
+
+def _text_sections_note(before: RopeState) -> str | None:
+    if not before.others:
+        return None
+    return (f"the config has {', '.join(before.others)} beside {before.section[0]}: lmdeploy's readers take "
+            f"{before.section[0]}, so launch patches it and leaves {', '.join(before.others)} as shipped")
+
+
+def decide(config: dict, request: RopeRequest, source: str = "config.json") -> RopeDecision:
+    """Everything the patch will write for ``request`` on ``config``, or a refusal."""
+    before = read_rope(config, source)
+    if before.rope_type is not None and before.rope_type not in WRITABLE_TYPES:
+        raise ExistingScalingUnsupported(before.rope_type)
+
+    rope_type = request.rope_type or before.rope_type or "dynamic"
+    if rope_type not in WRITABLE_TYPES:
+        raise UnknownRopeType(rope_type, WRITABLE_TYPES)
+    engine_types = ENGINE_TYPES.get(request.engine)
+    if engine_types is None:
+        raise BadOption("--backend", request.engine, f"choose one of {', '.join(ENGINE_TYPES)}")
+    if rope_type not in engine_types:
+        raise UnsupportedRopeType(rope_type, request.engine, engine_types)
+
+    factor = request.factor if request.factor is not None else before.factor
+    if factor is None:
+        raise MissingFactor(source)
+    factor = parse_factor(factor)
+    if before.native_context * factor > INT32_MAX:
+        raise ContextTooLong(source, before.native_context, factor, INT32_MAX)
+
+    warnings: list[str] = []
+    changes = _v1_changes(config, source)
+    reader = _reader_of(config, before, changes)
+    _check_reader(reader, rope_type, request.force, warnings)
+    rule = _dict_rule(reader, before.key)
+    if rope_type == "yarn":
+        factor, note = _yarn_factor(before.native_context, factor)
+        if note:
+            warnings.append(note)
+    if before.rope_type is not None and before.rope_type != rope_type:
+        if not request.force:
+            raise ReplacesScaling(before.rope_type, before.factor, rope_type)
+        had = f" x{before.factor:g}" if before.factor is not None else ""
+        warnings.append(f"replacing the config's {before.rope_type}{had} scaling with {rope_type} (--force)")
+    note = _text_sections_note(before)
+    if note:
+        warnings.append(note)
+
+    if _already_right(before, rule, rope_type, factor):
+        settings, max_pos = dict(before.settings or {}), before.max_position_embeddings
+    else:
+        settings, max_pos = _new_settings(before, rule, rope_type, factor)
+    _check_keys(rule, before, settings, source)
+    covered = served_context(rope_type, factor, max_pos, before.native_context)
+    if covered < before.served_context:
+        if before.rope_type == rope_type == "dynamic":
+            # Dynamic NTK is training-free, and lmdeploy serves such a config at N anyway (it never
+            # multiplies by the factor): a smaller factor is the user's choice, not a loss.
+            warnings.append(
+                f"the config had dynamic x{before.factor:g} ({before.served_context} tokens); writing "
+                f"dynamic x{factor:g} as asked ({covered} tokens)"
+            )
+        elif not request.force:
+            raise ShrinksContext(before.served_context, covered, rope_type, factor)
+        else:
+            warnings.append(f"shrinking the served context from {before.served_context} to {covered} (--force)")
+
+    section = _get_section(config, before.section)
+    changes.extend(_dict_changes(section, before, rule, settings))
+    if max_pos != before.max_position_embeddings:
+        changes.append(Change(before.section + ("max_position_embeddings",), before.max_position_embeddings, max_pos))
+
+    session_len = _session_len(request, before, rope_type, factor, covered, warnings)
+    return RopeDecision(
+        native_context=before.native_context,
+        factor=factor,
+        rope_type=rope_type,
+        session_len=session_len,
+        covered_context=covered,
+        section=before.section,
+        key=before.key,
+        settings=settings,
+        max_position_embeddings=max_pos,
+        changes=tuple(changes),
+        warnings=tuple(warnings),
+        before=before,
+        reader=reader,
+    )
+
+
+def _dict_changes(section: dict, before: RopeState, reader: ConfigClass, settings: dict) -> list[Change]:
+    """The RoPE dict read (and the other key, kept consistent with it) as changes."""
+    path = before.section
+    changes: list[Change] = []
+    if before.mirror is not None and reader.only is None:
+        # a base kept only in the other dict: transformers would fill in 10000 for the one read
+        theta = (section.get(before.mirror) or {}).get("rope_theta")
+        if "rope_theta" not in settings and "rope_theta" not in section and theta is not None:
+            settings["rope_theta"] = theta
+    if settings != before.settings:
+        changes.append(Change(path + (before.key,), before.settings, settings, added=before.key not in section))
+    if before.mirror is not None:
+        old = section.get(before.mirror)
+        kept = {k: v for k, v in (old or {}).items() if k in _KEPT_KEYS}
+        mirrored = {"rope_type": settings.get("rope_type") or settings.get("type"),
+                    **{k: v for k, v in settings.items() if k not in _TYPE_KEYS}, **kept}
+        if mirrored != old:
+            changes.append(Change(path + (before.mirror,), old, mirrored))
+    return changes
+
+
+def _session_len(request: RopeRequest, before: RopeState, rope_type: str, factor: float, covered: int,
+                 warnings: list[str]) -> int:
+    if request.session_len is None:
+        return covered
+    session_len = request.session_len
+    if isinstance(session_len, bool) or not isinstance(session_len, int) or not 0 < session_len <= INT32_MAX:
+        raise BadOption("--session-len", str(request.session_len),
+                        f"must be a whole number of tokens from 1 to {INT32_MAX:,} (lmdeploy's limit)")
+    if session_len > covered:
+        if rope_type == "dynamic":
+            warnings.append(
+                f"session_len {session_len} is past the {covered} tokens dynamic x{factor:g} is meant "
+                "for; dynamic NTK keeps extrapolating there with falling quality"
+            )
+        elif request.force:
+            warnings.append(f"session_len {session_len} is past what {rope_type} x{factor:g} covers (--force)")
+        else:
+            raise SessionBeyondScaling(session_len, covered, rope_type)
+    if session_len <= before.native_context:
+        warnings.append(
+            f"session_len {session_len} is within the native {before.native_context}: "
+            "the scaling changes nothing for it"
+        )
+    return session_len
+
+
+def apply(config: dict, decision: RopeDecision) -> dict:
+    """A new config with ``decision``'s changes; ``config`` itself is left untouched."""
+    patched = copy.deepcopy(config)
+    for change in decision.changes:
+        target = patched
+        for key in change.path[:-1]:
+            target = target[key]
+        if change.removed:
+            target.pop(change.path[-1], None)
+        else:
+            target[change.path[-1]] = copy.deepcopy(change.new)
+    return patched

@@ -1,0 +1,1 @@
+"""Processes, their supervision and readiness, addresses, API keys, GPUs and launch's folders."""

@@ -1,0 +1,395 @@
+"""lmdeploy's proxy (``lmdeploy serve proxy``), driven through its node API: node URLs, node
+health, and adding, removing and listing the nodes (``launch proxy add / remove / status``).
+
+What lmdeploy 0.18's proxy does, and what launch adds here (read from its
+``serve/proxy/proxy.py`` and measured on 127.0.0.1):
+
+- ``GET /nodes/status`` lists the nodes (``{url: {"models": [...], "unfinished": n, ...}}``);
+  ``POST /nodes/add {"url", "status": {"models": [...]}}`` registers a node without probing it
+  when ``models`` is filled; ``POST /nodes/remove {"url"}`` removes one. The proxy has no
+  ``/health`` of its own, and ``/nodes/*`` need no API key even when it has keys.
+- The proxy compares URLs as plain strings: ``http://h:1/`` and ``http://h:1`` are two nodes, and
+  ``0.0.0.0`` (where a server listens) is registered as given, unroutable. ``node_url`` normalises.
+- A URL alone makes the proxy probe ``/v1/models`` without any API key, and it never checks
+  ``/health``. ``add_node`` checks ``/health``, reads the model names itself (with the node's key)
+  and registers with ``models`` filled.
+
+All HTTP goes through ``launcher.net.http`` (one overall deadline per request).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from launcher.net import http
+from launcher.errors import (
+    BadOption,
+    LaunchError,
+    NodeBadModels,
+    NodeNotHealthy,
+    NodeNotRegistered,
+    NodeUnauthorized,
+    ProxyRefused,
+    ProxyUnreachable,
+)
+from launcher.scaleout.state import Removed, ago, read_state
+
+NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node
+PROXY_TIMEOUT_S = 5.0  # one node-API request to the proxy
+
+
+# --- URLs --------------------------------------------------------------------------------------
+
+
+def node_url(url: str, option: str = "URL") -> str:
+    """A node's URL as the proxy should store it: ``scheme://host:port``, no trailing ``/``, no
+    ``/v1`` base path, no credentials, the host in its one canonical spelling (``address.check_host``:
+    ``127.1``, ``2130706433`` and ``[::ffff:127.0.0.1]`` are all ``127.0.0.1``). A wildcard address
+    (``0.0.0.0``, ``::``) is refused: it is where a server listens, not an address the proxy can reach."""
+    from launcher.runtime.address import check_host, is_wildcard
+
+    parsed = http.parse_url(url, option)
+    shown = http.redact(url)
+    if parsed.auth is not None:
+        raise BadOption(option, shown, "give the address without user:password; a node's API key goes in --api-key")
+    try:
+        host = check_host(parsed.host, option, "give the server's address, e.g. http://10.0.0.5:23333")
+    except BadOption as err:
+        raise BadOption(option, shown, err.reason) from None
+    if is_wildcard(host):
+        raise BadOption(option, shown, f"{host} is where a server listens, not an address the proxy can reach; give "
+                        "this machine's address (127.0.0.1 when the proxy runs here)")
+    if not 1 <= parsed.port <= 65535:
+        raise BadOption(option, shown, "the port must be from 1 to 65535, e.g. http://10.0.0.5:23333")
+    path = parsed.path.split("?", 1)[0].rstrip("/")
+    if path not in ("", "/v1"):
+        raise BadOption(option, shown, "give the server's root address, such as http://10.0.0.5:23333")
+    return http.Url(parsed.scheme, host, parsed.port, "/", None).origin
+
+
+def same_node(url: str, urls: Iterable[str], timeout: float = NODE_TIMEOUT_S,
+              cache: dict[str, frozenset[str]] | None = None) -> str | None:
+    """The first of ``urls`` that names the same server as ``url`` (both spelled by ``node_url``):
+    the same scheme and port, and a host standing for a common address (``localhost`` and
+    ``127.0.0.1``; a name and the address it resolves to, looked up within ``timeout``). The proxy
+    would count the two as two nodes and give that server two shares. URLs ``node_url`` refuses are
+    passed over. ``cache``: what hosts were found to stand for, kept across calls (the watchdog's)."""
+    from launcher.runtime.address import host_addresses
+
+    def key(text: str) -> http.Url | None:
+        try:
+            return http.parse_url(node_url(http.redact(text)))  # credentials in a URL do not make another node
+        except LaunchError:
+            return None
+
+    mine = key(url)
+    others = [(other, key(other)) for other in urls]
+    others = [(other, parsed) for other, parsed in others
+              if parsed is not None and mine is not None and (parsed.scheme, parsed.port) == (mine.scheme, mine.port)]
+    if mine is None or not others:
+        return None
+    cache = {} if cache is None else cache
+    hosts = [mine.host, *(parsed.host for _, parsed in others)]
+    cache.update(host_addresses([h for h in hosts if h not in cache], timeout))
+    addresses = cache
+    for other, parsed in others:
+        if addresses[parsed.host] & addresses[mine.host]:
+            return other
+    return None
+
+
+def proxy_url(url: str, option: str = "--proxy") -> str:
+    """The proxy's root URL as a client on this machine reaches it (a wildcard host becomes
+    loopback; the host checked and spelled by ``address.check_host``); credentials in it are kept
+    (``launcher.net.http`` sends them as Basic auth)."""
+    from launcher.runtime.address import check_host, client_host
+
+    parsed = http.parse_url(url, option)
+    try:
+        host = client_host(check_host(parsed.host, option, "give the proxy's address, e.g. http://10.0.0.1:8000"))
+    except BadOption as err:
+        raise BadOption(option, http.redact(url), err.reason) from None
+    shown_host = f"[{host}]" if ":" in host else host
+    auth = f"{parsed.auth}@" if parsed.auth else ""
+    return f"{parsed.scheme}://{auth}{shown_host}:{parsed.port}"
+
+
+# --- node health -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    """The answer of one node's ``GET /health``: ``ok`` only for HTTP 200."""
+
+    url: str
+    ok: bool
+    detail: str  # "healthy", "HTTP 503", "connection refused", "no answer within 2 s"
+
+
+def check_health(url: str, timeout: float = NODE_TIMEOUT_S) -> Health:
+    """``GET url/health`` within ``timeout`` seconds (a node that accepts and never answers ends
+    there too). A URL that is no http(s) address (lmdeploy's node API takes any string) is
+    unhealthy, with the reason."""
+    try:
+        reply = http.get(http.join(url, "/health"), timeout=timeout)
+    except http.DeadlineExceeded:
+        return Health(url, False, f"no answer within {timeout:g} s")
+    except http.Unreachable as err:
+        return Health(url, False, err.reason)
+    except LaunchError as err:  # BadOption from parse_url: "not a url", ftp://..., port 99999
+        return Health(url, False, f"not a URL launch can reach ({getattr(err, 'reason', err)})")
+    if reply.status == 200:
+        return Health(url, True, "healthy")
+    return Health(url, False, f"HTTP {reply.status}")
+
+
+def check_health_all(urls: Iterable[str], timeout: float = NODE_TIMEOUT_S) -> dict[str, Health]:
+    """``check_health`` of every URL at once, one thread each: a node that hangs costs ``timeout``
+    and does not delay the others' answers."""
+    urls = list(dict.fromkeys(urls))
+    results = {url: Health(url, False, f"no answer within {timeout:g} s") for url in urls}
+
+    def one(url: str) -> None:
+        try:
+            results[url] = check_health(url, timeout)  # each thread writes its own key
+        except Exception as err:  # noqa: BLE001 - one odd node must not print a thread traceback
+            results[url] = Health(url, False, f"the check failed ({type(err).__name__})")
+
+    threads = [threading.Thread(target=one, args=(url,), name=f"health {http.redact(url)}", daemon=True)
+               for url in urls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 1.0)  # http.get ends by its own deadline; this is only a backstop
+    return dict(results)
+
+
+def served_models(url: str, api_key: str | None = None, timeout: float = NODE_TIMEOUT_S) -> tuple[str, ...]:
+    """The model names a node serves (``GET /v1/models``, with ``api_key`` as a bearer key)."""
+    try:
+        reply, models = http.list_models(url, api_key=api_key, timeout=timeout)
+    except (http.Unreachable, http.DeadlineExceeded) as err:
+        raise NodeBadModels(url, str(err)) from None
+    if reply.status == 401:
+        raise NodeUnauthorized(url, bool(api_key))
+    if not reply.ok:
+        raise NodeBadModels(url, f"HTTP {reply.status}: {reply.detail()}")
+    if models is None:
+        raise NodeBadModels(url, "the reply is not an OpenAI model list")
+    if not models:
+        raise NodeBadModels(url, "it lists no model")
+    return models
+
+
+# --- the proxy's node API ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node as the proxy knows it."""
+
+    url: str
+    models: tuple[str, ...]
+    unfinished: int = 0
+
+
+def proxy_nodes(proxy: str, timeout: float = PROXY_TIMEOUT_S) -> dict[str, Node]:
+    """The proxy's nodes (``GET /nodes/status``), by URL."""
+    shown = http.redact(proxy)
+    try:
+        reply = http.get(http.join(proxy, "/nodes/status"), timeout=timeout)
+    except (http.Unreachable, http.DeadlineExceeded) as err:
+        raise ProxyUnreachable(shown, err.reason if isinstance(err, http.Unreachable) else str(err)) from None
+    if not reply.ok:
+        raise ProxyUnreachable(shown, f"GET /nodes/status answered HTTP {reply.status}; is it lmdeploy's proxy?")
+    try:
+        data = reply.json()
+        return {
+            str(url): Node(str(url), tuple(str(m) for m in (status or {}).get("models") or ()),
+                           int((status or {}).get("unfinished") or 0))
+            for url, status in data.items()
+        }
+    except (ValueError, AttributeError, TypeError):
+        raise ProxyUnreachable(shown, "GET /nodes/status did not answer with lmdeploy's node list") from None
+
+
+def _node_call(proxy: str, path: str, body: dict, action: str, timeout: float) -> None:
+    shown = http.redact(proxy)
+    try:
+        reply = http.post(http.join(proxy, path), body, timeout=timeout)
+    except (http.Unreachable, http.DeadlineExceeded) as err:
+        raise ProxyUnreachable(shown, err.reason if isinstance(err, http.Unreachable) else str(err)) from None
+    if not reply.ok:
+        raise ProxyRefused(shown, action, f"HTTP {reply.status}: {reply.detail()}")
+    try:
+        text = reply.json()
+    except ValueError:
+        text = reply.body.decode("utf-8", "replace")
+    # lmdeploy answers 200 with a plain JSON string; failures are strings too ("Failed to add, ...")
+    # or its error object ({"error_code": ..., "text": ...}).
+    if not isinstance(text, str) or "success" not in text.lower():
+        raise ProxyRefused(shown, action, reply.detail())
+
+
+def register(proxy: str, url: str, models: Sequence[str], timeout: float = PROXY_TIMEOUT_S) -> None:
+    """``POST /nodes/add`` with the models filled in (the proxy then registers without probing)."""
+    _node_call(proxy, "/nodes/add", {"url": url, "status": {"models": list(models)}}, f"add {http.redact(url)}",
+               timeout)
+
+
+def deregister(proxy: str, url: str, timeout: float = PROXY_TIMEOUT_S) -> None:
+    """``POST /nodes/remove``."""
+    _node_call(proxy, "/nodes/remove", {"url": url}, f"remove {http.redact(url)}", timeout)
+
+
+# --- the commands' library functions -----------------------------------------------------------
+
+
+def add_node(url: str, proxy: str, api_key: str | None = None, *,
+             timeout: float = NODE_TIMEOUT_S) -> tuple[Node, bool]:
+    """``launch proxy add``: register the node at ``url`` with the proxy at ``proxy``, only once
+    its ``/health`` answers 200, with the model names its ``/v1/models`` lists (read with
+    ``api_key``). Returns the node as the proxy lists it afterwards, and whether it was new.
+
+    A server the proxy already has, under this or any other spelling (``same_node``), is not added
+    again: a second entry would double its share, and re-adding it would reset the proxy's count of
+    its requests in flight. Its entry is refreshed only when its models changed."""
+    url = node_url(url)
+    proxy = proxy_url(proxy)
+    shown = http.redact(proxy)
+    nodes = proxy_nodes(proxy)  # the proxy answers, before anything is asked of the node
+    health = check_health(url, timeout)
+    if not health.ok:
+        raise NodeNotHealthy(url, health.detail)
+    models = served_models(url, api_key, timeout)
+    known = same_node(url, nodes, timeout)
+    if known is not None and tuple(nodes[known].models) == models:
+        return nodes[known], False
+    target = url if known is None else known
+    register(proxy, target, models)
+    node = proxy_nodes(proxy).get(target)
+    if node is None or tuple(node.models) != models:
+        raise ProxyRefused(shown, f"add {http.redact(target)}", "the node is not in its node list afterwards")
+    return node, known is None
+
+
+def remove_node(url: str, proxy: str) -> Node:
+    """``launch proxy remove``: take the node at ``url`` (under whatever spelling the proxy has it,
+    ``same_node``) out of the proxy. Refused (listing the proxy's nodes) when it is not one of them."""
+    url = node_url(url)
+    proxy = proxy_url(proxy)
+    nodes = proxy_nodes(proxy)
+    known = url if url in nodes else same_node(url, nodes)
+    if known is None:
+        raise NodeNotRegistered(url, http.redact(proxy), tuple(http.redact(u) for u in nodes))
+    deregister(proxy, known)
+    if known in proxy_nodes(proxy):
+        raise ProxyRefused(http.redact(proxy), f"remove {http.redact(known)}", "the node is still in its node list "
+                           "afterwards")
+    return nodes[known]
+
+
+def advertise_url(host: str, port: int, advertise: str | None = None) -> str:
+    """The URL a replica registers under: ``advertise`` (``--advertise-url``) normalised, else the
+    address it listens on. A wildcard listen address needs ``advertise``: the proxy cannot reach
+    ``0.0.0.0``, and which of this machine's addresses it can reach is not for launch to guess."""
+    from launcher.runtime.address import is_wildcard
+
+    if advertise:
+        return node_url(advertise, "--advertise-url")
+    if is_wildcard(host):
+        raise BadOption("--advertise-url", "", f"the server listens on all interfaces ({host}); give the address "
+                        "the proxy reaches it at, e.g. --advertise-url http://10.0.0.5:23333")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return node_url(f"http://{shown}:{port}", "--host")
+
+
+def leave(url: str, proxy: str) -> bool:
+    """Take a stopping replica out of the proxy. ``False`` (never an error: a stop must not fail
+    for it) when it was not registered or the proxy does not answer."""
+    try:
+        remove_node(url, proxy)
+    except LaunchError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: Node
+    health: Health
+
+
+def proxy_status(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> list[NodeStatus]:
+    """``launch proxy status``: every node of the proxy, its models and its ``/health`` now
+    (checked at once, each within ``timeout``)."""
+    proxy = proxy_url(proxy)
+    nodes = proxy_nodes(proxy)
+    health = check_health_all(nodes, timeout)
+    return [NodeStatus(nodes[url], health[url]) for url in sorted(nodes)]
+
+
+def taken_out(proxy: str, registered: Iterable[str] = ()) -> tuple[Removed, ...] | None:
+    """The nodes launch's watchdog holds out of the proxy at ``proxy`` (when and why), from the
+    state its ``launch proxy start`` / ``serve --replicas`` process keeps on this machine; ``None``
+    when there is none here for that proxy. A node in ``registered`` (back since) is left out."""
+    parsed = http.parse_url(proxy_url(proxy))
+    removed = read_state(parsed.host, parsed.port)
+    if removed is None:
+        return None
+    back = {http.redact(url) for url in registered}  # the record keeps URLs without credentials
+    return tuple(r for r in removed if r.url not in back)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """``launch proxy status``: the registered nodes with their health now, and the nodes launch's
+    watchdog took out (``None``: no watchdog state of this proxy on this machine)."""
+
+    proxy: str
+    rows: list[NodeStatus]
+    removed: tuple[Removed, ...] | None
+
+
+def status_report(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> StatusReport:
+    rows = proxy_status(proxy, timeout=timeout)
+    return StatusReport(proxy, rows, taken_out(proxy, (r.node.url for r in rows)))
+
+
+def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> dict:
+    return {
+        "proxy": http.redact(proxy_url(proxy)),
+        "nodes": [
+            {"url": http.redact(r.node.url), "models": list(r.node.models), "unfinished": r.node.unfinished,
+             "healthy": r.health.ok, "health": r.health.detail}
+            for r in rows
+        ],
+        "removed_by_watchdog": None if removed is None else [
+            {"url": r.url, "models": list(r.models), "removed_at": r.when, "reason": r.reason} for r in removed
+        ],
+    }
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> str:
+    """The status as a table (one line per node), then the nodes launch's watchdog took out."""
+    shown = http.redact(proxy_url(proxy))
+    out = f" ({len(removed)} taken out by launch's watchdog)" if removed else ""
+    if not rows:
+        lines = [f"proxy {shown}: no nodes{out}. Add one with `launch proxy add URL --proxy {shown}`."]
+    else:
+        lines = [f"proxy {shown}: {len(rows)} node(s), {sum(r.health.ok for r in rows)} healthy{out}"]
+        lines += _table([("NODE", "MODELS", "HEALTH", "IN FLIGHT")]
+                        + [(http.redact(r.node.url), ", ".join(r.node.models), r.health.detail, str(r.node.unfinished))
+                           for r in rows])
+    if removed:
+        lines.append("taken out by launch's watchdog (added back when its /health answers 200):")
+        lines += _table([("NODE", "MODELS", "SINCE", "WHY")]
+                        + [(r.url, ", ".join(r.models), ago(r), r.reason) for r in removed])
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""``launch proxy start``: lmdeploy's proxy in a supervised child process, and launch's watchdog.
+
+The proxy runs as ``python -m launcher.engine.proxy_server /dev/stdin`` (lmdeploy's own proxy; its spec,
+API keys included, comes through a pipe and is never written to disk) in its own process group, its
+output in ``<launch cache>/runs/proxy-PORT/proxy.log``. The port is claimed first
+(``process.PortClaim``): a second start on it is refused before it writes anything. The proxy is
+ready when ``GET /nodes/status`` answers 200 from its own socket (the proxy has no ``/health``).
+Then the watchdog (``launcher.scaleout.watchdog``) runs in a thread of this process until Ctrl-C /
+SIGTERM / SIGHUP, which stop the proxy's whole process group; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from launcher.errors import BadOption, RoutingRefused, ServerDied, ServerStartTimeout
+from launcher.runtime.paths import cache_dir
+
+# lmdeploy's, less min_observed_latency (it starves). What they do (serve/proxy/proxy.py,
+# NodeManager.get_node_url; launch registers nodes without a speed, so all count as equally fast):
+# min_expected_latency sends each request to the node with the fewest requests in flight (ties at
+# random), so a faster node, done sooner, gets more; random picks a node uniformly at random,
+# whatever its load or speed.
+ROUTINGS = ("min_expected_latency", "random")
+DEFAULT_ROUTING = "min_expected_latency"
+DEFAULT_PROXY_HOST = "127.0.0.1"
+DEFAULT_PROXY_PORT = 8000
+DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
+LOG_NAME = "proxy.log"
+GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    host: str = DEFAULT_PROXY_HOST
+    port: int | str = DEFAULT_PROXY_PORT
+    api_keys: tuple[str, ...] = ()  # --api-key flags; LAUNCH_API_KEYS and api_key_file add to them
+    api_key_file: Path | None = None
+    routing: str = DEFAULT_ROUTING
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    watch_interval_s: float = 2.0
+    watch_timeout_s: float = 2.0
+
+
+def check_routing(value: str) -> str:
+    """``value`` if launch runs the proxy with it; ``min_observed_latency`` is refused (lmdeploy
+    0.18 then sends everything to the first registered node)."""
+    text = (value or "").strip()
+    if text not in ROUTINGS:
+        raise RoutingRefused(text, ROUTINGS)
+    return text
+
+
+def proxy_command(host: str, port: int, routing: str) -> list[str]:
+    """The ``lmdeploy serve proxy`` command line equivalent to what launch runs (keys left out)."""
+    return ["lmdeploy", "serve", "proxy", "--server-name", host, "--server-port", str(port),
+            "--routing-strategy", routing, "--disable-cache-status", "--log-level", "INFO"]
+
+
+def run_dir(port: int) -> Path:
+    return cache_dir() / "runs" / f"proxy-{port}"
+
+
+def proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> bytes:
+    """The proxy process's spec (``launcher.engine.proxy_server``), handed over on its stdin."""
+    return json.dumps({"server_name": host, "server_port": port, "routing_strategy": routing,
+                       "api_keys": list(keys)}).encode()
+
+
+def proxy_process(spec: bytes, directory: Path):
+    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.engine.proxy_server
+    /dev/stdin`` with ``spec`` (``proxy_spec``) on its stdin, its log in ``directory``. Used by
+    ``launch proxy start`` and ``launch serve --replicas``."""
+    from launcher.runtime.process import SPEC_ON_STDIN, ServerProcess
+
+    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
+    # where each request goes ("A request is dispatched to ...").
+    env = dict(os.environ)
+    env.setdefault("UVICORN_LOG_LEVEL", "warning")
+    return ServerProcess([sys.executable, "-m", "launcher.engine.proxy_server", SPEC_ON_STDIN],
+                         log_path=directory / LOG_NAME, env=env, stdin_data=spec)
+
+
+def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the proxy and its watchdog until a stop signal; 0 after a clean stop.
+
+    Checks everything before starting (host, port free, routing, keys, timeout), then starts,
+    waits for ``/nodes/status`` (``ServerStartFailed`` / ``ServerStartTimeout`` with the log's last
+    lines), prints the ready lines on ``out`` and the watchdog's changes on ``err``. ``ServerDied``
+    if the proxy ends on its own."""
+    from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings, validate_host
+    from launcher.runtime.apikeys import resolve_api_keys
+    from launcher.runtime.process import PortClaim
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    timeout = request.start_timeout_s
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise BadOption("--start-timeout", str(timeout), "must be a number of seconds greater than 0, e.g. 120")
+    routing = check_routing(request.routing)
+    host = validate_host(request.host)
+    keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
+    port = check_port_free(host, request.port)
+    with PortClaim(host, [port]):  # before anything is written: a second start on this port stops here
+        say_warnings(exposure_warnings(host, port, bool(keys), node_api=True), err)
+        return _run_claimed(host, port, routing, keys, request, out, err)
+
+
+def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], request: ProxyRequest, out: TextIO,
+                 err: TextIO) -> int:
+    from launcher.runtime.address import server_root_url
+    from launcher.runtime.progress import StartProgress
+    from launcher.scaleout.state import clear_state, write_state
+    from launcher.scaleout.watchdog import Watchdog
+    from launcher.runtime.supervise import StopSignals, wait_ready
+
+    directory = run_dir(port)
+    root = server_root_url(host, port)
+
+    def say(line: str) -> None:
+        try:
+            print(f"launch: {line}", file=err, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    server = proxy_process(proxy_spec(host, port, routing, keys), directory)
+    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say,
+                        on_change=lambda removed: write_state(port, removed))
+    with StopSignals() as signals:
+        try:
+            progress = StartProgress(err, log_path=server.log_path)
+            server.start()
+            try:
+                ready = wait_ready(server, root + "/nodes/status", timeout_s=request.start_timeout_s,
+                                   grace_s=GRACE_S, progress=progress, stop_requested=signals.event.is_set)
+            except ServerStartTimeout as late:
+                raise ServerStartTimeout(late.timeout_s, late.log_path, late.tail, "--start-timeout") from None
+            if not ready:
+                progress.clear()
+                return 0
+            watchdog.start()
+            removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
+            lines = [
+                f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
+                f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
+                f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
+                (f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
+                 f"taken out within {removal:g} s and added back when it answers"),
+                f"  log {server.log_path}",
+                "  equivalent: " + " ".join(proxy_command(host, port, routing)),
+            ]
+            for line in lines:
+                print(line, file=out)
+            out.flush()
+            while not signals.event.wait(0.2):
+                code = server.poll()
+                if code is not None:
+                    watchdog.stop()
+                    server.stop(GRACE_S)
+                    raise ServerDied(code, str(server.log_path), tuple(server.log_tail()))
+            return 0
+        finally:
+            watchdog.stop()
+            clear_state(port)
+            server.stop(GRACE_S, hurry=signals.hurried)
