@@ -758,7 +758,7 @@ class NoSessionFits(LaunchError):
                "per GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}")
 
 
-# --- scale-out (launcher/scaleout/nodes*, launcher/rules/layout.py) ---
+# --- scale-out (launcher/scaleout/nodes*, launcher/plan/layout.py) ---
 # lmdeploy's proxy driven through its node API, launch's watchdog, and the replica / multi-node
 # layouts. URLs in these messages are shown without credentials (``http.redact``).
 

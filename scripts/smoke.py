@@ -37,9 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher import found through ROOT
-
-from launcher.net import http as client  # the checkout's launcher
+from launcher.net import http as client  # the checkout's launcher, found through ROOT
 from launcher.runtime.address import free_ports
 
 TINY_NATIVE = 256

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.runtime import gpu
 from launcher.errors import BadOption
+from launcher.runtime import gpu
 from launcher.runtime.gpu import free_memory, nvidia_problem
 from launcher.runtime.paths import hf_cache_dir, hf_home
 from tests.conftest import REPO, assert_one_line_error
@@ -190,9 +190,9 @@ def test_serve_without_a_gpu_refuses_once_and_writes_nothing(model, flags, model
 def test_serve_refusal_starts_no_server(monkeypatch, tmp_path, model_dir):
     """In process, with the one seam saying there is no GPU (so it runs on a GPU machine too): the
     stand-in server command is never run, no run directory or overlay is made."""
+    from launcher.app.serve import ServeRequest, serve
     from launcher.errors import NoGpu
     from launcher.plan.build import PlanRequest
-    from launcher.app.serve import ServeRequest, serve
 
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: "no NVIDIA driver was found (test)")
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from launcher.errors import BadOption
 from launcher.net import http
 from launcher.runtime.address import free_ports
-from launcher.errors import BadOption
 from tests.servers import JSONHandler, RawServer, serving, url_of
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rules.checks import hub_timeout
 from launcher.errors import (
     BadOption,
     BadRepoId,
@@ -27,6 +26,7 @@ from launcher.errors import (
     RevisionNotFound,
 )
 from launcher.model.hub import fetch, read_config
+from launcher.rules.checks import hub_timeout
 from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files

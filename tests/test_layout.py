@@ -1,4 +1,4 @@
-"""Scale-out layouts (launcher/rules/layout.py): replicas on one machine and one engine across nodes,
+"""Scale-out layouts (launcher/plan/layout.py): replicas on one machine and one engine across nodes,
 checked with the installed lmdeploy's own parallel-config function, and every command parsed by
 lmdeploy's own `lmdeploy serve` parser."""
 
@@ -11,13 +11,11 @@ import sys
 
 import pytest
 
-from launcher.rules.capacity import Capacity
+from launcher.engine.parallel import check_parallel, lmdeploy_derive_parallel_config
 from launcher.engine.spec import EngineConfig, EngineSpec
-from launcher.errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
-from launcher.rules.layout import (
-    check_parallel,
-    kv_heads_per_gpu,
-    lmdeploy_derive_parallel_config,
+from launcher.errors import BadConfig, BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
+from launcher.plan.build import PlanRequest, build_plan
+from launcher.plan.layout import (
     node_layout,
     nodes_for_plan,
     nodes_json,
@@ -29,7 +27,8 @@ from launcher.rules.layout import (
     replicas_json,
     visible_devices,
 )
-from launcher.plan.build import PlanRequest, build_plan
+from launcher.rules.capacity import Capacity
+from launcher.rules.kvcache import tp_split
 from tests.conftest import LLAMA
 
 
@@ -140,16 +139,16 @@ def test_tp_that_does_not_split_over_the_nodes_is_refused():
 @pytest.mark.parametrize("kv_heads, tp, per_gpu", [(8, 2, 4), (8, 16, 1), (2, 4, 1), (6, 4, 2), (32, 32, 1)])
 def test_kv_heads_are_repeated_up_to_tp(kv_heads, tp, per_gpu):
     section = {"num_attention_heads": 32, "hidden_size": 4096, "num_key_value_heads": kv_heads}
-    assert kv_heads_per_gpu(section, tp) == per_gpu
+    assert tp_split(section, tp) == per_gpu
 
 
 def test_heads_that_tp_does_not_divide_are_refused():
     with pytest.raises(LayoutHeadsIndivisible, match="32 attention heads"):
-        kv_heads_per_gpu({"num_attention_heads": 32, "hidden_size": 4096}, 3)
+        tp_split({"num_attention_heads": 32, "hidden_size": 4096}, 3)
     with pytest.raises(LayoutHeadsIndivisible, match="hidden size"):
-        kv_heads_per_gpu({"num_attention_heads": 4, "hidden_size": 66}, 4)
-    with pytest.raises(BadOption, match="num_attention_heads"):
-        kv_heads_per_gpu({"num_attention_heads": "32", "hidden_size": 4096}, 2)
+        tp_split({"num_attention_heads": 4, "hidden_size": 66}, 4)
+    with pytest.raises(BadConfig, match="num_attention_heads"):
+        tp_split({"num_attention_heads": "32", "hidden_size": 4096}, 2)
 
 
 # --- replicas ----------------------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def test_layouts_import_neither_lmdeploy_nor_torch():
     code = (
         "import sys, json\n"
         "from launcher.plan.build import PlanRequest, build_plan\n"
-        "from launcher.rules.layout import replicas_for_plan, nodes_for_plan\n"
+        "from launcher.plan.layout import replicas_for_plan, nodes_for_plan\n"
         "plan = build_plan(PlanRequest(model='internlm2_5-7b-chat', factor='2', tp=2, gpu_memory_gib=80))\n"
         "replicas_for_plan(plan, 2, environ={})\n"
         "nodes_for_plan(plan, 2, '10.0.0.1:29500')\n"

@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from launcher.rules import limits
 from launcher.cli import app, main
+from launcher.rules import limits
 from tests.conftest import LLAMA
 
 # --- one grammar for number text ------------------------------------------------------------------

@@ -253,7 +253,7 @@ def test_out_naming_an_existing_file_is_refused_and_the_file_kept(snapshot, hf_h
 
 
 def test_slug_is_one_safe_path_component():
-    from launcher.model.overlay import slug
+    from launcher.runtime.paths import slug
 
     assert slug("../../etc") == "etc" and "/" not in slug("a/b") and slug("..") == "model"
 

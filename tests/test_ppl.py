@@ -15,10 +15,18 @@ from launcher.errors import (
     PplTextTooShort,
     ProbeUnauthorized,
 )
-from launcher.net.http import Unreachable
-from launcher.eval.ppl import PplSettings, format_table, load_run, plan_windows, run_ppl, span_loss, write_outputs
+from launcher.eval.ppl import (
+    PplSettings,
+    format_table,
+    load_run,
+    plan_windows,
+    run_ppl,
+    span_loss,
+    write_outputs,
+)
 from launcher.eval.ppl.chart import CHART_SIZE_PX
 from launcher.eval.ppl.text import default_text_path
+from launcher.net.http import Unreachable
 from tests.conftest import assert_one_line_error, run_launch
 from tests.probe_standin import ProbeStandin, closed_port_url, png_size, token_ids, tokenize
 

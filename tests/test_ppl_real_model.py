@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.eval.ppl.chart import CHART_SIZE_PX
 from launcher.net import http
 from launcher.runtime.address import free_ports
-from launcher.eval.ppl.chart import CHART_SIZE_PX
 from tests.conftest import REPO, run_launch
 from tests.probe_standin import png_size
 from tests.smollm2 import gguf_dir, prepare

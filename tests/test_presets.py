@@ -9,11 +9,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.rules import limits
 from launcher.errors import InvalidPreset, UnknownPreset
-from launcher.runtime.paths import builtin_presets_dir
 from launcher.model.presets import all_presets, get_preset, load_preset_file, preset_files, suggestions
+from launcher.rules import limits
 from launcher.rules.rope import read_rope
+from launcher.runtime.paths import builtin_presets_dir
 
 REQUIRED = [
     "internlm-chat-7b", "internlm2-chat-7b", "internlm2_5-7b-chat", "internlm2_5-7b-chat-1m",

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher.errors import BadOption, ProbeLengthTooShort
-from launcher.net.openai import normalize_url
 from launcher.eval.probe.passkey import INTRO, QUESTION, Filler, build_prompt, is_correct, needle, passkey_for
 from launcher.eval.probe.settings import ProbeSettings, parse_depths, parse_lengths, settings_from_flags
 from launcher.eval.tokens import fit_words
+from launcher.net.openai import normalize_url
 from tests.conftest import REPO
 from tests.probe_standin import tokenize
 
@@ -198,6 +198,6 @@ def test_default_lengths_leave_room_for_the_template_and_answer_in_the_session()
 
 
 def test_depth_labels_keep_the_precision_given():
-    from launcher.eval.probe.report import depth_label
+    from launcher.eval.probe.labels import depth_label
 
     assert [depth_label(d) for d in (0.0, 0.5, 0.125, 1.0)] == ["0.00", "0.50", "0.125", "1.00"]

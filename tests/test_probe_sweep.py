@@ -13,10 +13,10 @@ from launcher.errors import (
     ProbeUnauthorized,
     ProbeUnknownModel,
 )
-from launcher.net.http import Unreachable
 from launcher.eval.probe import ProbeSettings, format_table, run_probe, write_outputs
 from launcher.eval.probe.chart import AXES_RECT, HEATMAP_SIZE_PX
 from launcher.eval.probe.passkey import Filler, build_prompt
+from launcher.net.http import Unreachable
 from tests.probe_standin import ProbeStandin, closed_port_url, passkey_end, png_size, tokenize
 
 K = 1000

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.net import http
+from launcher.engine.proxy_server import proxy_kwargs
+from launcher.engine.routing import ROUTINGS, proxy_command
 from launcher.errors import BadOption, NodeNotHealthy, NodeNotRegistered, NodeUnauthorized, ProxyUnreachable
+from launcher.net import http
 from launcher.runtime.process import group_members as _group_members
 from launcher.scaleout.nodes import (
     add_node,
@@ -36,8 +38,6 @@ from launcher.scaleout.nodes import (
     render_status,
     taken_out,
 )
-from launcher.engine.proxy_server import proxy_kwargs
-from launcher.scaleout.proxy import ROUTINGS, proxy_command
 from launcher.scaleout.state import STATE_NAME, started
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.test_layout import lmdeploy_serve_parser

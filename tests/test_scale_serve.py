@@ -527,9 +527,9 @@ def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
     sets from its flags)."""
     from lmdeploy.messages import TurbomindEngineConfig
 
+    from launcher.app.serve import _spec
     from launcher.engine.spec import backend_config
     from launcher.plan.build import PlanRequest, build_plan
-    from launcher.app.serve import _spec
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
@@ -543,9 +543,9 @@ def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
 def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
     from dataclasses import replace
 
+    from launcher.app.serve import _check_gpus
     from launcher.errors import BadOption
     from launcher.plan.build import PlanRequest, build_plan
-    from launcher.app.serve import _check_gpus
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
     _check_gpus(replace(plan, gpu_count=8))  # 16 over 2 nodes: 8 here

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from launcher.engine.spec import backend_config, chat_template_config, serve_kwargs, spec_to_json
-from launcher.plan.build import PlanRequest, build_plan, make_overlay
 from launcher.model.presets import get_preset
-from launcher.runtime.process import SPEC_ON_STDIN
 from launcher.model.source import from_dir
+from launcher.plan.build import PlanRequest, build_plan, make_overlay
+from launcher.runtime.process import SPEC_ON_STDIN
 from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
 from tests.standin_engine_server import key_digest, spec_seen
 
@@ -370,8 +370,8 @@ def test_busy_port_is_an_error_before_the_overlay(model_dir, tmp_path):
 def test_tp_beyond_the_gpus_present_stops_before_downloading():
     from dataclasses import replace
 
-    from launcher.errors import BadOption
     from launcher.app.serve import _check_gpus
+    from launcher.errors import BadOption
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
     assert plan.engine.config.tp == 4

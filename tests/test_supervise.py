@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
-from launcher.runtime.apikeys import resolve_api_keys
 from launcher.errors import (
     ApiKeyFileError,
     BadApiKey,
@@ -38,6 +36,8 @@ from launcher.errors import (
     ServerStartTimeout,
 )
 from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
+from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
+from launcher.runtime.apikeys import resolve_api_keys
 from launcher.runtime.process import read_log_tail
 from launcher.runtime.progress import StartProgress
 from launcher.runtime.supervise import SeamsForTests, run_supervised
@@ -334,9 +334,9 @@ def test_binding_beyond_loopback_warns(host, keys, loopback):
 def test_serve_warns_once_when_it_exposes_a_server_without_keys(model_dir, tmp_path, monkeypatch, capsys):
     """The real serve path up to the server start (a command that exits at once stands in for the
     engine, so the run ends with the server's own error after the warning)."""
-    from launcher.runtime import gpu
-    from launcher.plan.build import PlanRequest
     from launcher.app.serve import ServeRequest, serve
+    from launcher.plan.build import PlanRequest
+    from launcher.runtime import gpu
 
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: None)  # STAND-IN seam: pretend a GPU
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))

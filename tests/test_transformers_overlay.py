@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from launcher.plan.build import PlanRequest, build_plan, make_overlay
 from launcher.model.tinymodel import make_tiny_llama
+from launcher.plan.build import PlanRequest, build_plan, make_overlay
 
 NATIVE = 64
 

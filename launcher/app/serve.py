@@ -18,19 +18,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from launcher.rules import checks
 from launcher.engine.spec import (
-    DEFAULT_HEALTH_TIMEOUT_S,
     TURBOMIND_ARCHS,
     architecture_of,
     spec_to_json,
     turbomind_problem,
 )
 from launcher.errors import BadOption, EngineUnavailable, LaunchError, NoGpu, NoSessionFits
-from launcher.rules.kvcache import GiB
-from launcher.model.overlay import check_overlay, slug
-from launcher.runtime.paths import cache_dir
+from launcher.model.overlay import check_overlay
 from launcher.plan.build import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
+from launcher.rules import checks
+from launcher.rules.kvcache import GiB
+from launcher.runtime import paths
+from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 
 LOG_NAME = "server.log"
 
@@ -132,8 +132,8 @@ def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joinin
 
 def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
     """(on ready: register with the proxy, or stop serving; on stop: leave the proxy)."""
-    from launcher.net import http
     from launcher.errors import LaunchError, ReplicaNotRegistered
+    from launcher.net import http
     from launcher.scaleout.nodes import add_node, leave
 
     shown = http.redact(joining.proxy)
@@ -178,7 +178,7 @@ def prepare(request: ServeRequest) -> Plan:
 
 
 def _run_dir(plan: Plan) -> Path:
-    return cache_dir() / "runs" / slug(f"{plan.engine.model_name}-{plan.engine.port}")
+    return paths.run_dir(f"{plan.engine.model_name}-{plan.engine.port}")
 
 
 def _spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tuple[bytes, Path]:
@@ -255,7 +255,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     nodes. ``server_argv`` is the serving process's command before the spec's path (``/dev/stdin``:
     the spec comes through a pipe; default: this Python running ``launcher.engine.server``); the
     tests pass a stand-in for the GPU engine there."""
-    from launcher.rules.layout import check_scale, gpus_here, layout_for_plan
+    from launcher.plan.layout import check_scale, gpus_here, layout_for_plan
 
     out = out or sys.stdout
     if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
@@ -265,7 +265,13 @@ def serve(request: ServeRequest, out: TextIO | None = None,
             raise NoGpu(problem)
     scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
                         routing=request.routing, need_rank=not request.dry_run)
-    from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings, validate_host, validate_port
+    from launcher.runtime.address import (
+        check_port_free,
+        exposure_warnings,
+        say_warnings,
+        validate_host,
+        validate_port,
+    )
 
     joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
     plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
@@ -300,9 +306,9 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out: TextIO) -> int:
     """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
     what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would."""
-    from launcher.runtime.address import say_warnings
     from launcher.plan.build import OVERLAY_PLACEHOLDER
     from launcher.plan.render import engine_call, plan_json, render_plan
+    from launcher.runtime.address import say_warnings
 
     refused = refusal(plan, here=False)
     where, shown = "the serving process", plan
@@ -334,8 +340,8 @@ def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out:
 def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joining | None, request: ServeRequest,
                    out: TextIO, server_argv: tuple[str, ...] | None) -> int:
     """The slow part, with the ports claimed: the files, the overlay, the server(s)."""
+    from launcher.plan.layout import layout_for_plan
     from launcher.runtime.address import say_warnings
-    from launcher.rules.layout import layout_for_plan
     from launcher.runtime.process import SPEC_ON_STDIN
     from launcher.runtime.supervise import run_supervised
 
@@ -394,7 +400,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
     """The replicas' specs (one overlay, each its own port) and the proxy's, each handed over on
     its process's stdin; then run them all."""
     from launcher.runtime.process import SPEC_ON_STDIN
-    from launcher.scaleout.proxy import DEFAULT_START_TIMEOUT_S, proxy_spec, run_dir
+    from launcher.scaleout.proxy import DEFAULT_START_TIMEOUT_S, proxy_spec
     from launcher.scaleout.replicas import ReplicaRun, run_replicas
 
     specs, logs = [], []
@@ -404,7 +410,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
         specs.append(spec)
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port
-    run = ReplicaRun(proxy_spec=proxy_spec(host, port, layout.routing, plan.engine.api_keys), proxy_dir=run_dir(port),
+    run = ReplicaRun(proxy_spec=proxy_spec(host, port, layout.routing, plan.engine.api_keys), proxy_dir=paths.run_dir(f"proxy-{port}"),
                      proxy_host=host, proxy_port=port, layout=layout,
                      argvs=tuple(tuple(base_argv + [SPEC_ON_STDIN]) for _ in specs), specs=tuple(specs),
                      logs=tuple(logs), api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import typer
 
-from launcher.errors import DEBUG_ENV, LaunchError, printable
 from launcher.cli.app import app
+from launcher.errors import DEBUG_ENV, LaunchError, printable
 
 # Each module registers its command(s) on ``app``; this order is the order of `launch --help`.
 COMMANDS = ("serve", "plan", "patch", "fetch", "probe", "ppl", "presets", "proxy")

@@ -6,10 +6,10 @@ from typing import Annotated
 
 import typer
 
-from launcher.rules import limits
-from launcher.rules.checks import HUB_TIMEOUT_ENV, HUB_TIMEOUT_S
 from launcher.cli.app import app
 from launcher.cli.options import TrustOpt, number
+from launcher.rules import limits
+from launcher.rules.checks import HUB_TIMEOUT_ENV, HUB_TIMEOUT_S
 
 HUB_DEFAULT = f"${HUB_TIMEOUT_ENV}, else {HUB_TIMEOUT_S:g}"
 
@@ -47,8 +47,8 @@ def fetch(
     Config, tokenizer and safetensors weights only. Uses the cache when it can: no request for a
     pinned commit, one for a branch; works offline (HF_HUB_OFFLINE=1) from a complete cache.
     """
-    from launcher.rules import checks
     from launcher.model.source import Fetching, resolve
+    from launcher.rules import checks
 
     if revision is not None:
         checks.revision("--revision", revision)  # '' is refused here, not read as "the default"

@@ -14,11 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from launcher.rules import checks
-
-from launcher.rules import limits
-from launcher.engine.spec import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_PORT, DEFAULTS
-from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_ROUTING, DEFAULT_START_TIMEOUT_S, ROUTINGS
+from launcher.engine.routing import DEFAULT_ROUTING, ROUTINGS
+from launcher.engine.spec import DEFAULT_PORT, DEFAULTS
+from launcher.rules import checks, limits
+from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
+from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 
 
 def optional(kind: type, *names: str, help: str, **more: Any) -> Any:

@@ -7,7 +7,16 @@ import sys
 import typer
 
 from launcher.cli.app import app
-from launcher.cli.options import FactorOpt, ForceOpt, ModelArg, OutOpt, RevisionOpt, SessionLenOpt, TrustOpt, TypeOpt
+from launcher.cli.options import (
+    FactorOpt,
+    ForceOpt,
+    ModelArg,
+    OutOpt,
+    RevisionOpt,
+    SessionLenOpt,
+    TrustOpt,
+    TypeOpt,
+)
 
 
 @app.command(

@@ -6,7 +6,6 @@ import json
 
 import typer
 
-from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
 from launcher.cli.app import app
 from launcher.cli.options import (
     BackendOpt,
@@ -30,6 +29,7 @@ from launcher.cli.options import (
     TrustOpt,
     TypeOpt,
 )
+from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
 
 
 @app.command(
@@ -69,9 +69,9 @@ def plan(
     directory. Nothing is written and no weights are downloaded. With --replicas or --nnodes: the
     whole layout, each replica's or node's GPUs, port and command, and the total capacity.
     """
-    from launcher.rules.layout import plan_with_layout
     from launcher.plan.build import PlanRequest
     from launcher.plan.render import plan_json, render_plan
+    from launcher.plan.layout import plan_with_layout
 
     result, layout = plan_with_layout(
         PlanRequest(

@@ -19,9 +19,9 @@ def presets(ctx: typer.Context) -> None:
     """List every preset: name, native context, default RoPE, repo."""
     if ctx.invoked_subcommand is not None:
         return
-    from launcher.runtime.paths import user_presets_dirs
     from launcher.model.presets import all_presets
     from launcher.rules.rope import RopeRequest, decide
+    from launcher.runtime.paths import user_presets_dirs
 
     rows = all_presets()
     typer.echo(f"{'NAME':<26} {'NATIVE':>8} {'DEFAULT':<12} {'SERVES':>9}  {'ENGINE':<9} REPO")

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 from launcher.cli.app import app
 from launcher.cli.options import JsonOpt, ProxyPortOpt, RoutingOpt, StartTimeoutOpt
+from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 
 proxy_app = typer.Typer(
     name="proxy",
@@ -56,7 +56,8 @@ def start(
     A node that dies or stops answering /health is taken out within seconds (lmdeploy alone waits
     90 s and meanwhile answers with errors) and added back when it answers again. Ctrl-C stops it all.
     """
-    from launcher.scaleout.proxy import DEFAULT_ROUTING, ProxyRequest, run_proxy
+    from launcher.engine.routing import DEFAULT_ROUTING
+    from launcher.scaleout.proxy import ProxyRequest, run_proxy
 
     raise typer.Exit(run_proxy(ProxyRequest(host=host, port=port, api_keys=tuple(api_key or ()),
                                             api_key_file=api_key_file,

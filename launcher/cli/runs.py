@@ -14,8 +14,8 @@ from typing import Annotated, Protocol, TextIO
 
 import typer
 
-from launcher.errors import LaunchError, printable
 from launcher.cli.options import optional
+from launcher.errors import LaunchError, printable
 
 RunDirsArg = Annotated[list[Path] | None, typer.Argument(
     metavar="[RUN_DIR]...", help="With --compare: directories earlier runs wrote.", show_default=False)]
@@ -53,7 +53,7 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
     import importlib
 
     from launcher.errors import BadOption
-    from launcher.eval.probe.report import default_out_dir
+    from launcher.eval.results import default_out_dir
     from launcher.eval.runfiles import check_out_dir
 
     if not compare:
@@ -73,7 +73,7 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
 def new_out_dir(command: str, out: Path | None) -> Path:
     """Where a new run writes (``--out``, else ``./COMMAND-<timestamp>``), checked before the run:
     a new directory or an empty one (``probe.runfiles.check_out_dir``)."""
-    from launcher.eval.probe.report import default_out_dir
+    from launcher.eval.results import default_out_dir
     from launcher.eval.runfiles import check_out_dir
 
     chosen = out if out is not None else default_out_dir(prefix=command)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from launcher.engine.spec import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_HOST, DEFAULT_PORT
 from launcher.cli.app import app
 from launcher.cli.options import (
     BackendOpt,
@@ -33,6 +32,8 @@ from launcher.cli.options import (
     TrustOpt,
     TypeOpt,
 )
+from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
+from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 
 
 @app.command(
@@ -102,10 +103,10 @@ def serve(
     MODEL is a preset name (`launch presets`), a Hugging Face repo id ORG/NAME, or a local model
     directory. Everything is checked before anything is downloaded or loaded; --dry-run stops there.
     """
-    from launcher.plan.build import PlanRequest
-    from launcher.eval.ppl.text import serve_ppl_text
     from launcher.app.serve import ServeRequest
     from launcher.app.serve import serve as run_serve
+    from launcher.eval.ppl.text import serve_ppl_text
+    from launcher.plan.build import PlanRequest
 
     request = ServeRequest(
         plan=PlanRequest(

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from launcher.rules import limits
 from launcher.rules.kvcache import DEFAULT_CACHE_RATIO
-from launcher.model.overlay import CHAT_TEMPLATE
 
 # lmdeploy 0.18 lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (a contract test checks it).
 TURBOMIND_ARCHS = frozenset(
@@ -33,7 +32,7 @@ TURBOMIND_ARCHS = frozenset(
 BACKENDS = ("turbomind", "pytorch")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
-DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
+CHAT_TEMPLATE = "launch-chat-template.json"  # in the overlay: lmdeploy's ChatTemplateConfig, for --chat-template
 # Ranges of the engine flags: the one table's (launcher/rules/limits.py), the same for flags and presets.
 SESSION_LEN_MAX = limits.SESSION_LEN.high
 TP_MAX = limits.TP.high

@@ -29,9 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from launcher.rules import checks
-
-from launcher.model import hubenv
 from launcher.errors import (
     BadRepoId,
     CacheNotWritable,
@@ -47,9 +44,11 @@ from launcher.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
+from launcher.model import hubenv
 from launcher.model.hubcache import CONFIG, FetchResult, blob_sizes, cached_config, cached_tree, in_cache
-from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, is_repo_id, repo_folder
 from launcher.model.selection import Selection, read_weight_map, select_files, serving_files
+from launcher.rules import checks
+from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, is_repo_id, repo_folder
 
 WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
 _GRACE_S = 0.5  # the watch waits this much longer than the requests it watches

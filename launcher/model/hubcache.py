@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.model import hubenv
 from launcher.errors import human_bytes
-from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, repo_folder
+from launcher.model import hubenv
 from launcher.model.selection import Selection, read_weight_map, select_files, serving_files
+from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, repo_folder
 
 CONFIG = "config.json"
 

@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import unicodedata
@@ -28,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.rules.configcheck import check_config
+from launcher.engine.spec import CHAT_TEMPLATE
 from launcher.errors import (
     BadOutPath,
     MalformedConfig,
@@ -37,11 +36,11 @@ from launcher.errors import (
     OverlayNotWritable,
     StaleOverlay,
 )
-from launcher.runtime.paths import hf_cache_dir, overlays_dir
+from launcher.rules.configcheck import check_config
+from launcher.runtime.paths import hf_cache_dir, overlays_dir, slug
 
 CONFIG = "config.json"
 PROVENANCE = "launch-patch.json"
-CHAT_TEMPLATE = "launch-chat-template.json"  # lmdeploy ChatTemplateConfig, for --chat-template
 OWN_FILES = (CONFIG, PROVENANCE, CHAT_TEMPLATE)  # real files launch writes; everything else is a link
 MANIFEST = "files"  # the provenance key listing every entry of the overlay
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -140,11 +139,6 @@ def source_files(source: Path) -> dict[str, str]:
 
 
 # --- where overlays go ------------------------------------------------------------------------
-
-
-def slug(name: str) -> str:
-    """``name`` made safe (and short enough) as one path component."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100].strip("-.") or "model"
 
 
 def overlay_key(source: Path, patched: bytes) -> str:

@@ -20,14 +20,12 @@ from typing import Any
 
 import yaml
 
-from launcher.rules import checks
-
-from launcher.rules import limits
 from launcher.engine.spec import BACKENDS, EngineSettings
 from launcher.errors import BadOption, DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
+from launcher.rules import checks, limits
 from launcher.rules.kvcache import QUANT_POLICIES
-from launcher.runtime.paths import builtin_presets_dir, is_repo_id, user_presets_dirs
 from launcher.rules.rope import WRITABLE_TYPES
+from launcher.runtime.paths import builtin_presets_dir, is_repo_id, user_presets_dirs
 
 SUFFIXES = (".yaml", ".yml")
 # A preset is a page of YAML. Bounding its size and refusing aliases keeps a hostile file (an
@@ -375,8 +373,7 @@ def _check_consistent(preset: Preset, path: Path) -> None:
     its default RoPE must be one the rules accept on those facts (else every use would fail later
     with a message that does not name the preset)."""
     from launcher.errors import BadConfig, LaunchError, LayoutHeadsIndivisible
-    from launcher.rules.kvcache import ModelShape
-    from launcher.rules.layout import kv_heads_per_gpu
+    from launcher.rules.kvcache import ModelShape, tp_split
     from launcher.rules.rope import RopeRequest, decide, read_rope
 
     try:
@@ -398,7 +395,7 @@ def _check_consistent(preset: Preset, path: Path) -> None:
     except LaunchError as err:
         raise InvalidPreset(str(path), "rope", str(err)) from None
     try:  # the preset's own tp on its own heads, by the layout's rule (else "--tp", a flag not given)
-        kv_heads_per_gpu(preset.stub_config(), preset.engine.tp)
+        tp_split(preset.stub_config(), preset.engine.tp, str(path))
     except LayoutHeadsIndivisible as err:
         raise InvalidPreset(str(path), "engine.tp", f"{err.tp} does not divide the model's {err.count} {err.what} "
                             "(they are split evenly over the tp GPUs); use a tp that divides it") from None

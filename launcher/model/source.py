@@ -14,8 +14,8 @@ from pathlib import Path
 
 from launcher.errors import NotAModelDir, UnknownPreset
 from launcher.model.overlay import parse_model_config, read_model_config
-from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 from launcher.model.presets import Preset, find_preset, suggestions
+from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 
 
 @dataclass(frozen=True)

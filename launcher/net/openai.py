@@ -17,8 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.errors import (
+    LaunchError,
+    ProbeBadReply,
+    ProbeErrorBody,
+    ProbeHTTPError,
+    ProbeUnauthorized,
+    printable,
+)
 from launcher.net import http
-from launcher.errors import LaunchError, ProbeBadReply, ProbeErrorBody, ProbeHTTPError, ProbeUnauthorized, printable
 
 DEFAULT_URL = "http://127.0.0.1:23333"
 WAITING_NOTICE_S = 1.0  # a first request still unanswered after this is said on stderr

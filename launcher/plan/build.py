@@ -15,10 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from launcher import __version__
-
-from launcher.rules import checks
-
-from launcher.rules import limits
 from launcher.engine.spec import (
     BACKENDS,
     DEFAULT_HOST,
@@ -33,6 +29,9 @@ from launcher.engine.spec import (
     turbomind_supports,
 )
 from launcher.errors import BadConfig, BadOption
+from launcher.model.overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
+from launcher.model.source import Fetching, ModelSource, resolve
+from launcher.rules import checks, limits
 from launcher.rules.kvcache import (
     QUANT_POLICIES,
     GiB,
@@ -41,10 +40,9 @@ from launcher.rules.kvcache import (
     ModelShape,
     kv_costs,
     plan_memory,
+    tp_split,
     weights_bytes_estimate,
 )
-from launcher.model.overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
-from launcher.model.source import Fetching, ModelSource, resolve
 from launcher.rules.rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
@@ -272,8 +270,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     patched = apply(config, decision)
     section = functools.reduce(operator.getitem, decision.section, patched)
     shape = ModelShape.from_config(section, source.config_origin)
-    if shape.heads % settings.tp:
-        raise BadOption("--tp", str(settings.tp), f"the model's {shape.heads} attention heads must divide evenly by it")
+    tp_split(section, settings.tp, source.config_origin)  # the tp rule: heads and hidden size split evenly
     warnings = list(decision.warnings)
     if decision.reader.remote and not source.trust_remote_code:
         warnings.append(

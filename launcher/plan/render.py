@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import difflib
 
-from launcher.rules.capacity import Capacity
 from launcher.engine.spec import architecture_of, command_line, turbomind_supports
-from launcher.rules.kvcache import GiB, MemoryPlan
 from launcher.model.overlay import config_bytes
 from launcher.plan.build import OVERLAY_PLACEHOLDER, Plan, overlay_digest
+from launcher.rules.capacity import Capacity
+from launcher.rules.kvcache import GiB, MemoryPlan
 
 
 def config_diff(plan: Plan) -> str:
@@ -43,7 +43,7 @@ def plan_capacity(plan: Plan) -> Capacity:
 
 def layout_json(layout) -> dict:
     """``replicas`` (with the proxy in front) or ``nodes``, and the total capacity, for ``--json``."""
-    from launcher.rules.layout import NodeLayout, nodes_json, replicas_json
+    from launcher.plan.layout import NodeLayout, nodes_json, replicas_json
 
     if isinstance(layout, NodeLayout):
         return {"nodes": nodes_json(layout),
@@ -59,7 +59,7 @@ def layout_json(layout) -> dict:
 def proxy_of(plan: Plan, layout) -> dict:
     """lmdeploy's proxy in front of the replicas of ``layout``: on the plan's (public) host and
     port, with the layout's routing."""
-    from launcher.scaleout.proxy import proxy_command
+    from launcher.engine.routing import proxy_command
 
     argv = proxy_command(plan.engine.host, plan.engine.port, layout.routing)
     return {"host": plan.engine.host, "port": plan.engine.port, "routing": layout.routing, "command": argv,
@@ -76,7 +76,7 @@ def commands_json(plan: Plan, layout=None) -> list[dict]:
     then each replica; or each node (serve runs this node's)."""
     if layout is None:
         return [_command("server", plan.command)]
-    from launcher.rules.layout import ReplicaLayout
+    from launcher.plan.layout import ReplicaLayout
 
     if isinstance(layout, ReplicaLayout):
         return [_command("proxy", proxy_of(plan, layout)["command"]),
@@ -93,7 +93,7 @@ def plan_json(plan: Plan, layout=None) -> dict:
     data["commands"] = commands_json(plan, layout)
     data["capacity"] = {**plan_capacity(plan).json(), "session_len": plan.decision.session_len}
     if layout is not None:
-        from launcher.rules.layout import ReplicaLayout
+        from launcher.plan.layout import ReplicaLayout
 
         data["command"] = data["command_line"] = None
         if isinstance(layout, ReplicaLayout):
@@ -187,7 +187,7 @@ def render_plan(plan: Plan, layout=None) -> str:
     text = _render_plan(plan, layout)
     if layout is None:
         return text
-    from launcher.rules.layout import ReplicaLayout, render_nodes, render_replicas
+    from launcher.plan.layout import ReplicaLayout, render_nodes, render_replicas
 
     if isinstance(layout, ReplicaLayout):
         proxy = proxy_of(plan, layout)
@@ -201,7 +201,7 @@ def _command_lines(plan: Plan, layout) -> list[str]:
         return ["command        " + command_line(plan.command),
                 ("               (the same engine call; API keys left out. Unlike launch serve, lmdeploy's own CLI"
                  " falls back to the PyTorch engine silently when TurboMind cannot take the model.)")]
-    from launcher.rules.layout import ReplicaLayout
+    from launcher.plan.layout import ReplicaLayout
 
     if isinstance(layout, ReplicaLayout):
         return [(f"commands       serve runs {1 + len(layout.replicas)} processes: lmdeploy's proxy on "

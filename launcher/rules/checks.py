@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TypeVar
 
-from launcher.rules import limits
 from launcher.errors import BadOption
+from launcher.rules import limits
 from launcher.rules.limits import WEEK_S, Limit
 
 T = TypeVar("T")

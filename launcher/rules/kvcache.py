@@ -14,8 +14,10 @@ admitted fails later with HTTP 500. ``plan_memory`` makes that check up front.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from launcher.errors import LayoutHeadsIndivisible
 from launcher.rules.configcheck import SHAPE_MAX, config_int, optional_int, optional_text
 
 GiB = 1024**3
@@ -53,7 +55,22 @@ class ModelShape:
 
 
 def kv_heads_per_gpu(kv_heads: int, tp: int) -> int:
+    """KV heads each GPU holds: TurboMind repeats KV heads fewer than, or not divisible by, tp up to a
+    multiple of tp."""
     return max(1, math.ceil(kv_heads / tp))
+
+
+def tp_split(section: Mapping, tp: int, source: str = "config.json") -> int:
+    """The tp rule, written once: TurboMind splits the attention heads and the hidden size evenly over
+    the tp GPUs (``LayoutHeadsIndivisible`` otherwise). Returns the KV heads each GPU holds."""
+    heads = config_int(section, "num_attention_heads", source)
+    hidden = optional_int(section, "hidden_size", source)
+    kv_heads = optional_int(section, "num_key_value_heads", source, high=heads) or heads
+    if heads % tp:
+        raise LayoutHeadsIndivisible("attention heads", heads, tp)
+    if hidden is not None and hidden % tp:
+        raise LayoutHeadsIndivisible("hidden size (embedding columns)", hidden, tp)
+    return kv_heads_per_gpu(kv_heads, tp)
 
 
 def bytes_per_token(shape: ModelShape, tp: int = 1, quant_policy: int = 0) -> int:

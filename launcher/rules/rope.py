@@ -76,7 +76,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.rules.configcheck import INT32_MAX, check_config, config_int, optional_number, shown
 from launcher.errors import (
     BadConfig,
     BadFactor,
@@ -92,6 +91,7 @@ from launcher.errors import (
     UnknownRopeType,
     UnsupportedRopeType,
 )
+from launcher.rules.configcheck import INT32_MAX, check_config, config_int, optional_number, shown
 from launcher.rules.limits import ROPE_THETA
 
 # Types launch knows how to write (the one list: presets, flags and the contract test import it).

@@ -21,6 +21,17 @@ def cache_dir() -> Path:
     return Path(value).expanduser() if value else _xdg("XDG_CACHE_HOME", ".cache") / "launch"
 
 
+def slug(name: str) -> str:
+    """``name`` made safe (and short enough) as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100].strip("-.") or "model"
+
+
+def run_dir(name: str) -> Path:
+    """launch's folder of one run (a server's log, the watchdog's record): ``<cache>/runs/NAME``. The
+    one rule for run folders: ``serve`` names its run MODEL-PORT, ``proxy start`` proxy-PORT."""
+    return cache_dir() / "runs" / slug(name)
+
+
 def overlays_dir() -> Path:
     return cache_dir() / "overlays"
 

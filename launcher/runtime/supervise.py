@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launcher.runtime.address import check_port_free, server_root_url, validate_host
-from launcher.engine.spec import DEFAULT_HEALTH_TIMEOUT_S
 from launcher.errors import ServerDied, ServerStartFailed, ServerStartTimeout
 from launcher.net.health import POLL_S, health_status, served_models
 from launcher.net.http import parse_url
+from launcher.runtime.address import check_port_free, server_root_url, validate_host
 from launcher.runtime.process import DEFAULT_GRACE_S, ServerProcess
 from launcher.runtime.progress import PROGRESS_EVERY_S, StartProgress
 from launcher.runtime.ready import ReadyInfo
+
+DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                       if hasattr(signal, name))

@@ -23,7 +23,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from launcher.net import http
 from launcher.errors import (
     BadOption,
     LaunchError,
@@ -34,6 +33,7 @@ from launcher.errors import (
     ProxyRefused,
     ProxyUnreachable,
 )
+from launcher.net import http
 from launcher.scaleout.state import Removed, ago, read_state
 
 NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node

@@ -20,16 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launcher.errors import BadOption, RoutingRefused, ServerDied, ServerStartTimeout
-from launcher.runtime.paths import cache_dir
+from launcher.engine.routing import DEFAULT_ROUTING, check_routing, proxy_command
+from launcher.errors import BadOption, ServerDied, ServerStartTimeout
+from launcher.runtime.paths import run_dir
 
-# lmdeploy's, less min_observed_latency (it starves). What they do (serve/proxy/proxy.py,
-# NodeManager.get_node_url; launch registers nodes without a speed, so all count as equally fast):
-# min_expected_latency sends each request to the node with the fewest requests in flight (ties at
-# random), so a faster node, done sooner, gets more; random picks a node uniformly at random,
-# whatever its load or speed.
-ROUTINGS = ("min_expected_latency", "random")
-DEFAULT_ROUTING = "min_expected_latency"
 DEFAULT_PROXY_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000
 DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
@@ -47,25 +41,6 @@ class ProxyRequest:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     watch_interval_s: float = 2.0
     watch_timeout_s: float = 2.0
-
-
-def check_routing(value: str) -> str:
-    """``value`` if launch runs the proxy with it; ``min_observed_latency`` is refused (lmdeploy
-    0.18 then sends everything to the first registered node)."""
-    text = (value or "").strip()
-    if text not in ROUTINGS:
-        raise RoutingRefused(text, ROUTINGS)
-    return text
-
-
-def proxy_command(host: str, port: int, routing: str) -> list[str]:
-    """The ``lmdeploy serve proxy`` command line equivalent to what launch runs (keys left out)."""
-    return ["lmdeploy", "serve", "proxy", "--server-name", host, "--server-port", str(port),
-            "--routing-strategy", routing, "--disable-cache-status", "--log-level", "INFO"]
-
-
-def run_dir(port: int) -> Path:
-    return cache_dir() / "runs" / f"proxy-{port}"
 
 
 def proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> bytes:
@@ -117,11 +92,11 @@ def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], reques
                  err: TextIO) -> int:
     from launcher.runtime.address import server_root_url
     from launcher.runtime.progress import StartProgress
+    from launcher.runtime.supervise import StopSignals, wait_ready
     from launcher.scaleout.state import clear_state, write_state
     from launcher.scaleout.watchdog import Watchdog
-    from launcher.runtime.supervise import StopSignals, wait_ready
 
-    directory = run_dir(port)
+    directory = run_dir(f"proxy-{port}")
     root = server_root_url(host, port)
 
     def say(line: str) -> None:

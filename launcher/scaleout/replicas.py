@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launcher.rules.layout import ReplicaLayout
+from launcher.plan.layout import ReplicaLayout
 from launcher.runtime.process import ServerProcess
 
 GRACE_S = 15.0
@@ -63,16 +63,16 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     SIGINT / SIGTERM / SIGHUP; 0 after a clean stop. Raises ``ServerStartFailed`` /
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
+    from launcher.errors import LaunchError, ReplicaNotRegistered, ServerDied
     from launcher.net import http
     from launcher.runtime.address import server_root_url
-    from launcher.errors import LaunchError, ReplicaNotRegistered, ServerDied
     from launcher.runtime.progress import StartProgress
+    from launcher.runtime.ready import ReadyInfo
+    from launcher.runtime.supervise import StopSignals, wait_ready
     from launcher.scaleout.nodes import add_node
     from launcher.scaleout.proxy import proxy_process
     from launcher.scaleout.state import clear_state, write_state
     from launcher.scaleout.watchdog import Watchdog
-    from launcher.runtime.ready import ReadyInfo
-    from launcher.runtime.supervise import StopSignals, wait_ready
 
     err = err or sys.stderr
     root = server_root_url(run.proxy_host, run.proxy_port)

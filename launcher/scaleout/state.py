@@ -56,9 +56,9 @@ def state_json(port: int, pid: int, removed: Sequence[Removed]) -> dict:
 
 
 def state_path(port: int) -> Path:
-    from launcher.scaleout.proxy import run_dir
+    from launcher.runtime.paths import run_dir
 
-    return run_dir(port) / STATE_NAME
+    return run_dir(f"proxy-{port}") / STATE_NAME
 
 
 def write_state(port: int, removed: Sequence[Removed]) -> Path:

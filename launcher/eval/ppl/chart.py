@@ -11,8 +11,8 @@ from __future__ import annotations
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from launcher.eval.probe.chart import plain, png_bytes
-from launcher.eval.ppl.report import Run
+from launcher.eval.charts import plain, png_bytes
+from launcher.eval.ppl.runs import Run
 
 WIDTH_IN, HEIGHT_IN, DPI = 10.0, 6.0, 100
 CHART_SIZE_PX = (int(WIDTH_IN * DPI), int(HEIGHT_IN * DPI))

@@ -8,56 +8,21 @@ disagree. The chart module (matplotlib) is imported only when a PNG is written.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
 from launcher.errors import CompareBadRun
-from launcher.eval.probe.report import (  # the same rules as probe
-    OutputPaths,
-    publish_run,
-    read_results,
-    show_written,
-    table_text,
-    write_run,
-)
-from launcher.eval.runfiles import RunDir
 from launcher.eval.ppl.runner import PplResult
+from launcher.eval.ppl.runs import Row, Run, run_of
 from launcher.eval.ppl.windows import perplexity
+from launcher.eval.results import OutputPaths, publish_run, read_results, show_written, table_text, write_run
+from launcher.eval.runfiles import RunDir
 
 CHART_NAME = "ppl.png"
 COMPARE_CHART_NAME = "ppl-compare.png"
 KIND = "launch-ppl"
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Row:
-    length: int
-    window_loss: float | None
-    span_loss: float | None
-    errors: int
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run as the table and chart need it: from a fresh result or a results.json."""
-
-    label: str
-    native_context: int | None
-    span: int
-    rows: tuple[Row, ...]
-    partial: bool
-
-
-def run_of(result: PplResult) -> Run:
-    rows = tuple(
-        Row(length, result.mean_over_texts(length, "window_loss"), result.mean_over_texts(length, "span_loss"),
-            sum(1 for p in result.points if p.length == length and p.error))
-        for length in result.settings.lengths
-    )
-    return Run(result.label, result.settings.native_context, result.settings.span, rows,
-               result.interrupted or result.stopped_by is not None or not result.complete)
 
 
 def _num(value: float | None, digits: int = 3) -> str:

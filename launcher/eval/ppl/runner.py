@@ -27,11 +27,11 @@ from launcher.errors import (
     ProbeNoModel,
     ProbeUnauthorized,
 )
-from launcher.net.http import Unreachable
-from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
 from launcher.eval.ppl.settings import PplSettings
 from launcher.eval.ppl.text import Text, load_texts
 from launcher.eval.ppl.windows import Window, plan_windows, span_loss
+from launcher.net.http import Unreachable
+from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
 
 
 @dataclass

@@ -11,16 +11,15 @@ Importing this package does not import matplotlib or transformers.
 
 from launcher.eval.probe.progress import TerminalProgress
 from launcher.eval.probe.report import (
-    OutputPaths,
-    default_out_dir,
     format_table,
     publish,
     results_dict,
     write_outputs,
 )
-from launcher.eval.runfiles import check_out_dir
 from launcher.eval.probe.runner import Cell, ProbeResult, ProgressEvent, Trial, run_probe
 from launcher.eval.probe.settings import ProbeSettings, default_lengths, settings_from_flags
+from launcher.eval.results import OutputPaths, default_out_dir
+from launcher.eval.runfiles import check_out_dir
 
 
 def sweep(settings: ProbeSettings, stream=None) -> ProbeResult:

@@ -7,16 +7,13 @@ Imported only when a PNG is written, so the CLI does not pay for matplotlib othe
 
 from __future__ import annotations
 
-import io
-import warnings
-
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from launcher.errors import printable
-from launcher.eval.probe.report import cell_text, multiple_label
+from launcher.eval.charts import plain, png_bytes
+from launcher.eval.probe.labels import cell_text, multiple_label
 from launcher.eval.probe.runner import ProbeResult
 
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 7.0, 100
@@ -27,23 +24,6 @@ AXES_RECT = (0.08, 0.14, 0.78, 0.70)  # the cells' area: left, bottom, width, he
 ACCURACY_CMAP = LinearSegmentedColormap.from_list("accuracy", ["#e8414f", "#f2c14e", "#1fae74"])
 ERROR_COLOUR = "#8c8c8c"
 NOT_RUN_COLOUR = "#f2f2f2"
-
-
-def plain(text: str) -> str:
-    """Text from a server or the user as a chart shows it: printable, and a ``$`` is a dollar sign,
-    not the start of matplotlib's math notation."""
-    return printable(text).replace("$", r"\$")
-
-
-def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes (written to disk by ``runfiles.RunDir``, never through a path). A
-    character the font lacks (a model name in another script) is drawn as a box, without the
-    two-line warning matplotlib would print on stderr for each."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
-        fig.savefig(buffer, format="png", dpi=fig.dpi)
-    return buffer.getvalue()
 
 
 def _length_label(length: int, native: int | None) -> str:

@@ -6,85 +6,17 @@ chart module (matplotlib) is imported only when the PNG is written.
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from launcher.errors import printable
+from launcher.eval.probe.labels import cell_text, depth_label, multiple_label
+from launcher.eval.probe.runner import ProbeResult
+from launcher.eval.results import OutputPaths, publish_run, read_results, show_written, table_text, write_run
 from launcher.eval.runfiles import RunDir
-from launcher.eval.probe.runner import Cell, ProbeResult
-
-RESULTS_NAME = "results.json"
-MAX_RESULTS_BYTES = 64 * 1024 * 1024
-
-
-def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
-    """``(path, parsed JSON)`` of the results.json of a run directory (or that file itself) that
-    `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read (a FIFO, a
-    device or a socket is refused at once, never waited on)."""
-    from launcher.errors import CompareBadRun
-    from launcher.eval.runfiles import UnreadableRun, read_regular
-
-    run_dir = Path(run_dir)
-    path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
-    try:
-        raw = read_regular(path, MAX_RESULTS_BYTES)
-    except FileNotFoundError:
-        raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch {command}` wrote") from None
-    except UnreadableRun as err:
-        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err.problem}") from None
-    try:
-        return path, json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
-
-
-def results_bytes(data: dict) -> bytes:
-    """How a results.json is written: indented UTF-8 JSON."""
-    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
-
-
-def show_written(table: str, stream: TextIO, *written: Path, note: str | None = None) -> None:
-    """Print the table, then the files a run (or a compare) wrote; ``note`` (on stderr) when they
-    went beside ``--out`` because it was taken during the run."""
-    print(table, file=stream)
-    print(printable(f"wrote {' and '.join(str(p) for p in written)}"), file=stream)
-    stream.flush()
-    if note:
-        print(f"launch: warning: {note}", file=sys.stderr)
-
 
 HEATMAP_NAME = "heatmap.png"
 SCHEMA_VERSION = 1
-
-
-def cell_text(cell: Cell) -> str:
-    """``1.00``; ``0.67!`` when some trials failed with an error; ``ERR`` when all did; ``-`` not run."""
-    if cell.accuracy is None:
-        return "-"
-    if cell.errors == cell.trials:
-        return "ERR"
-    return f"{cell.accuracy:.2f}" + ("!" if cell.errors else "")
-
-
-def depth_label(depth: float) -> str:
-    """Two decimals, more only when needed (0.125 stays 0.125)."""
-    text = f"{depth:.2f}"
-    return text if float(text) == depth else f"{depth:.4g}"
-
-
-def multiple_label(length: int, native: int | None) -> str:
-    return f"{length / native:.3g}x" if native else ""
-
-
-def table_text(lines: list[str]) -> str:
-    """Lines of a table as printed: each one line, printable (a model name or an error the server
-    sent, a label the user gave, may hold control characters)."""
-    return "\n".join(printable(line) for line in lines)
 
 
 def format_table(result: ProbeResult) -> str:
@@ -149,34 +81,6 @@ def results_dict(result: ProbeResult) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class OutputPaths:
-    """What a probe or ppl run wrote."""
-
-    out_dir: Path
-    results_json: Path
-    chart_png: Path  # heatmap.png (probe), ppl.png (ppl)
-    note: str | None = None  # set when --out was taken during the run and the files went beside it
-
-    @property
-    def heatmap_png(self) -> Path:
-        return self.chart_png
-
-
-def write_run(out_dir: Path | str, results: dict, chart_name: str, chart: Callable[[], bytes]) -> OutputPaths:
-    """``results.json`` (first, so a chart failure cannot lose it), then the chart drawn by ``chart``,
-    into a new (or empty) directory, never replacing anything (``runfiles.RunDir``)."""
-    with RunDir.claim(out_dir) as run:
-        written = run.write(RESULTS_NAME, results_bytes(results))
-        png = run.write(chart_name, chart())
-    return OutputPaths(run.path, written, png, run.note)
-
-
-def default_out_dir(now: datetime | None = None, prefix: str = "probe") -> Path:
-    """``./probe-YYYYmmdd-HHMMSS`` in the working directory."""
-    return Path(f"{prefix}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
-
-
 def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
     """Write ``results.json`` and ``heatmap.png`` (``write_run``)."""
     from launcher.eval.probe.chart import heatmap_png
@@ -187,21 +91,6 @@ def write_outputs(result: ProbeResult, out_dir: Path | str) -> OutputPaths:
 def publish(result: ProbeResult, out_dir: Path | str, stream: TextIO) -> OutputPaths:
     """Write the outputs, then print the table and where they are (``probe`` and ``serve --probe``)."""
     return publish_run(format_table(result), lambda: write_outputs(result, out_dir), stream)
-
-
-def publish_run(table: str, write: Callable[[], OutputPaths], stream: TextIO) -> OutputPaths:
-    """``write`` a run's files, then print ``table`` and where they are. When they cannot be written
-    the table is still printed before the error, so the numbers of a long run are not lost."""
-    from launcher.eval.runfiles import OutNotWritable
-
-    try:
-        paths = write()
-    except OutNotWritable:
-        print(table, file=stream)
-        stream.flush()
-        raise
-    show_written(table, stream, paths.results_json, paths.chart_png, note=paths.note)
-    return paths
 
 
 COMPARE_NAME = "heatmap-compare.png"

@@ -25,11 +25,11 @@ from launcher.errors import (
     ProbeUnknownModel,
     printable,
 )
-from launcher.net.http import Unreachable
-from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
 from launcher.eval.probe.passkey import Filler, build_prompt, is_correct, passkey_for
 from launcher.eval.probe.settings import ProbeSettings
 from launcher.eval.tokens import TokenCounter, fit_words, pick_counter
+from launcher.net.http import Unreachable
+from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
 
 
 @dataclass

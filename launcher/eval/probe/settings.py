@@ -11,12 +11,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from launcher.rules import checks
-from launcher.rules.configcheck import INT32_MAX
 from launcher.errors import BadOption
 from launcher.net.http import redact
-from launcher.rules.limits import number_text
 from launcher.net.openai import DEFAULT_URL, normalize_url
+from launcher.rules import checks
+from launcher.rules.configcheck import INT32_MAX
+from launcher.rules.limits import number_text
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)

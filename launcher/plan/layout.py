@@ -19,103 +19,20 @@ tp (so each GPU holds ``ceil(kv_heads / tp)``). The commands come from ``engine.
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import os
 import shlex
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from launcher.rules import checks
+from launcher.engine.parallel import check_parallel
+from launcher.engine.routing import DEFAULT_ROUTING, check_routing
+from launcher.engine.spec import EngineSpec, api_server_argv
+from launcher.errors import BadOption, LayoutNeedsMoreGpus
+from launcher.rules import checks, limits
 from launcher.rules.capacity import Capacity
-from launcher.engine.spec import TP_MAX, EngineSpec, api_server_argv
-from launcher.errors import BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused, LayoutUncheckable
+from launcher.rules.kvcache import tp_split
 from launcher.runtime.gpu import CUDA_ENV, Visible
-from launcher.scaleout.proxy import DEFAULT_ROUTING, check_routing
-
-REPLICAS_MAX = 256  # replicas on one machine
-NNODES_MAX = 256  # nodes of one engine
 
 REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
-
-
-# --- lmdeploy's own parallel-config check ------------------------------------------------------
-
-_derive: Callable | None = None
-
-
-def lmdeploy_derive_parallel_config() -> Callable:
-    """``derive_parallel_config`` of the installed lmdeploy (``turbomind/parallel_config.py``).
-
-    Loaded from its file as a private module: importing ``lmdeploy.turbomind`` would import torch
-    (seconds), and the file itself imports only the standard library."""
-    global _derive
-    if _derive is None:
-        spec = importlib.util.find_spec("lmdeploy")
-        if spec is None or not spec.submodule_search_locations:
-            raise LayoutUncheckable("lmdeploy is not installed (or not importable) here")
-        path = os.path.join(next(iter(spec.submodule_search_locations)), "turbomind", "parallel_config.py")
-        file_spec = importlib.util.spec_from_file_location("_launch_lmdeploy_parallel_config", path)
-        if file_spec is None or file_spec.loader is None or not os.path.isfile(path):
-            raise LayoutUncheckable(f"the installed lmdeploy has no {path}")
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[file_spec.name] = module  # its @dataclass looks the module up while it runs
-        file_spec.loader.exec_module(module)
-        _derive = module.derive_parallel_config
-    return _derive
-
-
-@dataclass(frozen=True)
-class ParallelCheck:
-    tp: int
-    nnodes: int
-    gpus_per_node: int
-    device_num: int  # what lmdeploy derived: GPUs used in all
-
-
-def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None) -> ParallelCheck:
-    """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
-    ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
-    one of the tp GPUs; ``LayoutRefused`` with its reason otherwise."""
-    checks.whole("--tp", tp, 1, TP_MAX)
-    checks.whole("--nnodes", nnodes, 1, NNODES_MAX)
-    if gpus_per_node is None:
-        if tp % nnodes:
-            raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
-        gpus_per_node = tp // nnodes
-    checks.whole("GPUs per node", gpus_per_node, 1, TP_MAX)
-    derive = lmdeploy_derive_parallel_config()
-    try:
-        parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available
-    except AssertionError as err:
-        raise LayoutRefused(tp, nnodes, gpus_per_node, f"lmdeploy says: {err}") from None
-    if parallel.device_num != tp or parallel.device_num % nnodes:
-        raise LayoutRefused(tp, nnodes, gpus_per_node,
-                            f"lmdeploy would use {parallel.device_num} GPU(s), not {tp} split evenly over the nodes")
-    return ParallelCheck(tp, nnodes, parallel.device_num // nnodes, parallel.device_num)
-
-
-def kv_heads_per_gpu(section: Mapping, tp: int) -> int:
-    """Check the config's head counts against ``tp`` (``LayoutHeadsIndivisible``) and return the KV
-    heads each GPU holds after TurboMind repeats them up to a multiple of tp."""
-    heads = _config_int(section, "num_attention_heads")
-    hidden = _config_int(section, "hidden_size")
-    kv_heads = _config_int(section, "num_key_value_heads", default=heads)
-    if heads % tp:
-        raise LayoutHeadsIndivisible("attention heads", heads, tp)
-    if hidden % tp:
-        raise LayoutHeadsIndivisible("hidden size (embedding columns)", hidden, tp)
-    return math.ceil(kv_heads / tp)
-
-
-def _config_int(section: Mapping, key: str, default: int | None = None) -> int:
-    value = section.get(key, default)
-    if value is None and default is not None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadOption("MODEL", key, f"the config's {key} must be a positive integer, found {value!r}")
-    return value
 
 
 # --- replicas on one machine -------------------------------------------------------------------
@@ -187,9 +104,9 @@ def replica_layout(
     ``section``: the config section with the head counts. Raises ``LayoutNeedsMoreGpus``,
     ``LayoutRefused``, ``LayoutHeadsIndivisible``, ``BadOption``."""
     tp = engine.config.tp
-    checks.whole("--replicas", replicas, 1, REPLICAS_MAX)
+    checks.whole("--replicas", replicas, 1, limits.REPLICAS.high)
     routing = DEFAULT_ROUTING if routing is None else check_routing(routing)
-    kv = kv_heads_per_gpu(section, tp)
+    kv = tp_split(section, tp)
     if engine.backend == "turbomind":
         check_parallel(tp, gpus_per_node=tp)
     seen = devices if isinstance(devices, Visible) else Visible(None, None if devices is None else tuple(devices))
@@ -277,14 +194,14 @@ def node_layout(
     ``sessions``: full-length sessions of the KV plan made per GPU with that total tp (the capacity
     caps them at max_batch_size)."""
     tp = engine.config.tp
-    checks.whole("--nnodes", nnodes, 1, NNODES_MAX)
+    checks.whole("--nnodes", nnodes, 1, limits.NNODES.high)
     if nnodes < 2:
         raise BadOption("--nnodes", str(nnodes), "one node needs no multi-node layout; give 2 or more")
     if engine.backend != "turbomind":
         raise BadOption("--nnodes", str(nnodes), "launch lays out TurboMind across nodes; lmdeploy's PyTorch "
                         "engine spans nodes through Ray (ray start on each node, then one api_server)")
     host, port = parse_dist_init_addr(dist_init_addr)
-    kv = kv_heads_per_gpu(section, tp)
+    kv = tp_split(section, tp)
     check = check_parallel(tp, nnodes=nnodes)
     addr = f"{host}:{port}"
     base = api_server_argv(model_path, engine)
@@ -322,8 +239,8 @@ def check_scale(replicas: object = 1, nnodes: object = 1, node_rank: object = No
     for each other forever). ``routing`` (``--routing``) picks among replicas behind the proxy
     ``--replicas`` runs: refused without replicas (it would do nothing), checked by its owner
     (``proxy_start.check_routing``)."""
-    n_replicas = checks.whole("--replicas", replicas, 1, REPLICAS_MAX, example=2)
-    n_nodes = checks.whole("--nnodes", nnodes, 1, NNODES_MAX, example=2)
+    n_replicas = checks.whole("--replicas", replicas, 1, limits.REPLICAS.high, example=2)
+    n_nodes = checks.whole("--nnodes", nnodes, 1, limits.NNODES.high, example=2)
     if n_replicas > 1 and n_nodes > 1:
         raise BadOption("--replicas", str(n_replicas), "replicas of a multi-node engine are not laid out by launch; "
                         "give --replicas (one machine) or --nnodes (one engine across nodes)")
@@ -374,7 +291,7 @@ def replicas_for_plan(plan, replicas: int, *, first_port: int | None = None,
     count = plan.gpu_count if plan.gpu_count is not None else gpu_count
     if first_port is None:
         port = plan.engine.port
-        checks.whole("--replicas", replicas, 1, REPLICAS_MAX)
+        checks.whole("--replicas", replicas, 1, limits.REPLICAS.high)
         if port + replicas > 65535:
             raise BadOption("--port", str(port), f"the {replicas} replicas listen on the ports after it ({port + 1} "
                             f"to {port + replicas}), past 65535: give --port {65535 - replicas} or lower")
@@ -410,8 +327,8 @@ def plan_with_layout(request, *, replicas: object = 1, nnodes: object = 1, node_
     """``launch plan``: every flag checked (the scale-out ones too) before the config is read, the
     plan (with the total tp across nodes), then its layout checked and laid out. Returns
     ``(plan, layout or None)``. Writes nothing."""
-    from launcher.runtime.address import validate_host, validate_port
     from launcher.plan.build import build_plan
+    from launcher.runtime.address import validate_host, validate_port
 
     scale = check_scale(replicas, nnodes, node_rank, dist_init_addr, routing=routing)
     request = replace(request, host=validate_host(request.host), port=validate_port(request.port),
