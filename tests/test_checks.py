@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import BadOption
 from launcher.rules import checks
+from launcher.rules.checks import BadOption
 from tests.conftest import LLAMA
 from tests.test_overlay import tree_digest
 

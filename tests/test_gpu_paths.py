@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import BadOption
+from launcher.rules.checks import BadOption
 from launcher.runtime import gpu
 from launcher.runtime.gpu import free_memory, nvidia_problem
 from launcher.runtime.paths import hf_cache_dir, hf_home
@@ -190,8 +190,7 @@ def test_serve_without_a_gpu_refuses_once_and_writes_nothing(model, flags, model
 def test_serve_refusal_starts_no_server(monkeypatch, tmp_path, model_dir):
     """In process, with the one seam saying there is no GPU (so it runs on a GPU machine too): the
     stand-in server command is never run, no run directory or overlay is made."""
-    from launcher.app.serve import ServeRequest, serve
-    from launcher.errors import NoGpu
+    from launcher.app.serve import NoGpu, ServeRequest, serve
     from launcher.plan.build import PlanRequest
 
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: "no NVIDIA driver was found (test)")
@@ -241,8 +240,7 @@ def test_the_turbomind_check_leaves_no_trace_in_home(tmp_path):
 def test_write_spec_is_private_atomic_and_refuses_an_unwritable_place(tmp_path):
     import stat
 
-    from launcher.errors import RunDirNotWritable
-    from launcher.runtime.paths import write_spec
+    from launcher.runtime.paths import RunDirNotWritable, write_spec
 
     path = write_spec(tmp_path / "run", "spec.json", {"api_keys": ["k"]})
     assert json.loads(path.read_text()) == {"api_keys": ["k"]}

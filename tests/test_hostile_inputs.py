@@ -113,8 +113,7 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
 
 
 def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
-    from launcher.errors import BadOutPath, OverlayConflict
-    from launcher.model.overlay import check_out
+    from launcher.model.overlay import BadOutPath, OverlayConflict, check_out
 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "a.txt").write_text("mine")

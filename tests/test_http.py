@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from launcher.errors import BadOption
 from launcher.net import http
+from launcher.rules.checks import BadOption
 from launcher.runtime.address import free_ports
 from tests.servers import JSONHandler, RawServer, serving, url_of
 

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import (
-    BadOption,
+from launcher.model.hub import (
     BadRepoId,
     GatedRepo,
     HubTimeout,
     HubUnreachable,
     IncompleteCache,
-    NotCached,
-    NoWeights,
     RepoNotFound,
     RevisionNotFound,
+    fetch,
+    read_config,
 )
-from launcher.model.hub import fetch, read_config
-from launcher.rules.checks import hub_timeout
+from launcher.model.hubcache import NotCached
+from launcher.model.selection import NoWeights
+from launcher.rules.checks import BadOption, hub_timeout
 from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 from tests.conftest import cache_mismatches
 from tests.fakehub import TINY_CONFIG, FakeHub, safetensors_bytes, tiny_repo_files

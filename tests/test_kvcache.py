@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.errors import BadConfig
+from launcher.rules.configcheck import BadConfig
 from launcher.rules.kvcache import (
     GiB,
     ModelShape,

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from launcher.engine.parallel import check_parallel, lmdeploy_derive_parallel_config
+from launcher.engine.parallel import LayoutRefused, check_parallel, lmdeploy_derive_parallel_config
 from launcher.engine.spec import EngineConfig, EngineSpec
-from launcher.errors import BadConfig, BadOption, LayoutHeadsIndivisible, LayoutNeedsMoreGpus, LayoutRefused
 from launcher.plan.build import PlanRequest, build_plan
 from launcher.plan.layout import (
+    LayoutNeedsMoreGpus,
     node_layout,
     nodes_for_plan,
     nodes_json,
@@ -28,7 +28,9 @@ from launcher.plan.layout import (
     visible_devices,
 )
 from launcher.rules.capacity import Capacity
-from launcher.rules.kvcache import tp_split
+from launcher.rules.checks import BadOption
+from launcher.rules.configcheck import BadConfig
+from launcher.rules.kvcache import LayoutHeadsIndivisible, tp_split
 from tests.conftest import LLAMA
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import NotAModelDir, OverlayConflict, OverlayNotWritable, StaleOverlay
 from launcher.model.overlay import (
     PROVENANCE,
+    NotAModelDir,
+    OverlayConflict,
+    OverlayNotWritable,
+    StaleOverlay,
     build_overlay,
     check_overlay,
     config_bytes,

@@ -7,14 +7,6 @@ import json
 
 import pytest
 
-from launcher.errors import (
-    BadOption,
-    CompareBadRun,
-    PplNoEndpoint,
-    PplNoTokenizer,
-    PplTextTooShort,
-    ProbeUnauthorized,
-)
 from launcher.eval.ppl import (
     PplSettings,
     format_table,
@@ -25,8 +17,13 @@ from launcher.eval.ppl import (
     write_outputs,
 )
 from launcher.eval.ppl.chart import CHART_SIZE_PX
+from launcher.eval.ppl.runner import PplNoEndpoint, PplNoTokenizer
 from launcher.eval.ppl.text import default_text_path
+from launcher.eval.ppl.windows import PplTextTooShort
+from launcher.eval.results import CompareBadRun
 from launcher.net.http import Unreachable
+from launcher.net.openai import ProbeUnauthorized
+from launcher.rules.checks import BadOption
 from tests.conftest import assert_one_line_error, run_launch
 from tests.probe_standin import ProbeStandin, closed_port_url, png_size, token_ids, tokenize
 
@@ -348,7 +345,7 @@ def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
 
 
 def test_a_proxys_http_200_error_body_is_an_error_not_a_loss():
-    from launcher.errors import ProbeErrorBody
+    from launcher.net.openai import ProbeErrorBody
 
     with ProbeStandin(visible=VISIBLE, proxy_error=True) as server, pytest.raises(ProbeErrorBody) as info:
         run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))

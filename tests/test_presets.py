@@ -9,8 +9,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import InvalidPreset, UnknownPreset
-from launcher.model.presets import all_presets, get_preset, load_preset_file, preset_files, suggestions
+from launcher.model.presets import (
+    InvalidPreset,
+    UnknownPreset,
+    all_presets,
+    get_preset,
+    load_preset_file,
+    preset_files,
+    suggestions,
+)
 from launcher.rules import limits
 from launcher.rules.rope import read_rope
 from launcher.runtime.paths import builtin_presets_dir

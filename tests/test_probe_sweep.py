@@ -7,16 +7,13 @@ import re
 
 import pytest
 
-from launcher.errors import (
-    ProbeLengthTooShort,
-    ProbeTokenizerFailed,
-    ProbeUnauthorized,
-    ProbeUnknownModel,
-)
 from launcher.eval.probe import ProbeSettings, format_table, run_probe, write_outputs
 from launcher.eval.probe.chart import AXES_RECT, HEATMAP_SIZE_PX
 from launcher.eval.probe.passkey import Filler, build_prompt
+from launcher.eval.probe.runner import ProbeUnknownModel
+from launcher.eval.tokens import ProbeLengthTooShort, ProbeTokenizerFailed
 from launcher.net.http import Unreachable
+from launcher.net.openai import ProbeUnauthorized
 from tests.probe_standin import ProbeStandin, closed_port_url, passkey_end, png_size, tokenize
 
 K = 1000

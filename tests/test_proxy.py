@@ -22,10 +22,14 @@ import pytest
 
 from launcher.engine.proxy_server import proxy_kwargs
 from launcher.engine.routing import ROUTINGS, proxy_command
-from launcher.errors import BadOption, NodeNotHealthy, NodeNotRegistered, NodeUnauthorized, ProxyUnreachable
 from launcher.net import http
+from launcher.rules.checks import BadOption
 from launcher.runtime.process import group_members as _group_members
 from launcher.scaleout.nodes import (
+    NodeNotHealthy,
+    NodeNotRegistered,
+    NodeUnauthorized,
+    ProxyUnreachable,
     add_node,
     advertise_url,
     check_health_all,

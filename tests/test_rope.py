@@ -10,22 +10,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import (
-    BadConfig,
+from launcher.rules.checks import BadOption
+from launcher.rules.configcheck import BadConfig
+from launcher.rules.rope import (
+    ENGINE_TYPES,
     BadFactor,
-    BadOption,
+    ConfigClassRefusesType,
     ExistingScalingUnsupported,
     MissingFactor,
     ReplacesScaling,
+    RopeRequest,
     SessionBeyondScaling,
     ShrinksContext,
     UnknownRopeType,
     UnsupportedRopeType,
-)
-from launcher.rules.rope import (
-    ENGINE_TYPES,
-    ConfigClassRefusesType,
-    RopeRequest,
     YarnFactorRoundsAway,
     apply,
     decide,
@@ -485,7 +483,7 @@ def test_the_one_config_number_checker():
 
 
 def test_a_factor_whose_context_passes_int32_is_refused():
-    from launcher.errors import ContextTooLong
+    from launcher.rules.rope import ContextTooLong
 
     for factor in (1e305, 1e308, 2**31):
         with pytest.raises(ContextTooLong) as err:

@@ -30,8 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import ProbeBadReply
-from launcher.net.openai import STUCK_AFTER, OpenAIClient
+from launcher.net.openai import STUCK_AFTER, OpenAIClient, ProbeBadReply
 from tests.conftest import run_launch
 from tests.probe_standin import ProbeStandin
 from tests.test_hostile_inputs import cli
@@ -339,8 +338,7 @@ def test_compare_refuses_what_is_not_a_regular_file_without_waiting_on_it(tmp_pa
 def test_a_ppl_text_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
     import threading
 
-    from launcher.errors import PplBadText
-    from launcher.eval.ppl.text import load_texts
+    from launcher.eval.ppl.text import PplBadText, load_texts
 
     target = special_file(tmp_path, kind)
     outcome = []

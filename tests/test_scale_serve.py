@@ -544,8 +544,8 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
     from dataclasses import replace
 
     from launcher.app.serve import _check_gpus
-    from launcher.errors import BadOption
     from launcher.plan.build import PlanRequest, build_plan
+    from launcher.rules.checks import BadOption
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
     _check_gpus(replace(plan, gpu_count=8))  # 16 over 2 nodes: 8 here

@@ -30,13 +30,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.errors import BadOption, PortBusy, ServerStartTimeout
 from launcher.net import http
+from launcher.rules.checks import BadOption
 from launcher.runtime.address import check_host, exposure_warnings, ip_literal
 from launcher.runtime.gpu import visible
-from launcher.runtime.process import PortClaim, ServerProcess
+from launcher.runtime.process import PortBusy, PortClaim, ServerProcess
 from launcher.runtime.progress import StartProgress
-from launcher.runtime.supervise import wait_ready
+from launcher.runtime.supervise import ServerStartTimeout, wait_ready
 from launcher.scaleout.nodes import node_url, proxy_nodes, same_node
 from tests import test_proxy
 from tests.conftest import LLAMA, REPO, assert_one_line_error, free_port, killed_if_running
@@ -445,9 +445,8 @@ def test_a_host_that_is_no_address_and_no_name_is_refused_everywhere(launch, hos
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 256), st.integers(0, 300))
 def test_replica_ports_past_65535_name_the_port_given(count, below):
-    from launcher.plan.layout import replicas_for_plan
-
     from launcher.plan.build import PlanRequest, build_plan
+    from launcher.plan.layout import replicas_for_plan
 
     port = 65535 - count + 1 + below % count  # the first replica fits, the last does not
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="2", gpu_memory_gib=80, port=port))

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from launcher.errors import HubFileMissing, NoWeights
-from launcher.model.selection import read_weight_map, select_files, serving_files
+from launcher.model.selection import HubFileMissing, NoWeights, read_weight_map, select_files, serving_files
 from tests.fakehub import tiny_repo_files
 
 SERVING_FILES = {

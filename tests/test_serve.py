@@ -371,7 +371,7 @@ def test_tp_beyond_the_gpus_present_stops_before_downloading():
     from dataclasses import replace
 
     from launcher.app.serve import _check_gpus
-    from launcher.errors import BadOption
+    from launcher.rules.checks import BadOption
 
     plan = build_plan(PlanRequest(model="internlm2_5-7b-chat-1m"))  # its preset: tp 4
     assert plan.engine.config.tp == 4

@@ -25,22 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import (
-    ApiKeyFileError,
-    BadApiKey,
-    BadOption,
-    PortBusy,
+from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
+from launcher.rules.checks import BadOption
+from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
+from launcher.runtime.apikeys import ApiKeyFileError, BadApiKey, resolve_api_keys
+from launcher.runtime.process import PortBusy, ServerNotStarted, read_log_tail
+from launcher.runtime.progress import StartProgress
+from launcher.runtime.supervise import (
+    SeamsForTests,
     ServerDied,
-    ServerNotStarted,
     ServerStartFailed,
     ServerStartTimeout,
+    run_supervised,
 )
-from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
-from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
-from launcher.runtime.apikeys import resolve_api_keys
-from launcher.runtime.process import read_log_tail
-from launcher.runtime.progress import StartProgress
-from launcher.runtime.supervise import SeamsForTests, run_supervised
 from tests.conftest import REPO, assert_one_line_error, free_port
 from tests.servers import JSONHandler, serving
 

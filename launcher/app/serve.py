@@ -24,13 +24,42 @@ from launcher.engine.spec import (
     spec_to_json,
     turbomind_problem,
 )
-from launcher.errors import BadOption, EngineUnavailable, LaunchError, NoGpu, NoSessionFits
+from launcher.errors import LaunchError
 from launcher.model.overlay import check_overlay
 from launcher.plan.build import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
 from launcher.rules import checks
+from launcher.rules.checks import BadOption
 from launcher.rules.kvcache import GiB
 from launcher.runtime import paths
 from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
+
+
+class NoGpu(LaunchError):
+    """No usable NVIDIA GPU and driver here: neither engine can run, so serve stops before anything."""
+
+    reason: str
+    message = ("serving needs an NVIDIA GPU and its driver, and {reason}. What works on this machine: "
+               "`launch plan`, `launch serve --dry-run --gpu-memory GiB`, and `launch probe --url` "
+               "against a server on a GPU machine.")
+
+
+class EngineUnavailable(LaunchError):
+    """The chosen engine cannot run here or cannot take this model; no silent fallback."""
+
+    backend: str
+    reason: str
+    message = ("the {backend} engine cannot serve this: {reason}. launch never falls back silently: "
+               "add --backend pytorch to use lmdeploy's PyTorch engine instead.")
+
+
+class NoSessionFits(LaunchError):
+    session_len: int
+    per_session_gib: float
+    budget_gib: float
+    advice: tuple[str, ...]
+    message = ("not even one {session_len}-token session fits: it needs {per_session_gib:.2f} GiB of KV cache "
+               "per GPU, the budget is {budget_gib:.2f} GiB. Would fit: {advice_list}")
+
 
 LOG_NAME = "server.log"
 
@@ -132,9 +161,10 @@ def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joinin
 
 def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
     """(on ready: register with the proxy, or stop serving; on stop: leave the proxy)."""
-    from launcher.errors import LaunchError, ReplicaNotRegistered
+    from launcher.errors import LaunchError
     from launcher.net import http
     from launcher.scaleout.nodes import add_node, leave
+    from launcher.scaleout.replicas import ReplicaNotRegistered
 
     shown = http.redact(joining.proxy)
     joined: list[bool] = []

@@ -70,8 +70,8 @@ def plan(
     whole layout, each replica's or node's GPUs, port and command, and the total capacity.
     """
     from launcher.plan.build import PlanRequest
-    from launcher.plan.render import plan_json, render_plan
     from launcher.plan.layout import plan_with_layout
+    from launcher.plan.render import plan_json, render_plan
 
     result, layout = plan_with_layout(
         PlanRequest(

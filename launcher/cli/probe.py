@@ -10,6 +10,15 @@ import typer
 
 from launcher.cli import runs as run_dirs
 from launcher.cli.app import app
+from launcher.errors import LaunchError
+
+
+class ProbeBelowThreshold(LaunchError):
+    accuracy: float
+    threshold: float
+    results: str
+    message = "overall passkey accuracy {accuracy:.2f} is below --min-accuracy {threshold:g} (details in {results})."
+
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
 
@@ -76,6 +85,5 @@ def probe(
     paths = publish(result, out_dir, sys.stdout)
     run_dirs.end(result, "trial", [t.error for t in result.trials], paths.results_json)
     if result.overall_accuracy < settings.min_accuracy:
-        from launcher.errors import ProbeBelowThreshold
 
         raise ProbeBelowThreshold(result.overall_accuracy, settings.min_accuracy, str(paths.results_json))

@@ -52,9 +52,9 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
     refuse run directories (they are for ``--compare`` only) and say False: the command runs."""
     import importlib
 
-    from launcher.errors import BadOption
     from launcher.eval.results import default_out_dir
     from launcher.eval.runfiles import check_out_dir
+    from launcher.rules.checks import BadOption
 
     if not compare:
         if runs:

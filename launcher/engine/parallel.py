@@ -12,8 +12,27 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from launcher.errors import LayoutRefused, LayoutUncheckable
+from launcher.errors import LaunchError
 from launcher.rules import checks, limits
+
+
+class LayoutRefused(LaunchError):
+    """lmdeploy's own parallel-config function refuses the layout."""
+
+    tp: int
+    nnodes: int
+    gpus_per_node: int
+    reason: str
+    message = (
+        "TurboMind cannot run --tp {tp} on {nnodes} node(s) with {gpus_per_node} GPU(s) each: {reason}. "
+        "Every node needs tp / nnodes GPUs; use a tp that is nnodes x the GPUs of one node."
+    )
+
+
+class LayoutUncheckable(LaunchError):
+    reason: str
+    message = "cannot check the layout with lmdeploy's own parallel-config function: {reason}. Run `make install`."
+
 
 _derive: Callable | None = None
 

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from launcher.errors import RoutingRefused
+from launcher.errors import LaunchError
+
+
+class RoutingRefused(LaunchError):
+    """A routing strategy of lmdeploy's proxy that launch will not run."""
+
+    value: str
+    choices: tuple[str, ...]
+    exit_code = 2
+
+    def message(self) -> str:
+        if self.value == "min_observed_latency":
+            return (
+                "--routing min_observed_latency is refused: lmdeploy 0.18's proxy counts a node without "
+                "finished requests as infinitely slow, so it sends every request to the first registered "
+                f"node. Use one of: {', '.join(self.choices)} (min_expected_latency: the fewest requests in "
+                "flight, so faster nodes get more; random: uniform, whatever the load)."
+            )
+        return f"--routing {self.value!r} is not a routing strategy; choose one of: {', '.join(self.choices)}."
+
 
 # lmdeploy's, less min_observed_latency (it starves). What they do (serve/proxy/proxy.py,
 # NodeManager.get_node_url; launch registers nodes without a speed, so all count as equally fast):

@@ -12,8 +12,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from launcher.errors import printable
+from launcher.errors import LaunchError, printable
 from launcher.eval.runfiles import RunDir
+
+
+class CompareBadRun(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--compare {path}: {problem}"
+
 
 RESULTS_NAME = "results.json"
 MAX_RESULTS_BYTES = 64 * 1024 * 1024
@@ -23,7 +31,6 @@ def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
     """``(path, parsed JSON)`` of the results.json of a run directory (or that file itself) that
     `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read (a FIFO, a
     device or a socket is refused at once, never waited on)."""
-    from launcher.errors import CompareBadRun
     from launcher.eval.runfiles import UnreadableRun, read_regular
 
     run_dir = Path(run_dir)

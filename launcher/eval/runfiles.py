@@ -29,7 +29,8 @@ import uuid
 from pathlib import Path
 from typing import Self
 
-from launcher.errors import BadOutPath, LaunchError, printable
+from launcher.errors import LaunchError, printable
+from launcher.model.overlay import BadOutPath
 
 FALLBACK_TRIES = 100  # NAME-2 ... NAME-101 beside an --out that was taken during the run
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}

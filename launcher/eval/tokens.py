@@ -15,8 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from launcher.errors import ProbeBadReply, ProbeHTTPError, ProbeLengthTooShort, ProbeTokenizerFailed
-from launcher.net.openai import OpenAIClient
+from launcher.errors import LaunchError
+from launcher.net.openai import OpenAIClient, ProbeBadReply, ProbeHTTPError
+
+
+class ProbeLengthTooShort(LaunchError):
+    length: int
+    minimum: int
+    exit_code = 2
+    message = ("length {length} is too short: the question and passkey alone take {minimum} tokens. "
+               "Use lengths of at least {minimum}.")
+
+
+class ProbeTokenizerFailed(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "cannot load a tokenizer from {path}: {problem}. Fix --tokenizer or leave it out."
+
 
 CHARS_PER_TOKEN = 4.0
 

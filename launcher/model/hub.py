@@ -29,26 +29,125 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from launcher.errors import (
-    BadRepoId,
-    CacheNotWritable,
-    DiskFull,
-    GatedRepo,
-    HubError,
-    HubFileMissing,
-    HubTimeout,
-    HubUnreachable,
-    IncompleteCache,
-    LaunchError,
-    NotCached,
-    RepoNotFound,
-    RevisionNotFound,
-)
+from launcher.errors import LaunchError
 from launcher.model import hubenv
-from launcher.model.hubcache import CONFIG, FetchResult, blob_sizes, cached_config, cached_tree, in_cache
-from launcher.model.selection import Selection, read_weight_map, select_files, serving_files
+from launcher.model.hubcache import (
+    CONFIG,
+    FetchResult,
+    NotCached,
+    blob_sizes,
+    cached_config,
+    cached_tree,
+    human_bytes,
+    in_cache,
+)
+from launcher.model.selection import HubFileMissing, Selection, read_weight_map, select_files, serving_files
 from launcher.rules import checks
 from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, is_repo_id, repo_folder
+
+
+class BadRepoId(LaunchError):
+    value: str
+    exit_code = 2
+    message = ("{value!r} is not a Hugging Face repo id. Give ORG/NAME (e.g. internlm/internlm2_5-7b-chat) "
+               "or a preset name (`launch presets`).")
+
+
+class RepoNotFound(LaunchError):
+    repo_id: str
+    endpoint: str
+    message = ("repository {repo_id} was not found on {endpoint}. Check the name; if it is private, set "
+               "HF_TOKEN to a token that can read it.")
+
+
+class RevisionNotFound(LaunchError):
+    repo_id: str
+    revision: str
+    endpoint: str
+    message = ("{repo_id} has no revision {revision!r} (branch, tag or commit) on {endpoint}. Check --revision "
+               "or the preset's revision.")
+
+
+class GatedRepo(LaunchError):
+    """The repo needs its licence accepted on the model page, and a token of that account."""
+
+    repo_id: str
+    url: str
+    has_token: bool
+
+    def message(self) -> str:
+        if self.has_token:
+            return (f"{self.repo_id} is gated and your token has no access to it: accept the licence on the "
+                    f"model page {self.url} with the account of that token, or set HF_TOKEN to a token of an "
+                    "account that has.")
+        return (f"{self.repo_id} is gated: accept the licence on the model page {self.url}, then set HF_TOKEN "
+                "to a read token of that account (https://huggingface.co/settings/tokens).")
+
+
+class HubUnreachable(LaunchError):
+    """The hub cannot be used and the cache does not hold the revision at all."""
+
+    repo_id: str
+    revision: str
+    endpoint: str
+    reason: str
+    cache_dir: str
+    message = ("cannot reach the hub at {endpoint} ({reason}) and {repo_id}@{revision} is not in the cache at "
+               "{cache_dir}. Check the network, proxy or HF_ENDPOINT, then run `launch fetch {repo_id}` again.")
+
+
+class IncompleteCache(LaunchError):
+    """The cache holds part of the revision and the hub cannot be used to complete it."""
+
+    repo_id: str
+    revision: str
+    path: str
+    missing: tuple[str, ...]
+    reason: str
+
+    def message(self) -> str:
+        more = f" and {len(self.missing) - 3} more" if len(self.missing) > 3 else ""
+        return (f"the cached copy of {self.repo_id}@{self.revision} at {self.path} lacks {len(self.missing)} "
+                f"file(s) ({', '.join(self.missing[:3])}{more}) and {self.reason}. Run `launch fetch "
+                f"{self.repo_id}` where the hub can be reached to complete it.")
+
+
+class HubTimeout(LaunchError):
+    endpoint: str
+    seconds: float
+    doing: str
+    knob: str = "--timeout (or LAUNCH_HUB_TIMEOUT)"
+    message = ("the hub at {endpoint} gave no complete answer in {seconds:g} s while {doing}, so launch gave up. "
+               "Check the network or HF_ENDPOINT, or allow longer with {knob}.")
+
+
+class HubError(LaunchError):
+    """The hub answered with an error launch has no better words for; ``detail`` is what it said."""
+
+    repo_id: str
+    endpoint: str
+    detail: str
+    message = "the hub at {endpoint} failed for {repo_id}: {detail}. Try again later."
+
+
+class DiskFull(LaunchError):
+    cache_dir: str
+    needed: int | None = None
+    free: int | None = None
+
+    def message(self) -> str:
+        need = f": the download needs {human_bytes(self.needed)} more" if self.needed else ""
+        free = f", {human_bytes(self.free)} is free" if self.free is not None else ""
+        return (f"not enough disk space for the Hugging Face cache at {self.cache_dir}{need}{free}. Free some "
+                "space, or move the cache with HF_HOME (or HF_HUB_CACHE) to a disk with room.")
+
+
+class CacheNotWritable(LaunchError):
+    cache_dir: str
+    problem: str
+    message = ("cannot write the Hugging Face cache at {cache_dir}: {problem}. Set HF_HOME (or HF_HUB_CACHE) to "
+               "a writable directory.")
+
 
 WORKERS = 8  # files downloaded at once, as huggingface_hub's own default
 _GRACE_S = 0.5  # the watch waits this much longer than the requests it watches

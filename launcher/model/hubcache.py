@@ -12,10 +12,34 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import human_bytes
+from launcher.errors import LaunchError
 from launcher.model import hubenv
 from launcher.model.selection import Selection, read_weight_map, select_files, serving_files
 from launcher.runtime.paths import DEFAULT_REVISION, is_commit_sha, repo_folder
+
+
+class NotCached(LaunchError):
+    """The cache does not hold the revision at all, and ``reason`` says why the hub is not asked."""
+
+    repo_id: str
+    revision: str
+    cache_dir: str
+    reason: str = "HF_HUB_OFFLINE is set"
+    message = ("{repo_id}@{revision} is not in the Hugging Face cache at {cache_dir} ({reason}). Run "
+               "`launch fetch {repo_id}` with the hub reachable and HF_HUB_OFFLINE unset to download it.")
+
+
+def human_bytes(n: float | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as huggingface_hub's progress bars show them)."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
 
 CONFIG = "config.json"
 

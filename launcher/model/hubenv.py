@@ -18,8 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from launcher.errors import CacheNotADirectory, LaunchError
+from launcher.errors import LaunchError
 from launcher.runtime.paths import hf_cache_dir, hf_home
+
+
+class CacheNotADirectory(LaunchError):
+    """HF_HOME or HF_HUB_CACHE (or a folder above it) is a file, so no cache can live there."""
+
+    variable: str
+    value: str
+    file: str
+    message = ("{variable} is {value}, but {file} is a file, not a directory, so the Hugging Face cache cannot "
+               "be there. Point {variable} at a directory (or unset it).")
+
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 WEEK_S = 7 * 24 * 3600

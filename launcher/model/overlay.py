@@ -28,16 +28,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.engine.spec import CHAT_TEMPLATE
-from launcher.errors import (
-    BadOutPath,
-    MalformedConfig,
-    NotAModelDir,
-    OverlayConflict,
-    OverlayNotWritable,
-    StaleOverlay,
-)
+from launcher.errors import LaunchError
 from launcher.rules.configcheck import check_config
 from launcher.runtime.paths import hf_cache_dir, overlays_dir, slug
+
+
+class NotAModelDir(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "{path}: {problem}"
+
+
+class MalformedConfig(LaunchError):
+    path: str
+    problem: str
+    message = "{path} is not valid config JSON: {problem}. Re-download the checkpoint."
+
+
+class OverlayNotWritable(LaunchError):
+    path: str
+    problem: str
+    message = (
+        "cannot write the overlay at {path}: {problem}. "
+        "Pick another place with --out or LAUNCH_CACHE_DIR."
+    )
+
+
+class OverlayConflict(LaunchError):
+    """--out (or an overlay's place) holds something launch cannot prove it wrote."""
+
+    path: str
+    problem: str
+    message = "{path}: {problem}"
+
+
+class BadOutPath(LaunchError):
+    """An --out that cannot name an overlay directory (empty, too long, control characters)."""
+
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--out {path}: {problem}"
+
+
+class StaleOverlay(LaunchError):
+    path: str
+    missing: tuple[str, ...] = ()
+    message = (
+        "overlay {path} points at files that are gone ({missing_list}); the source was moved or "
+        "its cache pruned. Fetch the model again, then re-run."
+    )
+
 
 CONFIG = "config.json"
 PROVENANCE = "launch-patch.json"

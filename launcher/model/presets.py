@@ -21,11 +21,47 @@ from typing import Any
 import yaml
 
 from launcher.engine.spec import BACKENDS, EngineSettings
-from launcher.errors import BadOption, DuplicatePreset, InvalidPreset, PresetsDirNotADir, UnknownPreset
+from launcher.errors import LaunchError
 from launcher.rules import checks, limits
+from launcher.rules.checks import BadOption
 from launcher.rules.kvcache import QUANT_POLICIES
 from launcher.rules.rope import WRITABLE_TYPES
 from launcher.runtime.paths import builtin_presets_dir, is_repo_id, user_presets_dirs
+
+
+class UnknownPreset(LaunchError):
+    name: str
+    suggestions: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        return (
+            f"no preset or model directory named {self.name!r}.{hint} "
+            "`launch presets` lists the presets; a path to a local model directory also works."
+        )
+
+
+class InvalidPreset(LaunchError):
+    path: str
+    field_name: str
+    problem: str
+    message = "invalid preset {path}: field {field_name!r}: {problem}"
+
+
+class DuplicatePreset(LaunchError):
+    name: str
+    first: str
+    second: str
+    message = "preset {name!r} is defined twice: {first} and {second}. Rename or remove one."
+
+
+class PresetsDirNotADir(LaunchError):
+    path: str
+    message = (
+        "LAUNCH_PRESETS_DIR names {path}, which is not a directory. Point it at directories of "
+        "preset files (several separated by ':'), or unset it."
+    )
+
 
 SUFFIXES = (".yaml", ".yml")
 # A preset is a page of YAML. Bounding its size and refusing aliases keeps a hostile file (an
@@ -372,8 +408,9 @@ def _check_consistent(preset: Preset, path: Path) -> None:
     """The preset's own numbers must agree with what the RoPE rules read from its config facts, and
     its default RoPE must be one the rules accept on those facts (else every use would fail later
     with a message that does not name the preset)."""
-    from launcher.errors import BadConfig, LaunchError, LayoutHeadsIndivisible
-    from launcher.rules.kvcache import ModelShape, tp_split
+    from launcher.errors import LaunchError
+    from launcher.rules.configcheck import BadConfig
+    from launcher.rules.kvcache import LayoutHeadsIndivisible, ModelShape, tp_split
     from launcher.rules.rope import RopeRequest, decide, read_rope
 
     try:

@@ -8,7 +8,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import HubFileMissing, NoWeights
+from launcher.errors import LaunchError
+
+
+class HubFileMissing(LaunchError):
+    repo_id: str
+    revision: str
+    filename: str
+    message = "{repo_id}@{revision} has no {filename}; it is not a transformers checkpoint launch can serve."
+
+
+class NoWeights(LaunchError):
+    repo_id: str
+    revision: str
+    found: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        found = f" (it has: {', '.join(self.found[:4])})" if self.found else ""
+        return (f"{self.repo_id}@{self.revision} has no safetensors or PyTorch .bin weights at its top level"
+                f"{found}; launch serves transformers checkpoints. Pick the repo of the original (non-GGUF) model.")
+
 
 META_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")  # what serving reads besides weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx",

@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from launcher.errors import NotAModelDir, UnknownPreset
-from launcher.model.overlay import parse_model_config, read_model_config
-from launcher.model.presets import Preset, find_preset, suggestions
+from launcher.model.overlay import NotAModelDir, parse_model_config, read_model_config
+from launcher.model.presets import Preset, UnknownPreset, find_preset, suggestions
 from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 
 

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.errors import BadOption, LaunchError
+from launcher.errors import LaunchError
+from launcher.rules.checks import BadOption
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a reply larger than this is refused, not buffered

@@ -17,15 +17,46 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.errors import (
-    LaunchError,
-    ProbeBadReply,
-    ProbeErrorBody,
-    ProbeHTTPError,
-    ProbeUnauthorized,
-    printable,
-)
+from launcher.errors import LaunchError, printable
 from launcher.net import http
+
+
+class ProbeUnauthorized(LaunchError):
+    url: str
+    key_given: bool
+
+    def message(self) -> str:
+        if self.key_given:
+            return f"{self.url} rejected the API key (HTTP 401). Check --api-key or LAUNCH_API_KEY."
+        return f"{self.url} needs an API key (HTTP 401): pass --api-key or set LAUNCH_API_KEY."
+
+
+class ProbeHTTPError(LaunchError):
+    """The server answered with an HTTP error; ``detail`` is its own message."""
+
+    url: str
+    status: int
+    detail: str
+    message = "{url} answered HTTP {status}: {detail}"
+
+
+class ProbeErrorBody(LaunchError):
+    """HTTP 200 whose body is an error, not an answer (lmdeploy's proxy: ``{"error_code": 10402, "text": ...}``
+    while a dead node is still registered)."""
+
+    url: str
+    code: str
+    detail: str
+    message = "{url} answered with an error instead of a result (error_code {code}): {detail}"
+
+
+class ProbeBadReply(LaunchError):
+    """The server answered 200 with something that is not the expected JSON shape."""
+
+    url: str
+    problem: str
+    message = "{url} did not answer like an lmdeploy / OpenAI-compatible server: {problem}"
+
 
 DEFAULT_URL = "http://127.0.0.1:23333"
 WAITING_NOTICE_S = 1.0  # a first request still unanswered after this is said on stderr

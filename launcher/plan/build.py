@@ -28,10 +28,11 @@ from launcher.engine.spec import (
     engine_config,
     turbomind_supports,
 )
-from launcher.errors import BadConfig, BadOption
 from launcher.model.overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
 from launcher.model.source import Fetching, ModelSource, resolve
 from launcher.rules import checks, limits
+from launcher.rules.checks import BadOption
+from launcher.rules.configcheck import BadConfig
 from launcher.rules.kvcache import (
     QUANT_POLICIES,
     GiB,

@@ -26,11 +26,24 @@ from dataclasses import dataclass, replace
 from launcher.engine.parallel import check_parallel
 from launcher.engine.routing import DEFAULT_ROUTING, check_routing
 from launcher.engine.spec import EngineSpec, api_server_argv
-from launcher.errors import BadOption, LayoutNeedsMoreGpus
+from launcher.errors import LaunchError
 from launcher.rules import checks, limits
 from launcher.rules.capacity import Capacity
+from launcher.rules.checks import BadOption
 from launcher.rules.kvcache import tp_split
 from launcher.runtime.gpu import CUDA_ENV, Visible
+
+
+class LayoutNeedsMoreGpus(LaunchError):
+    replicas: int
+    tp: int
+    gpus: int
+
+    def message(self) -> str:
+        return (f"--replicas {self.replicas} x --tp {self.tp} needs {self.replicas * self.tp} GPUs, but "
+                f"{self.gpus} are visible here (CUDA_VISIBLE_DEVICES counts). Use fewer --replicas or a "
+                "smaller --tp.")
+
 
 REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is public
 

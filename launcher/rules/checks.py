@@ -19,9 +19,20 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TypeVar
 
-from launcher.errors import BadOption
+from launcher.errors import LaunchError
 from launcher.rules import limits
 from launcher.rules.limits import WEEK_S, Limit
+
+
+class BadOption(LaunchError):
+    """A flag value that is not acceptable; ``reason`` says why and what to give instead."""
+
+    option: str
+    value: str
+    reason: str
+    exit_code = 2
+    message = "{option} {value!r}: {reason}"
+
 
 T = TypeVar("T")
 __all__ = ["WEEK_S", "choice", "hub_timeout", "limited", "number", "one_of", "revision", "seconds", "whole", "word"]

@@ -12,8 +12,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from launcher.errors import BadConfig
+from launcher.errors import LaunchError
 from launcher.rules.limits import CONFIG_KEYS, INT32_MAX, SHAPE_MAX, Limit, shown
+
+
+class BadConfig(LaunchError):
+    """config.json (or a preset's stand-in for it) lacks a fact the rules need, or has one of the
+    wrong type or range; ``problem`` names the field and the value."""
+
+    source: str
+    problem: str
+    message = "{source}: {problem}. Fix the config, or pick a checkpoint with a valid one."
+
 
 __all__ = [
     "INT32_MAX",

@@ -17,8 +17,20 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from launcher.errors import LayoutHeadsIndivisible
+from launcher.errors import LaunchError
 from launcher.rules.configcheck import SHAPE_MAX, config_int, optional_int, optional_text
+
+
+class LayoutHeadsIndivisible(LaunchError):
+    what: str
+    count: int
+    tp: int
+    exit_code = 2
+    message = (
+        "--tp {tp} does not divide the model's {count} {what}: TurboMind splits them evenly over the tp "
+        "GPUs. Use a tp that divides {count}."
+    )
+
 
 GiB = 1024**3
 BLOCK_TOKENS = 64

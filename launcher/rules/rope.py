@@ -76,23 +76,114 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.errors import (
-    BadConfig,
-    BadFactor,
-    BadOption,
-    ContextTooLong,
-    ExistingScalingUnsupported,
-    LaunchError,
-    MissingFactor,
-    PerAttentionRope,
-    ReplacesScaling,
-    SessionBeyondScaling,
-    ShrinksContext,
-    UnknownRopeType,
-    UnsupportedRopeType,
-)
-from launcher.rules.configcheck import INT32_MAX, check_config, config_int, optional_number, shown
+from launcher.errors import LaunchError
+from launcher.rules.checks import BadOption
+from launcher.rules.configcheck import INT32_MAX, BadConfig, check_config, config_int, optional_number, shown
 from launcher.rules.limits import ROPE_THETA
+
+
+class BadFactor(LaunchError):
+    value: str
+    exit_code = 2
+    message = "factor must be a finite number greater than 1, got {value!r}. Example: --factor 2"
+
+
+class MissingFactor(LaunchError):
+    model: str
+    exit_code = 2
+    message = (
+        "{model} has no default factor (no preset, no RoPE scaling in its config). "
+        "Give one, e.g. --factor 2"
+    )
+
+
+class UnknownRopeType(LaunchError):
+    value: str
+    known: tuple[str, ...]
+    exit_code = 2
+    message = "unknown RoPE type {value!r}. Choose one of: {known_list}"
+
+
+class UnsupportedRopeType(LaunchError):
+    """A type launch can write, but the chosen engine does not implement, or vice versa."""
+
+    rope_type: str
+    engine: str
+    supported: tuple[str, ...]
+    message = (
+        "RoPE type {rope_type!r} is not implemented by the {engine} engine "
+        "(it has: {supported_list}). Choose another --type or --backend."
+    )
+
+
+class ExistingScalingUnsupported(LaunchError):
+    rope_type: str
+    message = (
+        "the config already uses {rope_type!r} RoPE scaling, which launch cannot extend. "
+        "Serve it as it is with lmdeploy, or pick a checkpoint without it."
+    )
+
+
+class PerAttentionRope(LaunchError):
+    """A transformers-5 ``rope_parameters`` keyed per attention type (Gemma 3's shape)."""
+
+    source: str
+    key: str
+    kinds: tuple[str, ...]
+    message = (
+        "{source}: {key} holds separate RoPE settings per attention type ({kinds_list}); lmdeploy reads "
+        "that shape only in its own model code (a fixed linear scaling), so launch does not patch it. "
+        "Serve this checkpoint as it is with lmdeploy."
+    )
+
+
+class ReplacesScaling(LaunchError):
+    existing: str
+    existing_factor: float | None
+    requested: str
+
+    def message(self) -> str:
+        factor = f" x{self.existing_factor:g}" if self.existing_factor else ""
+        return (
+            f"the config already has {self.existing}{factor} RoPE scaling; writing {self.requested} "
+            f"would replace it. Use --type {self.existing} to extend it, or add --force to replace it "
+            "on purpose."
+        )
+
+
+class ShrinksContext(LaunchError):
+    served: int
+    requested: int
+    rope_type: str
+    factor: float
+    message = (
+        "{rope_type} x{factor:g} serves {requested} tokens, less than the {served} the config "
+        "already serves. Use a larger --factor, or add --force to shrink it on purpose."
+    )
+
+
+class ContextTooLong(LaunchError):
+    """N x F past what lmdeploy can hold (its session length is a 32-bit int)."""
+
+    source: str
+    native: int
+    factor: float
+    limit: int
+    message = (
+        "{source}: factor {factor:g} over the native {native} tokens is past lmdeploy's limit of "
+        "{limit} tokens per session. Use a smaller --factor."
+    )
+
+
+class SessionBeyondScaling(LaunchError):
+    session_len: int
+    covered: int
+    rope_type: str
+    message = (
+        "--session-len {session_len} is past the {covered} tokens that {rope_type} scaling covers. "
+        "Raise --factor, or add --force to serve it anyway."
+    )
+
 
 # Types launch knows how to write (the one list: presets, flags and the contract test import it).
 WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")

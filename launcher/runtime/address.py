@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import TextIO
 
-from launcher.errors import BadOption, PortBusy
+from launcher.rules.checks import BadOption
+from launcher.runtime.process import PortBusy
 
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: "²" or "٣" are digits to str.isdigit, not ports
 _HOST_ADVICE = "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)"

@@ -17,7 +17,23 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from launcher.errors import ApiKeyFileError, BadApiKey
+from launcher.errors import LaunchError
+
+
+class BadApiKey(LaunchError):
+    source: str  # where the key came from: "--api-key #2", "LAUNCH_API_KEYS entry 3", "keys.txt line 4"
+    problem: str
+    exit_code = 2
+    message = ("API key {source} {problem}. A key is one word of printable ASCII without spaces, "
+               "e.g. from `openssl rand -hex 24`.")
+
+
+class ApiKeyFileError(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "cannot read API keys from {path}: {problem}. Give a file with one key per line."
+
 
 DEFAULT_ENV_VAR = "LAUNCH_API_KEYS"
 

@@ -62,7 +62,7 @@ def visible(environ: Mapping[str, str] | None = None, gpu_count: int | None = No
     ``GPU-`` / ``MIG-`` UUIDs; enumeration stops at the first entry that is neither (``-1``, ``junk``,
     an empty entry), so an empty value means no GPU. A GPU named twice before that point is refused
     (``BadOption``): CUDA would not give it twice, and two replicas would share it."""
-    from launcher.errors import BadOption
+    from launcher.rules.checks import BadOption
 
     value = (os.environ if environ is None else environ).get(CUDA_ENV)
     if value is None:

@@ -6,6 +6,15 @@ import os
 import re
 from pathlib import Path
 
+from launcher.errors import LaunchError
+
+
+class RunDirNotWritable(LaunchError):
+    path: str
+    problem: str
+    message = "cannot write the server's run files at {path}: {problem}. Set LAUNCH_CACHE_DIR to a writable place."
+
+
 CACHE_ENV = "LAUNCH_CACHE_DIR"
 PRESETS_ENV = "LAUNCH_PRESETS_DIR"
 
@@ -108,7 +117,6 @@ def write_spec(directory: Path, name: str, data: dict) -> Path:
     hold API keys), replacing it atomically. ``RunDirNotWritable`` when the directory cannot be."""
     import json
 
-    from launcher.errors import RunDirNotWritable
 
     path = directory / name
     try:

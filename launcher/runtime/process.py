@@ -23,7 +23,48 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from launcher.errors import ServerLogNotWritable, ServerNotStarted
+from launcher.errors import LaunchError
+
+
+class PortBusy(LaunchError):
+    host: str
+    port: int
+    problem: str
+    message = ("port {port} on {host} is already in use ({problem}). Stop what listens there, or pick "
+               "another port with --port.")
+
+
+class ServerNotStarted(LaunchError):
+    command: str
+    problem: str
+    message = "cannot start the server ({command}): {problem}"
+
+
+class ServerLogNotWritable(LaunchError):
+    path: str
+    problem: str
+    message = "cannot write the server log {path}: {problem}. Free some space or fix the permissions there."
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``: a negative code is a signal."""
+    if returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {returncode}"
+
+
+def _with_tail(first_line: str, tail: tuple[str, ...]) -> str:
+    if not tail:
+        return first_line + " The log is empty."
+    return first_line + " Last log lines:\n" + "\n".join(f"  | {line}" for line in tail)
+
 
 DEFAULT_GRACE_S = 15.0
 TAIL_LINES = 20
@@ -283,8 +324,7 @@ class PortClaim:
     def __enter__(self) -> PortClaim:  # noqa: PYI034 - Python 3.10 has no typing.Self
         import fcntl
 
-        from launcher.errors import PortBusy, RunDirNotWritable
-        from launcher.runtime.paths import cache_dir
+        from launcher.runtime.paths import RunDirNotWritable, cache_dir
 
         directory = cache_dir() / "runs" / "ports"
         try:

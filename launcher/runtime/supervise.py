@@ -22,13 +22,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launcher.errors import ServerDied, ServerStartFailed, ServerStartTimeout
+from launcher.errors import LaunchError
 from launcher.net.health import POLL_S, health_status, served_models
 from launcher.net.http import parse_url
 from launcher.runtime.address import check_port_free, server_root_url, validate_host
-from launcher.runtime.process import DEFAULT_GRACE_S, ServerProcess
+from launcher.runtime.process import DEFAULT_GRACE_S, ServerProcess, _with_tail, describe_exit
 from launcher.runtime.progress import PROGRESS_EVERY_S, StartProgress
 from launcher.runtime.ready import ReadyInfo
+
+
+class ServerStartFailed(LaunchError):
+    """The server process ended before ``/health`` answered 200."""
+
+    returncode: int
+    log_path: str
+    tail: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        return _with_tail(f"the server {describe_exit(self.returncode)} while starting; full log: "
+                          f"{self.log_path}.", self.tail)
+
+
+class ServerStartTimeout(LaunchError):
+    timeout_s: float
+    log_path: str
+    tail: tuple[str, ...] = ()
+    flag: str = "--health-timeout"  # the flag that sets timeout_s
+
+    def message(self) -> str:
+        return _with_tail(f"the server did not become ready within {self.timeout_s:g} s, so launch stopped "
+                          f"it. If it needs longer to start, raise {self.flag}; full log: "
+                          f"{self.log_path}.", self.tail)
+
+
+class ServerDied(LaunchError):
+    """The server process ended on its own after it was ready."""
+
+    returncode: int
+    log_path: str
+    tail: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        return _with_tail(f"the server {describe_exit(self.returncode)} after it was ready; full log: "
+                          f"{self.log_path}.", self.tail)
+
 
 DEFAULT_HEALTH_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk takes minutes
 

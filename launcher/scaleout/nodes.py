@@ -23,18 +23,72 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from launcher.errors import (
-    BadOption,
-    LaunchError,
-    NodeBadModels,
-    NodeNotHealthy,
-    NodeNotRegistered,
-    NodeUnauthorized,
-    ProxyRefused,
-    ProxyUnreachable,
-)
+from launcher.errors import LaunchError
 from launcher.net import http
+from launcher.rules.checks import BadOption
 from launcher.scaleout.state import Removed, ago, read_state
+
+
+class ProxyUnreachable(LaunchError):
+    url: str
+    reason: str
+    message = (
+        "the proxy at {url} does not answer its node API ({reason}). Is `launch proxy start` running "
+        "there? Check --proxy."
+    )
+
+
+class ProxyRefused(LaunchError):
+    """The proxy's node API answered, but not with success."""
+
+    url: str
+    action: str
+    detail: str
+    message = "the proxy at {url} refused to {action}: {detail}"
+
+
+class NodeNotHealthy(LaunchError):
+    url: str
+    detail: str
+    message = (
+        "the node at {url} is not healthy ({detail}); launch registers a node only once its /health "
+        "answers 200. Wait until its server is ready (`launch serve` prints a ready line), then add it again."
+    )
+
+
+class NodeUnauthorized(LaunchError):
+    url: str
+    with_key: bool
+    exit_code = 2
+
+    def message(self) -> str:
+        if self.with_key:
+            return (f"the node at {self.url} rejected the API key given with --api-key (HTTP 401 on "
+                    "/v1/models). Give one of the keys that server was started with.")
+        return (f"the node at {self.url} needs an API key (HTTP 401 on /v1/models): give it with "
+                "--api-key KEY (or LAUNCH_API_KEY).")
+
+
+class NodeBadModels(LaunchError):
+    url: str
+    detail: str
+    message = (
+        "cannot read the served model names from {url}/v1/models ({detail}); is it an lmdeploy "
+        "api_server (`launch serve`)?"
+    )
+
+
+class NodeNotRegistered(LaunchError):
+    url: str
+    proxy: str
+    known: tuple[str, ...]
+    exit_code = 2
+
+    def message(self) -> str:
+        known = ", ".join(self.known) if self.known else "none"
+        return (f"{self.url} is not a node of the proxy at {self.proxy} (its nodes: {known}). "
+                "See `launch proxy status --proxy URL`.")
+
 
 NODE_TIMEOUT_S = 2.0  # one /health or /v1/models request to a node
 PROXY_TIMEOUT_S = 5.0  # one node-API request to the proxy

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TextIO
 
 from launcher.engine.routing import DEFAULT_ROUTING, check_routing, proxy_command
-from launcher.errors import BadOption, ServerDied, ServerStartTimeout
+from launcher.rules.checks import BadOption
 from launcher.runtime.paths import run_dir
+from launcher.runtime.supervise import ServerDied, ServerStartTimeout
 
 DEFAULT_PROXY_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000

@@ -24,8 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from launcher.errors import LaunchError
 from launcher.plan.layout import ReplicaLayout
 from launcher.runtime.process import ServerProcess
+
+
+class ReplicaNotRegistered(LaunchError):
+    """``serve --proxy-url`` / ``--replicas``: the ready replica could not join the proxy; serve
+    stops it (a replica the proxy does not know gets no traffic)."""
+
+    url: str
+    proxy: str
+    reason: str
+    message = (
+        "{url} is healthy but could not be registered with the proxy at {proxy} ({reason}); it was stopped. "
+        "Check the proxy (`launch proxy status --proxy {proxy}`) and serve again."
+    )
+
 
 GRACE_S = 15.0
 
@@ -63,12 +78,12 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     SIGINT / SIGTERM / SIGHUP; 0 after a clean stop. Raises ``ServerStartFailed`` /
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
     process is stopped on every path."""
-    from launcher.errors import LaunchError, ReplicaNotRegistered, ServerDied
+    from launcher.errors import LaunchError
     from launcher.net import http
     from launcher.runtime.address import server_root_url
     from launcher.runtime.progress import StartProgress
     from launcher.runtime.ready import ReadyInfo
-    from launcher.runtime.supervise import StopSignals, wait_ready
+    from launcher.runtime.supervise import ServerDied, StopSignals, wait_ready
     from launcher.scaleout.nodes import add_node
     from launcher.scaleout.proxy import proxy_process
     from launcher.scaleout.state import clear_state, write_state

@@ -12,11 +12,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from launcher.errors import CompareBadRun
 from launcher.eval.ppl.runner import PplResult
 from launcher.eval.ppl.runs import Row, Run, run_of
 from launcher.eval.ppl.windows import perplexity
-from launcher.eval.results import OutputPaths, publish_run, read_results, show_written, table_text, write_run
+from launcher.eval.results import (
+    CompareBadRun,
+    OutputPaths,
+    publish_run,
+    read_results,
+    show_written,
+    table_text,
+    write_run,
+)
 from launcher.eval.runfiles import RunDir
 
 CHART_NAME = "ppl.png"

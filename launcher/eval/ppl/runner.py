@@ -17,21 +17,37 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-from launcher.errors import (
-    LaunchError,
-    PplNoEndpoint,
-    PplNoTokenizer,
-    ProbeBadReply,
-    ProbeErrorBody,
-    ProbeHTTPError,
-    ProbeNoModel,
-    ProbeUnauthorized,
-)
+from launcher.errors import LaunchError
 from launcher.eval.ppl.settings import PplSettings
 from launcher.eval.ppl.text import Text, load_texts
 from launcher.eval.ppl.windows import Window, plan_windows, span_loss
+from launcher.eval.probe.runner import ProbeNoModel
 from launcher.net.http import Unreachable
-from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
+from launcher.net.openai import (
+    OpenAIClient,
+    ProbeBadReply,
+    ProbeErrorBody,
+    ProbeHTTPError,
+    ProbeUnauthorized,
+    StuckWatch,
+    waiting_notice,
+)
+
+
+class PplNoEndpoint(LaunchError):
+    """The server has no ``POST /get_ppl`` (only lmdeploy's api_server scores a text)."""
+
+    url: str
+    status: int
+    message = ("{url} has no POST /get_ppl (HTTP {status}): launch ppl needs lmdeploy's api_server "
+               "(launch serve), which scores a text there.")
+
+
+class PplNoTokenizer(LaunchError):
+    url: str
+    exit_code = 2
+    message = ("{url} has no POST /v1/encode to cut windows in the model's tokens: pass --tokenizer DIR "
+               "(the model's local directory).")
 
 
 @dataclass

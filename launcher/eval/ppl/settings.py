@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.errors import BadOption
 from launcher.eval.probe.settings import MAX_LENGTH, native_and_lengths, request_timeout, whole_native
 from launcher.net.http import redact
 from launcher.net.openai import DEFAULT_URL, normalize_url
 from launcher.rules import checks
+from launcher.rules.checks import BadOption
 
 DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
 DEFAULT_SPAN = 512

@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import PplBadText
+from launcher.errors import LaunchError
+
+
+class PplBadText(LaunchError):
+    path: str
+    problem: str
+    exit_code = 2
+    message = "--text {path}: {problem}"
+
 
 DEFAULT_TEXT_NAME = "jargon-file-4.4.7-excerpt.txt"
 DEFAULT_TEXT_LABEL = "bundled: Jargon File 4.4.7 excerpt (public domain)"
@@ -51,7 +59,7 @@ def load_texts(paths: tuple[Path, ...]) -> list[Text]:
 
 def serve_ppl_text(path: Path | None, probe: bool) -> Path | None:
     """``serve --ppl-text``: needs ``--probe`` and a file, checked before anything starts."""
-    from launcher.errors import BadOption
+    from launcher.rules.checks import BadOption
 
     if path is None:
         return None

@@ -17,7 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from launcher.errors import PplTextTooShort
+from launcher.errors import LaunchError
+
+
+class PplTextTooShort(LaunchError):
+    length: int
+    available: int
+    source: str
+    exit_code = 2
+    message = ("a window of {length} tokens is longer than the text: {source} has {available} tokens. "
+               "Give a longer --text (or several) or shorter --lengths.")
 
 
 @dataclass(frozen=True)

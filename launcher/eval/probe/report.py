@@ -101,9 +101,10 @@ def load_result(run_dir: Path) -> ProbeResult:
     refused with ``CompareBadRun``."""
     from dataclasses import fields
 
-    from launcher.errors import CompareBadRun, LaunchError
+    from launcher.errors import LaunchError
     from launcher.eval.probe.runner import Trial
     from launcher.eval.probe.settings import ProbeSettings
+    from launcher.eval.results import CompareBadRun
 
     run_dir = Path(run_dir)
     path, data = read_results(run_dir, "probe")

@@ -15,21 +15,31 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-from launcher.errors import (
-    LaunchError,
-    ProbeErrorBody,
-    ProbeHTTPError,
-    ProbeLengthTooShort,
-    ProbeNoModel,
-    ProbeUnauthorized,
-    ProbeUnknownModel,
-    printable,
-)
+from launcher.errors import LaunchError, printable
 from launcher.eval.probe.passkey import Filler, build_prompt, is_correct, passkey_for
 from launcher.eval.probe.settings import ProbeSettings
-from launcher.eval.tokens import TokenCounter, fit_words, pick_counter
+from launcher.eval.tokens import ProbeLengthTooShort, TokenCounter, fit_words, pick_counter
 from launcher.net.http import Unreachable
-from launcher.net.openai import OpenAIClient, StuckWatch, waiting_notice
+from launcher.net.openai import (
+    OpenAIClient,
+    ProbeErrorBody,
+    ProbeHTTPError,
+    ProbeUnauthorized,
+    StuckWatch,
+    waiting_notice,
+)
+
+
+class ProbeNoModel(LaunchError):
+    url: str
+    message = "{url} lists no model in /v1/models. Pass --model NAME."
+
+
+class ProbeUnknownModel(LaunchError):
+    model: str
+    available: tuple[str, ...]
+    exit_code = 2
+    message = "the server does not serve model {model!r}; it serves: {available_list}. Fix --model."
 
 
 @dataclass

@@ -11,10 +11,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from launcher.errors import BadOption
 from launcher.net.http import redact
 from launcher.net.openai import DEFAULT_URL, normalize_url
 from launcher.rules import checks
+from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import INT32_MAX
 from launcher.rules.limits import number_text
 
