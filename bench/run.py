@@ -6,7 +6,7 @@ Targets (exit 1 when one is missed):
 * patching a model directory whose weights total 10 GB takes the same time as one of 10 MB
   (nothing is copied): ratio of medians under 1.5;
 * `launch fetch` of a repo (BENCH_FETCH_MB of random weights in two shards, default 300) from the
-  tests' hub on 127.0.0.1 (tests/fakehub.py) takes at most 1.05x the time of huggingface_hub's own
+  tests' hub on 127.0.0.1 (tests/support/fakehub.py) takes at most 1.05x the time of huggingface_hub's own
   `hf download` of the same files into an empty cache: whole-process medians, runs alternated.
 
 Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
@@ -65,7 +65,7 @@ def make_model(directory: Path, total_bytes: int, shards: int) -> Path:
 def bench_fetch(env: dict) -> dict:
     """`launch fetch` vs `hf download` of the same files from a loopback hub, each into a fresh cache."""
     sys.path.insert(0, str(ROOT))
-    from tests.fakehub import FakeHub, tiny_repo_files
+    from tests.support.fakehub import FakeHub, tiny_repo_files
 
     half = FETCH_MB * 1000**2 // 2
     shards = {f"model-0000{i}-of-00002.safetensors": os.urandom(half) for i in (1, 2)}

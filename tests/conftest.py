@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]
 
 # A small Llama config.json (native context 256), for model directories the tests make.
 LLAMA = {
@@ -154,9 +154,9 @@ def cache_mismatches(endpoint: str, repo_id: str, revision: str | None = None) -
 
 @pytest.fixture
 def hub(monkeypatch):
-    """A fake Hugging Face Hub (tests/fakehub.py, a real HTTP server on 127.0.0.1) serving org/tiny;
+    """A fake Hugging Face Hub (tests/support/fakehub.py, a real HTTP server on 127.0.0.1) serving org/tiny;
     HF_ENDPOINT points at it for this test."""
-    from tests.fakehub import FakeHub, tiny_repo_files
+    from tests.support.fakehub import FakeHub, tiny_repo_files
 
     with FakeHub() as server:
         server.add_repo("org/tiny", tiny_repo_files())

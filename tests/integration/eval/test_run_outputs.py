@@ -1,0 +1,552 @@
+"""``launch probe`` and ``launch ppl`` against a hostile user and a hostile server (issue 17).
+
+- Where results go: only into a directory launch makes or finds empty, never through a link, never
+  replacing anything; an ``--out`` that holds anything is refused before the run with one line.
+- What ``--compare`` and ``--text`` read: a regular file; a FIFO, device or socket is one error, never
+  a hang.
+- When a run stops: an engine that takes requests and answers none stops the run after
+  ``STUCK_AFTER`` deadline misses in a row, instead of waiting out every remaining request.
+- How it exits: 3 when no trial or window was answered; a reply holding NaN, Infinity or a value of
+  the wrong type is a bad reply, not an answer.
+- What it prints: whatever the server sends, every line printable.
+
+The servers are real HTTP stand-ins on 127.0.0.1 (``tests/support/probe_standin.py``); the CLI runs in-process
+(``launcher.cli.main``) except where a hang would hang the test run (then a subprocess with a timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import stat
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launcher.net.openai import STUCK_AFTER, OpenAIClient, ProbeBadReply
+from tests.conftest import run_launch
+from tests.integration.test_hostile_inputs import cli
+from tests.support.probe_standin import ProbeStandin
+
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+CHARTS = {"probe": "heatmap.png", "ppl": "ppl.png"}
+COMPARE_CHARTS = {"probe": "heatmap-compare.png", "ppl": "ppl-compare.png"}
+
+
+@pytest.fixture(autouse=True)
+def no_key_env(monkeypatch):
+    monkeypatch.delenv("LAUNCH_API_KEY", raising=False)
+
+
+def run_args(command: str, url: str, *extra: str) -> list[str]:
+    """A short run of ``command``: one probe prompt, or two ppl windows."""
+    if command == "probe":
+        return ["probe", "--url", url, "--lengths", "300", "--depths", "0", "--trials", "1", "--timeout", "5", *extra]
+    return ["ppl", "--url", url, "--lengths", "300,600", "--span", "100", "--timeout", "5", *extra]
+
+
+def tree(*roots: Path) -> dict[str, tuple]:
+    """Every entry under ``roots`` as lstat sees it (links not followed, FIFOs never opened)."""
+    state = {}
+    for root in roots:
+        for dirpath, dirs, names in os.walk(root):
+            for name in dirs + names:
+                full = os.path.join(dirpath, name)
+                info = os.lstat(full)
+                if stat.S_ISLNK(info.st_mode):
+                    state[full] = ("link", os.readlink(full))
+                elif stat.S_ISREG(info.st_mode):
+                    state[full] = ("file", hashlib.sha256(Path(full).read_bytes()).hexdigest(), info.st_mode)
+                else:
+                    state[full] = ("other", info.st_mode, info.st_ino)
+    return state
+
+
+def all_printable(*texts: str) -> bool:
+    return all(line.isprintable() for text in texts for line in text.splitlines())
+
+
+# --- where the results go ----------------------------------------------------------------------
+
+OUR_NAMES = ("results.json", "heatmap.png", "ppl.png", "heatmap-compare.png", "ppl-compare.png",
+             "results.json.tmp", ".results.json.tmp", "notes.txt", ".hidden")
+ENTRY_KINDS = ("file", "dir", "link-to-outside-file", "dangling-link-outside", "link-to-inside", "fifo")
+OUT_KINDS = ("absent", "empty-dir", "dir-holding", "file", "link-to-empty-dir", "dangling-link", "fifo",
+             "under-a-file", "in-the-hf-cache", "new-under-new-parents")
+
+
+def make_entry(path: Path, kind: str, outside: Path) -> None:
+    if kind == "file":
+        path.write_bytes(b"the user's own " + path.name.encode())
+    elif kind == "dir":
+        path.mkdir()
+        (path / "inside").write_text("mine")
+    elif kind == "link-to-outside-file":
+        path.symlink_to(outside)
+    elif kind == "dangling-link-outside":
+        path.symlink_to(outside.parent / f"would-be-created-{path.name}")
+    elif kind == "link-to-inside":
+        path.symlink_to("notes-target")
+    else:
+        os.mkfifo(path)
+
+
+def make_out(root: Path, hf_cache: Path, kind: str, entries: list[tuple[str, str]]) -> Path:
+    """An --out of ``kind`` under ``root`` (``entries`` in it for "dir-holding")."""
+    out = root / "out"
+    outside = root / "victim.txt"
+    outside.write_text("a file outside --out")
+    if kind == "empty-dir":
+        out.mkdir(mode=0o700)
+        os.chmod(out, 0o700)
+    elif kind == "dir-holding":
+        out.mkdir()
+        for name, entry in entries:
+            make_entry(out / name, entry, outside)
+    elif kind == "file":
+        out.write_text("a file of the user's")
+    elif kind == "link-to-empty-dir":
+        (root / "real").mkdir()
+        out.symlink_to(root / "real")
+    elif kind == "dangling-link":
+        out.symlink_to(root / "nowhere")
+    elif kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "under-a-file":
+        (root / "plain").write_text("x")
+        out = root / "plain" / "out"
+    elif kind == "in-the-hf-cache":
+        snapshot = hf_cache / "models--org--name" / "snapshots" / uuid.uuid4().hex
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        out = snapshot / "run"
+    elif kind == "new-under-new-parents":
+        out = root / "a" / "b" / "out"
+    return out
+
+
+@pytest.fixture(scope="module")
+def earlier_runs(tmp_path_factory):
+    """One real probe run and one real ppl run, for --compare."""
+    base = tmp_path_factory.mktemp("earlier")
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+        for command in ("probe", "ppl"):
+            proc = run_launch(*run_args(command, server.url, "--out", str(base / command)),
+                              env={"LAUNCH_API_KEY": ""})
+            assert proc.returncode == 0, proc.stderr
+    return base
+
+
+@pytest.mark.parametrize("command", ["probe", "ppl", "probe --compare", "ppl --compare"])
+def test_results_go_only_into_a_new_or_empty_directory_and_nothing_else_changes(
+        capsys, monkeypatch, tmp_path, earlier_runs, command):
+    hf_cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    name, _, compare = command.partition(" ")
+    made = COMPARE_CHARTS[name] if compare else CHARTS[name]
+    entries = st.lists(st.tuples(st.sampled_from(OUR_NAMES), st.sampled_from(ENTRY_KINDS)), min_size=1,
+                       max_size=4, unique_by=lambda e: e[0])
+
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+
+        @PROPERTY
+        @given(kind=st.sampled_from(OUT_KINDS), inside=entries)
+        def check(kind, inside):
+            root = Path(tempfile.mkdtemp(dir=tmp_path))
+            out = make_out(root, hf_cache, kind, inside)
+            before = tree(root, hf_cache)
+            inode = os.lstat(out).st_ino if kind == "empty-dir" else None
+            prompts = len(server.prompts) + len(server.ppl_inputs)
+            argv = ([name, "--compare", str(earlier_runs / name), str(earlier_runs / name)] if compare
+                    else run_args(name, server.url))
+            code, stdout, err = cli(capsys, *argv, "--out", str(out))
+            after = tree(root, hf_cache)
+            if kind in ("absent", "empty-dir", "new-under-new-parents"):
+                assert code == 0, err
+                new = {p for p in after if p not in before}
+                expected = {str(out / made)} if compare else {str(out / "results.json"), str(out / made)}
+                assert new - {str(p) for p in out.parents} == expected | ({str(out)} if kind != "empty-dir" else set())
+                assert all(after[p][0] == "file" for p in expected)  # real files, no link, no temporary left
+                assert {p: v for p, v in after.items() if p in before and p != str(out)} == \
+                    {p: v for p, v in before.items() if p != str(out)}
+                if inode is not None:  # the user's own empty directory, kept as it was (mode 0700)
+                    assert os.lstat(out).st_ino == inode and stat.S_IMODE(os.lstat(out).st_mode) == 0o700
+                assert f"wrote {out / ('results.json' if not compare else made)}" in stdout
+            else:
+                assert code == 2, (kind, inside, err)
+                assert stdout == "" and err.count("\n") == 1 and err.startswith("launch: error: --out "), err
+                assert after == before  # nothing written, changed or created, here or through a link
+                assert len(server.prompts) + len(server.ppl_inputs) == prompts  # refused before the run
+
+        check()
+
+
+def test_results_that_cannot_be_written_are_one_line_and_leave_no_directory(tmp_path):
+    """A file system that takes no more (here: a file size limit of 1 kB, EFBIG like a full disk's
+    ENOSPC): the table still printed, one error line, exit 1, and the directory launch made for the
+    run is gone again."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+        proc = subprocess.run([sys.executable, "-m", "launcher", *run_args("probe", server.url),
+                               "--out", str(tmp_path / "o")], check=False, cwd=REPO, capture_output=True,
+                              text=True, timeout=120, preexec_fn=small_files, env={**os.environ, "LAUNCH_API_KEY": ""})
+    assert proc.returncode == 1
+    assert "overall accuracy 1.00 (1/1 found" in proc.stdout and "wrote" not in proc.stdout  # the numbers survive
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"launch: error: cannot write the results at {tmp_path / 'o' / 'results.json'}: ")
+    assert "nothing of yours was changed" in last and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+CHANGES = ("user-file", "user-results-link", "user-chart-link-outside", "out-became-a-link", "out-became-a-file",
+           "out-removed", "another-run-wrote-there", "fifo-named-like-a-chart")
+
+
+@PROPERTY
+@given(change=st.sampled_from(CHANGES), command=st.sampled_from(["probe", "ppl"]))
+def test_an_out_taken_during_the_run_keeps_its_contents_and_the_results_go_beside_it(change, command):
+    """``--out`` is checked before the run and written hours later: whatever appeared there meanwhile
+    stays untouched, and the results still land, in a new directory launch makes beside it."""
+    from launcher.eval.ppl import write_outputs as write_ppl
+    from launcher.eval.probe import write_outputs as write_probe
+    from launcher.eval.runfiles import check_out_dir
+
+    result = _results()[command]
+    write = write_probe if command == "probe" else write_ppl
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        out = check_out_dir(root / "out", example="./run")
+        (root / "victim").write_text("outside")
+        out.mkdir()
+        if change == "user-file":
+            (out / "notes.txt").write_text("mine")
+        elif change == "user-results-link":
+            (out / "results.json").symlink_to(root / "victim")
+        elif change == "user-chart-link-outside":
+            (out / CHARTS[command]).symlink_to(root / "created-outside.png")
+        elif change == "out-became-a-link":
+            out.rmdir()
+            (root / "elsewhere").mkdir()
+            out.symlink_to(root / "elsewhere")
+        elif change == "out-became-a-file":
+            out.rmdir()
+            out.write_text("mine")
+        elif change == "out-removed":
+            out.rmdir()
+        elif change == "another-run-wrote-there":
+            write(result, out)
+        else:
+            os.mkfifo(out / CHARTS[command])
+        before = tree(root)
+        paths = write(result, out)
+        after = tree(root)
+        assert {p: v for p, v in after.items() if p in before} == before  # nothing of the user's touched
+        if change == "out-removed":
+            assert paths.out_dir == out and paths.note is None
+        else:
+            assert paths.out_dir == root / "out-2" and "out-2" in paths.note and str(out) in paths.note
+        assert json.loads(paths.results_json.read_bytes())["settings"]["lengths"] == list(result.settings.lengths)
+        written = {p for p in after if p not in before}
+        assert written == {str(paths.out_dir), str(paths.results_json), str(paths.out_dir / CHARTS[command])}
+        assert not (root / "created-outside.png").exists()
+
+
+_CACHE: dict = {}
+
+
+def _results() -> dict:
+    """A real probe result and a real ppl result from the stand-in (made once)."""
+    if not _CACHE:
+        from launcher.eval.ppl import PplSettings, run_ppl
+        from launcher.eval.probe import ProbeSettings, run_probe
+
+        with ProbeStandin(visible=5000, session_len=100_000) as server:
+            _CACHE["probe"] = run_probe(ProbeSettings(url=server.url, lengths=(300,), depths=(0.0,), trials=1))
+            _CACHE["ppl"] = run_ppl(PplSettings(url=server.url, lengths=(300, 600), span=100))
+    return _CACHE
+
+
+@PROPERTY
+@given(command=st.sampled_from(["probe", "ppl"]), head=st.text(max_size=5), tail=st.text(max_size=5),
+       control=st.characters(categories=["Cc"]))
+def test_an_out_name_with_a_control_character_is_refused_and_nothing_made(command, head, tail, control):
+    import io
+    from contextlib import redirect_stderr
+
+    from launcher.cli import main
+
+    with tempfile.TemporaryDirectory() as name:
+        out = Path(name) / f"run{head}{control}{tail}"
+        err = io.StringIO()
+        with redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            main(run_args(command, "http://127.0.0.1:9", "--out", str(out)))
+        assert exit_.value.code == 2 and os.listdir(name) == []
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and "control character" in lines[0] and all_printable(*lines)
+
+
+# --- what --compare and --text read -------------------------------------------------------------
+
+
+def special_file(root: Path, kind: str) -> Path:
+    if kind == "device":
+        return Path("/dev/zero")
+    path = root / "special"
+    if kind == "socket":
+        holder = socket.socket(socket.AF_UNIX)
+        holder.bind(str(path))  # closed with the process; the file stays
+        holder.close()
+    else:
+        os.mkfifo(path)
+    if kind == "fifo-as-results.json":
+        (root / "run").mkdir()
+        path.rename(root / "run" / "results.json")
+        return root / "run"
+    if kind == "link-to-fifo":
+        (root / "link").symlink_to(path)
+        return root / "link"
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fifo-as-results.json", "link-to-fifo", "device", "socket"])
+@pytest.mark.parametrize("command", ["probe", "ppl"])
+def test_compare_refuses_what_is_not_a_regular_file_without_waiting_on_it(tmp_path, command, kind):
+    target = special_file(tmp_path, kind)
+    # A subprocess with a deadline: a read that blocks must fail this test, not hang the run.
+    proc = run_launch(command, "--compare", str(target), str(target), "--out", str(tmp_path / "c"), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "is not a regular file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "socket"])
+def test_a_ppl_text_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, kind):
+    import threading
+
+    from launcher.eval.ppl.text import PplBadText, load_texts
+
+    target = special_file(tmp_path, kind)
+    outcome = []
+
+    def read():
+        try:
+            load_texts((target,))
+        except PplBadText as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert outcome and "is not a regular file" in outcome[0]
+
+
+@pytest.mark.parametrize("command", ["probe", "ppl"])
+def test_a_tokenizer_directory_holding_a_fifo_is_refused_without_waiting(tmp_path, command):
+    (tmp_path / "tok").mkdir()
+    os.mkfifo(tmp_path / "tok" / "tokenizer.json")
+    with ProbeStandin(visible=5000, encode=False) as server:  # no /v1/encode: the local tokenizer counts
+        proc = run_launch(*run_args(command, server.url, "--tokenizer", str(tmp_path / "tok"), "--out",
+                                    str(tmp_path / "o")), env={"LAUNCH_API_KEY": ""}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"cannot load a tokenizer from {tmp_path / 'tok'}: tokenizer.json is not a regular file" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# --- a stuck engine, and runs that answered nothing ---------------------------------------------
+
+
+def test_probe_stops_when_the_engine_stops_answering(tmp_path, capsys):
+    with ProbeStandin(visible=5000, session_len=100_000, hang_after=0) as server:
+        code, stdout, err = cli(capsys, "probe", "--url", server.url, "--lengths", "300,400", "--depths", "0,0.5,1",
+                                "--trials", "3", "--timeout", "1", "--out", str(tmp_path / "o"))
+        sent = len(server.prompts)
+    assert code == 3 and sent == STUCK_AFTER  # not the 18 planned: it stopped after 3 misses in a row
+    last = err.splitlines()[-1]
+    assert last.startswith(f"launch: error: {server.url} left 3 requests in a row unanswered within the 1 s")
+    assert "engine looks stuck" in last
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(data["trials"]) == STUCK_AFTER and "engine looks stuck" in data["stopped_by"]
+    assert all("did not answer within 1 s" in t["error"] for t in data["trials"])
+    assert f"stopped early: {server.url} left 3 requests" in stdout
+
+
+def test_ppl_stops_when_the_engine_stops_answering(tmp_path, capsys):
+    # /get_ppl answers the first (2-token) check, then nothing.
+    with ProbeStandin(visible=5000, session_len=100_000, hang=lambda kind, n: kind == "ppl" and n > 1) as server:
+        code, _, err = cli(capsys, "ppl", "--url", server.url, "--lengths", "300,400,500,600,700,800",
+                           "--span", "100", "--timeout", "1", "--out", str(tmp_path / "o"))
+        calls = server.ppl_calls
+    assert code == 3 and calls == 1 + STUCK_AFTER
+    assert "engine looks stuck" in err.splitlines()[-1]
+    assert len(json.loads((tmp_path / "o" / "results.json").read_text())["points"]) == STUCK_AFTER
+
+
+def test_misses_that_are_not_in_a_row_do_not_stop_the_sweep(tmp_path, capsys):
+    # Every third prompt hangs: two misses are never adjacent, so all 9 trials run.
+    with ProbeStandin(visible=5000, session_len=100_000, hang=lambda kind, n: n % 3 == 0) as server:
+        code, _, err = cli(capsys, "probe", "--url", server.url, "--lengths", "300", "--depths", "0,0.5,1",
+                           "--trials", "3", "--timeout", "0.5", "--out", str(tmp_path / "o"))
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert code == 0, err
+    assert len(data["trials"]) == 9 and sum(t["error"] is not None for t in data["trials"]) == 3
+
+
+def json_values():
+    """Any JSON value, NaN and the infinities included (Python's json writes and reads them)."""
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+def failed_reply():
+    """A reply that answers nothing: an error status, an error body, not JSON, the wrong shape, or a
+    message whose content is not text (NaN, a number, a list...)."""
+    bodies = st.sampled_from([b'{"detail": "boom"}', b"<html>bad gateway</html>", b"", b'{"choices": []}',
+                              b'{"error_code": 10402, "text": "Failed to get response"}',
+                              b'{"object": "error", "message": "no", "code": 400}', b'{"ppl": NaN}'])
+    not_text = json_values().filter(lambda v: v is not None and not isinstance(v, str))
+    content = not_text.map(lambda v: json.dumps(  # [v]: a list is never the number 'ppl' must be
+        {"choices": [{"message": {"role": "assistant", "content": v}}], "ppl": [v]}).encode())
+    return st.tuples(st.sampled_from([200, 400, 413, 500, 502, 503]), bodies) | st.tuples(st.just(200), content)
+
+
+@pytest.mark.parametrize("command", ["probe", "ppl"])
+def test_a_run_that_nothing_answered_exits_3_and_keeps_its_results(tmp_path, capsys, command):
+    path = "/v1/chat/completions" if command == "probe" else "/get_ppl"
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+
+        @PROPERTY
+        @given(reply=failed_reply())
+        def check(reply):
+            # ppl: the first /get_ppl (the 2-token check before the run) answers, the windows do not.
+            server.raw[path] = reply if command == "probe" else (lambda n: reply if n > 1 else None)
+            server.raw_counts.clear()
+            out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+            code, stdout, err = cli(capsys, *run_args(command, server.url, "--out", str(out)))
+            what = "trial" if command == "probe" else "window"
+            total = 1 if command == "probe" else 2
+            assert code == 3, err
+            assert err.splitlines()[-1].startswith(f"launch: error: no {what} was answered: all {total} failed, e.g. ")
+            data = json.loads((out / "results.json").read_text())
+            items = data["trials"] if command == "probe" else data["points"]
+            assert len(items) == total and all(item["error"] for item in items)
+            assert all_printable(stdout, err)
+
+        check()
+
+
+def test_every_length_past_the_session_exits_3(tmp_path, capsys):
+    with ProbeStandin(visible=5000, session_len=200) as server:
+        code, _, err = cli(capsys, "probe", "--url", server.url, "--lengths", "300,400", "--depths", "0,1",
+                           "--trials", "1", "--out", str(tmp_path / "o"))
+    assert code == 3 and "no trial was answered: all 4 failed, e.g. HTTP 400: Input length" in err
+
+
+@pytest.mark.parametrize("where", ["id", "content", "reasoning_content", "prompt_tokens"])
+def test_reply_values_of_the_wrong_type_are_bad_replies_not_answers(where):
+    with ProbeStandin(visible=5000) as server:
+        client = OpenAIClient(server.url, timeout=5)
+
+        @PROPERTY
+        @given(value=json_values())
+        def check(value):
+            body = json.dumps({"data": [{"id": value}]} if where == "id" else {
+                "choices": [{"message": {"role": "assistant", **({where: value} if where != "prompt_tokens" else
+                                                                {"content": "The pass key is 1."})}}],
+                "usage": {"prompt_tokens": value if where == "prompt_tokens" else 5}})
+            server.raw["/v1/models" if where == "id" else "/v1/chat/completions"] = (200, body.encode())
+            ok_text = isinstance(value, str) and (where != "id" or value.strip())
+            if where == "prompt_tokens":
+                reply = client.chat("m", "hi", 8)
+                whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                assert reply.prompt_tokens == (value if whole else None)
+            elif ok_text or (where != "id" and value is None):
+                got = client.models() if where == "id" else client.chat("m", "hi", 8).text
+                assert got == ([value] if where == "id" else (value or ""))
+            else:
+                with pytest.raises(ProbeBadReply) as info:
+                    client.models() if where == "id" else client.chat("m", "hi", 8)
+                if isinstance(value, float) and not math.isfinite(value):
+                    assert "which is not a JSON number" in str(info.value)
+
+        check()
+
+
+# --- what the server sends is printed printable ------------------------------------------------
+
+ISSUE_DETAIL = json.dumps({"detail": "boom\x1b[31mRED\nSECOND LINE"}).encode()
+
+
+@pytest.mark.parametrize(("command", "path"), [("probe", "/v1/models"), ("probe", "/v1/chat/completions"),
+                                               ("ppl", "/v1/models"), ("ppl", "/get_ppl")])
+def test_a_500_with_escape_codes_in_its_detail_prints_one_printable_line(tmp_path, command, path):
+    """The case of issue 16, end to end through the real CLI in a subprocess."""
+    raw = {path: (500, ISSUE_DETAIL) if path != "/get_ppl" else (lambda n: (500, ISSUE_DETAIL) if n > 1 else None)}
+    with ProbeStandin(visible=5000, session_len=100_000, raw=raw) as server:
+        proc = run_launch(*run_args(command, server.url, "--out", str(tmp_path / "o")), env={"LAUNCH_API_KEY": ""})
+    assert "\x1b" not in proc.stdout + proc.stderr
+    assert all_printable(proc.stdout, proc.stderr)
+    last = proc.stderr.splitlines()[-1]
+    assert last.endswith("boom\\x1b[31mRED\\nSECOND LINE") or "boom\\x1b[31mRED\\nSECOND LINE (details in" in last
+    assert proc.returncode == (1 if path == "/v1/models" else 3)
+    assert not any(line.startswith("SECOND LINE") for line in (proc.stdout + proc.stderr).splitlines())
+
+
+@PROPERTY
+@given(text=st.text(min_size=1, max_size=30), where=st.sampled_from(["detail", "error body", "model id"]))
+def test_whatever_the_server_sends_every_line_probe_prints_is_printable(text, where):
+    import io
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from launcher.cli import main
+
+    raw = {"detail": {"/v1/chat/completions": (500, json.dumps({"detail": text}).encode())},
+           "error body": {"/v1/chat/completions": (200, json.dumps({"error_code": 7, "text": text}).encode())},
+           "model id": {"/v1/models": (200, json.dumps({"data": [{"id": f"m{text}"}]}).encode())}}[where]
+    out, err = io.StringIO(), io.StringIO()
+    with ProbeStandin(visible=5000, session_len=100_000, raw=raw, model=f"m{text}") as server, \
+            tempfile.TemporaryDirectory() as name, redirect_stdout(out), redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as warned, pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("always")
+        main(["probe", "--url", server.url, "--lengths", "300", "--depths", "0,1", "--trials", "1",
+              "--out", str(Path(name) / "o")])
+    assert exit_.value.code == (0 if where == "model id" else 3), err.getvalue()
+    assert all_printable(out.getvalue(), err.getvalue())
+    assert [str(w.message) for w in warned] == []  # a warning would print its own lines on stderr
+
+
+@PROPERTY
+@given(line=st.text(max_size=40), tty=st.booleans())
+def test_the_server_start_progress_line_is_printable(line, tty):
+    """``serve`` shows the server's last log line while it loads: whatever the server logged, one
+    printable line (the terminal's own rewrite, carriage return and erase, is launch's only escape)."""
+    import io
+
+    from launcher.runtime.progress import StartProgress
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    stream = Stream()
+    progress = StartProgress(stream, log_path=Path("server.log"), every_s=1.0)
+    progress.update(2.0, line)
+    progress.done(3.0)
+    shown = stream.getvalue().replace("\r\x1b[K", "")
+    assert all_printable(shown) and shown.count("\n") == (2 if tty else 3)
