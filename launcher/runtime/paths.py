@@ -57,11 +57,11 @@ def user_presets_dirs() -> list[Path]:
 def builtin_presets_dir() -> Path:
     """The presets shipped with launch (``configs/`` in the source tree, packaged as
     ``launcher/configs`` in a wheel)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
+    package = Path(__file__).resolve().parents[1]  # launcher/
+    for candidate in (package / "configs", package.parent / "configs"):
         if candidate.is_dir():
             return candidate
-    return here / "configs"
+    return package / "configs"
 
 
 def _env_path(var: str) -> Path | None:
