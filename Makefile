@@ -1,9 +1,9 @@
-# launch: make install | test | bench | smoke | lint
+# launch: make install | test | test-fast | bench | smoke | lint
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: install test bench smoke lint clean
+.PHONY: install test test-fast bench smoke lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ install:
 
 test:
 	$(PY) -m pytest -q
+
+test-fast:  # the everyday loop: everything not marked slow (processes, servers, models)
+	$(PY) -m pytest -q -m "not slow"
 
 bench:
 	$(PY) bench/run.py

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import LLAMA, assert_one_line_error
 from tests.unit.model.test_overlay import tree_digest
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 def plan_json(launch, *args, env=None):
     result = launch("plan", *args, "--json", env=env)

@@ -19,6 +19,8 @@ import yaml
 from launcher.cli import main
 from tests.conftest import LLAMA, REPO, tree_state
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()

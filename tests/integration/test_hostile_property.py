@@ -25,11 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.cli import main
 from tests.conftest import tree_state
+
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,8 @@ from tests.conftest import LLAMA, REPO, tree_state
 from tests.support.servers import JSONHandler, serving, url_of
 from tests.unit.rules.test_limits import run
 from tests.unit.test_errors import _all_errors
+
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
 
 # Text that is not UTF-8: a lone surrogate (what Python makes of a byte of a non-UTF-8 file name,
 # U+DC80..U+DCFF, or what a JSON file's "\ud800" escape reads as), placed where launch reads text.

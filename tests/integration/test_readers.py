@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import assert_one_line_error, tree_state
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 REMOTE_CODE = Path(__file__).resolve().parents[1] / "support" / "remote_code"
 
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 HEAVY = ("torch", "transformers", "lmdeploy", "matplotlib", "pydantic")
 
 BLOCKER = r"""

@@ -29,6 +29,8 @@ from tests.conftest import REPO, run_launch
 from tests.support.probe_standin import png_size
 from tests.support.smollm2 import gguf_dir, prepare
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 CACHE = Path(os.environ.get("LAUNCH_TEST_CACHE", REPO / ".test-cache"))
 NATIVE = 8192
 

@@ -15,6 +15,8 @@ from launcher.eval.probe.chart import HEATMAP_SIZE_PX
 from tests.conftest import REPO, assert_one_line_error, run_launch
 from tests.support.probe_standin import ProbeStandin, closed_port_url, png_size
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 def rows(stdout: str) -> dict[str, list[str]]:
     """Table rows by depth label: {'0.00': ['1.00', '1.00', '0.00'], ...}."""

@@ -16,6 +16,8 @@ from launcher.net.http import Unreachable
 from launcher.net.openai import ProbeUnauthorized
 from tests.support.probe_standin import ProbeStandin, closed_port_url, passkey_end, png_size, tokenize
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 K = 1000
 
 

@@ -35,6 +35,8 @@ from tests.conftest import run_launch
 from tests.integration.test_hostile_inputs import cli
 from tests.support.probe_standin import ProbeStandin
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 CHARTS = {"probe": "heatmap.png", "ppl": "ppl.png"}
 COMPARE_CHARTS = {"probe": "heatmap-compare.png", "ppl": "ppl-compare.png"}

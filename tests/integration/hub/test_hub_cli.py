@@ -16,6 +16,8 @@ from launcher.runtime.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, run_launch
 from tests.support.fakehub import FakeHub, tiny_repo_files
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 def test_fetch_main_path_cache_hit_and_offline(hub):
     first = run_launch("fetch", "org/tiny")

@@ -35,6 +35,8 @@ from launcher.runtime.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, assert_one_line_error, run_launch, tree_state, user_presets
 from tests.support.fakehub import FakeHub, tiny_repo_files
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 WEEK = hubenv.WEEK_S
 ENV_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=30)
 ONCE = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import assert_one_line_error, cache_mismatches, run_launch, tree_state, user_presets
 from tests.support.fakehub import TINY_CONFIG, FakeHub, tiny_repo_files
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 def blobs(hf_home: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (hf_home / "hub").glob("models--*/blobs/*")}

@@ -29,6 +29,8 @@ from tests.integration.serve.test_serve import PRETEND_GPU, launch_with_gpu, rea
 from tests.support.standin_engine_server import key_digest, spec_seen
 from tests.unit.plan.test_layout import lmdeploy_serve_parser, parse
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 
 @pytest.fixture(scope="module")
 def serve_parser():

@@ -38,11 +38,13 @@ from launcher.runtime.process import PortBusy, PortClaim, ServerProcess
 from launcher.runtime.progress import StartProgress
 from launcher.runtime.supervise import ServerStartTimeout, wait_ready
 from launcher.scaleout.nodes import node_url, proxy_nodes, same_node
-from tests.integration.scaleout import test_proxy
 from tests.conftest import LLAMA, REPO, assert_one_line_error, free_port, killed_if_running
+from tests.integration.scaleout import test_proxy
 from tests.integration.scaleout.test_proxy import MODEL, start_launch_proxy, stop, wait_for
 from tests.integration.serve.test_serve import launch_with_gpu
 from tests.support.servers import JSONHandler, serving
+
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
 
 KEY = "edge-test-key-1"
 PASSWORD = "s3cret-pw"

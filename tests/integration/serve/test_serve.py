@@ -26,6 +26,8 @@ from launcher.runtime.process import SPEC_ON_STDIN
 from tests.conftest import REPO, assert_one_line_error, free_port, run_launch, user_presets
 from tests.support.standin_engine_server import key_digest, spec_seen
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
