@@ -26,9 +26,10 @@ class LayoutHeadsIndivisible(LaunchError):
     count: int
     tp: int
     exit_code = 2
+    # the flag's voice (BadOption's): presets name their own key instead (presets.py)
     message = (
-        "--tp {tp} does not divide the model's {count} {what}: TurboMind splits them evenly over the tp "
-        "GPUs. Use a tp that divides {count}."
+        "--tp '{tp}': does not divide the model's {count} {what} (TurboMind splits them evenly over the tp "
+        "GPUs); use a tp that divides {count}"
     )
 
 

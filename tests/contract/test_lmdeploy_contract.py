@@ -23,6 +23,8 @@ import pytest
 from launcher.model.presets import preset_files
 from launcher.rules.rope import WRITABLE_TYPES
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 HERE = Path(__file__).resolve().parent
 
 

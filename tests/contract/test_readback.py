@@ -15,6 +15,8 @@ from launcher.engine.readback import readback_problem
 from tests.conftest import LLAMA
 from tests.integration.test_readers import internlm2_checkpoint
 
+pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
+
 pytest.importorskip("lmdeploy")
 
 

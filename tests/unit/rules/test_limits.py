@@ -158,6 +158,7 @@ def test_the_flag_list_is_every_number_flag_the_commands_declare():
     assert [case for case in FLAG_CASES if case not in declared] == []
 
 
+@pytest.mark.slow  # 160 commands through the CLI
 @settings(max_examples=160, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(case=st.sampled_from(FLAG_CASES), text=HOSTILE_NUMBER)
 def test_every_number_flag_of_every_command_refuses_what_is_no_number_in_one_voice(tmp_path, monkeypatch, case, text):
@@ -214,6 +215,7 @@ def with_value(key: tuple[str, ...], value: object) -> dict:
     return data
 
 
+@pytest.mark.slow  # 120 plans through the CLI
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(key=st.sampled_from(sorted(SHARED)), data=st.data())
 def test_a_preset_number_is_refused_exactly_where_its_flag_is_with_the_flags_rule(tmp_path, monkeypatch, key, data):
