@@ -80,6 +80,17 @@ from launcher.errors import LaunchError
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import INT32_MAX, BadConfig, check_config, config_int, optional_number, shown
 from launcher.rules.limits import ROPE_THETA
+from launcher.rules.readers import (
+    _TYPE_KEYS,
+    WRITABLE_TYPES,
+    ConfigClass,
+    check_keys,
+    check_type,
+    config_class,
+    dict_rule,
+    in_shape,
+    shaped,
+)
 
 
 class BadFactor(LaunchError):
@@ -185,8 +196,6 @@ class SessionBeyondScaling(LaunchError):
     )
 
 
-# Types launch knows how to write (the one list: presets, flags and the contract test import it).
-WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")
 # Types each lmdeploy engine implements (turbomind: models/utils.py parse_rope_param;
 # pytorch: nn/rotary_embedding.py build_rotary_params). A contract test checks these.
 ENGINE_TYPES: dict[str, tuple[str, ...]] = {
@@ -197,7 +206,6 @@ ENGINE_TYPES: dict[str, tuple[str, ...]] = {
 NESTED_TEXT_KEYS: tuple[str, ...] = ("llm_config", "text_config", "language_config")
 # Keys of a RoPE dict that are not about scaling: kept through every rewrite.
 _KEPT_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
-_TYPE_KEYS = ("type", "rope_type")
 _NO_SCALING = (None, "", "default", "none", "mrope")  # "mrope": no scaling, as both engines read it
 
 LLAMA3_LOW_FREQ = 1.0
@@ -207,45 +215,6 @@ INTERNLM_V1_ARCH = "InternLMForCausalLM"
 _REMOTE_MODEL_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
 
 _MISSING = object()
-
-
-# --- errors raised here -----------------------------------------------------------------------
-
-
-class ConfigClassRefusesType(LaunchError):
-    """The model's own config class cannot hold this RoPE type (or, for a class launch has not read,
-    may not): lmdeploy would load such an overlay only through its generic fallback, transformers not
-    at all."""
-
-    config_class: str
-    rope_type: str
-    types: tuple[str, ...]
-    known: bool = True
-    exit_code = 2
-
-    def message(self) -> str:
-        if self.known:
-            return (f"{self.config_class} (the model's own config class) cannot hold {self.rope_type!r} RoPE "
-                    f"scaling, it takes {', '.join(self.types)}: lmdeploy would read such a config only through "
-                    f"its generic fallback and transformers not at all. Use --type {self.types[0]}")
-        return (f"{self.config_class} (the model's own config class) is not one launch knows; launch writes only "
-                f"{', '.join(self.types)} for it. Use --type {self.types[0]}, or add --force to write "
-                f"{self.rope_type!r} and check that the model still loads")
-
-
-class ConfigClassRefusesKeys(LaunchError):
-    """The config's RoPE dict holds keys the model's own class does not accept next to the scaling."""
-
-    source: str
-    key: str
-    config_class: str
-    extra: tuple[str, ...]
-    allowed: tuple[str, ...]
-    exit_code = 2
-    message = (
-        "{source}: {key} holds {extra_list}, but {config_class} accepts only {allowed_list} there. "
-        "Fix the config (the model's own code would refuse it too), or pick a checkpoint with a valid one."
-    )
 
 
 class YarnFactorRoundsAway(LaunchError):
@@ -285,74 +254,6 @@ def parse_rope_type(value: str) -> str:
     if name not in WRITABLE_TYPES:
         raise UnknownRopeType(str(value), WRITABLE_TYPES)
     return name
-
-
-# --- who reads a config section ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigClass:
-    """The class that turns a config section into the object both engines read, and the RoPE shape it
-    accepts: the types it can hold, the key(s) naming the type, and (when it allows no others) the only
-    keys the dict may have."""
-
-    name: str
-    code: str | None = None  # the checkpoint's own file, for a class that comes with the checkpoint
-    types: tuple[str, ...] = WRITABLE_TYPES
-    type_keys: tuple[str, ...] = _TYPE_KEYS
-    only: tuple[str, ...] | None = None
-    known: bool = True  # False: a class of the checkpoint's code whose rule launch has not read
-
-    @property
-    def remote(self) -> bool:
-        return self.code is not None
-
-    def describe(self) -> str:
-        if not self.remote:
-            return f"{self.name} (transformers' own)"
-        rule = "" if self.known else "; its rule is not one launch knows"
-        return f"{self.name} (the model's own code, {self.code}{rule})"
-
-    def as_dict(self) -> dict:
-        return {"class": self.name, "remote_code": self.code, "types": list(self.types),
-                "type_keys": list(self.type_keys), "only_keys": list(self.only) if self.only else None,
-                "known": self.known}
-
-
-# The config classes that come with checkpoints, by model_type, and the architecture that names them.
-_INTERNLM2 = ConfigClass("InternLM2Config", "configuration_internlm2.py", types=("dynamic", "linear"),
-                         type_keys=("type",), only=("type", "factor"))
-_INTERNLM3 = ConfigClass("InternLM3Config", "configuration_internlm3.py", type_keys=("rope_type",))
-REMOTE_CLASSES: dict[str, ConfigClass] = {"internlm2": _INTERNLM2, "internlm3": _INTERNLM3}
-_REMOTE_ARCHS = {"InternLM2ForCausalLM": "internlm2", "InternLM3ForCausalLM": "internlm3"}
-# transformers' own config class names, for the plan (any other model_type is named by it).
-_NATIVE_NAMES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig",
-                 "qwen2_vl": "Qwen2VLConfig", "qwen2_vl_text": "Qwen2VLTextConfig",
-                 "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen2_5_vl_text": "Qwen2_5_VLTextConfig", "qwen3": "Qwen3Config",
-                 "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
-
-
-def _shipped_type_keys(settings: dict | None) -> tuple[str, ...]:
-    keys = tuple(k for k in _TYPE_KEYS if isinstance(settings, dict) and k in settings)
-    return keys or ("type",)
-
-
-def config_class(section: dict, settings: dict | None = None) -> ConfigClass:
-    """The class that reads ``section`` (a config, or its language model's part): a known class of the
-    checkpoint's code by ``model_type`` or architecture, an unknown one named by ``auto_map``, else
-    transformers' own."""
-    model_type = section.get("model_type")
-    archs = section.get("architectures") or []
-    family = model_type if model_type in REMOTE_CLASSES else _REMOTE_ARCHS.get(archs[0] if archs else None)
-    if family is not None:
-        return REMOTE_CLASSES[family]
-    auto_map = section.get("auto_map")
-    remote = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
-    if isinstance(remote, str) and remote:
-        module, _, name = remote.rpartition("--")[2].rpartition(".")
-        return ConfigClass(name or remote, f"{module or name}.py", types=("dynamic", "linear"),
-                           type_keys=_shipped_type_keys(settings), known=False)
-    return ConfigClass(_NATIVE_NAMES.get(model_type, f"the config class of model_type {model_type!r}"))
 
 
 # --- reading what a config says ---------------------------------------------------------------
@@ -558,33 +459,6 @@ def _reader_of(config: dict, before: RopeState, v1: list[Change]) -> ConfigClass
     return config_class(_get_section(config, before.section), before.settings)
 
 
-def _dict_rule(reader: ConfigClass, key: str) -> ConfigClass:
-    """The shape rule for the dict under ``key``: a class's own rule covers ``rope_scaling``, the argument
-    it validates; ``rope_parameters`` is transformers 5's structure, read by its own code (both type keys,
-    other keys allowed)."""
-    if key == "rope_scaling":
-        return reader
-    return ConfigClass(reader.name, reader.code, reader.types, known=reader.known)
-
-
-def _shaped(settings: dict, reader: ConfigClass, rope_type: str) -> dict:
-    """``settings`` with the type named the way ``reader`` reads it, in the key order of its examples."""
-    out = {k: rope_type for k in reader.type_keys}
-    out.update((k, v) for k, v in settings.items() if k not in _TYPE_KEYS)
-    return out
-
-
-def _in_shape(settings: dict | None, reader: ConfigClass) -> bool:
-    """Whether ``reader`` takes ``settings`` as they are: a class that allows other keys reads either type
-    key (transformers' own convert one into the other); one that does not needs exactly its own."""
-    if not settings or not any(k in settings for k in _TYPE_KEYS):
-        return False
-    if reader.only is None:
-        return True
-    present = tuple(k for k in _TYPE_KEYS if k in settings)
-    return present == tuple(k for k in _TYPE_KEYS if k in reader.type_keys) and set(settings) <= set(reader.only)
-
-
 def _new_settings(before: RopeState, reader: ConfigClass, rope_type: str, factor: float) -> tuple[dict, int]:
     """The RoPE dict to write and the max_position_embeddings to write with it."""
     native = before.native_context
@@ -598,12 +472,12 @@ def _new_settings(before: RopeState, reader: ConfigClass, rope_type: str, factor
         settings.pop("original_max_position_embeddings", None)
         for stale in ("low_freq_factor", "high_freq_factor"):
             settings.pop(stale, None)
-        return _shaped(settings, reader, rope_type), native
+        return shaped(settings, reader, rope_type), native
     settings["original_max_position_embeddings"] = native
     if rope_type == "llama3":
         settings.setdefault("low_freq_factor", LLAMA3_LOW_FREQ)
         settings.setdefault("high_freq_factor", LLAMA3_HIGH_FREQ)
-    return _shaped(settings, reader, rope_type), round(native * factor)
+    return shaped(settings, reader, rope_type), round(native * factor)
 
 
 def _already_right(before: RopeState, reader: ConfigClass, rope_type: str, factor: float) -> bool:
@@ -611,7 +485,7 @@ def _already_right(before: RopeState, reader: ConfigClass, rope_type: str, facto
     if before.rope_type != rope_type or before.factor != factor or before.mirror is not None:
         return False
     old = before.settings or {}
-    if not _in_shape(old, reader) or not isinstance(old.get("factor"), float):
+    if not in_shape(old, reader) or not isinstance(old.get("factor"), float):
         return False
     if rope_type in ("dynamic", "linear"):
         return True
@@ -623,23 +497,6 @@ def _already_right(before: RopeState, reader: ConfigClass, rope_type: str, facto
     # llama3: both engines read factor, low, high and original directly; lmdeploy's PyTorch
     # engine needs both frequency factors present.
     return "low_freq_factor" in old and "high_freq_factor" in old
-
-
-def _check_reader(reader: ConfigClass, rope_type: str, force: bool, warnings: list[str]) -> None:
-    """Refuse a type the config class cannot hold (a known class: ``--force`` or not)."""
-    if rope_type in reader.types:
-        return
-    if reader.known or not force:
-        raise ConfigClassRefusesType(reader.name, rope_type, reader.types, reader.known)
-    warnings.append(f"writing {rope_type} for {reader.name}, whose rule launch does not know (--force)")
-
-
-def _check_keys(reader: ConfigClass, before: RopeState, settings: dict, source: str) -> None:
-    """A class that takes only some keys gets only those (a key it refuses was in the shipped dict)."""
-    extra = tuple(k for k in settings if reader.only is not None and k not in reader.only)
-    if extra:
-        where = ".".join(before.section + (before.key,))
-        raise ConfigClassRefusesKeys(source, where, reader.name, extra, reader.only or ())
 
 
 def _yarn_factor(native: int, factor: float) -> tuple[float, str | None]:
@@ -686,8 +543,8 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     warnings: list[str] = []
     changes = _v1_changes(config, source)
     reader = _reader_of(config, before, changes)
-    _check_reader(reader, rope_type, request.force, warnings)
-    rule = _dict_rule(reader, before.key)
+    check_type(reader, rope_type, request.force, warnings)
+    rule = dict_rule(reader, before.key)
     if rope_type == "yarn":
         factor, note = _yarn_factor(before.native_context, factor)
         if note:
@@ -705,7 +562,7 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
         settings, max_pos = dict(before.settings or {}), before.max_position_embeddings
     else:
         settings, max_pos = _new_settings(before, rule, rope_type, factor)
-    _check_keys(rule, before, settings, source)
+    check_keys(rule, settings, source, ".".join(before.section + (before.key,)))
     covered = served_context(rope_type, factor, max_pos, before.native_context)
     if covered < before.served_context:
         if before.rope_type == rope_type == "dynamic":

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import BadConfig
+from launcher.rules.readers import ConfigClassRefusesType
 from launcher.rules.rope import (
     ENGINE_TYPES,
     BadFactor,
-    ConfigClassRefusesType,
     ExistingScalingUnsupported,
     MissingFactor,
     ReplacesScaling,
@@ -522,7 +522,7 @@ def test_internlm2_over_a_shipped_dynamic_and_over_an_older_three_key_overlay():
 @pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
 @pytest.mark.parametrize("force", [False, True])
 def test_types_internlm2s_class_cannot_hold_are_refused_force_or_not(rope_type, force):
-    from launcher.rules.rope import ConfigClassRefusesType
+    from launcher.rules.readers import ConfigClassRefusesType
 
     for config in (internlm2(None), internlm2({"type": "dynamic", "factor": 2.0})):
         with pytest.raises(ConfigClassRefusesType) as err:
@@ -544,7 +544,7 @@ def test_internlm2_found_by_architecture_alone_and_inside_internvl():
 
 
 def test_internlm2_extra_keys_in_the_shipped_dict_are_refused():
-    from launcher.rules.rope import ConfigClassRefusesKeys
+    from launcher.rules.readers import ConfigClassRefusesKeys
 
     with pytest.raises(ConfigClassRefusesKeys) as err:
         decide(internlm2({"type": "dynamic", "factor": 2.0, "rope_theta": 1e6}), RopeRequest(factor=3.0))
@@ -567,7 +567,7 @@ def test_transformers_own_classes_get_the_pair_and_keep_a_shipped_single_key():
 
 
 def test_a_class_launch_does_not_know_gets_the_shipped_key_style_and_yarn_only_with_force():
-    from launcher.rules.rope import ConfigClassRefusesType
+    from launcher.rules.readers import ConfigClassRefusesType
 
     config = llama(4096, {"type": "linear", "factor": 2.0}, model_type="baichuan",
                    auto_map={"AutoConfig": "org/repo--configuration_baichuan.BaichuanConfig"})
