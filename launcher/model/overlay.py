@@ -29,21 +29,8 @@ from pathlib import Path
 
 from launcher.engine.spec import CHAT_TEMPLATE
 from launcher.errors import LaunchError
-from launcher.rules.configcheck import check_config
+from launcher.model.modeldir import CONFIG, MAX_CONFIG_BYTES, NotAModelDir
 from launcher.runtime.paths import hf_cache_dir, overlays_dir, slug
-
-
-class NotAModelDir(LaunchError):
-    path: str
-    problem: str
-    exit_code = 2
-    message = "{path}: {problem}"
-
-
-class MalformedConfig(LaunchError):
-    path: str
-    problem: str
-    message = "{path} is not valid config JSON: {problem}. Re-download the checkpoint."
 
 
 class OverlayNotWritable(LaunchError):
@@ -81,12 +68,10 @@ class StaleOverlay(LaunchError):
     )
 
 
-CONFIG = "config.json"
 PROVENANCE = "launch-patch.json"
 OWN_FILES = (CONFIG, PROVENANCE, CHAT_TEMPLATE)  # real files launch writes; everything else is a link
 MANIFEST = "files"  # the provenance key listing every entry of the overlay
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
-MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real config.json files are a few kB
 MAX_SOURCE_FILES = 100_000
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 # The temporary names beside the target add ".", ".tmp-<pid>-<8 hex>" / ".old-<8 hex>".
@@ -94,48 +79,6 @@ _TMP_SUFFIX = 40
 PATH_MAX = 4000
 _BUSY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # a rename's target is taken
 _ATTEMPTS = 8  # concurrent runs replacing one overlay: how often to look again
-
-
-# --- reading a model directory ----------------------------------------------------------------
-
-
-def read_model_config(model_dir: Path) -> dict:
-    """The parsed ``config.json`` of a model directory (NotAModelDir / MalformedConfig / BadConfig)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise NotAModelDir(str(model_dir), "no such directory")
-    path = model_dir / CONFIG
-    if not path.is_file():
-        raise NotAModelDir(str(model_dir), "has no config.json; is it a Hugging Face model directory?")
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise MalformedConfig(str(path), f"it is {size:,} bytes; a model config is a few kB")
-        data = path.read_bytes()
-    except OSError as err:
-        raise NotAModelDir(str(model_dir), f"cannot read config.json: {err.strerror or err}") from None
-    return parse_model_config(data, str(path))
-
-
-def parse_model_config(data: bytes, origin: str) -> dict:
-    """``config.json`` bytes -> a checked config dict (MalformedConfig / BadConfig naming ``origin``)."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise MalformedConfig(origin, f"it is {len(data):,} bytes; a model config is a few kB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedConfig(origin, "not UTF-8 text") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise MalformedConfig(origin, f"{err.msg} at line {err.lineno} column {err.colno}") from None
-    except RecursionError:
-        raise MalformedConfig(origin, "it nests too deeply to be a model config") from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise MalformedConfig(origin, str(err).split(";")[0]) from None
-    if not isinstance(config, dict):
-        raise MalformedConfig(origin, "the top level is not an object")
-    return check_config(config, origin)
 
 
 def config_bytes(config: dict) -> bytes:
