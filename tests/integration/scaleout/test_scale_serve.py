@@ -163,7 +163,8 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     """The hash covers the bytes launch writes into the overlay (less the machine's source path)."""
     import hashlib
 
-    from launcher.model.overlay import CONFIG, PROVENANCE
+    from launcher.model.modeldir import CONFIG
+    from launcher.model.overlay import PROVENANCE
     from launcher.plan.build import PlanRequest, build_plan, make_overlay, overlay_digest
 
     plan = build_plan(PlanRequest(model=str(model_dir), factor="2"))

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from launcher.model.modeldir import NotAModelDir, read_model_config
 from launcher.model.overlay import (
     PROVENANCE,
-    NotAModelDir,
     OverlayConflict,
     OverlayNotWritable,
     StaleOverlay,
     build_overlay,
     check_overlay,
     config_bytes,
-    read_model_config,
     source_files,
 )
 from launcher.plan.build import PlanRequest, build_plan, make_overlay
