@@ -137,7 +137,7 @@ def test_done_when_dry_run_prints_the_plan_and_a_command_lmdeploy_parses(launch)
 
 # STAND-IN seam: this machine has no GPU, so serve's first check (launcher.runtime.gpu.nvidia_problem) would
 # refuse; the checks after it, and the stand-in engine below, are reached by telling it one exists.
-PRETEND_GPU = "import launcher.runtime.gpu\nlauncher.gpu.nvidia_problem = lambda: None\n"
+PRETEND_GPU = "import launcher.runtime.gpu\nlauncher.runtime.gpu.nvidia_problem = lambda: None\n"
 
 
 def launch_with_gpu(*args: str, env: dict | None = None):

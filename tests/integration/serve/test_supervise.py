@@ -508,7 +508,8 @@ def test_health_waits_have_a_deadline_against_a_silent_server():
 def test_supervisor_modules_use_the_one_http_client():
     import ast
 
-    for name in ("supervise", "address", "health", "process", "progress", "ready"):
+    for name in ("runtime/supervise", "runtime/address", "net/health", "runtime/process", "runtime/progress",
+                 "runtime/ready"):
         tree = ast.parse((REPO / "launcher" / f"{name}.py").read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
