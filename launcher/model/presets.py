@@ -8,16 +8,16 @@ A preset carries the facts of the checkpoint's ``config.json`` that ``plan`` nee
 shapes, RoPE as shipped), so that ``launch plan PRESET`` works offline and before any download.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import difflib
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
+import msgspec
 import yaml
 
 from launcher.engine.spec import BACKENDS, EngineSettings
@@ -71,42 +71,41 @@ MAX_PRESET_EVENTS = 20_000
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
 
 # --- the schema ----------------------------------------------------------------------------------
-# Each section is a frozen dataclass; a field's ``metadata["check"]`` turns the YAML value into the
-# field's value or raises ValueError saying what is wrong. Unknown keys are refused, naming them.
-# Every number is read by its entry in the one table of limits (``launcher/rules/limits.py``), the entry
-# its flag or its config.json field is read by: a preset can hold nothing ``--tp`` or a config could
-# not. (Hand-written rather than pydantic: importing pydantic costs every `launch plan` ~0.15 s.)
-
-Check = Callable[[Any], Any]
-
-
-def _spec(check: Check, default: Any = dataclasses.MISSING) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"check": check})
-    return field(default=default, metadata={"check": check})
+# msgspec Structs: msgspec.convert checks each section's structure, types and choices and refuses an
+# unknown key, naming it. The values launch gives a meaning of its own (every number, a repo id, a
+# revision) are typed by a _Checked type, which msgspec hands to ``_read``: every number is read by its
+# entry in the one table of limits (``launcher/rules/limits.py``), the entry its flag or its config.json
+# field is read by, so a preset can hold nothing ``--tp`` or a config could not. (msgspec rather than
+# pydantic: importing pydantic costs every `launch plan` ~0.15 s.)
 
 
-def _optional(check: Check) -> Check:
-    return lambda value: None if value is None else check(value)
+class _Checked(type):
+    """The type of the plain values (``kinds``: numbers or text) that ``read`` accepts. msgspec gives
+    a field of such a type to the decode hook, and checks what the hook returns with isinstance."""
+
+    kinds: tuple[type, ...]
+    read: Callable[[Any], Any]
+
+    def __instancecheck__(cls, value: Any) -> bool:
+        return isinstance(value, cls.kinds) and not isinstance(value, bool)
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be text, found {value!r}")
-    return value
+def _checked(name: str, kinds: tuple[type, ...], read: Callable[[Any], Any]) -> _Checked:
+    return _Checked(name, (), {"kinds": kinds, "read": staticmethod(read)})
 
 
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, found {value!r}")
-    return value
+def _read(cls: type, value: Any) -> Any:
+    """msgspec's decode hook: a _Checked type's value, or ValueError saying what is wrong."""
+    if not isinstance(cls, _Checked):
+        raise TypeError(f"no reader for {cls.__name__}")
+    return cls.read(value)
 
 
-def _limited(limit: limits.Limit) -> Check:
+def _number(limit: limits.Limit) -> _Checked:
     """A number by ``limit``. A decimal number may be YAML text: YAML 1.1 reads 7.3e9 (no exponent
     sign) as a string, so such text is read by the flags' grammar."""
 
-    def check(value: Any) -> int | float:
+    def read(value: Any) -> int | float:
         if isinstance(value, str) and not limit.whole:
             try:
                 return limit.parse(value)
@@ -114,38 +113,17 @@ def _limited(limit: limits.Limit) -> Check:
                 pass
         return limit.check(value)
 
-    return check
+    return _checked("Number", (int, float), read)
 
 
-def _config_number(key: str) -> Check:
+def _config_number(key: str) -> _Checked:
     """A config.json fact by the limit its key has in config.json (``limits.CONFIG_KEYS``)."""
-    return _limited(limits.CONFIG_KEYS[key])
-
-
-def _one_of(*choices: Any) -> Check:
-    def check(value: Any) -> Any:
-        if isinstance(value, bool) or value not in choices or type(value) is not type(choices[0]):
-            raise ValueError(f"must be one of {', '.join(map(str, choices))}, found {value!r}")
-        return value
-
-    return check
-
-
-def _texts(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"must be a list of text, found {value!r}")
-    return tuple(value)
-
-
-def _mapping(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping, found {value!r}")
-    return dict(value)
+    return _number(limits.CONFIG_KEYS[key])
 
 
 def _repo(value: Any) -> str:
     if not is_repo_id(value):
-        raise ValueError(f"must be a Hugging Face repo id ORG/NAME, found {value!r}")
+        raise ValueError(f"must be a Hugging Face repo id ORG/NAME, found {limits.shown(value)}")
     return value
 
 
@@ -153,135 +131,147 @@ def _revision(value: Any) -> str:
     try:
         return checks.revision("revision", value)
     except BadOption:
-        raise ValueError(f"must be a branch, tag or commit sha, found {value!r}") from None
+        raise ValueError(f"must be a branch, tag or commit sha, found {limits.shown(value)}") from None
 
 
-def _section(cls: type) -> Check:
-    def check(value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping of fields, found {value!r}")
-        return _build(cls, value)
-
-    return check
+RepoId = _checked("RepoId", (str,), _repo)
+Revision = _checked("Revision", (str,), _revision)
+Texts = tuple[str, ...]
 
 
-class _Invalid(Exception):
-    def __init__(self, field_name: str, problem: str) -> None:
-        self.field_name, self.problem = field_name, problem
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    def _plain(self) -> dict:
+        """The section as plain data (JSON-ready): its set fields, tuples as lists."""
+        return {name: list(v) if isinstance(v, tuple) else v
+                for name in self.__struct_fields__ if (v := getattr(self, name)) is not None}
 
 
-def _build(cls: type, data: dict) -> Any:
-    """An instance of the schema dataclass ``cls`` from a YAML mapping, or _Invalid naming the field."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    where = ""
-    unknown = [key for key in data if key not in fields]
-    if unknown:
-        raise _Invalid(where + str(unknown[0]),
-                       "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)")
-    values = {}
-    for name, spec in fields.items():
-        if name not in data:
-            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise _Invalid(where + name, "required field is missing")
-            continue
-        try:
-            values[name] = spec.metadata["check"](data[name])
-        except _Invalid as inner:
-            raise _Invalid(f"{where}{name}.{inner.field_name}", inner.problem) from None
-        except ValueError as err:
-            raise _Invalid(where + name, str(err)) from None
-    return cls(**values)
+class RopeDefaults(_Section):
+    type: Literal[WRITABLE_TYPES]
+    factor: _number(limits.FACTOR)
 
 
-def _plain(section: Any) -> dict:
-    """A schema section as plain data (JSON-ready): its set fields, tuples as lists."""
-    return {f.name: list(v) if isinstance(v, tuple) else v
-            for f in dataclasses.fields(section) if (v := getattr(section, f.name)) is not None}
-
-
-@dataclass(frozen=True)
-class RopeDefaults:
-    type: str = _spec(_one_of(*WRITABLE_TYPES))
-    factor: float = _spec(_limited(limits.FACTOR))
-
-
-@dataclass(frozen=True)
-class ShippedConfig:
+class ShippedConfig(_Section):
     """The facts of the checkpoint's config.json, with config.json's own key names."""
 
-    architectures: tuple[str, ...] = _spec(_texts)
-    max_position_embeddings: int = _spec(_config_number("max_position_embeddings"))
-    num_hidden_layers: int = _spec(_config_number("num_hidden_layers"))
-    hidden_size: int = _spec(_config_number("hidden_size"))
-    num_attention_heads: int = _spec(_config_number("num_attention_heads"))
-    torch_dtype: str = _spec(_one_of("float16", "bfloat16", "float32"))
-    model_type: str | None = _spec(_optional(_text), None)
-    rope_theta: float | None = _spec(_optional(_config_number("rope_theta")), None)
-    rope_scaling: dict | None = _spec(_optional(_mapping), None)
-    rope_parameters: dict | None = _spec(_optional(_mapping), None)
-    num_key_value_heads: int | None = _spec(_optional(_config_number("num_key_value_heads")), None)
-    head_dim: int | None = _spec(_optional(_config_number("head_dim")), None)
-    vocab_size: int | None = _spec(_optional(_config_number("vocab_size")), None)
-    bias: bool | None = _spec(_optional(_flag), None)  # InternLM v1: biases on the attention projections
-    attention_bias: bool | None = _spec(_optional(_flag), None)
-    sliding_window: int | None = _spec(_optional(_config_number("sliding_window")), None)
+    architectures: Texts
+    max_position_embeddings: _config_number("max_position_embeddings")
+    num_hidden_layers: _config_number("num_hidden_layers")
+    hidden_size: _config_number("hidden_size")
+    num_attention_heads: _config_number("num_attention_heads")
+    torch_dtype: Literal["float16", "bfloat16", "float32"]
+    model_type: str | None = None
+    rope_theta: _config_number("rope_theta") | None = None
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    num_key_value_heads: _config_number("num_key_value_heads") | None = None
+    head_dim: _config_number("head_dim") | None = None
+    vocab_size: _config_number("vocab_size") | None = None
+    bias: bool | None = None  # InternLM v1: biases on the attention projections
+    attention_bias: bool | None = None
+    sliding_window: _config_number("sliding_window") | None = None
 
     def as_config(self) -> dict:
         """A config.json-shaped dict (keys that are None are left out, except rope_scaling)."""
-        config = _plain(self)
+        config = self._plain()
         if self.rope_parameters is None:
             config.setdefault("rope_scaling", None)
         return config
 
 
-@dataclass(frozen=True)
-class EngineDefaults:
+class EngineDefaults(_Section):
     """A preset's engine settings; the defaults are the engine's own (``engine.EngineSettings``)."""
 
-    backend: str = _spec(_one_of(*BACKENDS), EngineSettings.backend)
-    tp: int = _spec(_limited(limits.TP), EngineSettings.tp)
-    max_batch_size: int = _spec(_limited(limits.MAX_BATCH_SIZE), EngineSettings.max_batch_size)
-    cache_max_entry_count: float = _spec(_limited(limits.CACHE_MAX_ENTRY_COUNT), EngineSettings.cache_max_entry_count)
-    quant_policy: int = _spec(_one_of(*QUANT_POLICIES), EngineSettings.quant_policy)
+    backend: Literal[BACKENDS] = EngineSettings.backend
+    tp: _number(limits.TP) = EngineSettings.tp
+    max_batch_size: _number(limits.MAX_BATCH_SIZE) = EngineSettings.max_batch_size
+    cache_max_entry_count: _number(limits.CACHE_MAX_ENTRY_COUNT) = EngineSettings.cache_max_entry_count
+    quant_policy: Literal[QUANT_POLICIES] = EngineSettings.quant_policy
 
 
-@dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(_Section):
     """Fields of lmdeploy's ChatTemplateConfig, for models current lmdeploy has no template for."""
 
-    model_name: str = _spec(_text)
-    system: str | None = _spec(_optional(_text), None)
-    meta_instruction: str | None = _spec(_optional(_text), None)
-    eosys: str | None = _spec(_optional(_text), None)
-    user: str | None = _spec(_optional(_text), None)
-    eoh: str | None = _spec(_optional(_text), None)
-    assistant: str | None = _spec(_optional(_text), None)
-    eoa: str | None = _spec(_optional(_text), None)
-    separator: str | None = _spec(_optional(_text), None)
-    stop_words: tuple[str, ...] | None = _spec(_optional(_texts), None)
+    model_name: str
+    system: str | None = None
+    meta_instruction: str | None = None
+    eosys: str | None = None
+    user: str | None = None
+    eoh: str | None = None
+    assistant: str | None = None
+    eoa: str | None = None
+    separator: str | None = None
+    stop_words: Texts | None = None
 
     def as_dict(self) -> dict:
         """The set fields, as lmdeploy's ChatTemplateConfig takes them."""
-        return _plain(self)
+        return self._plain()
 
 
-@dataclass(frozen=True)
-class Preset:
-    name: str = _spec(_text)
-    repo: str = _spec(_repo)
-    native_context: int = _spec(_limited(limits.CONTEXT))
-    rope: RopeDefaults = _spec(_section(RopeDefaults))
-    parameters: float = _spec(_limited(limits.PARAMETERS))  # parameter count, for the weight-size estimate
-    config: ShippedConfig = _spec(_section(ShippedConfig))
-    revision: str | None = _spec(_optional(_revision), None)
-    description: str = _spec(_text, "")
-    trust_remote_code: bool = _spec(_flag, False)
-    engine: EngineDefaults = _spec(_section(EngineDefaults), EngineDefaults())
-    chat_template: ChatTemplate | None = _spec(_optional(_section(ChatTemplate)), None)
-    notes: tuple[str, ...] = _spec(_texts, ())
+class Preset(_Section):
+    name: str
+    repo: RepoId
+    native_context: _number(limits.CONTEXT)
+    rope: RopeDefaults
+    parameters: _number(limits.PARAMETERS)  # parameter count, for the weight-size estimate
+    config: ShippedConfig
+    revision: Revision | None = None
+    description: str = ""
+    trust_remote_code: bool = False
+    engine: EngineDefaults = EngineDefaults()
+    chat_template: ChatTemplate | None = None
+    notes: Texts = ()
 
     def stub_config(self) -> dict:
         return self.config.as_config()
+
+
+# --- msgspec's refusals in launch's words: the dotted key and what its value must be ----------------
+
+_AT = re.compile(r"(?P<what>.*?)(?: - at `(?P<key>key` in `)?\$(?P<path>[^`]*)`)?", re.DOTALL)
+_NAMED = re.compile(r"Object (?P<kind>contains unknown|missing required) field `(?P<name>.*)`", re.DOTALL)
+_UNKNOWN = "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)"
+
+
+def _wanted(kind: Any) -> str:
+    """What a value of the schema type ``kind`` must be, in words."""
+    args = [arg for arg in get_args(kind) if arg is not type(None)]
+    if get_origin(kind) is Literal:
+        return f"one of {', '.join(map(str, args))}"
+    if get_origin(kind) in (Union, UnionType):
+        return _wanted(args[0])
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        return "a mapping of fields"
+    return {str: "text", bool: "true or false", dict: "a mapping", Texts: "a list of text"}.get(kind, "valid")
+
+
+def _refusal(err: msgspec.ValidationError, data: dict) -> tuple[str, str]:
+    """(dotted key, problem) of msgspec's refusal of ``data`` as a Preset."""
+    text = str(err)
+    named = _NAMED.fullmatch(text)  # at the top, msgspec adds no " - at `$...`": a key may look like one
+    if named and named["kind"] == "contains unknown" and named["name"] in data:
+        return named["name"], _UNKNOWN
+    match = _AT.fullmatch(text)
+    what, path = match["what"], [part for part in re.split(r"[.\[]", match["path"] or "") if part]
+    keys = [part for part in path if not part.endswith("]")]  # an item's fault is its list's
+    section, kind, value = Preset, Preset, data
+    try:
+        for key in keys:
+            kind = next(f.type for f in msgspec.structs.fields(section) if f.name == key)
+            section = next((arg for arg in (kind, *get_args(kind)) if isinstance(arg, type)
+                            and issubclass(arg, msgspec.Struct)), None)
+            value = value[key]
+    except (StopIteration, KeyError, TypeError):  # a path this reading of msgspec's words does not know
+        return "(file)", text
+    if match["key"]:  # a mapping's key that is no text: no field is called that
+        return ".".join([*keys, str(next(k for k in value if not isinstance(k, str)))]), _UNKNOWN
+    named = _NAMED.fullmatch(what)
+    if named:
+        unknown = named["kind"] == "contains unknown"
+        return ".".join([*keys, named["name"]]), _UNKNOWN if unknown else "required field is missing"
+    if what.startswith(("Expected `", "Invalid enum value")):  # msgspec's own words: the field's instead
+        what = f"must be {_wanted(kind)}, found {limits.shown(value)}"
+    return ".".join(keys), what
 
 
 @dataclass(frozen=True)
@@ -397,9 +387,9 @@ def _load(path: Path, mtime_ns: int) -> Preset:
         raise InvalidPreset(str(path), "name", f"{data.get('name')!r} must match the file name {path.stem!r}")
     data.setdefault("name", path.stem)
     try:
-        preset = _build(Preset, data)
-    except _Invalid as err:
-        raise InvalidPreset(str(path), err.field_name, err.problem) from None
+        preset = msgspec.convert(data, Preset, dec_hook=_read)
+    except msgspec.ValidationError as err:
+        raise InvalidPreset(str(path), *_refusal(err, data)) from None
     _check_consistent(preset, path)
     return preset
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from launcher.model.presets import (
@@ -321,3 +321,100 @@ def test_a_presets_tp_that_its_own_model_cannot_split_names_the_preset_key_not_t
     assert result.stderr.startswith(f"launch: error: invalid preset {path}: field 'engine.tp': {tp} does not divide the "
                                     f"model's {what}"), result.stderr
     assert "--tp" not in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- the schema is msgspec's: its refusals in launch's words, its numbers by the one table ----------
+
+UNKNOWN = "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)"
+SECTIONS = {(): GOOD, ("rope",): GOOD["rope"], ("config",): GOOD["config"], ("engine",): {"tp": 1},
+            ("chat_template",): {"model_name": "mine"}}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data(), section=st.sampled_from(sorted(SECTIONS)),
+       key=st.one_of(st.text(max_size=30), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False),
+                     st.sampled_from(["x` - at `$.rope", "x` - at `key` in `$.config", "Object missing required field `a`",
+                                      "Object contains unknown field `b`", "Factor", "config.tp"])))
+def test_an_unknown_key_of_any_spelling_in_any_section_is_named_exactly(tmp_path_factory, data, section, key):
+    """msgspec refuses it (forbid_unknown_fields); the message names the dotted key as written, even a
+    key that looks like msgspec's own words, or one that is no text (YAML reads `1:` as a number)."""
+    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1}, chat_template={"model_name": "mine"})))
+    mapping = preset
+    for name in section:
+        mapping = mapping[name]
+    assume(key not in mapping)  # a key the section has is no unknown one
+    mapping[key] = data.draw(st.sampled_from([1, "x", None, [1], {"a": 1}]))
+    path = write_preset(tmp_path_factory.mktemp("key"), preset)
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    dotted = ".".join([*section, str(key)])
+    assert str(err.value) == f"invalid preset {path}: field {dotted!r}: {UNKNOWN}"
+
+
+CHOICES = {("rope", "type"): ("dynamic", "linear", "yarn", "llama3"), ("config", "torch_dtype"): ("float16", "bfloat16",
+           "float32"), ("engine", "backend"): ("turbomind", "pytorch"), ("engine", "quant_policy"): (0, 8, 4)}
+KINDS = {  # field -> what its value must be (the hand-written schema's words, kept) and whether a value is that
+    ("description",): ("text", str), ("trust_remote_code",): ("true or false", bool), ("notes",): ("a list of text", list),
+    ("rope",): ("a mapping of fields", dict), ("config",): ("a mapping of fields", dict),
+    ("config", "architectures"): ("a list of text", list), ("config", "model_type"): ("text", str),
+    ("config", "rope_scaling"): ("a mapping", dict), ("config", "bias"): ("true or false", bool),
+    ("engine",): ("a mapping of fields", dict), ("chat_template",): ("a mapping of fields", dict),
+    ("chat_template", "model_name"): ("text", str), ("chat_template", "stop_words"): ("a list of text", list),
+    **{field: (f"one of {', '.join(map(str, choices))}", choices) for field, choices in CHOICES.items()},
+}
+OPTIONAL = {("config", "model_type"), ("config", "rope_scaling"), ("config", "bias"), ("chat_template",),
+            ("chat_template", "stop_words")}
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12),
+                   st.sampled_from(["dynamic", "pytorch", "float16", 8, 8.0]),
+                   st.lists(st.one_of(st.integers(), st.text(max_size=3)), max_size=3),
+                   st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def fits(kind: type | tuple, value: object) -> bool:
+    """Whether ``value`` is of ``kind`` (a type, or a tuple of choices): the schema must then take it."""
+    if isinstance(kind, tuple):
+        return any(type(value) is type(choice) and value == choice for choice in kind)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, kind)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(field=st.sampled_from(sorted(KINDS)), value=VALUES)
+def test_a_value_of_the_wrong_kind_is_refused_in_the_fields_words(tmp_path_factory, field, value):
+    """msgspec checks the kind; the message says what the field must be and what was found, naming the
+    file and the dotted key (not msgspec's "Expected `str`, got `int`")."""
+    words, kind = KINDS[field]
+    assume(not fits(kind, value) and not (value is None and field in OPTIONAL))
+    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1}, chat_template={"model_name": "mine"})))
+    section = preset
+    for key in field[:-1]:
+        section = section[key]
+    section[field[-1]] = value
+    path = write_preset(tmp_path_factory.mktemp("kind"), preset)
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert str(err.value).startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {words}, found "), \
+        str(err.value)
+    assert "Expected" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, written, read", [
+    (("engine", "tp"), 2.0, 2),  # a whole float counts as whole, as a config's 32768.0 does
+    (("parameters",), "7.3e9", 7.3e9),  # YAML 1.1 reads 7.3e9 as text: read by the flags' grammar
+    (("rope", "factor"), "2.5", 2.5),
+    (("rope", "factor"), 3, 3.0),
+    (("engine", "cache_max_entry_count"), "5e-1", 0.5),
+    (("config", "rope_theta"), "1e6", 1e6),
+])
+def test_numbers_are_read_by_the_table_not_by_msgspecs_own_rules(tmp_path, key, written, read):
+    data = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1})))
+    section = data
+    for name in key[:-1]:
+        section = section[name]
+    section[key[-1]] = written
+    preset = load_preset_file(write_preset(tmp_path, data))
+    value = preset
+    for name in key:
+        value = getattr(value, name)
+    assert value == read and type(value) is type(read)
