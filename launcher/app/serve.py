@@ -26,7 +26,8 @@ from launcher.engine.spec import (
 )
 from launcher.errors import LaunchError
 from launcher.model.overlay import check_overlay
-from launcher.plan.build import Plan, PlanRequest, build_plan, make_overlay, overlay_digest, with_files
+from launcher.plan.build import Plan, build_plan, make_overlay, overlay_digest, with_files
+from launcher.plan.request import CHECKED, PARSED, Entered, PlanRequest, check_request
 from launcher.rules import checks
 from launcher.rules.checks import BadOption
 from launcher.rules.kvcache import GiB
@@ -65,20 +66,18 @@ LOG_NAME = "server.log"
 
 
 @dataclass(frozen=True)
-class ServeRequest:
+class ServeRequest(Entered):
+    """``serve``'s request: the one plan request (every flag ``plan`` takes too, the scale-out ones
+    included) and only what serving adds. ``check_serve`` checks it once (``from_flags``: the
+    parser read every value already)."""
+
     plan: PlanRequest
     api_keys: tuple[str, ...] = ()  # as given by --api-key flags
     api_key_file: Path | None = None
     dry_run: bool = False
     as_json: bool = False
     probe: bool = False
-    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
-    # scale-out, as given (``layout.check_scale`` types them)
-    replicas: int | str = 1
-    nnodes: int | str = 1
-    node_rank: int | str | None = None
-    dist_init_addr: str | None = None
-    routing: str | None = None  # the proxy's, with replicas
+    health_timeout_s: float | str = DEFAULT_HEALTH_TIMEOUT_S
     proxy_url: str | None = None  # register with this proxy once healthy, leave it on stop
     advertise_url: str | None = None  # the URL the proxy reaches this server at
     ppl_text: Path | None = None  # with probe: also `launch ppl` on this text at the probe's lengths
@@ -110,10 +109,25 @@ def refusal(plan: Plan, *, here: bool = True) -> LaunchError | None:
     return None
 
 
+def check_serve(request: ServeRequest) -> ServeRequest:
+    """``request`` checked once: its plan request (``check_request``), ``--health-timeout`` when the
+    parser did not read it, and the one rule of serve's own between flags: across nodes, serve runs
+    one node and must be told which (two nodes at rank 0 would wait for each other forever; a dry
+    run shows them all). A checked request is returned as it is."""
+    if request.stage == CHECKED:
+        return request
+    timeout = request.health_timeout_s
+    if request.stage != PARSED:
+        timeout = checks.seconds("--health-timeout", timeout, example=1800)
+    plan = check_request(request.plan)
+    if plan.nnodes > 1 and plan.node_rank is None and not request.dry_run:
+        raise BadOption("--node-rank", "", f"say which node this is, 0 to {plan.nnodes - 1} (0 serves HTTP), "
+                        "e.g. --node-rank 0")
+    return replace(request, plan=plan, health_timeout_s=timeout).entered(CHECKED)
+
+
 def _check_gpus(plan: Plan) -> None:
-    tp = plan.engine.config.tp
-    nnodes = plan.request.nnodes
-    local = tp // nnodes if nnodes > 1 and tp % nnodes == 0 else tp
+    tp, nnodes, local = plan.engine.config.tp, plan.request.nnodes, plan.gpus_here
     if plan.gpu_count is not None and local > plan.gpu_count:
         if nnodes > 1:
             raise BadOption("--tp", str(tp), f"over {nnodes} nodes each node needs {local} GPUs; this machine has "
@@ -130,11 +144,13 @@ class Joining:
     url: str
 
 
-def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joining | None:
-    """``--proxy-url`` / ``--advertise-url`` checked against each other and the layout (no request)."""
+def _check_joining(request: ServeRequest) -> Joining | None:
+    """``--proxy-url`` / ``--advertise-url`` of a checked request, checked against each other and the
+    layout (no request)."""
     from launcher.scaleout.nodes import advertise_url, proxy_url
 
-    if request.probe and scale.kind == "replicas":
+    scale = request.plan
+    if request.probe and scale.scale_out == "replicas":
         raise BadOption("--probe", "with --replicas", "probes one engine: serve the replicas, then `launch probe --url "
                         "http://127.0.0.1:PORT+1` for the first replica (or the proxy's PORT for all)")
     if request.proxy_url is None:
@@ -142,15 +158,16 @@ def _check_joining(request: ServeRequest, scale, host: str, port: int) -> Joinin
             raise BadOption("--advertise-url", request.advertise_url, "is the URL a proxy reaches this server at: "
                             "give --proxy-url too")
         return None
-    if scale.kind == "replicas":
+    if scale.scale_out == "replicas":
         raise BadOption("--proxy-url", request.proxy_url, "--replicas runs its own proxy on --port; serve one "
                         "replica per command to join another proxy")
-    if scale.kind == "nodes" and scale.node_rank:
+    if scale.scale_out == "nodes" and scale.node_rank:
         raise BadOption("--proxy-url", request.proxy_url, "only rank 0 serves HTTP: give --proxy-url on node 0")
     from launcher.net import http
     from launcher.runtime.address import is_loopback
 
-    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"), advertise_url(host, port, request.advertise_url))
+    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"),
+                      advertise_url(scale.host, scale.port, request.advertise_url))
     own, proxy_host = http.parse_url(joining.url).host, http.parse_url(joining.proxy).host
     if is_loopback(own) and not is_loopback(proxy_host):
         raise BadOption("--advertise-url", joining.url, f"the proxy at {proxy_host} cannot reach this machine's loopback "
@@ -195,16 +212,15 @@ def _check_memory(plan: Plan) -> None:
 
 
 def prepare(request: ServeRequest) -> Plan:
-    """The plan serve would run, from the config alone (no weights downloaded). Every flag is
-    checked before the config is looked at (for a repo id: before any request)."""
-    from launcher.runtime.address import validate_host, validate_port
+    """The plan serve would run, from the config alone (no weights downloaded), for a checked
+    request: every flag was checked before the config is looked at (for a repo id: before any
+    request)."""
+    from launcher.model.source import resolve
     from launcher.runtime.apikeys import resolve_api_keys
 
-    checks.seconds("--health-timeout", request.health_timeout_s, example=1800)
-    host = validate_host(request.plan.host)
-    port = validate_port(request.plan.port)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
-    return build_plan(replace(request.plan, host=host, port=port, need_files=False), api_keys=tuple(keys))
+    wanted = request.plan
+    return build_plan(wanted, resolve(wanted.model, need_files=False, fetching=wanted.fetching), api_keys=tuple(keys))
 
 
 def _run_dir(plan: Plan) -> Path:
@@ -285,7 +301,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     nodes. ``server_argv`` is the serving process's command before the spec's path (``/dev/stdin``:
     the spec comes through a pipe; default: this Python running ``launcher.engine.server``); the
     tests pass a stand-in for the GPU engine there."""
-    from launcher.plan.layout import check_scale, gpus_here, layout_for_plan
+    from launcher.plan.layout import gpus_here, layout_for_plan
 
     out = out or sys.stdout
     if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
@@ -293,24 +309,18 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 
         if problem := nvidia_problem():
             raise NoGpu(problem)
-    scale = check_scale(request.replicas, request.nnodes, request.node_rank, request.dist_init_addr,
-                        routing=request.routing, need_rank=not request.dry_run)
-    from launcher.runtime.address import (
-        check_port_free,
-        exposure_warnings,
-        say_warnings,
-        validate_host,
-        validate_port,
-    )
+    request = check_serve(request)  # every value once (the parser's are taken as read), the rules between flags
+    from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings
 
-    joining = _check_joining(request, scale, validate_host(request.plan.host), validate_port(request.plan.port))
-    plan = prepare(replace(request, plan=replace(request.plan, nnodes=scale.nnodes)))
-    count = gpus_here() if scale.kind == "replicas" and plan.gpu_count is None else None
-    layout = layout_for_plan(plan, scale, gpu_count=count)
+    joining = _check_joining(request)
+    plan = prepare(request)
+    scale = plan.request.scale_out
+    count = gpus_here() if scale == "replicas" and plan.gpu_count is None else None
+    layout = layout_for_plan(plan, gpu_count=count)
     warnings = exposure_warnings(plan.engine.host, plan.engine.port, bool(plan.engine.api_keys),
-                                 node_api=scale.kind == "replicas")
+                                 node_api=scale == "replicas")
     if request.dry_run:
-        return _dry_run(plan, layout, scale, warnings, request.as_json, out)
+        return _dry_run(plan, layout, warnings, request.as_json, out)
 
     from launcher.runtime.process import PortClaim
 
@@ -318,7 +328,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     if refused is not None:
         raise refused
     binds = [(plan.engine.host, plan.engine.port)]
-    binds += [(r.host, r.port) for r in layout.replicas] if scale.kind == "replicas" else []
+    binds += [(r.host, r.port) for r in layout.replicas] if scale == "replicas" else []
     for host, port in binds:
         check_port_free(host, port)
     if joining is not None:
@@ -330,10 +340,10 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         say_warnings([*warnings, *plan.warnings], sys.stderr)
         if plan.memory is None:
             say_warnings([f"the KV-cache fit is not checked: {plan.memory_note}"], sys.stderr)
-        return _serve_claimed(plan, scale, layout, count, joining, request, out, server_argv)
+        return _serve_claimed(plan, layout, count, joining, request, out, server_argv)
 
 
-def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out: TextIO) -> int:
+def _dry_run(plan: Plan, layout, warnings: list[str], as_json: bool, out: TextIO) -> int:
     """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
     what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would."""
     from launcher.plan.build import OVERLAY_PLACEHOLDER
@@ -342,10 +352,9 @@ def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out:
 
     refused = refusal(plan, here=False)
     where, shown = "the serving process", plan
-    if scale.kind == "replicas":  # each replica listens on its own loopback port, not the proxy's
-        first = layout.replicas[0]
+    if plan.request.scale_out == "replicas":  # each replica listens on its own loopback port, not the proxy's
         where = "replica 0's serving process; each replica's differs only in its port"
-        shown = replace(plan, engine=replace(plan.engine, host=first.host, port=first.port))
+        shown = replace(plan, engine=layout.replicas[0].engine)
     call = engine_call(shown, str(plan.overlay_path or OVERLAY_PLACEHOLDER))
     say_warnings(warnings, sys.stderr)
     if as_json:
@@ -367,7 +376,7 @@ def _dry_run(plan: Plan, layout, scale, warnings: list[str], as_json: bool, out:
     return 0
 
 
-def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joining | None, request: ServeRequest,
+def _serve_claimed(plan: Plan, layout, count: int | None, joining: Joining | None, request: ServeRequest,
                    out: TextIO, server_argv: tuple[str, ...] | None) -> int:
     """The slow part, with the ports claimed: the files, the overlay, the server(s)."""
     from launcher.plan.layout import layout_for_plan
@@ -383,16 +392,17 @@ def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joinin
         _check_gpus(full)
         if full.architecture != plan.architecture:
             _check_engine(full)
-        layout = layout_for_plan(full, scale, gpu_count=count)
+        layout = layout_for_plan(full, gpu_count=count)
     _check_memory(full)  # now with the weights' real size
     overlay = make_overlay(full)
     check_overlay(overlay.path)
     print(f"overlay: {overlay.path} ({'reused' if overlay.reused else 'written'})", file=sys.stderr)
     base_argv = list(server_argv or (sys.executable, *ENGINE_SERVER))
-    if scale.kind == "replicas":
+    scale = full.request  # the checked request: its scale-out flags
+    if scale.scale_out == "replicas":
         return _serve_replicas(full, layout, overlay.path, base_argv, request, out)
     extra = None
-    if scale.kind == "nodes":
+    if scale.scale_out == "nodes":
         print(f"overlay hash: {overlay_digest(full)} (compare it across the nodes)", file=sys.stderr)
         extra = {"nnodes": scale.nnodes, "node_rank": scale.node_rank, "dist_init_addr": scale.dist_init_addr}
     spec, log_path = _spec(full, overlay.path, extra)
@@ -403,7 +413,7 @@ def _serve_claimed(plan: Plan, scale, layout, count: int | None, joining: Joinin
             on_join(info)  # registered first: a replica the proxy refuses is not announced
         for line in info.summary_lines():
             print(line, file=out)
-        if scale.kind == "nodes":
+        if scale.scale_out == "nodes":
             role = ("this node serves the OpenAI API" if scale.node_rank == 0
                     else "engine share only: clients use node 0's address")
             print(f"  node {scale.node_rank} of {scale.nnodes} (tp {full.engine.config.tp} in all, rendezvous "
@@ -435,8 +445,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
 
     specs, logs = [], []
     for replica in layout.replicas:
-        spec, log_path = _spec(replace(plan, engine=replace(plan.engine, host=replica.host, port=replica.port)),
-                               overlay_path)
+        spec, log_path = _spec(replace(plan, engine=replica.engine), overlay_path)
         specs.append(spec)
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port

@@ -1,10 +1,13 @@
 """Option types shared by several commands, declared once.
 
-Every value that needs checking arrives as text and is checked by the library, so that a bad value
-gets the same one-line error everywhere. A number flag is declared with ``number``: text in the
-parser (click's INT and FLOAT would take "２" and "1_000", and answer in their own voice), read by
-its entry in the one table of limits (``launcher/rules/limits.py``) through ``checks.limited``; its help
-states the range from that entry.
+Every value is checked where it enters, here in the parser, so that a bad value gets the same
+one-line error everywhere and the command gets it typed. A flag of the one request (``plan``,
+``serve``, ``patch``) is declared with ``request_flag``: its reader is the request's own
+(``launcher.plan.request.FLAGS``), so ``check_request`` never reads it again. Any other number
+flag is declared with ``number``: text in the parser (click's INT and FLOAT would take "２" and
+"1_000", and answer in their own voice), read by its entry in the one table of limits
+(``launcher/rules/limits.py``) through ``checks.limited``. A number's help states the range from
+that entry.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import typer
 
 from launcher.engine.routing import DEFAULT_ROUTING, ROUTINGS
 from launcher.engine.spec import DEFAULT_PORT, DEFAULTS
+from launcher.plan.request import FLAGS
 from launcher.rules import checks, limits
 from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
@@ -26,15 +30,23 @@ def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
     return Annotated[kind | None, typer.Option(*names, help=help, show_default=False, **more)]
 
 
+def _ranged(help: str, limit: limits.Limit | None, default: object) -> str:
+    """``help`` ended by the range of ``limit`` and by ``default`` (a value held elsewhere, shown as it is)."""
+    tail = f" {limit.rule[0].upper()}{limit.rule[1:]}." if limit is not None else ""
+    if default is not None:
+        tail += f" Default: {default:g}." if isinstance(default, float) else f" Default: {default}."
+    return help + tail
+
+
 def number(limit: limits.Limit, *names: str, help: str, default: object = None, example: object = None,
            **more: Any) -> Any:
     """A number flag: text in the parser, read by ``checks.limited(names[0], text, limit)`` as it is
     parsed, so the command gets an int or float in range (or None when the flag is left out) and a
     bad value is one ``BadOption`` line, whatever the command. Its range (from ``limit``) and
-    ``default`` (a value held elsewhere, shown as it is) end the help; ``example`` replaces the
-    limit's own in a refusal ("e.g. --health-timeout 1800").
+    ``default`` end the help; ``example`` replaces the limit's own in a refusal ("e.g.
+    --health-timeout 1800").
 
-    Usage, one line per flag: ``tp: number(limits.TP, "--tp", help="...") = None``."""
+    Usage, one line per flag: ``seconds: number(limits.SECONDS, "--timeout", help="...") = None``."""
     if example is not None:
         limit = replace(limit, example=example)
 
@@ -42,10 +54,18 @@ def number(limit: limits.Limit, *names: str, help: str, default: object = None, 
         return None if value is None else checks.limited(names[0], value, limit)
 
     more.setdefault("metavar", "N" if limit.whole else "X")
-    tail = f" {limit.rule[0].upper()}{limit.rule[1:]}."
-    if default is not None:
-        tail += f" Default: {default:g}." if isinstance(default, float) else f" Default: {default}."
-    return optional(str, *names, help=help + tail, callback=checked, **more)
+    return optional(str, *names, help=_ranged(help, limit, default), callback=checked, **more)
+
+
+def request_flag(name: str, *aliases: str, help: str, default: object = None, **more: Any) -> Any:
+    """The flag of the request's value ``name`` (a field of ``PlanRequest``): its option and its
+    reader from ``FLAGS``, run as it is parsed, so the command gets the value typed (None when the
+    flag is left out). A number's range ends the help, then ``default``."""
+    flag = FLAGS[name]
+    if flag.limit is not None:
+        more.setdefault("metavar", "N" if flag.limit.whole else "X")
+    return optional(str, flag.option, *aliases, help=_ranged(help, flag.limit, default),
+                    callback=lambda value: flag(value), **more)
 
 
 ModelArg = Annotated[
@@ -53,11 +73,11 @@ ModelArg = Annotated[
     typer.Argument(help="A preset name (see `launch presets`), a Hub repo id (org/name) or a local model "
                    "directory.", show_default=False),
 ]
-FactorOpt = number(limits.FACTOR, "--factor", "-f", metavar="F", help="Context multiplier: serve N x F tokens.",
+FactorOpt = request_flag("factor", "-f", metavar="F", help="Context multiplier: serve N x F tokens.",
                    default="the preset's")
-TypeOpt = optional(str, "--type", "-t", help="RoPE scaling type: dynamic, linear, yarn or llama3. "
+TypeOpt = request_flag("rope_type", "-t", help="RoPE scaling type: dynamic, linear, yarn or llama3. "
                    "Default: the preset's, else the config's, else dynamic.")
-SessionLenOpt = number(limits.SESSION_LEN, "--session-len", metavar="TOKENS", help="Tokens per session.",
+SessionLenOpt = request_flag("session_len", metavar="TOKENS", help="Tokens per session.",
                        default="what the scaling covers (N x F)")
 ForceOpt = Annotated[
     bool,
@@ -67,28 +87,30 @@ ForceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 # as typed: Path('') would silently become the current directory
 OutOpt = optional(str, "--out", "-o", help="Where to write the overlay. Default: launch's cache directory.")
-BackendOpt = optional(str, "--backend", help="turbomind or pytorch. Default: the preset's, else turbomind.")
-TpOpt = number(limits.TP, "--tp", help="Tensor parallel GPUs.", default=f"the preset's, else {DEFAULTS.tp}")
-MaxBatchOpt = number(limits.MAX_BATCH_SIZE, "--max-batch-size", help="Concurrent sequences.",
+BackendOpt = request_flag("backend", help="turbomind or pytorch. Default: the preset's, else turbomind.")
+TpOpt = request_flag("tp", help="Tensor parallel GPUs.", default=f"the preset's, else {DEFAULTS.tp}")
+MaxBatchOpt = request_flag("max_batch_size", help="Concurrent sequences.",
                      default=f"the preset's, else {DEFAULTS.max_batch_size}")
-CacheRatioOpt = number(limits.CACHE_MAX_ENTRY_COUNT, "--cache-max-entry-count", metavar="RATIO",
+CacheRatioOpt = request_flag("cache_max_entry_count", metavar="RATIO",
                        help="Share of free GPU memory (after weights) for the KV cache.",
                        default=f"the preset's, else {DEFAULTS.cache_max_entry_count:g}")
-QuantOpt = optional(str, "--quant-policy", metavar="0|8|4", help="KV cache: 0 fp16, 8 int8, 4 int4. "
+QuantOpt = request_flag("quant_policy", metavar="0|8|4", help="KV cache: 0 fp16, 8 int8, 4 int4. "
                     f"Default: the preset's, else {DEFAULTS.quant_policy}.")
-GpuMemoryOpt = number(limits.GPU_MEMORY, "--gpu-memory", metavar="GIB",
+GpuMemoryOpt = request_flag("gpu_memory_gib", metavar="GIB",
                       help="Free memory per GPU in GiB, to plan on a machine without one.", default="read through NVML")
-RevisionOpt = optional(str, "--revision", help="Branch, tag or commit sha on the Hub. Default: the preset's pin, else main.")
+ModelNameOpt = request_flag("model_name", help="Served model name. Default: the preset or directory name.")
+RevisionOpt = request_flag("revision", help="Branch, tag or commit sha on the Hub. Default: the preset's pin, else main.")
 TrustOpt = optional(bool, "--trust-remote-code/--no-trust-remote-code",
                     help="Use (and download) the repo's own Python code. Default: only when the preset says so.")
-HostOpt = Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")]
-PortOpt = number(limits.PORT, "--port", metavar="PORT", help="Port of the OpenAI API (of the proxy with --replicas).",
+HostOpt = Annotated[str, typer.Option(FLAGS["host"].option, help="Address to bind. Only this machine by default.",
+                                      callback=lambda value: FLAGS["host"](value))]
+PortOpt = request_flag("port", metavar="PORT", help="Port of the OpenAI API (of the proxy with --replicas).",
                  default=DEFAULT_PORT)
-ReplicasOpt = number(limits.REPLICAS, "--replicas", help="N engines on this machine, tp GPUs each, behind lmdeploy's "
+ReplicasOpt = request_flag("replicas", help="N engines on this machine, tp GPUs each, behind lmdeploy's "
                      "proxy on --port; the replicas listen on loopback ports after it.", default=1)
-NnodesOpt = number(limits.NNODES, "--nnodes", help="One engine across N nodes (TurboMind): --tp is the TOTAL, tp/N "
+NnodesOpt = request_flag("nnodes", help="One engine across N nodes (TurboMind): --tp is the TOTAL, tp/N "
                    "GPUs per node.", default=1)
-NodeRankOpt = number(limits.NODE_RANK, "--node-rank", metavar="R", help="This node's rank with --nnodes, 0 to N-1; rank 0 "
+NodeRankOpt = request_flag("node_rank", metavar="R", help="This node's rank with --nnodes, 0 to N-1; rank 0 "
                      "serves HTTP.")
 DistInitAddrOpt = optional(str, "--dist-init-addr", metavar="HOST:PORT",
                            help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.")

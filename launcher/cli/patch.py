@@ -37,14 +37,15 @@ def patch(
     MODEL is a preset name, a Hugging Face repo id ORG/NAME (downloaded first), or a local model
     directory.
     """
-    from launcher.plan.build import PlanRequest, build_plan, make_overlay, with_files
+    from launcher.plan.build import build_plan, make_overlay, with_files
     from launcher.plan.render import reader_line
+    from launcher.plan.request import PlanRequest
 
-    # Every flag and --out first, then the config alone, then the plan; only then the files.
-    plan, note = with_files(build_plan(
-        PlanRequest(model=model, factor=factor, rope_type=rope_type, session_len=session_len,
-                    force=force, out=out, revision=revision, trust_remote_code=trust_remote_code)
-    ))
+    # Every flag (the parser) and --out first, then the config alone, then the plan; only then the files.
+    plan, note = with_files(build_plan(PlanRequest.from_flags(
+        model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force, out=out,
+        revision=revision, trust_remote_code=trust_remote_code,
+    )))
     if note:
         typer.echo(note, err=True)
     overlay = make_overlay(plan)

@@ -69,19 +69,17 @@ def plan(
     directory. Nothing is written and no weights are downloaded. With --replicas or --nnodes: the
     whole layout, each replica's or node's GPUs, port and command, and the total capacity.
     """
-    from launcher.plan.build import PlanRequest
     from launcher.plan.layout import plan_with_layout
     from launcher.plan.render import plan_json, render_plan
+    from launcher.plan.request import PlanRequest
 
-    result, layout = plan_with_layout(
-        PlanRequest(
-            model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
-            backend=backend, tp=tp, max_batch_size=max_batch_size,
-            cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,
-            gpu_memory_gib=gpu_memory, host=host, port=port, trust_remote_code=trust_remote_code,
-        ),
-        replicas=replicas, nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
-    )
+    result, layout = plan_with_layout(PlanRequest.from_flags(
+        model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force, backend=backend,
+        tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
+        quant_policy=quant_policy, gpu_memory_gib=gpu_memory, host=host, port=port, replicas=replicas,
+        nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
+        trust_remote_code=trust_remote_code,
+    ))
     if as_json:
         typer.echo(json.dumps(plan_json(result, layout), indent=2, ensure_ascii=False))
     else:

@@ -20,6 +20,7 @@ from launcher.cli.options import (
     JsonOpt,
     MaxBatchOpt,
     ModelArg,
+    ModelNameOpt,
     NnodesOpt,
     NodeRankOpt,
     PortOpt,
@@ -67,10 +68,7 @@ def serve(
     max_batch_size: MaxBatchOpt = None,
     backend: BackendOpt = None,
     gpu_memory: GpuMemoryOpt = None,
-    model_name: Annotated[
-        str | None, typer.Option("--model-name", help="Served model name. Default: the preset or directory name.",
-                                    show_default=False)
-    ] = None,
+    model_name: ModelNameOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = None,
     health_timeout: HealthTimeoutOpt = DEFAULT_HEALTH_TIMEOUT_S,
@@ -106,14 +104,16 @@ def serve(
     from launcher.app.serve import ServeRequest
     from launcher.app.serve import serve as run_serve
     from launcher.eval.ppl.text import serve_ppl_text
-    from launcher.plan.build import PlanRequest
+    from launcher.plan.request import PlanRequest
 
-    request = ServeRequest(
-        plan=PlanRequest(
+    # Every value was read by the parser: the request carries them typed, and nothing reads them again.
+    request = ServeRequest.from_flags(
+        plan=PlanRequest.from_flags(
             model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
             backend=backend, tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
             quant_policy=quant_policy, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
-            revision=revision, trust_remote_code=trust_remote_code,
+            revision=revision, trust_remote_code=trust_remote_code, replicas=replicas, nnodes=nnodes,
+            node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
         ),
         api_keys=tuple(api_key or ()),
         api_key_file=api_key_file,
@@ -121,11 +121,6 @@ def serve(
         as_json=as_json,
         probe=probe,
         health_timeout_s=health_timeout,
-        replicas=replicas,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        dist_init_addr=dist_init_addr,
-        routing=routing,
         proxy_url=proxy_url,
         advertise_url=advertise_url,
         ppl_text=serve_ppl_text(ppl_text, probe),

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from launcher.errors import LaunchError
-from launcher.rules import checks, limits
 
 
 class LayoutRefused(LaunchError):
@@ -69,14 +68,12 @@ class ParallelCheck:
 def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None) -> ParallelCheck:
     """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
     ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
-    one of the tp GPUs; ``LayoutRefused`` with its reason otherwise."""
-    checks.whole("--tp", tp, 1, limits.TP.high)
-    checks.whole("--nnodes", nnodes, 1, limits.NNODES.high)
+    one of the tp GPUs; ``LayoutRefused`` with its reason otherwise. ``tp`` and ``nnodes`` come
+    checked (the request's flags, a preset's values): they are not checked here again."""
     if gpus_per_node is None:
         if tp % nnodes:
             raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
         gpus_per_node = tp // nnodes
-    checks.whole("GPUs per node", gpus_per_node, 1, limits.TP.high)
     derive = lmdeploy_derive_parallel_config()
     try:
         parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available

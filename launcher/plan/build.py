@@ -1,7 +1,7 @@
 """The plan: everything ``serve`` will do, computed first, shown by ``plan``, then executed.
 
-``check_request`` checks every flag (no I/O but a look at ``--out``); ``build_plan`` applies the
-RoPE rules to a config, sizes the KV cache and fills in the typed engine settings and the
+``build_plan`` takes the one request (``launcher.plan.request``: checked once, by the parser or by
+``check_request``, and never again here), applies the RoPE rules to a config, sizes the KV cache and fills in the typed engine settings and the
 equivalent lmdeploy command line. It writes nothing and loads no engine. ``with_files`` gets the
 files a planned model needs and keeps the plan when the downloaded config is the one planned with.
 Showing a plan is ``launcher.plan.render``'s job.
@@ -16,9 +16,6 @@ from pathlib import Path
 
 from launcher import __version__
 from launcher.engine.spec import (
-    BACKENDS,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
     DEFAULTS,
     SESSION_LEN_MAX,
     EngineSettings,
@@ -28,13 +25,12 @@ from launcher.engine.spec import (
     engine_config,
     turbomind_supports,
 )
-from launcher.model.overlay import Overlay, build_overlay, check_target, config_bytes, default_overlay_path
-from launcher.model.source import Fetching, ModelSource, resolve
-from launcher.rules import checks, limits
+from launcher.model.overlay import Overlay, build_overlay, config_bytes, default_overlay_path
+from launcher.model.source import ModelSource, resolve
+from launcher.plan.request import PlanRequest, check_request
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import BadConfig
 from launcher.rules.kvcache import (
-    QUANT_POLICIES,
     GiB,
     KvCost,
     MemoryPlan,
@@ -44,74 +40,11 @@ from launcher.rules.kvcache import (
     tp_split,
     weights_bytes_estimate,
 )
-from launcher.rules.rope import RopeDecision, RopeRequest, apply, decide, parse_factor, parse_rope_type
+from launcher.rules.rope import RopeDecision, RopeRequest, apply, decide
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the user asked for; ``None`` means the preset's (or lmdeploy's) default. Values arrive
-    as given; ``check_request`` gives each its type and range."""
-
-    model: str
-    factor: str | float | None = None
-    rope_type: str | None = None
-    session_len: int | None = None
-    force: bool = False
-    backend: str | None = None
-    tp: int | None = None
-    max_batch_size: int | None = None
-    cache_max_entry_count: float | None = None
-    quant_policy: int | None = None
-    gpu_memory_gib: float | None = None
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    model_name: str | None = None
-    out: Path | str | None = None
-    need_files: bool = False
-    revision: str | None = None
-    trust_remote_code: bool | None = None
-    quiet: bool = False
-    hub_timeout_s: float | str | None = None
-    nnodes: int = 1  # one engine across this many nodes (tp is the TOTAL over them; GPUs here: tp / nnodes)
-
-    @property
-    def fetching(self) -> Fetching:
-        return Fetching(revision=self.revision, quiet=self.quiet, timeout_s=self.hub_timeout_s,
-                        trust_remote_code=self.trust_remote_code)
-
-
-def check_request(request: PlanRequest) -> PlanRequest:
-    """Every flag of ``request`` typed and in range (numbers by the one table, ``limits``), or a
-    one-line BadOption (or UnknownRopeType, OverlayConflict). Reads no config and makes no request:
-    this runs before anything is downloaded or written. Checking a checked request changes nothing."""
-    r = request
-    out = r.out
-    if out is not None:
-        local = Path(r.model).expanduser()
-        out = check_target(out, local if local.is_dir() else None)
-    return replace(
-        r,
-        factor=_maybe(checks.limited, "--factor", r.factor, limits.FACTOR),
-        rope_type=parse_rope_type(r.rope_type) if r.rope_type is not None else None,
-        session_len=_maybe(checks.limited, "--session-len", r.session_len, limits.SESSION_LEN),
-        backend=checks.one_of("--backend", r.backend, BACKENDS) if r.backend is not None else None,
-        tp=_maybe(checks.limited, "--tp", r.tp, limits.TP),
-        max_batch_size=_maybe(checks.limited, "--max-batch-size", r.max_batch_size, limits.MAX_BATCH_SIZE),
-        cache_max_entry_count=_maybe(checks.limited, "--cache-max-entry-count", r.cache_max_entry_count,
-                                     limits.CACHE_MAX_ENTRY_COUNT),
-        quant_policy=_maybe(checks.choice, "--quant-policy", r.quant_policy, QUANT_POLICIES),
-        gpu_memory_gib=_maybe(checks.limited, "--gpu-memory", r.gpu_memory_gib, limits.GPU_MEMORY),
-        model_name=checks.word("--model-name", r.model_name, "a name") if r.model_name is not None else None,
-        revision=checks.revision("--revision", r.revision) if r.revision is not None else None,
-        out=out,
-        nnodes=checks.limited("--nnodes", r.nnodes, limits.NNODES),
-    )
-
-
-def _maybe(check, option: str, value, *args, **kwargs):
-    return None if value is None else check(option, value, *args, **kwargs)
+__all__ = ["OVERLAY_PLACEHOLDER", "Plan", "PlanRequest", "build_plan", "check_request", "make_overlay",
+           "overlay_digest", "with_files"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +65,12 @@ class Plan:
     engine: EngineSpec
     overlay_path: Path | None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    kv_heads_per_gpu: int = 1  # the tp rule's answer (``tp_split``), for the layouts
+
+    @property
+    def gpus_here(self) -> int:
+        """GPUs the engine takes on this machine: tp, or its share across nodes."""
+        return local_gpus(self.engine.config.tp, self.request.nnodes)
 
     @property
     def command(self) -> list[str]:
@@ -168,6 +107,12 @@ class Plan:
                 for c in d.changes
             ],
         }
+
+
+def local_gpus(tp: int, nnodes: int) -> int:
+    """GPUs one node gives an engine of ``tp`` across ``nnodes`` (tp / nnodes when it divides; a tp that
+    does not is lmdeploy's to refuse, and counts whole here)."""
+    return tp // nnodes if tp % nnodes == 0 else tp
 
 
 def _engine_settings(request: PlanRequest, source: ModelSource) -> EngineSettings:
@@ -248,16 +193,14 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
                api_keys: tuple[str, ...] = ()) -> Plan:
     """Compute everything serve would do from ``source``'s config (resolved from the request when
     not given). Writes nothing. ``api_keys``: what the server will require (serve)."""
-    request = check_request(request)
+    request = check_request(request)  # a checked request (the parser's, serve's) is taken as it is
     if source is None:
         source = resolve(request.model, need_files=request.need_files, fetching=request.fetching)
-    preset = source.preset
-    factor = request.factor if request.factor is not None else (preset.rope.factor if preset else None)
-    rope_type = request.rope_type if request.rope_type is not None else (preset.rope.type if preset else None)
+    preset = source.preset  # its values were read by the same limits when it was loaded
     settings = _engine_settings(request, source)
     rope_request = RopeRequest(
-        factor=parse_factor(factor) if factor is not None else None,
-        rope_type=parse_rope_type(rope_type) if rope_type is not None else None,
+        factor=request.factor if request.factor is not None else (preset.rope.factor if preset else None),
+        rope_type=request.rope_type if request.rope_type is not None else (preset.rope.type if preset else None),
         session_len=request.session_len,
         force=request.force,
         engine=settings.backend,
@@ -271,7 +214,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     patched = apply(config, decision)
     section = functools.reduce(operator.getitem, decision.section, patched)
     shape = ModelShape.from_config(section, source.config_origin)
-    tp_split(section, settings.tp, source.config_origin)  # the tp rule: heads and hidden size split evenly
+    kv_heads = tp_split(section, settings.tp, source.config_origin)  # the tp rule: heads and hidden size split evenly
     warnings = list(decision.warnings)
     if decision.reader.remote and not source.trust_remote_code:
         warnings.append(
@@ -285,7 +228,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         )
 
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
-    local_tp = settings.tp // request.nnodes if settings.tp % request.nnodes == 0 else settings.tp
+    local_tp = local_gpus(settings.tp, request.nnodes)
     if gpu_count is not None and local_tp > gpu_count:
         where = " on each node" if request.nnodes > 1 else ""
         warnings.append(f"--tp {settings.tp} needs {local_tp} GPUs{where}; this machine has {gpu_count}: serve will stop")
@@ -318,6 +261,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         engine=engine,
         overlay_path=_overlay_path(request, source, patched),
         warnings=tuple(warnings),
+        kv_heads_per_gpu=kv_heads,
     )
 
 

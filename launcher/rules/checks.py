@@ -35,7 +35,7 @@ class BadOption(LaunchError):
 
 
 T = TypeVar("T")
-__all__ = ["WEEK_S", "choice", "hub_timeout", "limited", "number", "one_of", "revision", "seconds", "whole", "word"]
+__all__ = ["WEEK_S", "choice", "hub_timeout", "limited", "number", "one_of", "refusal", "revision", "seconds", "whole", "word"]
 
 
 def _shown(value: object) -> str:
@@ -46,10 +46,16 @@ def limited(option: str, value: object, limit: Limit) -> int | float:
     """The flag's value (text, or a number given in code) by ``limit``: typed and in range."""
     try:
         return limit.read(value)
-    except ValueError as err:
-        example = f"{limit.example:g}" if isinstance(limit.example, float) else limit.example
-        hint = f", e.g. {option} {example}" if example is not None else ""
-        raise BadOption(option, _shown(value), f"{err}{hint}") from None
+    except ValueError:
+        raise refusal(option, value, limit) from None
+
+
+def refusal(option: str, value: object, limit: Limit) -> BadOption:
+    """The one line that refuses ``value`` for ``option`` by ``limit`` ("must be ..., e.g. --tp 2"):
+    what ``limited`` raises, for a typed value that a rule joining two flags puts out of range."""
+    example = f"{limit.example:g}" if isinstance(limit.example, float) else limit.example
+    hint = f", e.g. {option} {example}" if example is not None else ""
+    return BadOption(option, _shown(value), f"must be {limit.rule}{hint}")
 
 
 def whole(option: str, value: object, low: int, high: int, example: object | None = None) -> int:

@@ -533,10 +533,11 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     if rope_type not in engine_types:
         raise UnsupportedRopeType(rope_type, request.engine, engine_types)
 
-    factor = request.factor if request.factor is not None else before.factor
+    factor = request.factor  # typed and checked where it entered (a flag, a preset)
     if factor is None:
-        raise MissingFactor(source)
-    factor = parse_factor(factor)
+        if before.factor is None:
+            raise MissingFactor(source)
+        factor = parse_factor(before.factor)  # the config's own
     if before.native_context * factor > INT32_MAX:
         raise ContextTooLong(source, before.native_context, factor, INT32_MAX)
 

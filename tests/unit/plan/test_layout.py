@@ -19,7 +19,6 @@ from launcher.plan.layout import (
     node_layout,
     nodes_for_plan,
     nodes_json,
-    parse_dist_init_addr,
     render_nodes,
     render_replicas,
     replica_layout,
@@ -27,6 +26,7 @@ from launcher.plan.layout import (
     replicas_json,
     visible_devices,
 )
+from launcher.plan.request import parse_dist_init_addr
 from launcher.rules.capacity import Capacity
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import BadConfig
@@ -59,10 +59,10 @@ def parse(parser, argv) -> argparse.Namespace:
     return parser.parse_args(list(argv[2:]))
 
 
-def engine(tp: int, backend: str = "turbomind", max_batch_size: int = 8) -> EngineSpec:
+def engine(tp: int, backend: str = "turbomind", max_batch_size: int = 8, port: int = 9000) -> EngineSpec:
     return EngineSpec(backend=backend, config=EngineConfig(tp=tp, session_len=4096, max_batch_size=max_batch_size,
                                                            cache_max_entry_count=0.8, quant_policy=0),
-                      model_name="tiny", trust_remote_code=False, port=9000)
+                      model_name="tiny", trust_remote_code=False, port=port)
 
 
 # --- done when -----------------------------------------------------------------------------------
@@ -159,13 +159,13 @@ def test_heads_that_tp_does_not_divide_are_refused():
 def test_more_gpus_than_visible_is_refused_before_anything():
     devices = visible_devices(None, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5"})
     with pytest.raises(LayoutNeedsMoreGpus) as err:
-        replica_layout(engine(2), "/m", LLAMA, replicas=4, devices=devices, first_port=9001)
+        replica_layout(engine(2), "/m", tp_split(LLAMA, 2), replicas=4, devices=devices)
     assert "needs 8 GPUs, but 6 are visible" in str(err.value)
 
 
 def test_replicas_take_the_visible_gpus_in_order(serve_parser):
     devices = visible_devices(8, {"CUDA_VISIBLE_DEVICES": "3,5,GPU-aa,7"})
-    layout = replica_layout(engine(2), "/m", LLAMA, replicas=2, devices=devices, first_port=9001)
+    layout = replica_layout(engine(2), "/m", tp_split(LLAMA, 2), replicas=2, devices=devices)
     assert [r.devices for r in layout.replicas] == [("3", "5"), ("GPU-aa", "7")]
     assert not layout.devices_assumed and layout.total_sessions is None
     assert visible_devices(3, {}).ids == ("0", "1", "2") and visible_devices(None, {}).ids is None
@@ -175,15 +175,24 @@ def test_replicas_take_the_visible_gpus_in_order(serve_parser):
 
 
 def test_replica_ports_must_fit():
-    with pytest.raises(BadOption, match="65535"):
-        replica_layout(engine(1), "/m", LLAMA, replicas=3, devices=None, first_port=65534)
+    """The replicas listen on the ports after the proxy's (the engine's): 65533 leaves room for 2."""
+    with pytest.raises(BadOption, match="65535") as err:
+        replica_layout(engine(1, port=65533), "/m", 1, replicas=3, devices=None)
+    assert err.value.option == "--port" and "give --port 65532 or lower" in str(err.value)
+    fits = replica_layout(engine(1, port=65533), "/m", 1, replicas=2, devices=None)
+    assert [r.port for r in fits.replicas] == [65534, 65535]
 
 
-def test_pytorch_replicas_skip_turbomind_check_but_not_the_heads():
-    layout = replica_layout(engine(4, "pytorch"), "/m", LLAMA, replicas=1, devices=None, first_port=9001)
+def test_pytorch_replicas_skip_turbomind_check_but_not_the_heads(model_dir):
+    """The heads are the plan's to check, for either engine (``tp_split`` in ``build_plan``): a
+    pytorch plan with a tp that does not divide them stops there, before any layout."""
+    layout = replica_layout(engine(4, "pytorch"), "/m", tp_split(LLAMA, 4), replicas=1, devices=None)
     assert layout.kv_heads_per_gpu == 1
+    assert build_plan(PlanRequest(model=str(model_dir), factor=2, backend="pytorch", tp=4)).kv_heads_per_gpu == 1
+    with pytest.raises(LayoutHeadsIndivisible, match="--tp '3'"):
+        build_plan(PlanRequest(model=str(model_dir), factor=2, backend="pytorch", tp=3))
     with pytest.raises(BadOption, match="Ray"):
-        node_layout(engine(4, "pytorch"), "/m", LLAMA, nnodes=2, dist_init_addr="10.0.0.1:29500")
+        node_layout(engine(4, "pytorch"), "/m", 1, nnodes=2, dist_init_addr="10.0.0.1:29500")
 
 
 # --- nodes -------------------------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def test_bad_dist_init_addr_is_refused(value):
 
 def test_one_node_is_not_a_multi_node_layout():
     with pytest.raises(BadOption, match="2 or more"):
-        node_layout(engine(2), "/m", LLAMA, nnodes=1, dist_init_addr="h:1")
+        node_layout(engine(2), "/m", 1, nnodes=1, dist_init_addr="h:1")
 
 
 def test_layouts_import_neither_lmdeploy_nor_torch():
@@ -251,13 +260,12 @@ def test_capacity_refuses_what_is_not_a_count(args):
 
 
 def test_layouts_cap_each_engine_at_its_max_batch_size():
-    layout = replica_layout(engine(1, max_batch_size=4), "/m", LLAMA, replicas=3, devices=None, first_port=9001,
-                            sessions_per_replica=10)
+    layout = replica_layout(engine(1, max_batch_size=4), "/m", 1, replicas=3, devices=None, sessions_per_replica=10)
     assert (layout.sessions_per_replica, layout.total_sessions, layout.capacity.limit) == (4, 12, "max_batch_size")
     assert [r["capacity_limit"] for r in replicas_json(layout)] == ["max_batch_size"] * 3
     assert "capacity       12 full-length session(s) at once (4 per replica; limited by max_batch_size 4" \
         in render_replicas(layout)
-    nodes = node_layout(engine(2, max_batch_size=16), "/m", LLAMA, nnodes=2, dist_init_addr="10.0.0.1:29500",
+    nodes = node_layout(engine(2, max_batch_size=16), "/m", 1, nnodes=2, dist_init_addr="10.0.0.1:29500",
                         sessions=40)
     assert (nodes.total_sessions, nodes.capacity.limit) == (16, "max_batch_size")  # one engine: no x nnodes
     assert "capacity       16 full-length session(s) at once (limited by max_batch_size 16" in render_nodes(nodes)
