@@ -10,7 +10,9 @@ Targets (exit 1 when one is missed):
   `hf download` of the same files into an empty cache: whole-process medians, runs alternated.
 
 Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
-`python bench/run.py fetch` runs the fetch comparison alone (bench-results/bench-fetch.json).
+`python bench/run.py fetch` runs the fetch comparison alone (bench-results/bench-fetch.json),
+`python bench/run.py startup` the start-up timings alone (bench-results/bench-startup.json), with the
+time `launch plan` spends importing msgspec (the presets' schema).
 """
 
 from __future__ import annotations
@@ -115,6 +117,51 @@ def write(name: str, results: dict) -> None:
     print(f"written: {out / name}")
 
 
+STARTUP = (
+    ("launch --help", ["--help"]),
+    ("launch presets", ["presets"]),
+    ("launch plan internlm2_5-7b-chat --json", ["plan", "internlm2_5-7b-chat", "--json"]),
+)
+
+
+def import_seconds(module: str, argv: list[str], env: dict, runs: int) -> float:
+    """Median seconds a run of ``argv`` spends importing ``module`` (with what it imports first), by
+    Python's own ``-X importtime``."""
+    times = []
+    for _ in range(runs):
+        result = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], capture_output=True, text=True,
+                                env=env, check=False)
+        times += [int(line.split("|")[1]) / 1e6 for line in result.stderr.splitlines()
+                  if line.startswith("import time:") and line.split("|")[-1].strip() == module]
+    return statistics.median(times) if times else 0.0
+
+
+def bench_startup(launch: list[str], env: dict, results: dict) -> tuple[float, list, bool]:
+    """--help, presets and plan against `lmdeploy serve api_server --help`, and what the presets'
+    schema library (msgspec) adds to plan's start-up."""
+    lmdeploy = VENV_BIN / "lmdeploy"
+    baseline = statistics.median(timed([str(lmdeploy), "serve", "api_server", "--help"], BASELINE_RUNS, env))
+    results["baseline_lmdeploy_help_s"] = baseline
+    ok, rows = True, []
+    for label, args in STARTUP:
+        median = statistics.median(timed(launch + args, RUNS, env))
+        ratio = baseline / median
+        passed = median < 0.5 and ratio >= 10
+        ok &= passed
+        rows.append((label, median, ratio, passed))
+        results[label] = {"median_s": median, "speedup_vs_lmdeploy_help": ratio, "pass": passed}
+    results["msgspec_import_in_plan_s"] = import_seconds("msgspec", launch + STARTUP[2][1], env, RUNS)
+    return baseline, rows, ok
+
+
+def print_startup(baseline: float, rows: list, msgspec_s: float) -> None:
+    print(f"baseline: lmdeploy serve api_server --help  median {baseline:.3f} s ({BASELINE_RUNS} runs)")
+    for label, median, ratio, passed in rows:
+        print(f"{label:<42} median {median:.3f} s   {ratio:5.1f}x faster   {'PASS' if passed else 'FAIL'}"
+              "  (target < 0.5 s and >= 10x)")
+    print(f"{'  of which msgspec import (presets schema)':<42} median {msgspec_s:.3f} s   (python -X importtime)")
+
+
 def main(argv: list[str]) -> int:
     # Measure launch as installed (byte-compiled), not a first run that compiles its sources.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "launcher")], check=True)
@@ -126,24 +173,11 @@ def main(argv: list[str]) -> int:
         write("bench-fetch.json", {"python": sys.version.split()[0], "fetch": fetched})
         return 0 if fetched["pass"] else 1
     results: dict = {"runs": RUNS, "python": sys.version.split()[0]}
-
-    lmdeploy = VENV_BIN / "lmdeploy"
-    baseline = statistics.median(timed([str(lmdeploy), "serve", "api_server", "--help"], BASELINE_RUNS, env))
-    results["baseline_lmdeploy_help_s"] = baseline
-
-    ok = True
-    rows = []
-    for label, args in (
-        ("launch --help", ["--help"]),
-        ("launch presets", ["presets"]),
-        ("launch plan internlm2_5-7b-chat --json", ["plan", "internlm2_5-7b-chat", "--json"]),
-    ):
-        median = statistics.median(timed(launch + args, RUNS, env))
-        ratio = baseline / median
-        passed = median < 0.5 and ratio >= 10
-        ok &= passed
-        rows.append((label, median, ratio, passed))
-        results[label] = {"median_s": median, "speedup_vs_lmdeploy_help": ratio, "pass": passed}
+    baseline, rows, ok = bench_startup(launch, env, results)
+    if argv == ["startup"]:
+        print_startup(baseline, rows, results["msgspec_import_in_plan_s"])
+        write("bench-startup.json", results)
+        return 0 if ok else 1
 
     work = Path(tempfile.mkdtemp(prefix="launch-bench-"))
     try:
@@ -172,10 +206,7 @@ def main(argv: list[str]) -> int:
     ok &= fetched["pass"]
     results["fetch"] = fetched
 
-    print(f"baseline: lmdeploy serve api_server --help  median {baseline:.3f} s ({BASELINE_RUNS} runs)")
-    for label, median, ratio, passed in rows:
-        print(f"{label:<42} median {median:.3f} s   {ratio:5.1f}x faster   {'PASS' if passed else 'FAIL'}"
-              "  (target < 0.5 s and >= 10x)")
+    print_startup(baseline, rows, results["msgspec_import_in_plan_s"])
     print(f"{'launch patch, 10 GB of weights vs 10 MB':<42} {t_big:.3f} s vs {t_small:.3f} s   ratio {patch_ratio:.2f}"
           f"   overlay {overlay_bytes:,} B   {'PASS' if patch_pass else 'FAIL'}  (target ratio < 1.5, nothing copied)")
     print(fetch_line(fetched))

@@ -292,20 +292,33 @@ def outside(limit: limits.Limit) -> st.SearchStrategy:
     return st.one_of(below, above, st.sampled_from([1e300, -1e300, True, "12" if limit.whole else "1_0", "twelve"]))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(data=st.data(), field=st.sampled_from(sorted(NUMBER_FIELDS)))
-def test_every_preset_number_out_of_its_range_is_refused_naming_the_file_and_key(tmp_path_factory, data, field):
-    limit = NUMBER_FIELDS[field]
-    value = data.draw(outside(limit))
-    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1})))
+FULL = dict(GOOD, engine={"tp": 1}, chat_template={"model_name": "mine"})  # GOOD with every section
+
+
+def preset_with(field: tuple, value: object) -> dict:
+    """A copy of FULL with the dotted ``field`` set to ``value``."""
+    preset = yaml.safe_load(yaml.safe_dump(FULL))
     section = preset
     for key in field[:-1]:
         section = section[key]
     section[field[-1]] = value
-    path = write_preset(tmp_path_factory.mktemp("num"), preset)
+    return preset
+
+
+def refusal(directory: Path, preset: dict) -> tuple[Path, str]:
+    """The file ``preset`` is written to in ``directory``, and the InvalidPreset message of loading it."""
+    path = write_preset(directory, preset)
     with pytest.raises(InvalidPreset) as err:
         load_preset_file(path)
-    assert str(err.value).startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {limit.rule}, found ")
+    return path, str(err.value)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data(), field=st.sampled_from(sorted(NUMBER_FIELDS)))
+def test_every_preset_number_out_of_its_range_is_refused_naming_the_file_and_key(tmp_path_factory, data, field):
+    limit = NUMBER_FIELDS[field]
+    path, message = refusal(tmp_path_factory.mktemp("num"), preset_with(field, data.draw(outside(limit))))
+    assert message.startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {limit.rule}, found ")
 
 
 @pytest.mark.parametrize("tp, heads, hidden, what", [(8, 4, 64, "4 attention heads"), (2, 6, 63, "63 hidden size")])
@@ -326,29 +339,23 @@ def test_a_presets_tp_that_its_own_model_cannot_split_names_the_preset_key_not_t
 # --- the schema is msgspec's: its refusals in launch's words, its numbers by the one table ----------
 
 UNKNOWN = "unknown field (check its spelling; `launch presets show NAME` shows a valid preset)"
-SECTIONS = {(): GOOD, ("rope",): GOOD["rope"], ("config",): GOOD["config"], ("engine",): {"tp": 1},
-            ("chat_template",): {"model_name": "mine"}}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(data=st.data(), section=st.sampled_from(sorted(SECTIONS)),
+@given(data=st.data(), section=st.sampled_from([(), ("rope",), ("config",), ("engine",), ("chat_template",)]),
        key=st.one_of(st.text(max_size=30), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False),
                      st.sampled_from(["x` - at `$.rope", "x` - at `key` in `$.config", "Object missing required field `a`",
                                       "Object contains unknown field `b`", "Factor", "config.tp"])))
 def test_an_unknown_key_of_any_spelling_in_any_section_is_named_exactly(tmp_path_factory, data, section, key):
     """msgspec refuses it (forbid_unknown_fields); the message names the dotted key as written, even a
     key that looks like msgspec's own words, or one that is no text (YAML reads `1:` as a number)."""
-    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1}, chat_template={"model_name": "mine"})))
-    mapping = preset
+    mapping = FULL
     for name in section:
         mapping = mapping[name]
     assume(key not in mapping)  # a key the section has is no unknown one
-    mapping[key] = data.draw(st.sampled_from([1, "x", None, [1], {"a": 1}]))
-    path = write_preset(tmp_path_factory.mktemp("key"), preset)
-    with pytest.raises(InvalidPreset) as err:
-        load_preset_file(path)
-    dotted = ".".join([*section, str(key)])
-    assert str(err.value) == f"invalid preset {path}: field {dotted!r}: {UNKNOWN}"
+    value = data.draw(st.sampled_from([1, "x", None, [1], {"a": 1}]))
+    path, message = refusal(tmp_path_factory.mktemp("key"), preset_with((*section, key), value))
+    assert message == f"invalid preset {path}: field {'.'.join([*section, str(key)])!r}: {UNKNOWN}"
 
 
 CHOICES = {("rope", "type"): ("dynamic", "linear", "yarn", "llama3"), ("config", "torch_dtype"): ("float16", "bfloat16",
@@ -386,17 +393,9 @@ def test_a_value_of_the_wrong_kind_is_refused_in_the_fields_words(tmp_path_facto
     file and the dotted key (not msgspec's "Expected `str`, got `int`")."""
     words, kind = KINDS[field]
     assume(not fits(kind, value) and not (value is None and field in OPTIONAL))
-    preset = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1}, chat_template={"model_name": "mine"})))
-    section = preset
-    for key in field[:-1]:
-        section = section[key]
-    section[field[-1]] = value
-    path = write_preset(tmp_path_factory.mktemp("kind"), preset)
-    with pytest.raises(InvalidPreset) as err:
-        load_preset_file(path)
-    assert str(err.value).startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {words}, found "), \
-        str(err.value)
-    assert "Expected" not in str(err.value) and "\n" not in str(err.value)
+    path, message = refusal(tmp_path_factory.mktemp("kind"), preset_with(field, value))
+    assert message.startswith(f"invalid preset {path}: field {'.'.join(field)!r}: must be {words}, found "), message
+    assert "Expected" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("key, written, read", [
@@ -408,12 +407,7 @@ def test_a_value_of_the_wrong_kind_is_refused_in_the_fields_words(tmp_path_facto
     (("config", "rope_theta"), "1e6", 1e6),
 ])
 def test_numbers_are_read_by_the_table_not_by_msgspecs_own_rules(tmp_path, key, written, read):
-    data = yaml.safe_load(yaml.safe_dump(dict(GOOD, engine={"tp": 1})))
-    section = data
-    for name in key[:-1]:
-        section = section[name]
-    section[key[-1]] = written
-    preset = load_preset_file(write_preset(tmp_path, data))
+    preset = load_preset_file(write_preset(tmp_path, preset_with(key, written)))
     value = preset
     for name in key:
         value = getattr(value, name)
