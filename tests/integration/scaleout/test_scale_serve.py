@@ -535,7 +535,8 @@ def test_node_spec_hands_lmdeploy_the_multi_node_fields(tmp_path, monkeypatch):
     from launcher.plan.build import PlanRequest, build_plan
 
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
-    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80,
+                                  dist_init_addr="10.0.0.1:29500"))
     spec, _log = _spec(plan, tmp_path / "overlay", {"nnodes": 2, "node_rank": 1, "dist_init_addr": "10.0.0.1:29500"})
     config = backend_config(json.loads(spec))
     assert type(config) is TurbomindEngineConfig
@@ -550,7 +551,8 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
     from launcher.plan.build import PlanRequest, build_plan
     from launcher.rules.checks import BadOption
 
-    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80))
+    plan = build_plan(PlanRequest(model="internlm2_5-7b-chat", factor="4", tp=16, nnodes=2, gpu_memory_gib=80,
+                                  dist_init_addr="10.0.0.1:29500"))
     _check_gpus(replace(plan, gpu_count=8))  # 16 over 2 nodes: 8 here
     with pytest.raises(BadOption) as err:
         _check_gpus(replace(plan, gpu_count=4))
