@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from launcher.errors import LaunchError
-from launcher.net.openai import OpenAIClient, ProbeBadReply, ProbeHTTPError
+from launcher.net.lmdeploy import Client, ServerBadReply, ServerHTTPError
 
 
 class ProbeLengthTooShort(LaunchError):
@@ -46,7 +46,7 @@ class TokenCounter(Protocol):
 
 @dataclass
 class EncodeEndpoint:
-    client: OpenAIClient
+    client: Client
     method: str = "server: POST /v1/encode"
     exact: bool = True
 
@@ -56,7 +56,7 @@ class EncodeEndpoint:
 
 @dataclass
 class TokenizeEndpoint:
-    client: OpenAIClient
+    client: Client
     model: str
     method: str = "server: POST /tokenize"
     exact: bool = True
@@ -126,12 +126,12 @@ class Estimate:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def pick_counter(client: OpenAIClient, model: str, tokenizer_dir: str | None) -> TokenCounter:
+def pick_counter(client: Client, model: str, tokenizer_dir: str | None) -> TokenCounter:
     """The server's tokenize endpoint if it has one, else ``tokenizer_dir``, else the estimate."""
     for counter in (EncodeEndpoint(client), TokenizeEndpoint(client, model)):
         try:
             counter.count("The pass key is hidden here.")
-        except (ProbeHTTPError, ProbeBadReply):
+        except (ServerHTTPError, ServerBadReply):
             continue  # no such endpoint on this server (404 / 405 / another shape)
         return counter
     if tokenizer_dir:

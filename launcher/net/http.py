@@ -1,7 +1,7 @@
 """The one HTTP client of launch: JSON requests with one overall deadline each.
 
-Used by the supervisor (``/health``, ``/v1/models``), the probe and ppl clients, the proxy tools
-and the smoke script. Standard library only, so it starts fast and runs anywhere.
+Used by ``launcher.net.lmdeploy`` (the one client of lmdeploy's endpoints: the supervisor's, probe's,
+ppl's and the proxy tools') and the smoke script. Standard library only, so it starts fast and runs anywhere.
 
 - One deadline per request, covering connect, headers and the whole body: a server that accepts
   and never answers, or sends one byte a second, ends at ``timeout`` (the request runs in a daemon
@@ -88,6 +88,11 @@ def parse_url(url: str, option: str = "--url") -> Url:
         raise BadOption(option, redact(url), "give an http(s) address such as http://127.0.0.1:23333")
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise BadOption(option, redact(url).encode("unicode_escape").decode(), "it holds a control character")
+    if " " in text:  # http.client refuses to send it (InvalidURL)
+        raise BadOption(option, redact(url), "it holds a space; write it as %20")
+    if not (parts.path + parts.query).isascii():  # the request line is ASCII: http.client cannot send it
+        raise BadOption(option, redact(url), "its path holds a character that is not ASCII; percent-encode it "
+                        "(UTF-8, e.g. %C3%A9)")
     auth = None
     if parts.username is not None:
         auth = urllib.parse.unquote(parts.username) + ":" + urllib.parse.unquote(parts.password or "")

@@ -14,17 +14,20 @@ What lmdeploy 0.18's proxy does, and what launch adds here (read from its
   ``/health``. ``add_node`` checks ``/health``, reads the model names itself (with the node's key)
   and registers with ``models`` filled.
 
-All HTTP goes through ``launcher.net.http`` (one overall deadline per request).
+The endpoints, their JSON and their errors are known once, in ``launcher.net.lmdeploy`` (the one
+client, on ``launcher.net.http``: one overall deadline per request); here its errors are said in the
+proxy commands' words.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from launcher.errors import LaunchError
-from launcher.net import http
+from launcher.errors import LaunchError, printable
+from launcher.net import http, lmdeploy
+from launcher.net.lmdeploy import Client, Health, Node
 from launcher.rules.checks import BadOption
 from launcher.scaleout.state import Removed, ago, read_state
 
@@ -170,132 +173,73 @@ def proxy_url(url: str, option: str = "--proxy") -> str:
     return f"{parsed.scheme}://{auth}{shown_host}:{parsed.port}"
 
 
-# --- node health -------------------------------------------------------------------------------
+# --- the node API, in the proxy commands' words ------------------------------------------------
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Health:
-    """The answer of one node's ``GET /health``: ``ok`` only for HTTP 200."""
-
-    url: str
-    ok: bool
-    detail: str  # "healthy", "HTTP 503", "connection refused", "no answer within 2 s"
-
-
-def check_health(url: str, timeout: float = NODE_TIMEOUT_S) -> Health:
-    """``GET url/health`` within ``timeout`` seconds (a node that accepts and never answers ends
-    there too). A URL that is no http(s) address (lmdeploy's node API takes any string) is
-    unhealthy, with the reason."""
-    try:
-        reply = http.get(http.join(url, "/health"), timeout=timeout)
-    except http.DeadlineExceeded:
-        return Health(url, False, f"no answer within {timeout:g} s")
-    except http.Unreachable as err:
-        return Health(url, False, err.reason)
-    except LaunchError as err:  # BadOption from parse_url: "not a url", ftp://..., port 99999
-        return Health(url, False, f"not a URL launch can reach ({getattr(err, 'reason', err)})")
-    if reply.status == 200:
-        return Health(url, True, "healthy")
-    return Health(url, False, f"HTTP {reply.status}")
-
-
-def check_health_all(urls: Iterable[str], timeout: float = NODE_TIMEOUT_S) -> dict[str, Health]:
-    """``check_health`` of every URL at once, one thread each: a node that hangs costs ``timeout``
-    and does not delay the others' answers."""
-    urls = list(dict.fromkeys(urls))
-    results = {url: Health(url, False, f"no answer within {timeout:g} s") for url in urls}
-
-    def one(url: str) -> None:
-        try:
-            results[url] = check_health(url, timeout)  # each thread writes its own key
-        except Exception as err:  # noqa: BLE001 - one odd node must not print a thread traceback
-            results[url] = Health(url, False, f"the check failed ({type(err).__name__})")
-
-    threads = [threading.Thread(target=one, args=(url,), name=f"health {http.redact(url)}", daemon=True)
-               for url in urls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout + 1.0)  # http.get ends by its own deadline; this is only a backstop
-    return dict(results)
-
-
-def served_models(url: str, api_key: str | None = None, timeout: float = NODE_TIMEOUT_S) -> tuple[str, ...]:
+def node_models(url: str, api_key: str | None = None, timeout: float = NODE_TIMEOUT_S) -> tuple[str, ...]:
     """The model names a node serves (``GET /v1/models``, with ``api_key`` as a bearer key)."""
     try:
-        reply, models = http.list_models(url, api_key=api_key, timeout=timeout)
+        models = Client(url, api_key, timeout).models()
     except (http.Unreachable, http.DeadlineExceeded) as err:
         raise NodeBadModels(url, str(err)) from None
-    if reply.status == 401:
-        raise NodeUnauthorized(url, bool(api_key))
-    if not reply.ok:
-        raise NodeBadModels(url, f"HTTP {reply.status}: {reply.detail()}")
-    if models is None:
-        raise NodeBadModels(url, "the reply is not an OpenAI model list")
+    except lmdeploy.ServerUnauthorized:
+        raise NodeUnauthorized(url, bool(api_key)) from None
+    except lmdeploy.ServerHTTPError as err:
+        raise NodeBadModels(url, f"HTTP {err.status}: {err.detail}") from None
+    except lmdeploy.ServerErrorBody as err:
+        raise NodeBadModels(url, f"error_code {err.code}: {err.detail}") from None
+    except lmdeploy.ServerBadReply as err:
+        raise NodeBadModels(url, err.problem) from None
     if not models:
         raise NodeBadModels(url, "it lists no model")
-    return models
+    return tuple(models)
 
 
-# --- the proxy's node API ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node as the proxy knows it."""
-
-    url: str
-    models: tuple[str, ...]
-    unfinished: int = 0
+def _reason(err: http.Unreachable | http.DeadlineExceeded) -> str:
+    return err.reason if isinstance(err, http.Unreachable) else str(err)
 
 
 def proxy_nodes(proxy: str, timeout: float = PROXY_TIMEOUT_S) -> dict[str, Node]:
     """The proxy's nodes (``GET /nodes/status``), by URL."""
     shown = http.redact(proxy)
     try:
-        reply = http.get(http.join(proxy, "/nodes/status"), timeout=timeout)
+        return Client(proxy, timeout=timeout, option="--proxy").nodes()
     except (http.Unreachable, http.DeadlineExceeded) as err:
-        raise ProxyUnreachable(shown, err.reason if isinstance(err, http.Unreachable) else str(err)) from None
-    if not reply.ok:
-        raise ProxyUnreachable(shown, f"GET /nodes/status answered HTTP {reply.status}; is it lmdeploy's proxy?")
-    try:
-        data = reply.json()
-        return {
-            str(url): Node(str(url), tuple(str(m) for m in (status or {}).get("models") or ()),
-                           int((status or {}).get("unfinished") or 0))
-            for url, status in data.items()
-        }
-    except (ValueError, AttributeError, TypeError):
+        raise ProxyUnreachable(shown, _reason(err)) from None
+    except lmdeploy.ServerHTTPError as err:
+        raise ProxyUnreachable(shown, f"GET /nodes/status answered HTTP {err.status}; is it lmdeploy's proxy?") from None
+    except lmdeploy.ServerUnauthorized:
+        raise ProxyUnreachable(shown, "GET /nodes/status answered HTTP 401; is it lmdeploy's proxy?") from None
+    except lmdeploy.ServerBadReply:
         raise ProxyUnreachable(shown, "GET /nodes/status did not answer with lmdeploy's node list") from None
 
 
-def _node_call(proxy: str, path: str, body: dict, action: str, timeout: float) -> None:
+def _node_call(proxy: str, action: str, timeout: float, call: Callable[[Client], T]) -> T:
     shown = http.redact(proxy)
     try:
-        reply = http.post(http.join(proxy, path), body, timeout=timeout)
+        return call(Client(proxy, timeout=timeout, option="--proxy"))
     except (http.Unreachable, http.DeadlineExceeded) as err:
-        raise ProxyUnreachable(shown, err.reason if isinstance(err, http.Unreachable) else str(err)) from None
-    if not reply.ok:
-        raise ProxyRefused(shown, action, f"HTTP {reply.status}: {reply.detail()}")
-    try:
-        text = reply.json()
-    except ValueError:
-        text = reply.body.decode("utf-8", "replace")
-    # lmdeploy answers 200 with a plain JSON string; failures are strings too ("Failed to add, ...")
-    # or its error object ({"error_code": ..., "text": ...}).
-    if not isinstance(text, str) or "success" not in text.lower():
-        raise ProxyRefused(shown, action, reply.detail())
+        raise ProxyUnreachable(shown, _reason(err)) from None
+    except lmdeploy.ServerUnauthorized as err:
+        raise ProxyRefused(shown, action, f"HTTP 401: {err.detail}") from None
+    except lmdeploy.ServerHTTPError as err:
+        raise ProxyRefused(shown, action, f"HTTP {err.status}: {err.detail}") from None
+    except (lmdeploy.ServerErrorBody, lmdeploy.ServerRefused) as err:
+        raise ProxyRefused(shown, action, err.detail) from None
+    except lmdeploy.ServerBadReply as err:
+        raise ProxyRefused(shown, action, err.problem) from None
 
 
 def register(proxy: str, url: str, models: Sequence[str], timeout: float = PROXY_TIMEOUT_S) -> None:
     """``POST /nodes/add`` with the models filled in (the proxy then registers without probing)."""
-    _node_call(proxy, "/nodes/add", {"url": url, "status": {"models": list(models)}}, f"add {http.redact(url)}",
-               timeout)
+    _node_call(proxy, f"add {http.redact(url)}", timeout, lambda client: client.add_node(url, models))
 
 
 def deregister(proxy: str, url: str, timeout: float = PROXY_TIMEOUT_S) -> None:
     """``POST /nodes/remove``."""
-    _node_call(proxy, "/nodes/remove", {"url": url}, f"remove {http.redact(url)}", timeout)
+    _node_call(proxy, f"remove {http.redact(url)}", timeout, lambda client: client.remove_node(url))
 
 
 # --- the commands' library functions -----------------------------------------------------------
@@ -314,10 +258,10 @@ def add_node(url: str, proxy: str, api_key: str | None = None, *,
     proxy = proxy_url(proxy)
     shown = http.redact(proxy)
     nodes = proxy_nodes(proxy)  # the proxy answers, before anything is asked of the node
-    health = check_health(url, timeout)
+    health = lmdeploy.check_health(url, timeout)
     if not health.ok:
         raise NodeNotHealthy(url, health.detail)
-    models = served_models(url, api_key, timeout)
+    models = node_models(url, api_key, timeout)
     known = same_node(url, nodes, timeout)
     if known is not None and tuple(nodes[known].models) == models:
         return nodes[known], False
@@ -381,7 +325,7 @@ def proxy_status(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> list[NodeSta
     (checked at once, each within ``timeout``)."""
     proxy = proxy_url(proxy)
     nodes = proxy_nodes(proxy)
-    health = check_health_all(nodes, timeout)
+    health = lmdeploy.check_health_all(nodes, timeout)
     return [NodeStatus(nodes[url], health[url]) for url in sorted(nodes)]
 
 
@@ -427,6 +371,8 @@ def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Remove
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Aligned columns; every cell printable (node URLs and model names are whatever anyone registered)."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 

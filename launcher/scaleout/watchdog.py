@@ -30,15 +30,8 @@ from dataclasses import dataclass
 
 from launcher.errors import LaunchError
 from launcher.net.http import parse_url, redact
-from launcher.scaleout.nodes import (
-    Node,
-    check_health_all,
-    deregister,
-    node_url,
-    proxy_nodes,
-    register,
-    same_node,
-)
+from launcher.net.lmdeploy import Node, check_health_all
+from launcher.scaleout.nodes import deregister, node_url, proxy_nodes, register, same_node
 from launcher.scaleout.state import Removed
 
 INTERVAL_S = 2.0

@@ -134,3 +134,33 @@ class RawServer:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.sock.close()
+
+
+class Scripted(Standin):
+    """A server of the tests' own (not a stand-in for anything): it answers ``(method, path)`` with
+    the ``(status, body bytes)`` the test put in ``replies`` (changeable while it runs; 404 for any
+    other path) and records each request as ``(method, path, headers, body bytes)`` in ``seen``.
+    For the clients' tests: a reply of any shape, hostile ones included, exactly as given."""
+
+    def __init__(self, replies: dict[tuple[str, str], tuple[int, bytes]] | None = None) -> None:
+        self.replies = dict(replies or {})
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _ScriptedHandler
+
+
+class _ScriptedHandler(JSONHandler):
+    state: Scripted
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.state.seen.append((self.command, self.path, dict(self.headers), body))
+        status, reply = self.state.replies.get((self.command, self.path), (404, b'{"detail": "Not Found"}'))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = _answer

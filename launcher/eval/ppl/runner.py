@@ -18,20 +18,13 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from launcher.errors import LaunchError
+from launcher.eval.deadlines import StuckWatch, waiting_notice
 from launcher.eval.ppl.settings import PplSettings
 from launcher.eval.ppl.text import Text, load_texts
 from launcher.eval.ppl.windows import Window, plan_windows, span_loss
 from launcher.eval.probe.runner import ProbeNoModel
 from launcher.net.http import Unreachable
-from launcher.net.openai import (
-    OpenAIClient,
-    ProbeBadReply,
-    ProbeErrorBody,
-    ProbeHTTPError,
-    ProbeUnauthorized,
-    StuckWatch,
-    waiting_notice,
-)
+from launcher.net.lmdeploy import Client, ServerBadReply, ServerErrorBody, ServerHTTPError, ServerUnauthorized
 
 
 class PplNoEndpoint(LaunchError):
@@ -113,26 +106,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def score(client: OpenAIClient, ids: list[int]) -> float:
-    """lmdeploy's ``POST /get_ppl`` for token ids: the mean next-token loss (``{"ppl": float}``)."""
+def score(client: Client, ids: list[int]) -> float:
+    """lmdeploy's ``POST /get_ppl`` for token ids: the mean next-token loss; ``PplNoEndpoint`` when
+    the server has none."""
     try:
-        data = client.call("POST", "/get_ppl", {"input": ids})
-    except ProbeHTTPError as err:
+        return client.ppl(ids)
+    except ServerHTTPError as err:
         if err.status in (404, 405):
             raise PplNoEndpoint(client.shown, err.status) from None
         raise
-    value = data.get("ppl") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ProbeBadReply(client.shown + "/get_ppl", "no finite non-negative number 'ppl' in the reply")
-    return float(value)
 
 
-def _tokenizer(client: OpenAIClient, tokenizer_dir: str | None) -> tuple[str, Callable[[str], list[int]]]:
+def _tokenizer(client: Client, tokenizer_dir: str | None) -> tuple[str, Callable[[str], list[int]]]:
     """The server's ``/v1/encode`` when it has one, else ``--tokenizer DIR``."""
     try:
         client.encode_ids("The quick brown fox.")
         return "server: POST /v1/encode", client.encode_ids
-    except (ProbeHTTPError, ProbeBadReply):
+    except (ServerHTTPError, ServerBadReply):
         if tokenizer_dir is None:
             raise PplNoTokenizer(client.shown) from None
     from launcher.eval.tokens import TokenizerDir
@@ -147,7 +137,7 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
     ``stopped_by`` set when it ended early."""
     emit = progress or (lambda event: None)
     texts = load_texts(settings.texts)
-    client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
+    client = Client(settings.url, settings.api_key, settings.timeout)
     with waiting_notice(client, lambda line: emit(PplEvent("begin", message=line))):
         models = client.models()
         if not models:
@@ -182,7 +172,7 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
     return result
 
 
-def _score_window(client: OpenAIClient, text: Text, ids: list[int],
+def _score_window(client: Client, text: Text, ids: list[int],
                   window: Window) -> tuple[Point, LaunchError | None, LaunchError | None]:
     """The scored point, what spoiled it (None: scored), and the error that must end the run."""
     point = Point(text.source, window.length, window.span)
@@ -196,13 +186,13 @@ def _score_window(client: OpenAIClient, text: Text, ids: list[int],
         point.prefix_loss = score(client, window_ids[: window.prefix_length])
         loss = span_loss(point.window_loss, window.length, point.prefix_loss, window.prefix_length)
         if not math.isfinite(loss):
-            raise ProbeBadReply(client.shown + "/get_ppl", "the two scores give no finite span loss")
+            raise ServerBadReply(client.shown + "/get_ppl", "the two scores give no finite span loss")
         point.span_loss = loss
-    except (Unreachable, ProbeUnauthorized, PplNoEndpoint) as err:
+    except (Unreachable, ServerUnauthorized, PplNoEndpoint) as err:
         point.error, error, fatal = str(err), err, err
-    except ProbeHTTPError as err:  # e.g. 400: the window is past the server's session
+    except ServerHTTPError as err:  # e.g. 400: the window is past the server's session
         point.error, point.http_status, error = f"HTTP {err.status}: {err.detail}", err.status, err
-    except ProbeErrorBody as err:
+    except ServerErrorBody as err:
         point.error, point.http_status, error = f"error_code {err.code}: {err.detail}", 200, err
     except LaunchError as err:  # a deadline, a reply of the wrong shape: this point only
         point.error, error = str(err), err

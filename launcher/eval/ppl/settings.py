@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launcher.eval.probe.settings import MAX_LENGTH, native_and_lengths, request_timeout, whole_native
 from launcher.net.http import redact
-from launcher.net.openai import DEFAULT_URL, normalize_url
+from launcher.net.lmdeploy import DEFAULT_URL, normalize_url
 from launcher.rules import checks
 from launcher.rules.checks import BadOption
 

@@ -16,18 +16,12 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from launcher.errors import LaunchError, printable
+from launcher.eval.deadlines import StuckWatch, waiting_notice
 from launcher.eval.probe.passkey import Filler, build_prompt, is_correct, passkey_for
 from launcher.eval.probe.settings import ProbeSettings
 from launcher.eval.tokens import ProbeLengthTooShort, TokenCounter, fit_words, pick_counter
 from launcher.net.http import Unreachable
-from launcher.net.openai import (
-    OpenAIClient,
-    ProbeErrorBody,
-    ProbeHTTPError,
-    ProbeUnauthorized,
-    StuckWatch,
-    waiting_notice,
-)
+from launcher.net.lmdeploy import Client, ServerErrorBody, ServerHTTPError, ServerUnauthorized
 
 
 class ProbeNoModel(LaunchError):
@@ -125,7 +119,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _pick_model(client: OpenAIClient, wanted: str | None) -> str:
+def _pick_model(client: Client, wanted: str | None) -> str:
     models = client.models()
     if wanted is None:
         if not models:
@@ -140,7 +134,7 @@ def run_probe(settings: ProbeSettings, progress: Progress | None = None) -> Prob
     """Run the sweep. Raises (before any trial) when the server is unreachable, refuses the key, or
     lacks the model; returns a result with ``interrupted`` / ``stopped_by`` set when it ended early."""
     emit = progress or (lambda event: None)
-    client = OpenAIClient(settings.url, settings.api_key, settings.timeout)
+    client = Client(settings.url, settings.api_key, settings.timeout)
     with waiting_notice(client, lambda line: emit(ProgressEvent("begin", message=line))):
         model = _pick_model(client, settings.model)
         counter = pick_counter(client, model, settings.tokenizer)
@@ -170,7 +164,7 @@ def _measure(counter: TokenCounter, filler: Filler, passkey: str, depth: float) 
     return lambda n: counter.count(build_prompt(filler, passkey, depth, n).text)
 
 
-def _sweep(settings: ProbeSettings, client: OpenAIClient, model: str, counter: TokenCounter,
+def _sweep(settings: ProbeSettings, client: Client, model: str, counter: TokenCounter,
            result: ProbeResult, emit: Progress, total: int) -> None:
     fillers = {t: Filler(settings.seed, t) for t in range(settings.trials)}
     fit_state = {"tokens_per_word": 1.3}  # first guess; each fit refines it, so later fits need fewer counts
@@ -189,7 +183,7 @@ def _sweep(settings: ProbeSettings, client: OpenAIClient, model: str, counter: T
                     return
 
 
-def _ask(settings: ProbeSettings, client: OpenAIClient, model: str, counter: TokenCounter, filler: Filler,
+def _ask(settings: ProbeSettings, client: Client, model: str, counter: TokenCounter, filler: Filler,
          trial: Trial, fit_state: dict) -> tuple[LaunchError | None, LaunchError | None]:
     """Fill in ``trial``: build its prompt, ask, score. Returns ``(error, fatal)``: what spoiled this
     trial (None: answered), and the error that must end the sweep (the server gone, the key refused)."""
@@ -201,12 +195,12 @@ def _ask(settings: ProbeSettings, client: OpenAIClient, model: str, counter: Tok
             fit_state["tokens_per_word"] = (fit.tokens - fit.base) / fit.words
         prompt = build_prompt(filler, trial.passkey, trial.depth, fit.words)
         reply = client.chat(model, prompt.text, settings.max_tokens)
-    except (Unreachable, ProbeUnauthorized) as err:
+    except (Unreachable, ServerUnauthorized) as err:
         trial.error = str(err)
         return err, err
-    except ProbeHTTPError as err:  # e.g. 400: the prompt is past the server's session
+    except ServerHTTPError as err:  # e.g. 400: the prompt is past the server's session
         trial.error, trial.http_status, error = f"HTTP {err.status}: {err.detail}", err.status, err
-    except ProbeErrorBody as err:  # HTTP 200 carrying an error (lmdeploy's proxy): not an answer
+    except ServerErrorBody as err:  # HTTP 200 carrying an error (lmdeploy's proxy): not an answer
         trial.error, trial.http_status, error = f"error_code {err.code}: {err.detail}", 200, err
     except LaunchError as err:  # a deadline, a reply of the wrong shape: this trial only
         trial.error, error = str(err), err

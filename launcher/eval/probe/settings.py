@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from launcher.net.http import redact
-from launcher.net.openai import DEFAULT_URL, normalize_url
+from launcher.net.lmdeploy import DEFAULT_URL, normalize_url
 from launcher.rules import checks
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import INT32_MAX

@@ -22,7 +22,7 @@ from launcher.eval.ppl.text import default_text_path
 from launcher.eval.ppl.windows import PplTextTooShort
 from launcher.eval.results import CompareBadRun
 from launcher.net.http import Unreachable
-from launcher.net.openai import ProbeUnauthorized
+from launcher.net.lmdeploy import ServerUnauthorized
 from launcher.rules.checks import BadOption
 from tests.conftest import assert_one_line_error, run_launch
 from tests.support.probe_standin import ProbeStandin, closed_port_url, png_size, token_ids, tokenize
@@ -174,7 +174,7 @@ def test_unreachable_is_one_line_and_writes_nothing(tmp_path):
 
 def test_a_key_is_needed_and_nothing_is_scored_without_it():
     with ProbeStandin(visible=VISIBLE, api_keys=("sesame",)) as server:
-        with pytest.raises(ProbeUnauthorized) as info:
+        with pytest.raises(ServerUnauthorized) as info:
             run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
         assert "--api-key" in str(info.value) and server.ppl_inputs == []
         result = run_ppl(PplSettings(url=server.url, lengths=(500,), span=100, api_key="sesame"))
@@ -347,8 +347,8 @@ def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
 
 
 def test_a_proxys_http_200_error_body_is_an_error_not_a_loss():
-    from launcher.net.openai import ProbeErrorBody
+    from launcher.net.lmdeploy import ServerErrorBody
 
-    with ProbeStandin(visible=VISIBLE, proxy_error=True) as server, pytest.raises(ProbeErrorBody) as info:
+    with ProbeStandin(visible=VISIBLE, proxy_error=True) as server, pytest.raises(ServerErrorBody) as info:
         run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
     assert "error_code 10402" in str(info.value) and "/get_ppl" in str(info.value)

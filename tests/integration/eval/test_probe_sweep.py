@@ -13,7 +13,7 @@ from launcher.eval.probe.passkey import Filler, build_prompt
 from launcher.eval.probe.runner import ProbeUnknownModel
 from launcher.eval.tokens import ProbeLengthTooShort, ProbeTokenizerFailed
 from launcher.net.http import Unreachable
-from launcher.net.openai import ProbeUnauthorized
+from launcher.net.lmdeploy import ServerUnauthorized
 from tests.support.probe_standin import ProbeStandin, closed_port_url, passkey_end, png_size, tokenize
 
 pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
@@ -158,10 +158,10 @@ def test_unreachable_server_stops_before_any_trial():
 
 def test_a_key_is_needed_and_checked():
     with ProbeStandin(visible=K, api_keys=("sesame",)) as server:
-        with pytest.raises(ProbeUnauthorized) as missing:
+        with pytest.raises(ServerUnauthorized) as missing:
             run_probe(sweep(server))
         assert "--api-key" in str(missing.value) and "LAUNCH_API_KEY" in str(missing.value)
-        with pytest.raises(ProbeUnauthorized) as wrong:
+        with pytest.raises(ServerUnauthorized) as wrong:
             run_probe(sweep(server, api_key="open"))
         assert "rejected" in str(wrong.value)
         assert server.prompts == []  # nothing was sent before the key was checked

@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.net.openai import STUCK_AFTER, OpenAIClient, ProbeBadReply
+from launcher.eval.deadlines import STUCK_AFTER
+from launcher.net.lmdeploy import Client, ServerBadReply
 from tests.conftest import run_launch
 from tests.integration.test_hostile_inputs import cli
 from tests.support.probe_standin import ProbeStandin
@@ -462,7 +463,7 @@ def test_every_length_past_the_session_exits_3(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["id", "content", "reasoning_content", "prompt_tokens"])
 def test_reply_values_of_the_wrong_type_are_bad_replies_not_answers(where):
     with ProbeStandin(visible=5000) as server:
-        client = OpenAIClient(server.url, timeout=5)
+        client = Client(server.url, timeout=5)
 
         @PROPERTY
         @given(value=json_values())
@@ -481,7 +482,7 @@ def test_reply_values_of_the_wrong_type_are_bad_replies_not_answers(where):
                 got = client.models() if where == "id" else client.chat("m", "hi", 8).text
                 assert got == ([value] if where == "id" else (value or ""))
             else:
-                with pytest.raises(ProbeBadReply) as info:
+                with pytest.raises(ServerBadReply) as info:
                     client.models() if where == "id" else client.chat("m", "hi", 8)
                 if isinstance(value, float) and not math.isfinite(value):
                     assert "which is not a JSON number" in str(info.value)

@@ -23,6 +23,7 @@ import pytest
 from launcher.engine.proxy_server import proxy_kwargs
 from launcher.engine.routing import ROUTINGS, proxy_command
 from launcher.net import http
+from launcher.net.lmdeploy import check_health_all
 from launcher.rules.checks import BadOption
 from launcher.runtime.process import group_members as _group_members
 from launcher.scaleout.nodes import (
@@ -32,7 +33,6 @@ from launcher.scaleout.nodes import (
     ProxyUnreachable,
     add_node,
     advertise_url,
-    check_health_all,
     deregister,
     leave,
     node_url,

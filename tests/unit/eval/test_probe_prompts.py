@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from launcher.eval.probe.passkey import INTRO, QUESTION, Filler, build_prompt, is_correct, needle, passkey_for
 from launcher.eval.probe.settings import ProbeSettings, parse_depths, parse_lengths, settings_from_flags
 from launcher.eval.tokens import ProbeLengthTooShort, fit_words
-from launcher.net.openai import normalize_url
+from launcher.net.lmdeploy import normalize_url
 from launcher.rules.checks import BadOption
 from tests.conftest import REPO
 from tests.support.probe_standin import tokenize

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+from http import client as stdlib_http
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from launcher.net import http
 from launcher.rules.checks import BadOption
@@ -99,3 +102,35 @@ def test_list_models_reads_an_openai_model_list_in_the_servers_order(echo):
     assert reply.ok and ids == ("b", "a")
     reply, ids = http.list_models(echo + "/not-openai", timeout=5)  # answers 200 with another shape
     assert reply.ok and ids is None
+
+
+# A URL http.client cannot send: before, a space in the host was an InvalidURL traceback out of
+# `launch probe --url`, and a space or a non-ASCII letter in the path "cannot reach ...: the connection
+# broke (InvalidURL)". Now each is refused naming the option, before any connection.
+UNSENDABLE = ["http://a b:1", "http://127.0.0.1:9/a b", "http://127.0.0.1:9/\u00fc", "http://127.0.0.1:9/?q=\u00e9",
+              "http://127.0.0.1:9/a\u2028b", "http://u:p ss@127.0.0.1:9/"]
+
+
+@pytest.mark.parametrize("url", UNSENDABLE)
+def test_a_url_http_cannot_send_is_refused_naming_the_option(url):
+    with pytest.raises(BadOption) as info:
+        http.get(url, timeout=2)
+    assert info.value.option == "--url" and "ss@" not in str(info.value) and str(info.value).isprintable()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(host=st.text(max_size=10), path=st.text(max_size=10))
+def test_any_url_is_refused_or_sent_never_an_exception_of_another_kind(echo, host, path):
+    """The host: refused, or one http.client takes (no connection made: a name would be looked up).
+    The path: refused, or sent to a server here and answered."""
+    try:
+        parsed = http.parse_url(f"http://{host}:1/")
+    except BadOption:
+        pass
+    else:
+        stdlib_http.HTTPConnection(parsed.host, parsed.port)  # InvalidURL for a host it cannot send
+    try:
+        reply = http.get(f"{echo}/{path}", timeout=5)
+    except BadOption:
+        return
+    assert reply.status in (200, 404)
