@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import json
 import sys
@@ -34,6 +35,7 @@ from launcher.plan.build import build_plan
 from launcher.plan.request import FLAGS, PlanRequest, check_request
 from launcher.rules import checks, kvcache, rope
 from launcher.runtime import address, gpu
+from launcher.runtime.address import free_ports
 from tests.conftest import LLAMA, free_port
 
 MODEL = "internlm2_5-7b-chat"  # a preset: planned from its stored facts, nothing fetched
@@ -226,6 +228,7 @@ def test_a_changed_request_is_checked_again():
         assert option in str(err.value)
 
 
+@pytest.mark.slow  # a process starts (and exits at once)
 def test_serve_through_code_reads_each_value_once_before_the_runtime(tiny, monkeypatch):
     """The whole serve path up to the server's start, through code with text values, on a
     pretended GPU (STAND-IN seam); a command that exits at once stands in for the engine. (The
@@ -282,3 +285,26 @@ def test_a_flag_and_the_same_text_in_code_get_the_same_answer(option, text):
         return
     assert not err.startswith(f"launch: error: {option} "), (option, text, err)
     assert typed == FLAGS[field](text)  # the parser's reader: the same value
+
+
+@pytest.mark.slow  # lmdeploy's real proxy starts
+def test_serve_replicas_makes_each_replicas_engine_once_up_to_their_start(tiny, monkeypatch):
+    """``serve --replicas 2`` through the CLI on a pretended GPU (STAND-IN seam), lmdeploy's real
+    proxy in front and, standing in for the engines, a command that exits at once: up to their
+    start, each replica's engine (its spec on its stdin) is the one its layout made."""
+    monkeypatch.setattr(gpu, "nvidia_problem", lambda: None)  # STAND-IN seam: pretend a GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(app_serve, "serve", functools.partial(
+        app_serve.serve, server_argv=(sys.executable, "-c", "import sys; sys.exit(3)")))  # STAND-IN engines
+    port = free_ports(3)
+    with watching() as seen:
+        code, _out, err = run(["serve", str(tiny), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
+                               "--port", str(port), "--health-timeout", "120"])
+    assert code == 1 and "exit" in err, err
+    assert seen.made == {"EngineSettings": 1, "engine_config": 1, f"EngineSpec port {port}": 1,
+                         f"EngineSpec port {port + 1}": 1, f"EngineSpec port {port + 2}": 1}
+    ours = {flag: len([w for w in where if w not in ("address.py", "supervise.py")])
+            for flag, where in seen.where.items()}
+    assert {flag: n for flag, n in ours.items() if n} == {
+        "--factor": 1, "--backend": 1, "--port": 1, "--host": 1, "--health-timeout": 1, "--replicas": 1,
+        "--nnodes": 1, "heads / tp": 1}, seen.where
