@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import io
 import json
 import sys
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from hypothesis import strategies as st
 
 import launcher
 from launcher.app import serve as app_serve
-from launcher.cli import main
 from launcher.engine import parallel, routing, spec
 from launcher.errors import LaunchError, printable
 from launcher.model import overlay, presets
@@ -37,6 +35,7 @@ from launcher.rules import checks, kvcache, rope
 from launcher.runtime import address, gpu
 from launcher.runtime.address import free_ports
 from tests.conftest import LLAMA, free_port
+from tests.unit.rules.test_limits import run  # launch ARGV in this process: (exit code, stdout, stderr)
 
 MODEL = "internlm2_5-7b-chat"  # a preset: planned from its stored facts, nothing fetched
 PACKAGE = Path(launcher.__file__).parent
@@ -98,21 +97,6 @@ def watching():
         yield seen
     finally:
         sys.setprofile(None)
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    """``launch ARGV`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, err
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    finally:
-        sys.stdout, sys.stderr = streams
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
