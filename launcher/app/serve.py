@@ -310,7 +310,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         if problem := nvidia_problem():
             raise NoGpu(problem)
     request = check_serve(request)  # every value once (the parser's are taken as read), the rules between flags
-    from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings
+    from launcher.runtime.address import exposure_warnings, port_free, say_warnings
 
     joining = _check_joining(request)
     plan = prepare(request)
@@ -330,7 +330,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     binds = [(plan.engine.host, plan.engine.port)]
     binds += [(r.host, r.port) for r in layout.replicas] if scale == "replicas" else []
     for host, port in binds:
-        check_port_free(host, port)
+        port_free(host, port)  # checked: the request's, the layout's
     if joining is not None:
         from launcher.scaleout.nodes import proxy_nodes
 

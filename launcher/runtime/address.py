@@ -190,7 +190,12 @@ def check_port_free(host: str, port: int | str) -> int:
     take the port while the weights load; then the server exits while starting and its log says so.
     """
     port = validate_port(port)
-    host = validate_host(host)
+    return port_free(validate_host(host), port)
+
+
+def port_free(host: str, port: int) -> int:
+    """``check_port_free`` for a host and port checked already (``validate_host``, the port's
+    limit): the bind test alone, for a caller whose values were checked where they entered."""
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
