@@ -56,6 +56,7 @@ class Plan:
     section: dict  # the language model's section of ``patched_config`` (the whole of it, mostly)
     shape: ModelShape
     kv: dict[int, KvCost]
+    kv_heads_per_gpu: int  # the tp rule's answer (``kvcache.tp_split``), for the layouts
     memory: MemoryPlan | None
     memory_note: str
     gpu_bytes: int | None
@@ -65,7 +66,6 @@ class Plan:
     engine: EngineSpec
     overlay_path: Path | None
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    kv_heads_per_gpu: int = 1  # the tp rule's answer (``tp_split``), for the layouts
 
     @property
     def gpus_here(self) -> int:
