@@ -4,7 +4,7 @@ Everything that can fail cheaply fails before anything slow: every flag first (b
 then from the config alone the RoPE rules, the KV-cache fit, the engine's availability and
 architecture support, and the port, all before a weight is downloaded or loaded (``--dry-run`` makes
 the same checks from the config and exits as serve would). The ports are claimed before anything is
-written (``process.PortClaim``); the serving process gets its spec, API keys included, through a
+written (``ports.PortClaim``); the serving process gets its spec, API keys included, through a
 pipe. The plan is made once; after the download it is made again only when the downloaded config
 differs from the one it was made from, and serve says so.
 """
@@ -322,7 +322,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     if request.dry_run:
         return _dry_run(plan, layout, warnings, request.as_json, out)
 
-    from launcher.runtime.process import PortClaim
+    from launcher.runtime.ports import PortClaim
 
     refused = refusal(plan)
     if refused is not None:

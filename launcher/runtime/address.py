@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from launcher.rules.checks import BadOption
-from launcher.runtime.process import PortBusy
+from launcher.runtime.ports import PortBusy
 
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: "²" or "٣" are digits to str.isdigit, not ports
 _HOST_ADVICE = "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)"

@@ -1,13 +1,16 @@
 """One server command as a child process that launch owns from start to stop, leaving nothing behind.
 
 The child runs in its own process group (``start_new_session``), its stdout and stderr appended to a
-log. The stop rule, used on every path: SIGTERM to the group, wait ``grace_s``, then SIGKILL to the
-group; afterwards anything left in the group (engine worker processes) is swept the same way. On
-Linux the child also gets SIGTERM if launch itself is killed outright (``PR_SET_PDEATHSIG``), so even
-``kill -9`` of launch leaves no server running. That signal is tied to the thread that started the
-child: start it from the main thread.
+log. The one stop policy (``stop_all``), used on every path and for any number of servers at once:
+SIGTERM to each server's group and to the processes it started, ``GRACE_S`` for all of them
+together, then SIGKILL; afterwards whatever is left (engine worker processes, in the group or
+started by it) is swept the same way. On Linux the child also gets SIGTERM if launch itself is
+killed outright (``PR_SET_PDEATHSIG``), so even ``kill -9`` of launch leaves no server running. That
+signal is tied to the thread that started the child: start it from the main thread.
 
-Standard library only.
+Processes are inspected through psutil (process trees, start times, listening sockets), imported
+only here, inside the functions that run or inspect processes: ``launch --help``, ``plan`` and
+``presets`` never load it.
 """
 
 from __future__ import annotations
@@ -24,14 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from launcher.errors import LaunchError
-
-
-class PortBusy(LaunchError):
-    host: str
-    port: int
-    problem: str
-    message = ("port {port} on {host} is already in use ({problem}). Stop what listens there, or pick "
-               "another port with --port.")
 
 
 class ServerNotStarted(LaunchError):
@@ -66,7 +61,8 @@ def _with_tail(first_line: str, tail: tuple[str, ...]) -> str:
     return first_line + " Last log lines:\n" + "\n".join(f"  | {line}" for line in tail)
 
 
-DEFAULT_GRACE_S = 15.0
+GRACE_S = 15.0  # the one grace period between SIGTERM and SIGKILL, for every server launch runs
+SWEEP_WAIT_S = 2.0  # what is left once a server ended: this long after SIGTERM, then after SIGKILL
 TAIL_LINES = 20
 # The spec path a serving process is given when its spec comes through its stdin (``stdin_data``):
 # its API keys are then never written to disk, and two runs never share a spec file.
@@ -125,62 +121,32 @@ def _feed(pipe, data: bytes) -> None:
         pass
 
 
-def listening_inodes(port: int) -> set[int] | None:
-    """Socket inodes listening on TCP ``port`` here (any address, IPv4 or IPv6), from
-    ``/proc/net/tcp{,6}``; ``None`` where there is no such table to read."""
-    found: set[int] = set()
-    read_any = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text(encoding="ascii", errors="replace").splitlines()[1:]
-        except OSError:
-            continue
-        read_any = True
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(fields[9]))
-    return found if read_any else None
+def _psutil():
+    """psutil, imported where processes are inspected (never at ``launch --help`` or ``plan``)."""
+    import psutil
+
+    return psutil
 
 
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` holds open (``/proc/PID/fd``); empty where unreadable."""
-    inodes = set()
-    try:
-        entries = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return inodes
-    for entry in entries:
+def _group(pgid: int) -> list:
+    """Live (non-zombie) processes of process group ``pgid``, as ``psutil.Process``."""
+    psutil = _psutil()
+    members = []
+    for pid in psutil.pids():
         try:
-            target = os.readlink(entry)
-        except OSError:
+            if os.getpgid(pid) != pgid:
+                continue
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (OSError, psutil.Error):  # ended meanwhile
             continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+    return members
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
+    """Pids of the live (non-zombie) processes in process group ``pgid``."""
+    return [proc.pid for proc in _group(pgid)]
 
 
 class ServerProcess:
@@ -204,6 +170,7 @@ class ServerProcess:
         self.stdin_data = stdin_data  # handed over through a pipe (a spec with API keys: never on disk)
         self._proc: subprocess.Popen | None = None
         self._log_start = 0
+        self._tree: set = set()  # psutil.Process of every descendant seen (pid and start time: no reused pid)
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> ServerProcess:
@@ -253,106 +220,121 @@ class ServerProcess:
         """The exit code once the process has ended (negative: killed by that signal), else None."""
         return None if self._proc is None else self._proc.poll()
 
+    def note_tree(self) -> None:
+        """Remember the processes the server has started so far (its whole tree, while it runs): a
+        worker that leaves its process group, or whose parent ended, is still swept at the stop."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        psutil = _psutil()
+        try:
+            self._tree.update(psutil.Process(self._proc.pid).children(recursive=True))
+        except psutil.Error:  # ended meanwhile
+            pass
+
+    def _processes(self) -> list:
+        """Every live process of this server: the leader while it runs, the processes it started
+        (seen now or before), the members of its group; no zombie, no pid used again by another."""
+        self.note_tree()
+        found = {proc.pid: proc for proc in _group(self._proc.pid)} if self._proc is not None else {}
+        found.update((proc.pid, proc) for proc in self._tree if proc.pid not in found and not _ended(proc))
+        return list(found.values())
+
     def listens_on(self, port: int) -> bool | None:
-        """Whether a process of this server's group holds a socket listening on ``port``: an answer
-        on the port may come from another program that took it first. ``None`` where /proc cannot
-        tell (not Linux)."""
+        """Whether a process of this server holds a socket listening on TCP ``port``: an answer on
+        the port may come from another program that took it first. ``None`` where the system does
+        not let launch see a process's sockets."""
         if self._proc is None:
             return False
-        listening = listening_inodes(port)
-        if listening is None:
-            return None
-        return any(socket_inodes(pid) & listening for pid in group_members(self._proc.pid))
+        psutil = _psutil()
+        unknown = False
+        for proc in self._processes():
+            try:
+                sockets = proc.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            except (psutil.AccessDenied, NotImplementedError):
+                unknown = True
+                continue
+            if any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets):
+                return True
+        return None if unknown else False
 
     def log_tail(self, n: int = TAIL_LINES) -> list[str]:
         """The last ``n`` lines this run wrote to the log."""
         return read_log_tail(self.log_path, n, start=self._log_start)
 
     # -- stop -----------------------------------------------------------------------------------
-    def stop(
-        self, grace_s: float = DEFAULT_GRACE_S, *, hurry: Callable[[], bool] | None = None
-    ) -> int | None:
-        """Stop the server and everything in its process group: SIGTERM, up to ``grace_s`` seconds,
-        then SIGKILL. ``hurry()`` turning true (a second Ctrl-C) skips the rest of the grace period.
-        Idempotent; returns the exit code (None if never started)."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while proc.poll() is None and time.monotonic() < deadline and not (hurry and hurry()):
-                time.sleep(0.05)
-            if proc.poll() is None:
-                self._signal_group(signal.SIGKILL)
-        proc.wait()
-        self.sweep_group()
-        return proc.returncode
+    def stop(self, grace_s: float = GRACE_S, *, hurry: Callable[[], bool] | None = None) -> int | None:
+        """``stop_all`` of this server alone. Idempotent; returns the exit code (None if never started)."""
+        stop_all([self], grace_s, hurry=hurry)
+        return None if self._proc is None else self._proc.returncode
 
-    def _signal_group(self, signum: int) -> None:
+    def sweep(self) -> None:
+        """After the server has ended on its own, end whatever it left (``stop_all`` without the wait)."""
+        stop_all([self], 0.0)
+
+    def _signal(self, signum: int) -> None:
+        """``signum`` to the server's process group and to the processes it started elsewhere."""
         assert self._proc is not None
+        psutil = _psutil()
         try:
             os.killpg(self._proc.pid, signum)  # start_new_session: the group id is the child's pid
         except (ProcessLookupError, PermissionError):
             pass
-
-    def sweep_group(self, wait_s: float = 2.0) -> None:
-        """After the leader has ended, end whatever it left in its group (worker processes)."""
-        assert self._proc is not None
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            if not group_members(self._proc.pid):
-                return
-            self._signal_group(signum)
-            deadline = time.monotonic() + wait_s
-            while group_members(self._proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        for proc in self._tree:  # those that left the group (each process gets the signal once)
+            try:
+                if os.getpgid(proc.pid) != self._proc.pid:
+                    proc.send_signal(signum)  # psutil: never to a pid another process has taken since
+            except (OSError, psutil.Error):
+                pass
 
 
-class PortClaim:
-    """One launch run's claim on the ports it serves, taken before it writes anything and held until
-    it has stopped: an exclusive ``flock`` on ``<launch cache>/runs/ports/PORT.lock`` for each port
-    (the kernel lets go when the process ends, however it ends; the file stays, empty but for the
-    holder's pid). A second ``launch proxy start`` / ``serve`` on one of those ports is refused
-    (``PortBusy``) before it writes a file or starts a process, so two runs never share a run
-    directory, a log or a watchdog record. ``host`` is only for the message."""
+def stop_all(servers: Sequence[ServerProcess], grace_s: float = GRACE_S, *,
+             hurry: Callable[[], bool] | None = None) -> None:
+    """THE stop policy, for any number of servers at once: SIGTERM to every running server's group
+    and tree, up to ``grace_s`` seconds for all of them together (``hurry()`` turning true, a second
+    Ctrl-C, skips the rest), SIGKILL to those still running; each leader is reaped; then whatever
+    they left is swept (``SWEEP_WAIT_S`` after SIGTERM, then SIGKILL). Idempotent."""
+    started = [server for server in servers if server._proc is not None]
+    running = [server for server in started if server._proc.poll() is None]
+    for server in running:
+        server.note_tree()
+        server._signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (any(server._proc.poll() is None for server in running) and time.monotonic() < deadline
+           and not (hurry and hurry())):
+        time.sleep(0.05)
+    for server in running:
+        if server._proc.poll() is None:
+            server._signal(signal.SIGKILL)
+    for server in started:
+        server._proc.wait()
+    _sweep(started)
 
-    def __init__(self, host: str, ports: Sequence[int]) -> None:
-        self.host = host
-        self.ports = list(dict.fromkeys(ports))
-        self._fds: list[int] = []
 
-    def __enter__(self) -> PortClaim:  # noqa: PYI034 - Python 3.10 has no typing.Self
-        import fcntl
+def _sweep(servers: Sequence[ServerProcess]) -> None:
+    """End what the (ended) servers left: SIGTERM, up to ``SWEEP_WAIT_S``, SIGKILL, up to ``SWEEP_WAIT_S``."""
+    psutil = _psutil()
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        left = [proc for server in servers for proc in server._processes()]
+        if not left:
+            return
+        for proc in left:
+            try:
+                proc.send_signal(signum)
+            except psutil.Error:
+                pass
+        # not psutil.wait_procs: it waits for a zombie (ended, its parent has not reaped it yet) as
+        # for a running process, and an orphan's zombie may never be reaped in a container
+        deadline = time.monotonic() + SWEEP_WAIT_S
+        while not all(_ended(proc) for proc in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
-        from launcher.runtime.paths import RunDirNotWritable, cache_dir
 
-        directory = cache_dir() / "runs" / "ports"
-        try:
-            for port in self.ports:
-                directory.mkdir(parents=True, exist_ok=True)
-                fd = os.open(directory / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                    os.close(fd)
-                    raise PortBusy(self.host, port, "another launch run on this machine holds it"
-                                   + (f" (pid {holder})" if holder.isdigit() else "")) from None
-                self._fds.append(fd)
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as err:
-            self.release()
-            raise RunDirNotWritable(str(directory), err.strerror or str(err)) from None
-        except BaseException:
-            self.release()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        while self._fds:
-            os.close(self._fds.pop())
-
+def _ended(proc) -> bool:
+    """Whether ``proc`` (a ``psutil.Process``) has ended: gone, a zombie, or its pid another's now."""
+    psutil = _psutil()
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True

@@ -7,6 +7,7 @@ log file, CI): one line every ``every_s`` seconds, so logs stay readable.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -56,3 +57,16 @@ class StartProgress:
     def done(self, elapsed: float) -> None:
         self.clear()
         self._write(f"launch: the server is healthy after {elapsed:.0f} s\n")
+
+
+def teller(stream: TextIO) -> Callable[[str], None]:
+    """``say(line)``: ``launch: line`` on ``stream`` at once; a closed or broken stream is ignored (what
+    launch says while it supervises must never stop a server)."""
+
+    def say(line: str) -> None:
+        try:
+            print(f"launch: {line}", file=stream, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    return say

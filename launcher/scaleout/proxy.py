@@ -3,10 +3,11 @@
 The proxy runs as ``python -m launcher.engine.proxy_server /dev/stdin`` (lmdeploy's own proxy; its spec,
 API keys included, comes through a pipe and is never written to disk) in its own process group, its
 output in ``<launch cache>/runs/proxy-PORT/proxy.log``. The port is claimed first
-(``process.PortClaim``): a second start on it is refused before it writes anything. The proxy is
+(``ports.PortClaim``): a second start on it is refused before it writes anything. The proxy is
 ready when ``GET /nodes/status`` answers 200 from its own socket (the proxy has no ``/health``).
 Then the watchdog (``launcher.scaleout.watchdog``) runs in a thread of this process until Ctrl-C /
-SIGTERM / SIGHUP, which stop the proxy's whole process group; nothing is left running.
+SIGTERM / SIGHUP. The proxy runs under the one ``supervise.Supervisor`` (the one stop policy);
+nothing is left running.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from typing import TextIO
 from launcher.engine.routing import DEFAULT_ROUTING, check_routing, proxy_command
 from launcher.rules.checks import BadOption
 from launcher.runtime.paths import run_dir
-from launcher.runtime.supervise import ServerDied, ServerStartTimeout
 
 DEFAULT_PROXY_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000
 DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
 LOG_NAME = "proxy.log"
-GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,10 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     Checks everything before starting (host, port free, routing, keys, timeout), then starts,
     waits for ``/nodes/status`` (``ServerStartFailed`` / ``ServerStartTimeout`` with the log's last
     lines), prints the ready lines on ``out`` and the watchdog's changes on ``err``. ``ServerDied``
-    if the proxy ends on its own."""
+    if the proxy ends on its own; the proxy is stopped on every path."""
     from launcher.runtime.address import check_port_free, exposure_warnings, say_warnings, validate_host
     from launcher.runtime.apikeys import resolve_api_keys
-    from launcher.runtime.process import PortClaim
+    from launcher.runtime.ports import PortClaim
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -92,57 +91,34 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
 def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], request: ProxyRequest, out: TextIO,
                  err: TextIO) -> int:
     from launcher.runtime.address import server_root_url
-    from launcher.runtime.progress import StartProgress
-    from launcher.runtime.supervise import StopSignals, wait_ready
+    from launcher.runtime.progress import teller
+    from launcher.runtime.supervise import Supervised, Supervisor
     from launcher.scaleout.state import clear_state, write_state
     from launcher.scaleout.watchdog import Watchdog
 
     directory = run_dir(f"proxy-{port}")
     root = server_root_url(host, port)
-
-    def say(line: str) -> None:
-        try:
-            print(f"launch: {line}", file=err, flush=True)
-        except (OSError, ValueError):
-            pass
-
     server = proxy_process(proxy_spec(host, port, routing, keys), directory)
-    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s, report=say,
-                        on_change=lambda removed: write_state(port, removed))
-    with StopSignals() as signals:
-        try:
-            progress = StartProgress(err, log_path=server.log_path)
-            server.start()
-            try:
-                ready = wait_ready(server, root + "/nodes/status", timeout_s=request.start_timeout_s,
-                                   grace_s=GRACE_S, progress=progress, stop_requested=signals.event.is_set)
-            except ServerStartTimeout as late:
-                raise ServerStartTimeout(late.timeout_s, late.log_path, late.tail, "--start-timeout") from None
-            if not ready:
-                progress.clear()
-                return 0
-            watchdog.start()
-            removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
-            lines = [
-                f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
-                f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
-                f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
-                (f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
-                 f"taken out within {removal:g} s and added back when it answers"),
-                f"  log {server.log_path}",
-                "  equivalent: " + " ".join(proxy_command(host, port, routing)),
-            ]
-            for line in lines:
-                print(line, file=out)
-            out.flush()
-            while not signals.event.wait(0.2):
-                code = server.poll()
-                if code is not None:
-                    watchdog.stop()
-                    server.stop(GRACE_S)
-                    raise ServerDied(code, str(server.log_path), tuple(server.log_tail()))
+    watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s,
+                        report=teller(err), on_change=lambda removed: write_state(port, removed))
+    member = Supervised(server, root + "/nodes/status", request.start_timeout_s, timeout_flag="--start-timeout")
+    with Supervisor([member], progress_stream=err) as supervisor:
+        supervisor.start()
+        if not supervisor.wait_ready():
             return 0
-        finally:
-            watchdog.stop()
-            clear_state(port)
-            server.stop(GRACE_S, hurry=signals.hurried)
+        supervisor.on_stop(lambda: (watchdog.stop(), clear_state(port)))
+        watchdog.start()
+        removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
+        lines = [
+            f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
+            f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
+            f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
+            (f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
+             f"taken out within {removal:g} s and added back when it answers"),
+            f"  log {server.log_path}",
+            "  equivalent: " + " ".join(proxy_command(host, port, routing)),
+        ]
+        for line in lines:
+            print(line, file=out)
+        out.flush()
+        return supervisor.watch()

@@ -4,7 +4,7 @@ lmdeploy's proxy forgets a node once it is removed; only the process running lau
 (``launch proxy start``, ``launch serve --replicas``) knows which nodes it took out, when and why.
 That process keeps a small JSON file beside the proxy's log, ``<launch cache>/runs/proxy-PORT/
 watchdog.json`` (0600, replaced atomically on every change, removed when it stops; node URLs
-without credentials; one run per port at a time, ``process.PortClaim``), and ``launch
+without credentials; one run per port at a time, ``ports.PortClaim``), and ``launch
 proxy status`` reads it, but only when the file can be the queried proxy's: the proxy's host is an
 address of this machine (a proxy elsewhere has its own file, on its own machine), the file names
 that port, and the process that wrote it still runs (a file left by a killed run is stale; the
@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 STATE_NAME = "watchdog.json"
-FORMAT = 1
+FORMAT = 2  # 2: "started" in seconds after boot (1: in clock ticks)
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,21 @@ class Removed:
         return datetime.fromtimestamp(self.at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot: ``/proc/PID/stat`` field 22), or None."""
+def started(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds after the machine booted (psutil's ``create_time``
+    less its ``boot_time``: unlike either, not moved when the clock is set), or None where it does
+    not run or cannot be seen."""
+    import psutil
+
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).create_time() - psutil.boot_time()
+    except (psutil.Error, ValueError):
         return None
+
+
+# Two readings of one process's start differ by float rounding at most; a pid used again by
+# another process within half a second of the first one's start (the pids wrapping round) is not a case.
+SAME_START_S = 0.5
 
 
 def state_json(port: int, pid: int, removed: Sequence[Removed]) -> dict:
@@ -82,7 +91,7 @@ def clear_state(port: int) -> None:
 
 def _is_writer(data: object, pid: object) -> bool:
     """Whether the process ``pid``, running now, is the one that wrote ``data``: the same pid and,
-    where the file and /proc tell it, the same start time."""
+    where the file and the system tell it, the same start time."""
     if not isinstance(data, dict) or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
     if data.get("pid") != pid:
@@ -94,7 +103,9 @@ def _is_writer(data: object, pid: object) -> bool:
     except PermissionError:
         pass
     recorded, now = data.get("started"), started(pid)
-    return recorded is None or now is None or recorded == now
+    if recorded is None or now is None:
+        return True
+    return isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and abs(recorded - now) < SAME_START_S
 
 
 def is_this_machine(host: str) -> bool:

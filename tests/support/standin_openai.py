@@ -22,10 +22,13 @@ It logs each request line to stderr in uvicorn's format. Behaviour switches (for
         [--load-seconds S]            port closed for S seconds while "weights load"
         [--unhealthy-seconds S]       bound, but /health answers 503 for S seconds
         [--die-after S --exit-code C] log some lines, then exit C while starting (before binding)
-        [--ignore-sigterm]            ignore SIGTERM (the supervisor must SIGKILL after its grace)
+        [--ignore-sigterm]            ignore SIGTERM (the supervisor must SIGKILL after its grace);
+                                      each one is logged as ``SIGTERM ignored at T`` (time.monotonic())
         [--api-keys k1,k2]            require one of these bearer keys
         [--spawn-child]               start a helper process in the same group (like an engine's
                                       worker processes); its pid is logged as ``child pid N``
+        [--spawn-detached]            start a helper in a session and process group of its own (as
+                                      some engines' workers do); logged as ``detached child pid N``
 """
 
 from __future__ import annotations
@@ -233,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--api-keys", default="", type=lambda s: [k for k in s.split(",") if k])
     parser.add_argument("--spawn-child", action="store_true")
+    parser.add_argument("--spawn-detached", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = threading.Event()
     if args.ignore_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: os.write(1, f"standin: SIGTERM ignored at {time.monotonic()!r}\n"
+                                                                .encode()))  # not print: it may interrupt one
     else:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -249,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn_child:
         helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         log(f"standin: child pid {helper.pid}")
+    if args.spawn_detached:
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        log(f"standin: detached child pid {helper.pid}")
     log("[TM][INFO] building the engine")
 
     if args.die_after is not None:

@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launcher.engine.proxy_server import proxy_kwargs
@@ -42,7 +43,7 @@ from launcher.scaleout.nodes import (
     render_status,
     taken_out,
 )
-from launcher.scaleout.state import STATE_NAME, started
+from launcher.scaleout.state import FORMAT, STATE_NAME, started
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.unit.plan.test_layout import lmdeploy_serve_parser
 
@@ -94,16 +95,10 @@ def stop(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 
 
 
 def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def chat(proxy: str, key: str | None = KEY, n: int = 1) -> list[http.Reply]:
@@ -296,7 +291,7 @@ def test_a_stuck_replica_does_not_block_the_others(empty_proxy, replicas, monkey
     add_node(a, proxy, KEY)
     add_node(stuck, proxy, KEY)
     replicas.procs[stuck].send_signal(signal.SIGUSR1)  # its /health now accepts and never answers
-    assert http.status_of(stuck + "/health", timeout=1) is None
+    assert wait_for(lambda: http.status_of(stuck + "/health", timeout=1) is None, 10)  # once it took the signal
     taken_out_at = wait_for(lambda: stuck not in proxy_nodes(proxy) and time.monotonic(), REMOVAL_LIMIT_S + 1, 0.2)
     assert taken_out_at, "a stuck node was not taken out"
     assert a in proxy_nodes(proxy)  # the healthy one stayed all along
@@ -403,7 +398,7 @@ def test_the_client_commands_import_nothing_heavy(proxy):
         code = BLOCKER.format(heavy=HEAVY, argv=argv)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stderr.split("MODULES=")[-1]) == []
+        assert json.loads(re.search(r"MODULES=(\[[^\]]*\])", result.stderr).group(1)) == []
 
 
 def test_a_node_that_is_not_healthy_is_not_added(empty_proxy):
@@ -449,7 +444,7 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
         assert (tmp_path / "cache" / "runs" / "ports" / f"{port}.lock").read_text().strip() == str(proc.pid)
         state = run_dir / STATE_NAME  # the watchdog's record, for `launch proxy status`: nothing taken out yet
         assert state.stat().st_mode & 0o777 == 0o600
-        assert json.loads(state.read_text()) == {"format": 1, "port": port, "pid": proc.pid,
+        assert json.loads(state.read_text()) == {"format": FORMAT, "port": port, "pid": proc.pid,
                                                  "started": started(proc.pid), "removed": []}
         (child,) = children_of(proc.pid)
         assert KEY not in (Path(f"/proc/{child}/cmdline").read_bytes().decode())  # keys never on argv
@@ -505,16 +500,19 @@ def test_watchdog_state_is_read_only_for_a_live_writer_of_that_port_on_this_mach
     assert is_this_machine("127.0.0.1") and not is_this_machine("192.0.2.1")  # TEST-NET-1: nobody's address
     assert read_state("192.0.2.1", port) is None  # a proxy on another machine: not this file
     data = json.loads(path.read_text())
-    for bad in ({**data, "port": port + 1}, {**data, "format": 2}, {**data, "removed": [{"url": "x"}]}, []):
+    for bad in ({**data, "port": port + 1}, {**data, "format": FORMAT - 1}, {**data, "removed": [{"url": "x"}]}, []):
         path.write_text(json.dumps(bad))
         assert read_state("127.0.0.1", port) is None
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     path.write_text(json.dumps({**data, "pid": int(dead.stdout)}))  # left by a run that was killed
     assert read_state("127.0.0.1", port) is None
-    assert data["started"] is not None  # this process's start time, from /proc
-    path.write_text(json.dumps({**data, "started": data["started"] - 1}))  # its pid, another process's record
-    assert read_state("127.0.0.1", port) is None
+    assert data["started"] is not None  # this process's start time, from psutil
+    path.write_text(json.dumps({**data, "started": data["started"] + 0.01}))  # the same start, read again
+    assert read_state("127.0.0.1", port) == (gone,)
+    for other in (data["started"] - 1, data["started"] + 0.6, str(data["started"]), True):  # its pid, another start
+        path.write_text(json.dumps({**data, "started": other}))
+        assert read_state("127.0.0.1", port) is None
     clear_state(port)
     assert path.exists()
     clear_state(port)

@@ -17,11 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launcher.net import http
 from launcher.runtime.address import free_ports
-from launcher.runtime.process import group_members, listening_inodes, socket_inodes
+from launcher.runtime.process import group_members
 from launcher.scaleout.nodes import proxy_nodes
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running, run_launch
 from tests.integration.scaleout.test_proxy import children_of, start_launch_proxy, stop, wait_for
@@ -240,14 +241,18 @@ def closed(port: int) -> bool:
 
 def cmdline(pid: int) -> str:
     try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
 def environ_of(pid: int) -> dict[str, str]:
-    raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    return psutil.Process(pid).environ()
+
+
+def listening(pid: int, port: int) -> bool:
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
 
 
 def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sigint_stops_all(model_dir, tmp_path):
@@ -298,7 +303,7 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
             return json.loads(run_launch("proxy", "status", "--proxy", root, "--json", env=here).stdout)
 
         assert status()["removed_by_watchdog"] == []
-        stuck = next(p for p in engines if socket_inodes(p) & listening_inodes(port + 2))
+        stuck = next(p for p in engines if listening(p, port + 2))
         os.kill(stuck, signal.SIGSTOP)
         try:
             assert wait_for(lambda: replicas[1] not in proxy_nodes(root), 15, 0.2), "not taken out"

@@ -34,9 +34,9 @@ from launcher.net import http
 from launcher.rules.checks import BadOption
 from launcher.runtime.address import check_host, exposure_warnings, ip_literal
 from launcher.runtime.gpu import visible
-from launcher.runtime.process import PortBusy, PortClaim, ServerProcess
-from launcher.runtime.progress import StartProgress
-from launcher.runtime.supervise import ServerStartTimeout, wait_ready
+from launcher.runtime.ports import PortBusy, PortClaim
+from launcher.runtime.process import ServerProcess
+from launcher.runtime.supervise import ServerStartTimeout, Supervised, Supervisor
 from launcher.scaleout.nodes import node_url, proxy_nodes, same_node
 from tests.conftest import LLAMA, REPO, assert_one_line_error, free_port, killed_if_running
 from tests.integration.scaleout import test_proxy
@@ -115,7 +115,7 @@ def test_two_proxy_starts_on_one_port_one_serves_as_it_said_the_other_refuses_in
 def test_a_port_claim_is_one_runs_until_it_ends(tmp_path, monkeypatch):
     monkeypatch.setenv("LAUNCH_CACHE_DIR", str(tmp_path / "cache"))
     port = free_port()
-    other = ("import sys; from launcher.runtime.process import PortClaim\n"
+    other = ("import sys; from launcher.runtime.ports import PortClaim\n"
              f"try:\n    PortClaim('127.0.0.1', [{port}]).__enter__()\nexcept Exception as err:\n    print(err); sys.exit(7)")
 
     def claim_elsewhere() -> subprocess.CompletedProcess:
@@ -141,16 +141,31 @@ def test_an_answer_from_another_program_on_the_port_is_not_ready(tmp_path):
     with serving(Healthy) as other:
         url = f"http://127.0.0.1:{other.server_address[1]}"
         server = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / "s.log")
-        with server:
+        with pytest.raises(ServerStartTimeout), Supervisor([Supervised(server, url + "/health", 2.0)],
+                                                           progress_stream=io.StringIO()) as run:
+            run.start()
             assert server.listens_on(other.server_address[1]) is False
-            with pytest.raises(ServerStartTimeout):
-                wait_ready(server, url + "/health", timeout_s=2.0, grace_s=1.0,
-                           progress=StartProgress(io.StringIO(), log_path=server.log_path),
-                           stop_requested=lambda: False)
+            run.wait_ready()
+    assert server.poll() is not None
+
+
+LISTEN = ("import socket, time; s = socket.socket(socket.AF_INET6 if ':' in {host!r} else socket.AF_INET); "
+          "s.bind(({host!r}, {port})); s.listen(); time.sleep(60)")
+
+
+@pytest.mark.parametrize("where", ["itself", "its worker", "a worker in a session of its own"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_servers_own_socket_is_found_wherever_in_its_tree(tmp_path, where, host):
     port = free_port()
-    code = f"import http.server as h; h.ThreadingHTTPServer(('127.0.0.1', {port}), h.SimpleHTTPRequestHandler).serve_forever()"
+    code = LISTEN.format(host=host, port=port)
+    if where != "itself":
+        detach = where != "its worker"
+        code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {code!r}], "
+                f"start_new_session={detach}); time.sleep(60)")
     with ServerProcess([sys.executable, "-c", code], log_path=tmp_path / "own.log", cwd=tmp_path) as own:
-        assert wait_for(lambda: own.listens_on(port), 30, 0.1)  # its own socket: found in its group
+        assert wait_for(lambda: own.listens_on(port), 30, 0.1)
+        assert own.listens_on(free_port()) is False  # another port: not this server's
+    assert own.poll() is not None and not own.listens_on(port)
 
 
 # --- one server, one node --------------------------------------------------------------------------

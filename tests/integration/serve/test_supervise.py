@@ -23,13 +23,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
 from launcher.rules.checks import BadOption
 from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
 from launcher.runtime.apikeys import ApiKeyFileError, BadApiKey, resolve_api_keys
-from launcher.runtime.process import PortBusy, ServerNotStarted, read_log_tail
+from launcher.runtime.ports import PortBusy
+from launcher.runtime.process import ServerNotStarted, read_log_tail
 from launcher.runtime.progress import StartProgress
 from launcher.runtime.supervise import (
     SeamsForTests,
@@ -76,10 +78,9 @@ def standin(port: int, *flags: str) -> list[str]:
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
