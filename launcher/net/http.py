@@ -89,7 +89,8 @@ def parse_url(url: str, option: str = "--url") -> Url:
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise BadOption(option, redact(url).encode("unicode_escape").decode(), "it holds a control character")
     if " " in text:  # http.client refuses to send it (InvalidURL)
-        raise BadOption(option, redact(url), "it holds a space; write it as %20")
+        raise BadOption(option, redact(url), "the host name holds a space" if " " in parts.hostname
+                        else "it holds a space; write it as %20")
     if not (parts.path + parts.query).isascii():  # the request line is ASCII: http.client cannot send it
         raise BadOption(option, redact(url), "its path holds a character that is not ASCII; percent-encode it "
                         "(UTF-8, e.g. %C3%A9)")
