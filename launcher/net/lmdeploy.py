@@ -17,10 +17,9 @@ What lmdeploy 0.18 serves, and what this module knows of it once:
   proxy's ``{"error_code": 10402, "text": ...}`` while a dead node is still registered) is
   ``ServerErrorBody``. ``http.Unreachable`` and ``http.DeadlineExceeded`` pass through.
 
-Text from the server that comes back as words for a person (an error's detail or code, a health
-check's detail) is printable: one line, control characters escaped. Names come back as the server
-sent them (model ids, node URLs), because launch sends them back to it; whoever shows one shows it
-printable. Callers decide which errors are fatal and say them in their own context.
+Words for a person from the server (an error's detail or code, a health detail) come back printable:
+one line, control characters escaped. Names (model ids, node URLs) come back as sent, since launch sends
+them back; whoever shows one shows it printable. Callers say the errors in their own context.
 """
 
 from __future__ import annotations
@@ -113,8 +112,7 @@ def health_url_for(url: str) -> str:
 # --- replies -----------------------------------------------------------------------------------
 
 
-class _NonFinite(ValueError):
-    pass
+class _NonFinite(ValueError): ...
 
 
 def _no_constant(name: str) -> float:

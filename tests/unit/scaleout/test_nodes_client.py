@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from launcher.errors import LaunchError
 from launcher.net.lmdeploy import Health, Node
@@ -62,6 +64,32 @@ def test_a_node_list_that_is_not_lmdeploys_is_one_line_not_a_guess(scripted, rep
         proxy_nodes(scripted.url)
     assert one_printable_line(info.value).endswith("(GET /nodes/status did not answer with lmdeploy's node list). "
                                                    "Is `launch proxy start` running there? Check --proxy.")
+
+
+def json_values():
+    """Any JSON value, NaN and the infinities included (Python's json writes them)."""
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=10)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(listed=json_values() | st.dictionaries(st.text(max_size=6), st.none() | st.fixed_dictionaries(
+    {}, optional={"models": st.lists(st.text(max_size=4), max_size=2) | json_values(),
+                  "unfinished": st.integers() | json_values()}), max_size=3))
+def test_any_node_list_is_read_as_lmdeploys_or_refused_in_one_line(scripted, listed):
+    scripted.replies[("GET", "/nodes/status")] = (200, json.dumps(listed).encode())
+    try:
+        nodes = proxy_nodes(scripted.url)
+    except ProxyUnreachable as err:
+        assert one_printable_line(err).endswith("Check --proxy.")
+        return
+    assert isinstance(listed, dict) and list(nodes) == list(listed)
+    for url, node in nodes.items():
+        status = listed[url] or {}
+        assert isinstance(status.get("models") or [], list) and all(isinstance(m, str) for m in node.models)
+        assert node.models == tuple(status.get("models") or ())
+        assert node.unfinished == (status.get("unfinished") or 0) and type(node.unfinished) is int
 
 
 @pytest.mark.parametrize(("reply", "said"), [
