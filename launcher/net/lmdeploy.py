@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +96,7 @@ def normalize_url(url: str, option: str = "--url") -> str:
     as Basic auth; show the URL only through ``http.redact``). ``BadOption(option, ...)`` otherwise."""
     target = http.parse_url(url, option=option)
     text = url.strip()
-    netloc = urllib.parse.urlsplit(text if "://" in text else "http://" + text).netloc  # with any user:password@
+    netloc = re.split(r"[/?#]", text.split("://", 1)[-1], maxsplit=1)[0]  # as urlsplit cuts it, user:password@ too
     path = target.path.split("?", 1)[0].rstrip("/").removesuffix("/v1")
     return f"{target.scheme}://{netloc}{path}"
 
