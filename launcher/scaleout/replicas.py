@@ -24,7 +24,7 @@ from typing import TextIO
 
 from launcher.errors import LaunchError
 from launcher.plan.layout import ReplicaLayout
-from launcher.runtime.process import GRACE_S, ServerProcess
+from launcher.runtime.process import ServerProcess
 
 
 class ReplicaNotRegistered(LaunchError):
@@ -58,7 +58,7 @@ class ReplicaRun:
 
 
 def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: float, out: TextIO,
-                 grace_s: float = GRACE_S, err: TextIO | None = None) -> int:
+                 err: TextIO | None = None) -> int:
     """Start the proxy and the replicas, wait for them, register the replicas, then serve until
     SIGINT / SIGTERM / SIGHUP; 0 after a clean stop. Raises ``ServerStartFailed`` /
     ``ServerStartTimeout`` / ``ReplicaNotRegistered`` while starting and ``ServerDied`` after; every
@@ -82,7 +82,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
         members.append(Supervised(server, replica.url + "/health", health_timeout_s,
                                   when_ready=_registering(replica, root, key, say)))
     watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed))
-    with Supervisor(members, grace_s=grace_s, progress_stream=err) as supervisor:
+    with Supervisor(members, progress_stream=err) as supervisor:
         supervisor.start()
         say(f"proxy and {len(members) - 1} replica(s) starting; logs in {run.proxy_dir.parent}")
         if not supervisor.wait_ready():
