@@ -24,7 +24,6 @@ from launcher.rules import checks, limits
 from launcher.rules.checks import BadOption
 from launcher.rules.kvcache import QUANT_POLICIES
 from launcher.rules.limits import Limit
-from launcher.rules.rope import parse_rope_type
 from launcher.runtime.address import check_host, is_wildcard, validate_host, validate_port
 
 if TYPE_CHECKING:
@@ -51,11 +50,17 @@ def _number(option: str, limit: Limit) -> Flag:
     return Flag(option, lambda value: checks.limited(option, value, limit), limit)
 
 
+def _rope_type(value: Any) -> str:
+    from launcher.rules.rope import parse_rope_type  # the RoPE rules load with a plan, not with every command
+
+    return parse_rope_type(value)
+
+
 # Each request value's flag and reader, written once: the parser reads flags with it, check_request
 # reads code's values with it, in this order.
 FLAGS: dict[str, Flag] = {
     "factor": _number("--factor", limits.FACTOR),
-    "rope_type": Flag("--type", parse_rope_type),
+    "rope_type": Flag("--type", _rope_type),
     "session_len": _number("--session-len", limits.SESSION_LEN),
     "backend": Flag("--backend", lambda value: checks.one_of("--backend", value, BACKENDS)),
     "tp": _number("--tp", limits.TP),
