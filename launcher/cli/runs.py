@@ -63,8 +63,7 @@ def compared(command: str, compare: bool, runs: list[Path] | None, out: Path | N
         return False
     if not runs:
         raise BadOption("--compare", "(none)", f"give the run directories to compare: launch {command} --compare DIR DIR")
-    draw: Callable[[list[Path], Path, TextIO], object] = importlib.import_module(f"..{command}.report", __package__
-                                                                                 ).compare
+    draw: Callable[[list[Path], Path, TextIO], object] = importlib.import_module(f"launcher.eval.{command}.report").compare
     out_dir = out if out is not None else default_out_dir(prefix=f"{command}-compare")
     draw(list(runs), check_out_dir(out_dir, example=f"./{command}-compare"), sys.stdout)
     return True

@@ -281,15 +281,3 @@ def status_of(url: str, *, timeout: float = 2.0) -> int | None:
         return get(url, timeout=timeout).status
     except (Unreachable, DeadlineExceeded):
         return None
-
-
-def list_models(root_url: str, *, api_key: str | None = None, timeout: float) -> tuple[Reply, tuple[str, ...] | None]:
-    """``GET /v1/models`` of an OpenAI-compatible server: the reply, and its model ids in the
-    server's order (None when the body is not an OpenAI model list). Transport failures raise."""
-    reply = get(join(root_url, "/v1/models"), api_key=api_key, timeout=timeout)
-    try:
-        cards = reply.json()["data"] if reply.ok else None
-        ids = tuple(str(card["id"]) for card in cards) if isinstance(cards, list) else None
-    except (ValueError, KeyError, TypeError):
-        ids = None
-    return reply, ids

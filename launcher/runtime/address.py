@@ -226,7 +226,7 @@ def port_free(host: str, port: int) -> int:
 
 def _bind_error(host: str, port: int, exc: OSError) -> Exception:
     if exc.errno == errno.EADDRINUSE:
-        from launcher.net.health import health_status
+        from launcher.net.lmdeploy import health_status
 
         status = health_status(server_root_url(host, port) + "/health", timeout=1.0)
         who = ("a server that answers /health listens there; is another `launch serve` running?"

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TextIO
 
 from launcher.errors import LaunchError
-from launcher.net.health import POLL_S, health_status, served_models
 from launcher.net.http import parse_url
+from launcher.net.lmdeploy import POLL_S, health_status, served_models
 from launcher.runtime.address import check_port_free, server_root_url, validate_host
 from launcher.runtime.process import GRACE_S, ServerProcess, _with_tail, describe_exit, stop_all
 from launcher.runtime.progress import PROGRESS_EVERY_S, StartProgress

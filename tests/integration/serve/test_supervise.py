@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.net.health import health_status, health_url_for, served_models, wait_healthy
+from launcher.net.lmdeploy import health_status, health_url_for, served_models, wait_healthy
 from launcher.rules.checks import BadOption
 from launcher.runtime.address import check_port_free, exposure_warnings, is_loopback, openai_base_url
 from launcher.runtime.apikeys import ApiKeyFileError, BadApiKey, resolve_api_keys
@@ -509,7 +509,7 @@ def test_health_waits_have_a_deadline_against_a_silent_server():
 def test_supervisor_modules_use_the_one_http_client():
     import ast
 
-    for name in ("runtime/supervise", "runtime/address", "net/health", "runtime/process", "runtime/progress",
+    for name in ("runtime/supervise", "runtime/address", "net/lmdeploy", "runtime/process", "runtime/progress",
                  "runtime/ready"):
         tree = ast.parse((REPO / "launcher" / f"{name}.py").read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

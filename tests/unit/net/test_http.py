@@ -97,13 +97,6 @@ def test_loopback_ignores_proxy_from_the_environment(echo, monkeypatch):
     assert http.get(echo + "/health", timeout=5).ok
 
 
-def test_list_models_reads_an_openai_model_list_in_the_servers_order(echo):
-    reply, ids = http.list_models(echo, timeout=5)
-    assert reply.ok and ids == ("b", "a")
-    reply, ids = http.list_models(echo + "/not-openai", timeout=5)  # answers 200 with another shape
-    assert reply.ok and ids is None
-
-
 # A URL http.client cannot send: before, a space in the host was an InvalidURL traceback out of
 # `launch probe --url`, and a space or a non-ASCII letter in the path "cannot reach ...: the connection
 # broke (InvalidURL)". Now each is refused naming the option, before any connection.
