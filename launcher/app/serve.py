@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TextIO
 
 from launcher.engine.spec import (
-    TURBOMIND_ARCHS,
     architecture_of,
     spec_to_json,
     turbomind_problem,
+    turbomind_supports,
 )
 from launcher.errors import LaunchError
 from launcher.model.overlay import check_overlay
@@ -88,8 +88,8 @@ def _check_engine(plan: Plan, *, here: bool = True) -> None:
     (serving on this machine, not a dry run), exist here."""
     if plan.engine.backend != "turbomind":
         return
-    arch = architecture_of(plan.patched_config)
-    if arch not in TURBOMIND_ARCHS:
+    if not turbomind_supports(plan.patched_config):
+        arch = architecture_of(plan.patched_config)
         raise EngineUnavailable("turbomind", f"TurboMind does not support the {arch} architecture")
     problem = turbomind_problem() if here else None
     if problem:

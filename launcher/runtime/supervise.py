@@ -29,7 +29,7 @@ from typing import TextIO
 from launcher.errors import LaunchError
 from launcher.net.http import parse_url
 from launcher.net.lmdeploy import POLL_S, health_status, served_models
-from launcher.runtime.address import check_port_free, server_root_url, validate_host
+from launcher.runtime.address import port_free, server_root_url
 from launcher.runtime.process import GRACE_S, ServerProcess, _with_tail, describe_exit, stop_all
 from launcher.runtime.progress import PROGRESS_EVERY_S, StartProgress
 from launcher.runtime.ready import ReadyInfo
@@ -297,7 +297,7 @@ def run_supervised(
     argv: Sequence[str],
     *,
     host: str,
-    port: int | str,
+    port: int,
     log_path: Path | str,
     api_keys: Sequence[str] | None = None,
     model_name: str | None = None,
@@ -312,7 +312,8 @@ def run_supervised(
 
     ``argv`` must make a server listen on ``host:port`` (the caller passes the same values to it, and
     the same ``api_keys``; here they only serve the port check, the health URL, the model lookup and
-    the printed curl example). Progress goes to stderr.
+    the printed curl example). ``host`` and ``port`` were checked where they entered (the flags'
+    readers): here they are only bound once, to see that the port is free. Progress goes to stderr.
 
     Once ``/health`` answers 200: ``on_ready(info)`` (the caller prints ``info.summary_lines()``),
     then ``probe(info)`` if given (the first Ctrl-C / SIGTERM interrupts it with KeyboardInterrupt,
@@ -335,8 +336,7 @@ def run_supervised(
     """
     if isinstance(api_keys, (str, bytes)):
         raise TypeError("api_keys must be a list of keys, not one string")
-    port = check_port_free(host, port)
-    host = validate_host(host)
+    port_free(host, port)
     root = server_root_url(host, port)
     server = ServerProcess(argv, log_path=log_path, stdin_data=stdin_data)
     with Supervisor([Supervised(server, root + "/health", health_timeout_s)], grace_s=seams.grace_s,
