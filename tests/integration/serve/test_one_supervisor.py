@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -187,7 +188,13 @@ def test_each_server_has_its_own_time_and_flag(tmp_path):
 
 
 def test_a_stop_signal_while_starting_stops_all_and_is_not_ready(tmp_path):
-    members = [replace(member(tmp_path, "a"), when_ready=lambda: os.kill(os.getpid(), signal.SIGINT)),
+    def signal_once_b_loads() -> None:  # order, not time: b is loading (its handler is in place) first
+        deadline = time.monotonic() + 60
+        while "loading weights" not in (tmp_path / "b.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    members = [replace(member(tmp_path, "a"), when_ready=signal_once_b_loads),
                member(tmp_path, "b", "--load-seconds", "60")]
     with supervisor(members) as run:
         run.start()
