@@ -10,7 +10,7 @@ and stops with one line when:
   the overlay: lmdeploy (``hf_configs.config_from_pretrained``) would go on with a generic config that
   checks nothing, and transformers would not load the model at all;
 * the RoPE type or factor lmdeploy reads (``lmdeploy.pytorch.nn.rotary_embedding.build_rotary_params``,
-  from the language model's config: ``llm_config``, else ``text_config``, else the config itself) is not
+  from the language model's section the RoPE rules patched: ``rope.NESTED_TEXT_KEYS``, else the config) is not
   the one in launch's record of the patch (``launch-patch.json``).
 
 Imports transformers and lmdeploy: only the serving process (and tests) call it.
@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from launcher.engine.spec import PROVENANCE
+from launcher.rules.rope import NESTED_TEXT_KEYS
 
 _EMB_TYPES = {"Default": "default", "LinearScaling": "linear", "DynamicNTKScaling": "dynamic", "Yarn": "yarn",
               "Llama3": "llama3", "LongRoPEScaling": "longrope"}
@@ -35,7 +38,8 @@ def _remote_class(config: dict) -> str | None:
 
 
 def _text_config(cfg):
-    for name in ("llm_config", "text_config"):
+    """The language model's part of a loaded config: where the RoPE rules wrote (``NESTED_TEXT_KEYS``)."""
+    for name in NESTED_TEXT_KEYS:
         sub = getattr(cfg, name, None)
         if sub is not None:
             return sub
@@ -44,7 +48,7 @@ def _text_config(cfg):
 
 def _planned(model_path: Path) -> tuple[str, float] | None:
     try:
-        rope = json.loads((model_path / "launch-patch.json").read_text(encoding="utf-8"))["rope"]
+        rope = json.loads((model_path / PROVENANCE).read_text(encoding="utf-8"))["rope"]
         return str(rope["type"]), float(rope["factor"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not an overlay of launch's: nothing planned to compare with

@@ -33,6 +33,7 @@ BACKENDS = ("turbomind", "pytorch")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 23333
 CHAT_TEMPLATE = "launch-chat-template.json"  # in the overlay: lmdeploy's ChatTemplateConfig, for --chat-template
+PROVENANCE = "launch-patch.json"  # in the overlay: launch's record of the patch (what the engine must read)
 # Ranges of the engine flags: the one table's (launcher/rules/limits.py), the same for flags and presets.
 SESSION_LEN_MAX = limits.SESSION_LEN.high
 TP_MAX = limits.TP.high

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.engine.spec import CHAT_TEMPLATE
+from launcher.engine.spec import CHAT_TEMPLATE, PROVENANCE
 from launcher.errors import LaunchError
 from launcher.model.modeldir import CONFIG, MAX_CONFIG_BYTES, NotAModelDir
 from launcher.runtime.paths import hf_cache_dir, overlays_dir, slug
@@ -68,7 +68,6 @@ class StaleOverlay(LaunchError):
     )
 
 
-PROVENANCE = "launch-patch.json"
 OWN_FILES = (CONFIG, PROVENANCE, CHAT_TEMPLATE)  # real files launch writes; everything else is a link
 MANIFEST = "files"  # the provenance key listing every entry of the overlay
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
