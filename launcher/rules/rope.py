@@ -579,7 +579,8 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
             warnings.append(f"shrinking the served context from {before.served_context} to {covered} (--force)")
 
     section = _get_section(config, before.section)
-    changes.extend(_dict_changes(section, before, rule, settings))
+    settings = _with_mirrored_base(section, before, rule, settings)
+    changes.extend(_dict_changes(section, before, settings))
     if max_pos != before.max_position_embeddings:
         changes.append(Change(before.section + ("max_position_embeddings",), before.max_position_embeddings, max_pos))
 
@@ -601,15 +602,19 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     )
 
 
-def _dict_changes(section: dict, before: RopeState, reader: ConfigClass, settings: dict) -> list[Change]:
+def _with_mirrored_base(section: dict, before: RopeState, rule: ConfigClass, settings: dict) -> dict:
+    """``settings`` with the base of the other dict when that is the only one the config has: transformers
+    would fill in 10000 for the dict it reads (a class that allows no other keys reads its own base)."""
+    if before.mirror is None or rule.only is not None or "rope_theta" in settings or "rope_theta" in section:
+        return settings
+    theta = (section.get(before.mirror) or {}).get("rope_theta")
+    return settings if theta is None else {**settings, "rope_theta": theta}
+
+
+def _dict_changes(section: dict, before: RopeState, settings: dict) -> list[Change]:
     """The RoPE dict read (and the other key, kept consistent with it) as changes."""
     path = before.section
     changes: list[Change] = []
-    if before.mirror is not None and reader.only is None:
-        # a base kept only in the other dict: transformers would fill in 10000 for the one read
-        theta = (section.get(before.mirror) or {}).get("rope_theta")
-        if "rope_theta" not in settings and "rope_theta" not in section and theta is not None:
-            settings["rope_theta"] = theta
     if settings != before.settings:
         changes.append(Change(path + (before.key,), before.settings, settings, added=before.key not in section))
     if before.mirror is not None:
