@@ -23,8 +23,6 @@ class MalformedConfig(LaunchError):
 
 
 CONFIG = "config.json"
-
-
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real config.json files are a few kB
 
 

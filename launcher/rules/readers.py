@@ -16,8 +16,6 @@ from launcher.errors import LaunchError
 
 # Types launch knows how to write (the one list: presets, flags and the contract test import it).
 WRITABLE_TYPES: tuple[str, ...] = ("dynamic", "linear", "yarn", "llama3")
-
-
 _TYPE_KEYS = ("type", "rope_type")
 
 
@@ -89,17 +87,9 @@ class ConfigClass:
 # The config classes that come with checkpoints, by model_type, and the architecture that names them.
 _INTERNLM2 = ConfigClass("InternLM2Config", "configuration_internlm2.py", types=("dynamic", "linear"),
                          type_keys=("type",), only=("type", "factor"))
-
-
 _INTERNLM3 = ConfigClass("InternLM3Config", "configuration_internlm3.py", type_keys=("rope_type",))
-
-
 REMOTE_CLASSES: dict[str, ConfigClass] = {"internlm2": _INTERNLM2, "internlm3": _INTERNLM3}
-
-
 _REMOTE_ARCHS = {"InternLM2ForCausalLM": "internlm2", "InternLM3ForCausalLM": "internlm3"}
-
-
 # transformers' own config class names, for the plan (any other model_type is named by it).
 _NATIVE_NAMES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig",
                  "qwen2_vl": "Qwen2VLConfig", "qwen2_vl_text": "Qwen2VLTextConfig",
