@@ -12,8 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run (`make test` on any machine, CI included, passes or
+# fails alike); LAUNCH_HYPOTHESIS_RANDOM=1 draws new ones each run, to search further.
+settings.register_profile("launch", derandomize=not os.environ.get("LAUNCH_HYPOTHESIS_RANDOM"))
+settings.load_profile("launch")
 
 # A small Llama config.json (native context 256), for model directories the tests make.
 LLAMA = {

@@ -79,6 +79,16 @@ TypeOpt = request_flag("rope_type", "-t", help="RoPE scaling type: dynamic, line
                    "Default: the preset's, else the config's, else dynamic.")
 SessionLenOpt = request_flag("session_len", metavar="TOKENS", help="Tokens per session.",
                        default="what the scaling covers (N x F)")
+ContextOpt = request_flag("context", "-c", metavar="TOKENS", help="The session you want (64k = 65,536; 1m = "
+                         "1,048,576); the factor follows: none when the config covers it, the published recipe's "
+                         "when one does, else TOKENS / native with the preset's type. Not with --factor or "
+                         "--session-len.")
+CpOpt = request_flag("cp", help="TurboMind context parallelism: of the --tp GPUs, cp split every sequence's "
+                     "tokens (tp must be a multiple of cp; 2, 4, 8...).", default=f"the preset's, else {DEFAULTS.cp}")
+PrefixCachingOpt = optional(bool, "--enable-prefix-caching/--no-prefix-caching",
+                            help="Reuse the KV cache of a repeated prompt prefix (lmdeploy's). Refused where a "
+                            "session can pass the dynamic-NTK threshold (cached keys would be rotated under "
+                            "another base). Default: the preset's, else off.")
 ForceOpt = Annotated[
     bool,
     typer.Option("--force", help="Allow replacing another scaling type, shrinking the context, or a "

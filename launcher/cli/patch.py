@@ -8,6 +8,7 @@ import typer
 
 from launcher.cli.app import app
 from launcher.cli.options import (
+    ContextOpt,
     FactorOpt,
     ForceOpt,
     ModelArg,
@@ -27,6 +28,7 @@ def patch(
     factor: FactorOpt = None,
     rope_type: TypeOpt = None,
     session_len: SessionLenOpt = None,
+    context: ContextOpt = None,
     force: ForceOpt = False,
     out: OutOpt = None,
     revision: RevisionOpt = None,
@@ -43,7 +45,7 @@ def patch(
 
     # Every flag (the parser) and --out first, then the config alone, then the plan; only then the files.
     plan, note = with_files(build_plan(PlanRequest.from_flags(
-        model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force, out=out,
+        model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force, out=out,
         revision=revision, trust_remote_code=trust_remote_code,
     )))
     if note:

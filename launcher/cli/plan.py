@@ -10,6 +10,8 @@ from launcher.cli.app import app
 from launcher.cli.options import (
     BackendOpt,
     CacheRatioOpt,
+    ContextOpt,
+    CpOpt,
     DistInitAddrOpt,
     FactorOpt,
     ForceOpt,
@@ -21,6 +23,7 @@ from launcher.cli.options import (
     NnodesOpt,
     NodeRankOpt,
     PortOpt,
+    PrefixCachingOpt,
     QuantOpt,
     ReplicasOpt,
     RoutingOpt,
@@ -34,7 +37,7 @@ from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
 
 @app.command(
     epilog=(
-        "Examples:  launch plan internlm-chat-7b --factor 2   |   "
+        "Examples:  launch plan qwen2.5-7b-instruct --context 64k   |   launch plan internlm-chat-7b --factor 2   |   "
         "launch plan qwen2.5-7b-instruct --factor 4 --type yarn --json   |   "
         "launch plan ./my-model --factor 2 --gpu-memory 80   |   "
         "launch plan internlm2_5-7b-chat --factor 4 --tp 2 --replicas 4 --gpu-memory 80   |   "
@@ -46,12 +49,15 @@ def plan(
     factor: FactorOpt = None,
     rope_type: TypeOpt = None,
     session_len: SessionLenOpt = None,
+    context: ContextOpt = None,
     force: ForceOpt = False,
     backend: BackendOpt = None,
     tp: TpOpt = None,
     max_batch_size: MaxBatchOpt = None,
     cache_max_entry_count: CacheRatioOpt = None,
     quant_policy: QuantOpt = None,
+    cp: CpOpt = None,
+    enable_prefix_caching: PrefixCachingOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     host: HostOpt = DEFAULT_HOST,
     port: PortOpt = str(DEFAULT_PORT),
@@ -74,9 +80,9 @@ def plan(
     from launcher.plan.request import PlanRequest
 
     result, layout = plan_with_layout(PlanRequest.from_flags(
-        model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force, backend=backend,
+        model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force, backend=backend,
         tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
-        quant_policy=quant_policy, gpu_memory_gib=gpu_memory, host=host, port=port, replicas=replicas,
+        quant_policy=quant_policy, cp=cp, enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, host=host, port=port, replicas=replicas,
         nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
         trust_remote_code=trust_remote_code,
     ))

@@ -25,7 +25,7 @@ def ppl(
         "--text", metavar="FILE", help="UTF-8 text to score (repeat for several). Default: the bundled Jargon File "
         "excerpt (public domain, ~20k tokens).", show_default=False)] = None,
     lengths: Annotated[_Text, typer.Option(
-        "--lengths", metavar="L1,L2,...", help="Window lengths in tokens (4000,8k) or multiples of the native context "
+        "--lengths", metavar="L1,L2,...", help="Window lengths in tokens (4000; 8k = 8,192) or multiples of the native context "
         "(0.5x,2x). Default with a known native context: 0.5x,1x,1.5x,2x.", show_default=False)] = None,
     native: Annotated[_Text, typer.Option("--native", metavar="TOKENS", help="The model's native context in tokens.",
                                           show_default=False)] = None,

@@ -33,7 +33,7 @@ def probe(
                                          show_default=False)] = None,
     api_key: run_dirs.ApiKeyOpt = None,
     lengths: Annotated[_Text, typer.Option(
-        "--lengths", metavar="L1,L2,...", help="Prompt lengths in tokens (4000,8k) or multiples of the native context (0.5x,1x,2x). "
+        "--lengths", metavar="L1,L2,...", help="Prompt lengths in tokens (4000; 8k = 8,192; 1m = 1,048,576) or multiples of the native context (0.5x,1x,2x). "
         "Default with a known native context: 0.5x,1x,1.5x,2x.", show_default=False)] = None,
     depths: Annotated[_Text, typer.Option(
         "--depths", metavar="D1,D2,...", help="Where the passkey goes: 0 = start of the filler, 1 = its end. "

@@ -11,6 +11,8 @@ from launcher.cli.app import app
 from launcher.cli.options import (
     BackendOpt,
     CacheRatioOpt,
+    ContextOpt,
+    CpOpt,
     DistInitAddrOpt,
     FactorOpt,
     ForceOpt,
@@ -24,6 +26,7 @@ from launcher.cli.options import (
     NnodesOpt,
     NodeRankOpt,
     PortOpt,
+    PrefixCachingOpt,
     QuantOpt,
     ReplicasOpt,
     RevisionOpt,
@@ -39,7 +42,7 @@ from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 
 @app.command(
     epilog=(
-        "Examples:  launch serve internlm2_5-7b-chat --factor 2   |   "
+        "Examples:  launch serve internlm2_5-7b-chat --context 128k   |   launch serve internlm2_5-7b-chat --factor 2   |   "
         "launch serve qwen2.5-7b-instruct --factor 4 --type yarn --tp 2 --api-key $KEY   |   "
         "launch serve internlm2_5-7b-chat --factor 2 --dry-run --gpu-memory 80   |   "
         "launch serve internlm2_5-7b-chat --factor 4 --tp 2 --replicas 4 --host 0.0.0.0 --port 8000   |   "
@@ -51,6 +54,7 @@ def serve(
     factor: FactorOpt = None,
     rope_type: TypeOpt = None,
     session_len: SessionLenOpt = None,
+    context: ContextOpt = None,
     force: ForceOpt = False,
     tp: TpOpt = None,
     host: HostOpt = DEFAULT_HOST,
@@ -65,6 +69,8 @@ def serve(
     ] = None,
     cache_max_entry_count: CacheRatioOpt = None,
     quant_policy: QuantOpt = None,
+    cp: CpOpt = None,
+    enable_prefix_caching: PrefixCachingOpt = None,
     max_batch_size: MaxBatchOpt = None,
     backend: BackendOpt = None,
     gpu_memory: GpuMemoryOpt = None,
@@ -109,9 +115,9 @@ def serve(
     # Every value was read by the parser: the request carries them typed, and nothing reads them again.
     request = ServeRequest.from_flags(
         plan=PlanRequest.from_flags(
-            model=model, factor=factor, rope_type=rope_type, session_len=session_len, force=force,
+            model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force,
             backend=backend, tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
-            quant_policy=quant_policy, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
+            quant_policy=quant_policy, cp=cp, enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
             revision=revision, trust_remote_code=trust_remote_code, replicas=replicas, nnodes=nnodes,
             node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
         ),

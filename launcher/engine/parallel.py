@@ -28,6 +28,21 @@ class LayoutRefused(LaunchError):
     )
 
 
+class ContextParallelRefused(LaunchError):
+    """``--cp`` that TurboMind cannot run with this tp (lmdeploy's own function, or its kernels' sizes)."""
+
+    cp: int
+    tp: int
+    reason: str
+    exit_code = 2
+    message = "--cp '{cp}' with --tp {tp}: {reason}"
+
+
+# The context-parallel sizes TurboMind's all-reduce kernels are built for (src/turbomind/kernels/.../reduce.cu,
+# read at lmdeploy's main of 2026-08-21): another size passes the Python check and fails in the engine.
+CP_SIZES = (1, 2, 4, 8, 16, 32)
+
+
 class LayoutUncheckable(LaunchError):
     reason: str
     message = "cannot check the layout with lmdeploy's own parallel-config function: {reason}. Run `make install`."
@@ -65,19 +80,27 @@ class ParallelCheck:
     device_num: int  # what lmdeploy derived: GPUs used in all
 
 
-def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None) -> ParallelCheck:
+def check_parallel(tp: int, *, nnodes: int = 1, gpus_per_node: int | None = None, cp: int = 1) -> ParallelCheck:
     """Ask lmdeploy's function, as TurboMind does (``available = GPUs per node x nnodes``), whether
-    ``tp`` runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs (default ``tp / nnodes``), using every
-    one of the tp GPUs; ``LayoutRefused`` with its reason otherwise. ``tp`` and ``nnodes`` come
-    checked (the request's flags, a preset's values): they are not checked here again."""
+    ``tp`` (with context parallelism ``cp``) runs on ``nnodes`` nodes of ``gpus_per_node`` GPUs
+    (default ``tp / nnodes``), using every one of the tp GPUs; ``LayoutRefused`` (or, for cp,
+    ``ContextParallelRefused``) with its reason otherwise. ``tp``, ``cp`` and ``nnodes`` come checked
+    (the request's flags, a preset's values): they are not checked here again."""
+    if cp not in CP_SIZES:
+        raise ContextParallelRefused(cp, tp, f"TurboMind's kernels take a context-parallel size of "
+                                     f"{', '.join(map(str, CP_SIZES[1:]))}")
     if gpus_per_node is None:
         if tp % nnodes:
             raise LayoutRefused(tp, nnodes, 0, f"tp {tp} does not divide into {nnodes} equal node shares")
         gpus_per_node = tp // nnodes
     derive = lmdeploy_derive_parallel_config()
     try:
-        parallel = derive(1, tp, 1, 1, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available
+        parallel = derive(1, tp, 1, cp, None, gpus_per_node * nnodes)  # dp, tp, ep, cp, device_num, available
     except AssertionError as err:
+        if cp > 1:
+            said = str(err).split(";")[0]
+            raise ContextParallelRefused(cp, tp, f"lmdeploy's layout check refuses it ({said}); tp must be a "
+                                         f"multiple of cp, e.g. --tp {-(-tp // cp) * cp} --cp {cp}") from None
         raise LayoutRefused(tp, nnodes, gpus_per_node, f"lmdeploy says: {err}") from None
     if parallel.device_num != tp or parallel.device_num % nnodes:
         raise LayoutRefused(tp, nnodes, gpus_per_node,

@@ -51,6 +51,8 @@ class EngineSettings:
     max_batch_size: int = 64
     cache_max_entry_count: float = DEFAULT_CACHE_RATIO
     quant_policy: int = 0
+    cp: int = 1  # TurboMind's context parallelism: of the tp GPUs, cp split each sequence (attention)
+    enable_prefix_caching: bool = False
 
 
 DEFAULTS = EngineSettings()
@@ -68,9 +70,12 @@ class EngineConfig:
     cache_max_entry_count: float
     quant_policy: int
     dtype: str = "auto"
+    cp: int = 1  # TurbomindEngineConfig only (PytorchEngineConfig has no cp)
+    enable_prefix_caching: bool = False
 
-    def kwargs(self) -> dict:
-        """The keyword arguments of the lmdeploy class (the hand-off to lmdeploy, and the spec file)."""
+    def kwargs(self, backend: str = "turbomind") -> dict:
+        """The keyword arguments of ``backend``'s lmdeploy class (the hand-off to lmdeploy, and the spec
+        file); ``cp`` is TurboMind's only (the PyTorch engine's class has no such field)."""
         return {
             "dtype": self.dtype,
             "tp": self.tp,
@@ -78,6 +83,8 @@ class EngineConfig:
             "max_batch_size": self.max_batch_size,
             "cache_max_entry_count": self.cache_max_entry_count,
             "quant_policy": self.quant_policy,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            **({"cp": self.cp} if backend == "turbomind" else {}),
         }
 
 
@@ -92,6 +99,10 @@ class EngineSpec:
     port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = field(default_factory=tuple)
 
+    def config_kwargs(self) -> dict:
+        """The keyword arguments of this backend's lmdeploy engine config class."""
+        return self.config.kwargs(self.backend)
+
     @property
     def config_class(self) -> str:
         return "TurbomindEngineConfig" if self.backend == "turbomind" else "PytorchEngineConfig"
@@ -104,6 +115,8 @@ def engine_config(settings: EngineSettings, session_len: int) -> EngineConfig:
         max_batch_size=settings.max_batch_size,
         cache_max_entry_count=settings.cache_max_entry_count,
         quant_policy=settings.quant_policy,
+        cp=settings.cp,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
 
 
@@ -134,6 +147,10 @@ def api_server_argv(model_path: str, spec: EngineSpec) -> list[str]:
         "--cache-max-entry-count", str(cfg.cache_max_entry_count),
         "--quant-policy", str(cfg.quant_policy),
     ]
+    if cfg.cp != 1:
+        argv += ["--cp", str(cfg.cp)]
+    if cfg.enable_prefix_caching:
+        argv.append("--enable-prefix-caching")
     if spec.trust_remote_code:
         argv.append("--trust-remote-code")
     if spec.chat_template:  # a file in the overlay: lmdeploy cannot take a long template inline
@@ -153,7 +170,7 @@ def spec_to_json(spec: EngineSpec, model_path: str) -> dict:
     return {
         "model_path": str(model_path),
         "backend": spec.backend,
-        "engine_config": spec.config.kwargs(),
+        "engine_config": spec.config.kwargs(spec.backend),
         "model_name": spec.model_name,
         "trust_remote_code": spec.trust_remote_code,
         "chat_template": spec.chat_template,

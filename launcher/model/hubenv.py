@@ -178,7 +178,7 @@ def _seconds(var: str) -> int | None:
     value = os.environ.get(var)
     if value is None:
         return None
-    text = value.strip()
+    text = value.strip(" \t\r\n")  # ASCII blanks only: "1\xa0" is no number launch reads (int() would)
     if not re.fullmatch(r"\+?[0-9]{1,7}", text, re.ASCII) or not 1 <= int(text) <= WEEK_S:
         raise _bad(var, value, f"a whole number of seconds from 1 to {WEEK_S:,} (huggingface_hub reads it "
                    "with int())")

@@ -24,6 +24,7 @@ from launcher.engine.spec import BACKENDS, EngineSettings
 from launcher.errors import LaunchError
 from launcher.rules import checks, limits
 from launcher.rules.checks import BadOption
+from launcher.rules.context import Recipe
 from launcher.rules.kvcache import QUANT_POLICIES
 from launcher.rules.rope import WRITABLE_TYPES
 from launcher.runtime.paths import builtin_presets_dir, is_repo_id, user_presets_dirs
@@ -187,6 +188,28 @@ class EngineDefaults(_Section):
     max_batch_size: _number(limits.MAX_BATCH_SIZE) = EngineSettings.max_batch_size
     cache_max_entry_count: _number(limits.CACHE_MAX_ENTRY_COUNT) = EngineSettings.cache_max_entry_count
     quant_policy: Literal[QUANT_POLICIES] = EngineSettings.quant_policy
+    cp: _number(limits.CP) = EngineSettings.cp
+    enable_prefix_caching: bool = EngineSettings.enable_prefix_caching
+
+
+class RecipeEngine(_Section):
+    """The engine values a published recipe sets (the others stay the preset's)."""
+
+    tp: _number(limits.TP) | None = None
+    max_batch_size: _number(limits.MAX_BATCH_SIZE) | None = None
+    cache_max_entry_count: _number(limits.CACHE_MAX_ENTRY_COUNT) | None = None
+    quant_policy: Literal[QUANT_POLICIES] | None = None
+    cp: _number(limits.CP) | None = None
+
+
+class RecipeSection(_Section):
+    """A published serving setting for the preset's own scaling (``rope``): the session its makers (or
+    lmdeploy's docs) serve, with the engine values they serve it with, and where it is published."""
+
+    source: str
+    session_len: _number(limits.SESSION_LEN)
+    engine: RecipeEngine = RecipeEngine()
+    default: bool = True  # false: the recipe only vouches for sessions up to session_len (no warning there)
 
 
 class ChatTemplate(_Section):
@@ -221,9 +244,19 @@ class Preset(_Section):
     engine: EngineDefaults = EngineDefaults()
     chat_template: ChatTemplate | None = None
     notes: Texts = ()
+    recipe: RecipeSection | None = None
 
     def stub_config(self) -> dict:
         return self.config.as_config()
+
+    @property
+    def published(self) -> Recipe | None:
+        """The preset's recipe as the context rules take it (its scaling is the preset's ``rope``)."""
+        if self.recipe is None:
+            return None
+        engine = {k: v for k, v in self.recipe.engine._plain().items() if v is not None}
+        return Recipe(self.recipe.source, self.recipe.session_len, self.rope.type, self.rope.factor, engine,
+                      self.recipe.default)
 
 
 # --- msgspec's refusals in launch's words: the dotted key and what its value must be ----------------
@@ -421,11 +454,15 @@ def _check_consistent(preset: Preset, path: Path) -> None:
         decide(preset.stub_config(), request, f"preset {preset.name}")
     except LaunchError as err:
         raise InvalidPreset(str(path), "rope", str(err)) from None
-    try:  # the preset's own tp on its own heads, by the layout's rule (else "--tp", a flag not given)
-        tp_split(preset.stub_config(), preset.engine.tp, str(path))
-    except LayoutHeadsIndivisible as err:
-        raise InvalidPreset(str(path), "engine.tp", f"{err.tp} does not divide the model's {err.count} {err.what} "
-                            "(they are split evenly over the tp GPUs); use a tp that divides it") from None
+    tps = [("engine.tp", preset.engine.tp)]
+    if preset.recipe is not None and preset.recipe.engine.tp is not None:
+        tps.append(("recipe.engine.tp", preset.recipe.engine.tp))
+    for key, tp in tps:  # the preset's own tp on its own heads, by the layout's rule (else "--tp", a flag not given)
+        try:
+            tp_split(preset.stub_config(), tp, str(path))
+        except LayoutHeadsIndivisible as err:
+            raise InvalidPreset(str(path), key, f"{err.tp} does not divide the model's {err.count} {err.what} "
+                                "(they are split evenly over the tp GPUs); use a tp that divides it") from None
 
 
 def load_preset_file(path: Path) -> Preset:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from launcher import __version__
+from launcher.engine.parallel import check_parallel
 from launcher.engine.spec import (
     DEFAULTS,
     SESSION_LEN_MAX,
@@ -30,6 +31,7 @@ from launcher.model.source import ModelSource, resolve
 from launcher.plan.request import PlanRequest, check_request
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import BadConfig
+from launcher.rules.context import Recipe, ask
 from launcher.rules.kvcache import (
     GiB,
     KvCost,
@@ -40,9 +42,11 @@ from launcher.rules.kvcache import (
     tp_split,
     weights_bytes_estimate,
 )
-from launcher.rules.rope import RopeDecision, RopeRequest, apply, decide
+from launcher.rules.prefixcache import check_prefix_caching, prefix_caching_safe
+from launcher.rules.rope import RopeDecision, apply, decide, read_rope
 
 OVERLAY_PLACEHOLDER = "<overlay: made after download>"
+ENGINE_FIELDS = tuple(f.name for f in fields(EngineSettings))
 __all__ = ["OVERLAY_PLACEHOLDER", "Plan", "PlanRequest", "build_plan", "check_request", "make_overlay",
            "overlay_digest", "with_files"]
 
@@ -66,6 +70,9 @@ class Plan:
     engine: EngineSpec
     overlay_path: Path | None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    context_how: str | None = None  # how --context became a factor (rules/context.py); None without it
+    recipe: Recipe | None = None  # the published recipe whose values are defaults here
+    defaults_from: dict = field(default_factory=dict)  # engine field -> flag / recipe / preset / launch
 
     @property
     def gpus_here(self) -> int:
@@ -115,20 +122,21 @@ def local_gpus(tp: int, nnodes: int) -> int:
     return tp // nnodes if tp % nnodes == 0 else tp
 
 
-def _engine_settings(request: PlanRequest, source: ModelSource) -> EngineSettings:
-    """Flags over the preset's engine defaults over launch's (``engine.DEFAULTS``)."""
-    base = source.preset.engine if source.preset else DEFAULTS
-
-    def pick(flag, default):
-        return default if flag is None else flag
-
-    return EngineSettings(
-        backend=pick(request.backend, base.backend),
-        tp=pick(request.tp, base.tp),
-        max_batch_size=pick(request.max_batch_size, base.max_batch_size),
-        cache_max_entry_count=float(pick(request.cache_max_entry_count, base.cache_max_entry_count)),
-        quant_policy=pick(request.quant_policy, base.quant_policy),
-    )
+def _engine_settings(request: PlanRequest, source: ModelSource, recipe: Recipe | None) -> tuple[EngineSettings, dict]:
+    """Flags over the published recipe's values (when it is used) over the preset's engine defaults over
+    launch's (``engine.DEFAULTS``); and where each value came from: ``flag``, ``recipe``, ``preset`` or
+    ``launch``."""
+    preset = source.preset.engine if source.preset else None
+    values: dict = {}
+    origin: dict[str, str] = {}
+    for name in ENGINE_FIELDS:
+        for where, value in (("flag", getattr(request, name)), ("recipe", (recipe.engine if recipe else {}).get(name)),
+                             ("preset", getattr(preset, name, None)), ("launch", getattr(DEFAULTS, name))):
+            if value is not None:
+                values[name], origin[name] = value, where
+                break
+    values["cache_max_entry_count"] = float(values["cache_max_entry_count"])
+    return EngineSettings(**values), origin
 
 
 def weights_size(source: ModelSource) -> tuple[int | None, str]:
@@ -160,7 +168,8 @@ def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
 
 
 def _memory(shape: ModelShape, decision: RopeDecision, settings: EngineSettings, source: ModelSource,
-            gpu_bytes: int | None, gpu_source: str, gpu_count: int | None) -> tuple[MemoryPlan | None, str]:
+            gpu_bytes: int | None, gpu_source: str, gpu_count: int | None,
+            length_flag: str = "--session-len") -> tuple[MemoryPlan | None, str]:
     weights, weights_source = weights_size(source)
     if gpu_bytes is None:
         return None, "no GPU found: give --gpu-memory GiB to check that a session fits"
@@ -178,6 +187,8 @@ def _memory(shape: ModelShape, decision: RopeDecision, settings: EngineSettings,
         gpu_source=gpu_source,
         weights_source=weights_source,
         gpu_count=gpu_count,
+        cp=settings.cp,
+        length_flag=length_flag,
     ), ""
 
 
@@ -197,16 +208,14 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     if source is None:
         source = resolve(request.model, need_files=request.need_files, fetching=request.fetching)
     preset = source.preset  # its values were read by the same limits when it was loaded
-    settings = _engine_settings(request, source)
-    rope_request = RopeRequest(
-        factor=request.factor if request.factor is not None else (preset.rope.factor if preset else None),
-        rope_type=request.rope_type if request.rope_type is not None else (preset.rope.type if preset else None),
-        session_len=request.session_len,
-        force=request.force,
-        engine=settings.backend,
-    )
     config = source.config
-    decision = decide(config, rope_request, source=source.config_origin)
+    backend = request.backend or (preset.engine.backend if preset else DEFAULTS.backend)
+    asked = ask(read_rope(config, source.config_origin), context=request.context, factor=request.factor,
+                rope_type=request.rope_type, session_len=request.session_len,
+                preset_type=preset.rope.type if preset else None, preset_factor=preset.rope.factor if preset else None,
+                recipe=preset.published if preset else None, force=request.force, engine=backend)
+    settings, defaults_from = _engine_settings(request, source, asked.recipe)
+    decision = decide(config, asked.rope, source=source.config_origin)
     if decision.session_len > SESSION_LEN_MAX:
         raise BadConfig(source.config_origin, f"a session of {decision.session_len:,} tokens "
                         f"({decision.rope_type} x{decision.factor:g} over {decision.native_context:,}) is past "
@@ -214,8 +223,22 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     patched = apply(config, decision)
     section = functools.reduce(operator.getitem, decision.section, patched)
     shape = ModelShape.from_config(section, source.config_origin)
-    kv_heads = tp_split(section, settings.tp, source.config_origin)  # the tp rule: heads and hidden size split evenly
     warnings = list(decision.warnings)
+    if settings.cp > 1:
+        if settings.backend != "turbomind":
+            raise BadOption("--cp", str(settings.cp), "context parallelism is TurboMind's (the PyTorch engine has "
+                            "none): use --backend turbomind, or leave --cp out")
+        check_parallel(settings.tp, nnodes=request.nnodes, cp=settings.cp)
+    # the tp rule: heads over tp / cp, hidden size over tp, split evenly
+    kv_heads = tp_split(section, settings.tp, source.config_origin, settings.cp)
+    if settings.enable_prefix_caching and not prefix_caching_safe(decision.rope_type, decision.session_len,
+                                                                  decision.max_position_embeddings):
+        if request.enable_prefix_caching:  # asked for: refused, saying why and what instead
+            check_prefix_caching(decision.rope_type, decision.factor, decision.session_len,
+                                 decision.max_position_embeddings)
+        settings = replace(settings, enable_prefix_caching=False)
+        warnings.append(f"the preset's prefix caching is left off: under dynamic NTK a session past "
+                        f"{decision.max_position_embeddings:,} tokens rotates cached keys under another base")
     if decision.reader.remote and not source.trust_remote_code:
         warnings.append(
             f"the config's own class {decision.reader.name} ({decision.reader.code}) needs trust_remote_code, which "
@@ -232,7 +255,8 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
     if gpu_count is not None and local_tp > gpu_count:
         where = " on each node" if request.nnodes > 1 else ""
         warnings.append(f"--tp {settings.tp} needs {local_tp} GPUs{where}; this machine has {gpu_count}: serve will stop")
-    memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count)
+    length_flag = "--context" if request.context is not None else "--session-len"
+    memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count, length_flag)
 
     engine = EngineSpec(
         backend=settings.backend,
@@ -251,7 +275,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         patched_config=patched,
         section=section,
         shape=shape,
-        kv=kv_costs(shape, decision.session_len, settings.tp),
+        kv=kv_costs(shape, decision.session_len, settings.tp, settings.cp),
         memory=memory,
         memory_note=memory_note,
         gpu_bytes=gpu_bytes,
@@ -262,6 +286,9 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         overlay_path=_overlay_path(request, source, patched),
         warnings=tuple(warnings),
         kv_heads_per_gpu=kv_heads,
+        context_how=asked.how,
+        recipe=asked.recipe,
+        defaults_from=defaults_from,
     )
 
 
@@ -280,7 +307,8 @@ def with_files(plan: Plan) -> tuple[Plan, str | None]:
         return plan, None
     if source.config == plan.source.config:
         memory, memory_note = _memory(plan.shape, plan.decision, plan.settings, source, plan.gpu_bytes,
-                                      plan.gpu_source, plan.gpu_count)
+                                      plan.gpu_source, plan.gpu_count,
+                                      "--context" if plan.request.context is not None else "--session-len")
         return replace(plan, source=source, memory=memory, memory_note=memory_note,
                        overlay_path=_overlay_path(plan.request, source, plan.patched_config)), None
     again = build_plan(plan.request, source, api_keys=plan.engine.api_keys)

@@ -128,7 +128,7 @@ def replica_layout(
     replicas' ports past 65535)."""
     tp = engine.config.tp
     if engine.backend == "turbomind":
-        check_parallel(tp, gpus_per_node=tp)
+        check_parallel(tp, gpus_per_node=tp, cp=engine.config.cp)
     seen = devices if isinstance(devices, Visible) else Visible(None, None if devices is None else tuple(devices))
     assumed = seen.ids is None
     pool = tuple(str(i) for i in range(replicas * tp)) if seen.ids is None else seen.ids
@@ -200,7 +200,7 @@ def node_layout(
     if engine.backend != "turbomind":
         raise BadOption("--nnodes", str(nnodes), "launch lays out TurboMind across nodes; lmdeploy's PyTorch "
                         "engine spans nodes through Ray (ray start on each node, then one api_server)")
-    check = check_parallel(tp, nnodes=nnodes)
+    check = check_parallel(tp, nnodes=nnodes, cp=engine.config.cp)
     base = api_server_argv(model_path, engine)
     nodes = tuple(
         NodeCommand(rank, tuple(base + ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr",

@@ -116,6 +116,9 @@ def _plan_json(plan: Plan) -> dict:
         "architecture": plan.architecture,
         "attention_bias": plan.section.get("attention_bias"),
         "turbomind_supported": turbomind_supports(plan.patched_config),
+        "context": plan.request.context,
+        "context_how": plan.context_how,
+        "recipe": _recipe_json(plan),
         "native_context": d.native_context,
         "factor": d.factor,
         "rope_type": d.rope_type,
@@ -132,6 +135,7 @@ def _plan_json(plan: Plan) -> dict:
         ],
         "kv_cache": {
             "tp": cfg.tp,
+            "cp": cfg.cp,
             "quant_policy": cfg.quant_policy,
             "bytes_per_token": kv0.bytes_per_token,
             "bytes_per_session": kv0.bytes_per_session,
@@ -145,8 +149,9 @@ def _plan_json(plan: Plan) -> dict:
         "memory_note": plan.memory_note or None,
         "engine": {
             "backend": plan.engine.backend,
+            "defaults_from": dict(plan.defaults_from),
             "class": plan.engine.config_class,
-            "config": cfg.kwargs(),
+            "config": plan.engine.config_kwargs(),
             "model_name": plan.engine.model_name,
             "trust_remote_code": plan.engine.trust_remote_code,
             "chat_template": plan.engine.chat_template,
@@ -159,6 +164,16 @@ def _plan_json(plan: Plan) -> dict:
         "command_line": command_line(plan.command),
         "warnings": list(plan.warnings),
     }
+
+
+def _recipe_json(plan: Plan) -> dict | None:
+    r = plan.recipe
+    if r is None:
+        return None
+    return {"source": r.source, "session_len": r.session_len, "rope_type": r.rope_type, "factor": r.factor,
+            "engine": dict(r.engine), "used_for": ["session_len"] * (plan.request.context is None
+                                                                   and plan.request.session_len is None)
+            + sorted(k for k, v in plan.defaults_from.items() if v == "recipe")}
 
 
 def reads_through(plan: Plan) -> str:
@@ -223,12 +238,22 @@ def _render_plan(plan: Plan, layout=None) -> str:
     if plan.section.get("attention_bias"):
         arch_line += " (attention bias)"
     out.append(f"architecture   {arch_line}")
-    out.append(
-        f"RoPE           {d.rope_type} x{d.factor:g} over a native {d.native_context:,} tokens "
-        f"({'.'.join(d.section + (d.key,))}), covers {d.covered_context:,}"
-    )
+    if d.rope_type == "default":
+        out.append(f"RoPE           no scaling: the native {d.native_context:,} tokens")
+    else:
+        out.append(
+            f"RoPE           {d.rope_type} x{d.factor:g} over a native {d.native_context:,} tokens "
+            f"({'.'.join(d.section + (d.key,))}), covers {d.covered_context:,}"
+        )
     out.append(f"read by        {reader_line(plan)}")
+    if plan.request.context is not None:
+        out.append(f"context        {plan.request.context:,} tokens asked: {plan.context_how}")
     out.append(f"session_len    {d.session_len:,} tokens")
+    if plan.recipe is not None:
+        from_recipe = [k for k, v in plan.defaults_from.items() if v == "recipe"]
+        values = ", ".join(f"{k} {getattr(plan.settings, k):g}" for k in from_recipe)
+        out.append(f"recipe         published: {plan.recipe.rope_type} x{plan.recipe.factor:g} up to "
+                   f"{plan.recipe.session_len:,} tokens{'; ' + values if values else ''} ({plan.recipe.source})")
     out.append("")
     if d.unchanged:
         out.append("config.json    unchanged (it already carries these settings)")
@@ -238,7 +263,10 @@ def _render_plan(plan: Plan, layout=None) -> str:
     out.append("")
     cfg = plan.engine.config
     tp = cfg.tp
-    out.append(f"KV cache per GPU (tp {tp}), {d.session_len:,}-token session:")
+    split = f"tp {tp}, cp {cfg.cp}: each GPU holds 1/{cfg.cp} of the tokens" if cfg.cp > 1 else f"tp {tp}"
+    out.append(f"KV cache per GPU ({split}), {d.session_len:,}-token session:")
+    if cfg.enable_prefix_caching:
+        out.append("  prefix caching on: a repeated prompt prefix reuses its cached blocks")
     for q, cost in plan.kv.items():
         mark = "  <- --quant-policy" if q == cfg.quant_policy else ""
         out.append(
@@ -269,7 +297,7 @@ def _render_plan(plan: Plan, layout=None) -> str:
 
 
 def _config_call(plan: Plan) -> str:
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in plan.engine.config.kwargs().items())
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in plan.engine.config_kwargs().items())
     return f"{plan.engine.config_class}({kwargs})"
 
 

@@ -5,8 +5,8 @@ A flag enters through the parser: ``cli/options.py`` gives every request flag it
 ``FLAGS`` (below), so the command gets typed values (an int, a float, a canonical host) and builds
 ``PlanRequest.from_flags(...)``. Code enters with ``PlanRequest(...)``, its values as given (text or
 numbers), and ``check_request`` reads them with the same ``FLAGS``. Either way ``check_request``
-then applies, once, the rules that join several flags (one layout at most, ``--routing`` only with
-replicas, ``--node-rank`` and ``--dist-init-addr`` only across nodes, ``--out``), and returns the
+then applies, once, the rules that join several flags (``--context`` alone, without ``--factor`` or
+``--session-len``; one layout at most, ``--routing`` only with replicas, ``--node-rank`` and ``--dist-init-addr`` only across nodes, ``--out``), and returns the
 request *checked*: ``build_plan``, the layouts and ``serve`` read its values as they are and check
 none of them again. A request changed with ``dataclasses.replace`` starts again as given.
 """
@@ -62,6 +62,9 @@ FLAGS: dict[str, Flag] = {
     "factor": _number("--factor", limits.FACTOR),
     "rope_type": Flag("--type", _rope_type),
     "session_len": _number("--session-len", limits.SESSION_LEN),
+    "context": _number("--context", limits.CONTEXT_ASKED),
+    "cp": _number("--cp", limits.CP),
+    "enable_prefix_caching": Flag("--enable-prefix-caching", lambda value: checks.boolean("--enable-prefix-caching", value)),
     "backend": Flag("--backend", lambda value: checks.one_of("--backend", value, BACKENDS)),
     "tp": _number("--tp", limits.TP),
     "max_batch_size": _number("--max-batch-size", limits.MAX_BATCH_SIZE),
@@ -105,12 +108,15 @@ class PlanRequest(Entered):
     factor: float | str | None = None
     rope_type: str | None = None
     session_len: int | str | None = None
+    context: int | str | None = None  # the session asked for; the factor follows (rules/context.py)
     force: bool = False
     backend: str | None = None
     tp: int | str | None = None
     max_batch_size: int | str | None = None
     cache_max_entry_count: float | str | None = None
     quant_policy: int | str | None = None
+    cp: int | str | None = None
+    enable_prefix_caching: bool | None = None  # None: the preset's (off unless it says so)
     gpu_memory_gib: float | str | None = None
     host: str = DEFAULT_HOST
     port: int | str = DEFAULT_PORT
@@ -159,6 +165,10 @@ def check_request(request: PlanRequest) -> PlanRequest:
 def joined(r: PlanRequest) -> dict[str, Any]:
     """The rules between flags of a typed request (the values it changes: ``out``, ``routing`` and
     ``dist_init_addr`` in their checked form)."""
+    for option, value in (("--factor", r.factor), ("--session-len", r.session_len)):
+        if r.context is not None and value is not None:
+            raise BadOption(option, f"{value:g}" if isinstance(value, float) else str(value), f"--context {r.context} already sets the session and the factor "
+                            "follows from it: give --context alone, or --factor / --session-len without it")
     out = r.out
     if out is not None:
         from launcher.model.overlay import check_target

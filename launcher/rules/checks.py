@@ -35,7 +35,7 @@ class BadOption(LaunchError):
 
 
 T = TypeVar("T")
-__all__ = ["WEEK_S", "choice", "hub_timeout", "limited", "number", "one_of", "refusal", "revision", "seconds", "whole", "word"]
+__all__ = ["WEEK_S", "boolean", "choice", "hub_timeout", "limited", "number", "one_of", "refusal", "revision", "seconds", "whole", "word"]
 
 
 def _shown(value: object) -> str:
@@ -68,6 +68,13 @@ def number(option: str, value: object, low: float, high: float, *, low_open: boo
     """A finite number in the range ``low..high`` (either end open when asked); ``unit``: what it
     counts ("GiB")."""
     return float(limited(option, value, Limit(False, low, high, low_open, high_open, unit, example)))
+
+
+def boolean(option: str, value: object) -> bool:
+    """On or off: ``True`` or ``False`` (a switch given in code; the parser's are booleans already)."""
+    if not isinstance(value, bool):
+        raise BadOption(option, _shown(value), "is a switch: give it or leave it out")
+    return value
 
 
 def choice(option: str, value: object, choices: Iterable[int]) -> object:

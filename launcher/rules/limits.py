@@ -9,7 +9,10 @@ config and field. So a preset's ``tp: 128`` is refused by the rule ``--tp 128`` 
 
 Text (a flag) is read by one grammar: ASCII digits, at most one sign, for a decimal number a point
 and an exponent; no underscores, no other scripts' digits, no ``inf`` or ``nan`` (Python's
-``int()`` and ``float()`` take ``"２"`` and ``"1_000"``; launch does not). A number from YAML or
+``int()`` and ``float()`` take ``"２"`` and ``"1_000"``; launch does not). A token count (a length:
+``--context``, ``--session-len``, ``--native``, probe's ``--lengths``) may end in ``k`` (1,024) or
+``m`` (1,048,576), the way model cards and lmdeploy's docs count: 32k = 32,768, 1M = 1,048,576
+(``token_text``). A number from YAML or
 JSON is taken as it is: a boolean is not a number, and a float counts as whole only when it is
 (``32768.0``).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 INT32_MAX = 2**31 - 1  # lmdeploy keeps session_len and token positions in 32-bit ints
@@ -48,7 +52,8 @@ def shown(value: Any) -> str:
 class Limit:
     """A number's type and range. ``whole``: an int (else a finite float). ``low_open`` /
     ``high_open``: the end itself is outside. ``unit`` names what a decimal number counts ("GiB");
-    ``example`` is a good value, shown after a refused flag ("e.g. --tp 2")."""
+    ``example`` is a good value, shown after a refused flag ("e.g. --tp 2"). ``tokens``: a token count,
+    whose text may end in k or m (``token_text``)."""
 
     whole: bool
     low: float
@@ -57,10 +62,13 @@ class Limit:
     high_open: bool = False
     unit: str = ""
     example: Any = None
+    tokens: bool = False
 
     @property
     def rule(self) -> str:
         """The range in words: "a whole number from 1 to 64", "a number greater than 1 and at most 1,024"."""
+        if self.tokens:
+            return f"a whole number of tokens from {self.low:,} to {self.high:,} (k = 1,024, m = 1,048,576)"
         if self.whole:
             return f"a whole number from {self.low:,} to {self.high:,}"
         what = f"a number of {self.unit}" if self.unit else "a number"
@@ -94,7 +102,7 @@ class Limit:
         """The text of a flag, by the one grammar (``number_text``), typed and in range;
         ValueError("must be ...") otherwise."""
         try:
-            number = number_text(text, whole=self.whole)
+            number = token_text(text) if self.tokens else number_text(text, whole=self.whole)
         except ValueError:
             number = None
         if number is None or not self.contains(number):
@@ -122,6 +130,26 @@ def number_text(text: str, *, whole: bool = False) -> int | float:
     return int(stripped) if whole else float(stripped)
 
 
+TOKEN_UNITS = {"k": 1024, "m": 1024 * 1024}  # 32k = 32,768 and 1M = 1,048,576, as model cards count
+
+
+def token_text(text: str) -> int:
+    """A token count by the one length grammar: whole ASCII digits (``65536``), or a number by the
+    number grammar ended by ``k`` (1,024) or ``m`` (1,048,576), either case: ``64k`` = 65,536,
+    ``1.5k`` = 1,536, ``1M`` = 1,048,576. The count must come out whole (``0.3k`` is 307.2: refused);
+    it is computed exactly, not in floating point. No range: the caller's ``Limit`` has it."""
+    stripped = text.strip(_BLANKS) if isinstance(text, str) else ""
+    unit = TOKEN_UNITS.get(stripped[-1:].lower())
+    if unit is None:
+        return int(number_text(stripped, whole=True))
+    if not abs(number_text(stripped[:-1])) < 2**63:  # the number grammar, or ValueError; 1e99999k is no count
+        raise ValueError(f"too large to be a token count: {text!r}")
+    value = Fraction(stripped[:-1].strip(_BLANKS)) * unit
+    if value.denominator != 1:
+        raise ValueError(f"not a whole number of tokens: {text!r} is {float(value):,.1f}")
+    return int(value)
+
+
 def _whole(low: int, high: int, example: Any = None) -> Limit:
     return Limit(True, low, high, example=example)
 
@@ -133,7 +161,9 @@ def _positive(high: float, unit: str = "", example: Any = None, *, high_open: bo
 # --- the table ----------------------------------------------------------------------------------
 # Engine and request: the same limit for the flag, the preset's ``engine:`` / ``rope:`` key and the plan.
 FACTOR = Limit(False, 1.0, 1024.0, low_open=True, example=2)  # x1024 of even a 2k model is 2M tokens
-SESSION_LEN = _whole(1, INT32_MAX, 65536)
+SESSION_LEN = Limit(True, 1, INT32_MAX, example="64k", tokens=True)
+CONTEXT_ASKED = Limit(True, 1, INT32_MAX, example="64k", tokens=True)  # --context: the session asked for
+CP = _whole(1, 64, 2)  # TurboMind's context parallelism: attention GPUs that split one sequence
 TP = _whole(1, 64, 2)
 MAX_BATCH_SIZE = _whole(1, 65536, 64)
 CACHE_MAX_ENTRY_COUNT = _positive(1.0, example=0.8, high_open=True)
@@ -145,7 +175,8 @@ NODE_RANK = _whole(0, NNODES.high - 1, 0)
 SECONDS = _positive(WEEK_S, "seconds")  # any wait a flag or variable sets
 
 # A model: the facts a preset stores and a config.json holds, read by the same limits.
-CONTEXT = _whole(1, INT32_MAX, 8192)  # native_context, max_position_embeddings, --native
+CONTEXT = _whole(1, INT32_MAX, 8192)  # native_context, max_position_embeddings
+NATIVE = Limit(True, 1, INT32_MAX, example="32k", tokens=True)  # --native (probe, ppl): the same, as a flag
 SHAPE = _whole(1, SHAPE_MAX)  # layers, heads, KV heads, head_dim
 HIDDEN_SIZE = _whole(1, SHAPE_MAX * SHAPE_MAX)
 TOKENS = _whole(1, INT32_MAX)  # vocab_size, sliding_window

@@ -386,6 +386,11 @@ class RopeRequest:
     session_len: int | None = None
     force: bool = False
     engine: str = "turbomind"
+    # ``--context`` the config already covers (``rules/context.py``): write no scaling, set the session only
+    keep: bool = False
+    # the longest session a published recipe serves with this scaling (``rules/context.py``): a dynamic
+    # session up to it is the makers' own setting, not an extrapolation launch warns about
+    published_session: int | None = None
 
 
 @dataclass(frozen=True)
@@ -412,7 +417,7 @@ class RopeDecision:
     covered_context: int  # what the written scaling covers
     section: tuple[str, ...]
     key: str
-    settings: dict  # the RoPE dict as written
+    settings: dict | None  # the RoPE dict as written (None: the config has none, and launch wrote none)
     max_position_embeddings: int  # as written
     changes: tuple[Change, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
@@ -524,6 +529,8 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     if before.rope_type is not None and before.rope_type not in WRITABLE_TYPES:
         raise ExistingScalingUnsupported(before.rope_type)
 
+    if request.keep:
+        return _kept(config, before, request, source)
     rope_type = request.rope_type or before.rope_type or "dynamic"
     if rope_type not in WRITABLE_TYPES:
         raise UnknownRopeType(rope_type, WRITABLE_TYPES)
@@ -602,6 +609,34 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     )
 
 
+def _kept(config: dict, before: RopeState, request: RopeRequest, source: str) -> RopeDecision:
+    """The config's scaling as it ships (none, or one that covers the context asked for), with the session
+    asked for: nothing of the RoPE dict is written (InternLM v1 is still rewritten to Llama)."""
+    rope_type = before.rope_type or "default"
+    engine_types = ENGINE_TYPES.get(request.engine)
+    if engine_types is None:
+        raise BadOption("--backend", request.engine, f"choose one of {', '.join(ENGINE_TYPES)}")
+    if rope_type not in engine_types:
+        raise UnsupportedRopeType(rope_type, request.engine, engine_types)
+    factor = parse_factor(before.factor) if before.factor is not None and rope_type != "default" else 1.0
+    changes = _v1_changes(config, source)
+    session_len = request.session_len if request.session_len is not None else before.served_context
+    return RopeDecision(
+        native_context=before.native_context,
+        factor=factor,
+        rope_type=rope_type,
+        session_len=session_len,
+        covered_context=before.served_context,
+        section=before.section,
+        key=before.key,
+        settings=copy.deepcopy(before.settings),  # None when the config has no scaling
+        max_position_embeddings=before.max_position_embeddings,
+        changes=tuple(changes),
+        before=before,
+        reader=_reader_of(config, before, changes),
+    )
+
+
 def _with_mirrored_base(section: dict, before: RopeState, rule: ConfigClass, settings: dict) -> dict:
     """``settings`` with the base of the other dict when that is the only one the config has: transformers
     would fill in 10000 for the dict it reads (a class that allows no other keys reads its own base)."""
@@ -637,17 +672,19 @@ def _session_len(request: RopeRequest, before: RopeState, rope_type: str, factor
                         f"must be a whole number of tokens from 1 to {INT32_MAX:,} (lmdeploy's limit)")
     if session_len > covered:
         if rope_type == "dynamic":
-            warnings.append(
-                f"session_len {session_len} is past the {covered} tokens dynamic x{factor:g} is meant "
-                "for; dynamic NTK keeps extrapolating there with falling quality"
-            )
+            if request.published_session is None or session_len > request.published_session:
+                warnings.append(
+                    f"session_len {session_len:,} is past the {covered:,} tokens of dynamic x{factor:g} (N x F), and "
+                    "no published recipe serves this model there: dynamic NTK keeps extrapolating, untested by "
+                    "launch; measure it with `launch probe`"
+                )
         elif request.force:
             warnings.append(f"session_len {session_len} is past what {rope_type} x{factor:g} covers (--force)")
         else:
             raise SessionBeyondScaling(session_len, covered, rope_type)
     if session_len <= before.native_context:
         warnings.append(
-            f"session_len {session_len} is within the native {before.native_context}: "
+            f"session_len {session_len:,} is within the native {before.native_context:,}: "
             "the scaling changes nothing for it"
         )
     return session_len

@@ -166,6 +166,23 @@ def preset_cases() -> list[dict]:
     return cases
 
 
+def context_cases() -> list[dict]:
+    """``--context`` on every preset's own checkpoint (its recipe and type): within the native context (no
+    scaling written), twice it (the preset's type, or what the config ships), and a published recipe's
+    session (its scaling, past N x F)."""
+    from launcher.model.presets import all_presets
+
+    cases = []
+    for _entry, preset in all_presets():
+        contexts = {preset.native_context // 2, preset.native_context * 2}
+        if preset.recipe is not None:
+            contexts.add(preset.recipe.session_len)
+        for context in sorted(contexts):
+            cases.append({"name": f"{preset.name}@{context}", "context_of": preset.name, "context": context,
+                          "config": preset.stub_config(), "trust": preset.trust_remote_code})
+    return cases
+
+
 # --- building a checkpoint and its overlay ------------------------------------------------------------
 
 
@@ -286,13 +303,20 @@ def read_case(workdir: Path, case: dict) -> dict:
     src = checkpoint(workdir, case)
     trust = case.get("trust", True)
     record = {"name": case["name"], "preset": case.get("preset"), "rope_type": case.get("rope_type"),
-              "factor": case["factor"]}
+              "factor": case.get("factor"), "context": case.get("context"), "context_of": case.get("context_of")}
     before = {p.name for p in (workdir / "overlays").glob("*")} if (workdir / "overlays").exists() else set()
     try:
-        plan = build_plan(PlanRequest(model=str(src), factor=case["factor"], rope_type=case.get("rope_type"),
-                                      force=case.get("force", False), need_files=True,
-                                      backend=case.get("backend"), trust_remote_code=trust,
-                                      out=workdir / "overlays" / case["name"] / (case.get("rope_type") or "")))
+        request = PlanRequest(model=str(src), factor=case.get("factor"), rope_type=case.get("rope_type"),
+                              context=case.get("context"), force=case.get("force", False), need_files=True,
+                              backend=case.get("backend"), trust_remote_code=trust,
+                              out=workdir / "overlays" / case["name"] / (case.get("rope_type") or ""))
+        source = None
+        if case.get("context_of"):  # the preset's own rules (type, recipe) on its checkpoint's files
+            from launcher.model.presets import get_preset
+            from launcher.model.source import from_dir
+
+            source = from_dir(src, preset=get_preset(case["context_of"]), trust_remote_code=trust)
+        plan = build_plan(request, source)
         overlay = make_overlay(plan).path
     except LaunchError as err:
         after = {p.name for p in (workdir / "overlays").glob("*")} if (workdir / "overlays").exists() else set()
@@ -303,9 +327,15 @@ def read_case(workdir: Path, case: dict) -> dict:
     record["reader"] = d.reader.as_dict()
     record["section"] = list(d.section)
     record["written"] = json.loads((overlay / "config.json").read_text())
+    record["session_len"] = d.session_len
+    record["unchanged"] = d.unchanged
+    record["native"] = d.native_context
+    record["rope_written"] = any(c.path[-1] in ("rope_scaling", "rope_parameters", "max_position_embeddings")
+                                 for c in d.changes)
+    record["plan_warnings"] = list(plan.warnings)
     record["intended"] = {
         "type": d.rope_type, "factor": d.factor, "base": _expected_base(shipped),
-        "threshold": None if d.rope_type == "linear" else d.native_context,
+        "threshold": None if d.rope_type in ("linear", "default") else d.native_context,
         "mrope_section": (d.before.settings or {}).get("mrope_section") if d.before else None,
     }
     record["own_class"] = own_class_accepts(overlay, trust)
@@ -351,7 +381,7 @@ def main() -> None:
     from launcher.engine.spec import TURBOMIND_ARCHS
     from launcher.rules.rope import ENGINE_TYPES
 
-    records = [read_case(workdir, case) for case in preset_cases() + extra_cases()]
+    records = [read_case(workdir, case) for case in preset_cases() + extra_cases() + context_cases()]
     # The Qwen2.5 card's recipe as written by hand (not by launch): what TurboMind makes of it.
     recipe = {"max_position_embeddings": 32768, "rope_theta": 1e6,
               "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}

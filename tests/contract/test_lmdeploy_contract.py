@@ -59,7 +59,7 @@ def test_the_standin_only_stood_in_for_the_cuda_extension(contract):
 
 
 def test_every_preset_and_type_was_checked(contract):
-    seen = {(r["preset"], r["rope_type"]) for r in contract["records"] if r["preset"]}
+    seen = {(r["preset"], r["rope_type"]) for r in contract["records"] if r["preset"] and not r["context"]}
     assert seen == {(name, t) for name in preset_files() for t in WRITABLE_TYPES}
     assert len(served(contract)) >= 45  # the cases that were written and read, not refused
 
@@ -180,3 +180,47 @@ def test_the_hand_written_qwen_recipe_is_what_launch_repairs(contract):
     assert contract["qwen_card_recipe_turbomind_factor"] == 1.0
     qwen = by_name(contract, "qwen2.5-7b-instruct", "yarn")
     assert qwen["turbomind"]["factor"] == 4.0
+
+
+# --- --context: the overlays it writes are read as intended (issue 18) ------------------------------
+
+
+def context_records(contract):
+    return [r for r in contract["records"] if r["context"]]
+
+
+def test_every_context_overlay_is_written_and_read_as_the_session_asked(contract):
+    records = context_records(contract)
+    assert {r["context_of"] for r in records} == set(preset_files())
+    for record in records:
+        where = record["name"]
+        assert "refused" not in record, (where, record.get("message"))
+        assert record["session_len"] == record["context"], where
+        assert record["own_class"]["accepted"] and record["fallback"] is False, where
+        for engine in ("turbomind", "pytorch"):
+            assert _read(record[engine]) == _read(record["intended"]), (where, engine)
+
+
+def test_a_context_within_native_writes_no_scaling(contract):
+    within = [r for r in context_records(contract) if r["context"] <= r["native"]]
+    assert {r["context_of"] for r in within} == set(preset_files())  # half the native context, for each
+    for record in within:
+        assert record["rope_written"] is False, record["name"]
+    qwen = by_name(contract, "qwen2.5-7b-instruct@16384")
+    assert qwen["unchanged"] and qwen["turbomind"]["type"] == qwen["pytorch"]["type"] == "default"
+
+
+def test_qwen_at_64k_is_yarn_x2_as_both_engines_read_it(contract):
+    record = by_name(contract, "qwen2.5-7b-instruct@65536")
+    assert record["written"]["rope_scaling"]["factor"] == 2.0 and record["written"]["max_position_embeddings"] == 65536
+    # both engines: yarn x2 over the original 32,768 (TurboMind derives its factor as 65,536 / 32,768)
+    assert _read(record["turbomind"])[:3] == _read(record["pytorch"])[:3] == ("yarn", 2.0, 32768)
+    assert record["turbomind"]["max_position_embeddings"] == 65536
+
+
+def test_the_1m_recipe_is_dynamic_x2_5_at_1m_read_by_internlm2s_class_without_a_warning(contract):
+    record = by_name(contract, "internlm2_5-7b-chat-1m@1048576")
+    assert record["unchanged"] is True and record["session_len"] == 1048576  # the shipped x2.5, as published
+    assert record["loaded_class"] == "InternLM2Config"
+    assert _read(record["turbomind"])[:3] == ("dynamic", 2.5, 262144)
+    assert not any("recipe" in w or "extrapolat" in w for w in record["plan_warnings"]), record["plan_warnings"]

@@ -256,7 +256,9 @@ def test_serve_request_holds_the_plan_request_and_only_what_serve_adds():
 
 # --- the parser and the code path read with the same readers -------------------------------------------
 
-PLAN_FLAGS = {flag.option: name for name, flag in FLAGS.items() if name not in ("model_name", "revision")}
+# flags that take text (--enable-prefix-caching is a switch: it takes none, and the parser says so)
+PLAN_FLAGS = {flag.option: name for name, flag in FLAGS.items()
+              if name not in ("model_name", "revision", "enable_prefix_caching")}
 HOSTILE = st.one_of(
     st.sampled_from(["", " ", "x", "nan", "inf", "-1", "0", "1", "2", "1.5", "1e400", "２", "1_000", "[::1]", "a b",
                      "9" * 30, "65536", "random", "min_observed_latency", "YaRN", "ntk", "0.0.0.0", "256.1.1.1",
@@ -280,7 +282,10 @@ def test_a_flag_and_the_same_text_in_code_get_the_same_answer(option, text):
     if refused is not None:
         assert (code, err) == (2, f"launch: error: {printable(refused)}\n"), (option, text)
         return
-    assert not err.startswith(f"launch: error: {option} "), (option, text, err)
+    # --cp is read alike; whether it divides the tp the plan takes (a flag's or the preset's) is the
+    # plan's rule between the two, named in one line with both
+    joined = option == "--cp" and err.startswith(f"launch: error: --cp '{typed}' with --tp ")
+    assert joined or not err.startswith(f"launch: error: {option} "), (option, text, err)
     assert typed == FLAGS[field](text)  # the parser's reader: the same value
 
 
@@ -302,3 +307,11 @@ def test_serve_replicas_makes_each_replicas_engine_once_up_to_their_start(tiny, 
                          f"EngineSpec port {port + 1}": 1, f"EngineSpec port {port + 2}": 1}
     once_each(seen, "--factor", "--backend", "--port", "--host", "--health-timeout", "--replicas", "--nnodes",
               "heads / tp")  # the ports are tried for binding (port_free), not checked again
+
+
+def test_the_prefix_caching_switch_takes_no_text_and_code_gives_it_a_boolean():
+    code, _out, err = run(["plan", MODEL, "--gpu-memory", "80", "--enable-prefix-caching=yes"])
+    assert code == 2 and err.count("\n") == 1 and "--enable-prefix-caching" in err
+    with pytest.raises(LaunchError, match="--enable-prefix-caching 'yes': is a switch"):
+        check_request(PlanRequest(model=MODEL, enable_prefix_caching="yes"))
+    assert check_request(PlanRequest(model=MODEL, enable_prefix_caching=True)).enable_prefix_caching is True

@@ -1,7 +1,7 @@
 """What a ``launch ppl`` run does, checked before anything runs, and parsed from flag text.
 
 Every check raises ``BadOption`` (exit 2, one line) before the server is contacted or a file written.
-Lengths take the probe's forms (``4000``, ``8k``, ``1.5x``); ``x`` needs the native context.
+Lengths take the probe's forms (``4000``, ``8k`` = 8,192, ``1.5x``); ``x`` needs the native context.
 """
 
 from __future__ import annotations

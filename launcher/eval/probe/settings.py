@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from launcher.net.http import redact
 from launcher.net.lmdeploy import DEFAULT_URL, normalize_url
-from launcher.rules import checks
+from launcher.rules import checks, limits
 from launcher.rules.checks import BadOption
 from launcher.rules.configcheck import INT32_MAX
-from launcher.rules.limits import number_text
+from launcher.rules.limits import number_text, token_text
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MULTIPLES = (0.5, 1.0, 1.5, 2.0)
@@ -24,7 +24,7 @@ DEFAULT_TRIALS = 3
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_TOKENS = 64
 MAX_LENGTH = 10_000_000  # tokens of a prompt or window; also the largest --max-tokens and --span
-NATIVE_MAX = INT32_MAX  # what a config's max_position_embeddings may say (configcheck)
+
 TRIALS_MAX = 1000
 SEED_MAX = INT32_MAX
 TEMPLATE_HEADROOM = 128  # tokens a chat template may add around the prompt
@@ -130,7 +130,7 @@ def whole_max_tokens(value: object) -> int:
 
 def whole_native(value: object) -> int:
     """``--native``: the model's native context in tokens (probe and ppl)."""
-    return checks.whole("--native", value, 1, NATIVE_MAX, example=8192)
+    return int(checks.limited("--native", value, limits.NATIVE))
 
 
 def fraction_min_accuracy(value: object) -> float:
@@ -143,31 +143,27 @@ def request_timeout(value: object) -> float:
 
 
 def parse_lengths(text: str, native_context: int | None) -> tuple[int, ...]:
-    """``4000,8k,1.5x``: tokens, thousands of tokens (``k``), or multiples of the native context (``x``)."""
+    """``4000,8k,1m,1.5x``: token counts by the one length grammar (``limits.token_text``: k = 1,024,
+    m = 1,048,576), or multiples of the native context (``x``, rounded to whole tokens)."""
     items = [item.strip(" \t") for item in text.split(",")]  # the blanks number_text takes off
     if not text.strip() or any(not item for item in items):
-        raise BadOption("--lengths", text, "give comma-separated token counts, e.g. 4000,8000,16000 or 1x,2x")
+        raise BadOption("--lengths", text, "give comma-separated token counts, e.g. 4000,8k,16k or 1x,2x")
     lengths = []
     for item in items:
-        lower = item.lower()
         try:
-            if lower.endswith("x"):
-                factor = number_text(lower[:-1])
+            if item.lower().endswith("x"):
+                factor = number_text(item[:-1])
                 if native_context is None:
                     raise BadOption("--lengths", item, "a multiple of the native context needs --native N "
                                     "or --preset NAME; or give token counts")
                 value = factor * native_context
-            elif lower.endswith("k"):
-                value = number_text(lower[:-1]) * 1000
             else:
-                value = number_text(lower)
+                value = token_text(item)
         except ValueError:
-            raise BadOption("--lengths", item, "not a token count (4000), thousands (8k) or multiple (1.5x)") from None
-        scaled = lower.endswith(("x", "k"))  # 1.5x and 2.5k round to whole tokens; 500.5 is a mistake
-        if math.isfinite(value) and not scaled and value != int(value):
-            raise BadOption("--lengths", item, "a length is a whole number of tokens")
+            raise BadOption("--lengths", item, "not a whole token count (4000; 8k = 8,192; 1m = 1,048,576) "
+                            "or a multiple of the native context (1.5x)") from None
         if not math.isfinite(value) or not 1 <= round(value) <= MAX_LENGTH:
-            raise BadOption("--lengths", item, f"a length is between 1 and {MAX_LENGTH} tokens")
+            raise BadOption("--lengths", item, f"a length is between 1 and {MAX_LENGTH:,} tokens")
         lengths.append(round(value))
     return tuple(lengths)
 

@@ -420,6 +420,17 @@ def json_values():
                         | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 
 
+def finite_all_through(value) -> bool:
+    """No NaN or infinity anywhere in ``value``, however deep."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(finite_all_through(v) for v in value)
+    if isinstance(value, dict):
+        return all(finite_all_through(v) for v in value.values())
+    return True
+
+
 def failed_reply():
     """A reply that answers nothing: an error status, an error body, not JSON, the wrong shape, or a
     message whose content is not text (NaN, a number, a list...)."""
@@ -478,7 +489,11 @@ def test_reply_values_of_the_wrong_type_are_bad_replies_not_answers(where):
                 "usage": {"prompt_tokens": value if where == "prompt_tokens" else 5}})
             server.raw["/v1/models" if where == "id" else "/v1/chat/completions"] = (200, body.encode())
             ok_text = isinstance(value, str) and (where != "id" or value.strip())
-            if where == "prompt_tokens":
+            if not finite_all_through(value):  # NaN or an infinity anywhere: the reply is not JSON at all
+                with pytest.raises(ServerBadReply) as info:
+                    client.models() if where == "id" else client.chat("m", "hi", 8)
+                assert "which is not a JSON number" in str(info.value)
+            elif where == "prompt_tokens":
                 reply = client.chat("m", "hi", 8)
                 whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
                 assert reply.prompt_tokens == (value if whole else None)
@@ -486,10 +501,8 @@ def test_reply_values_of_the_wrong_type_are_bad_replies_not_answers(where):
                 got = client.models() if where == "id" else client.chat("m", "hi", 8).text
                 assert got == ([value] if where == "id" else (value or ""))
             else:
-                with pytest.raises(ServerBadReply) as info:
+                with pytest.raises(ServerBadReply):
                     client.models() if where == "id" else client.chat("m", "hi", 8)
-                if isinstance(value, float) and not math.isfinite(value):
-                    assert "which is not a JSON number" in str(info.value)
 
         check()
 

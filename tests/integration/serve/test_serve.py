@@ -49,8 +49,10 @@ def lmdeploy_parser():
     [
         ("internlm2_5-7b-chat", {"factor": "2"},
          {"session_len": 65536, "tp": 1, "max_batch_size": 64, "cache_max_entry_count": 0.8, "quant_policy": 0}),
-        ("internlm2_5-7b-chat-1m", {},
-         {"session_len": 655360, "tp": 4, "max_batch_size": 1, "cache_max_entry_count": 0.7, "quant_policy": 0}),
+        ("internlm2_5-7b-chat-1m", {},  # the published 1M recipe
+         {"session_len": 1048576, "tp": 4, "max_batch_size": 1, "cache_max_entry_count": 0.7, "quant_policy": 0}),
+        ("qwen2.5-7b-instruct", {"context": "64k", "tp": "8", "cp": "2", "enable_prefix_caching": True},
+         {"session_len": 65536, "tp": 8, "cp": 2, "enable_prefix_caching": True}),
         ("qwen2.5-7b-instruct", {"factor": "4", "rope_type": "yarn", "tp": 2, "quant_policy": 8},
          {"session_len": 131072, "tp": 2, "max_batch_size": 64, "cache_max_entry_count": 0.8, "quant_policy": 8}),
         ("internlm-chat-7b", {"factor": "2", "cache_max_entry_count": 0.5, "max_batch_size": 8},
@@ -76,6 +78,20 @@ def test_pytorch_engine_config_for_mistral():
     config = backend_config(spec_to_json(plan.engine, "/m"))
     assert type(config) is PytorchEngineConfig
     assert (config.session_len, config.tp, config.max_batch_size) == (65536, 1, 64)
+    # within the native 32k, dynamic never rescales: prefix caching is taken, and no cp reaches the class
+    plan = build_plan(PlanRequest(model="mistral-7b-instruct-v0.2", context="16k", enable_prefix_caching=True))
+    config = backend_config(spec_to_json(plan.engine, "/m"))
+    assert (config.session_len, config.enable_prefix_caching) == (16384, True)
+    assert "cp" not in spec_to_json(plan.engine, "/m")["engine_config"]
+
+
+def test_lmdeploys_own_parser_reads_cp_and_prefix_caching():
+    plan = build_plan(PlanRequest(model="qwen2.5-7b-instruct", rope_type="yarn", tp="8", cp="2",
+                                  enable_prefix_caching=True))
+    args = lmdeploy_parser().parse_args(plan.command[1:])
+    assert (args.cp, args.enable_prefix_caching, args.tp) == (2, True, 8)
+    plain = lmdeploy_parser().parse_args(build_plan(PlanRequest(model="qwen2.5-7b-instruct")).command[1:])
+    assert (plain.cp, plain.enable_prefix_caching) == (1, False)
 
 
 def test_serve_kwargs_bind_to_lmdeploys_serve_and_keys_are_a_list(tmp_path):

@@ -122,8 +122,13 @@ def test_a_target_shorter_than_the_question_is_refused():
     assert info.value.minimum > 20 and "at least" in str(info.value)
 
 
-def test_lengths_in_tokens_thousands_and_multiples():
-    assert parse_lengths("500, 2k,1.5x,2x", 32768) == (500, 2000, 49152, 65536)
+def test_lengths_in_tokens_k_m_and_multiples():
+    """k is 1,024 and m 1,048,576 (the one length grammar of --context and --session-len)."""
+    assert parse_lengths("500, 2k,1.5x,2x", 32768) == (500, 2048, 49152, 65536)
+    assert parse_lengths("1.5k,1M,0.5m", None) == (1536, 1048576, 524288)
+    for bad in ("0.3k", "2kk", "1_0k"):
+        with pytest.raises(BadOption, match="not a whole token count"):
+            parse_lengths(bad, 32768)
     assert parse_depths("0,0.5,1") == (0.0, 0.5, 1.0)
     s = settings_from_flags(url=None, model=None, api_key=None, lengths=None, depths=None, trials=None, seed=None,
                             native="4096", tokenizer=None, timeout=None, max_tokens=None, min_accuracy=None)

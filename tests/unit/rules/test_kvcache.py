@@ -107,3 +107,48 @@ def test_model_shape_defaults_and_whole_floats():
     shape = ModelShape.from_config({"num_hidden_layers": 2.0, "hidden_size": 64, "num_attention_heads": 4})
     assert shape == ModelShape(layers=2, heads=4, kv_heads=4, head_dim=16, dtype="bfloat16")
     assert bytes_per_token(shape) == 2 * 2 * 4 * 16 * 2 > 0
+
+
+# --- context parallelism (cp): lmdeploy 0.18 TurboMind, attn_tp = tp / cp, tokens interleaved over cp ---------
+
+INTERNLM3 = ModelShape(layers=48, heads=32, kv_heads=2, head_dim=128, dtype="bfloat16")
+
+
+def test_cp_splits_the_tokens_and_the_heads_go_over_attn_tp_by_hand():
+    # InternLM3, tp 8: 2 KV heads repeated to 1 per GPU -> 48 x 2 x 1 x 128 x 2 = 24,576 B per token held,
+    # and a 131,072-token session holds all of its tokens on every GPU: 3 GiB.
+    assert bytes_per_token(INTERNLM3, tp=8) == 48 * 2 * 1 * 128 * 2
+    assert bytes_per_session(INTERNLM3, 131072, tp=8) == 131072 * 24576 == 3 * GiB
+    # tp 8, cp 2: attn_tp 4, still 1 KV head per GPU, but each GPU holds 131,072 / 2 tokens: 1.5 GiB.
+    assert bytes_per_token(INTERNLM3, tp=8, cp=2) == 24576
+    assert bytes_per_session(INTERNLM3, 131072, tp=8, cp=2) == 65536 * 24576
+    # InternLM2.5 (8 KV heads), tp 8, cp 2: 2 heads per GPU over half the tokens = the same bytes as cp 1.
+    assert bytes_per_token(INTERNLM2_5, tp=8, cp=2) == 32 * 2 * 2 * 128 * 2
+    assert bytes_per_session(INTERNLM2_5, 65536, tp=8, cp=2) == bytes_per_session(INTERNLM2_5, 65536, tp=8)
+    # a session's share is whole 64-token blocks: 129 tokens over cp 2 -> 65 tokens -> 2 blocks
+    assert bytes_per_session(INTERNLM3, 129, tp=8, cp=2) == 128 * 24576
+
+
+def test_cp_keeps_the_attention_weights_on_each_of_its_gpus():
+    from launcher.rules.kvcache import attention_weight_bytes, weights_per_gpu
+
+    # q and o: 4096 x 4096 each; k and v: 4096 x (2 x 128) each; 48 layers, 2 bytes
+    attention = 48 * (4096 * 4096 * 2 + 2 * 4096 * 256) * 2
+    assert attention_weight_bytes(INTERNLM3) == attention
+    weights = 16 * GiB
+    assert weights_per_gpu(INTERNLM3, weights, tp=8) == 2 * GiB
+    assert weights_per_gpu(INTERNLM3, weights, tp=8, cp=2) == -(-((weights - attention) / 8 + attention / 4) // 1)
+
+
+def test_the_largest_session_counts_every_cp_share():
+    assert largest_session(3 * GiB, 24576, cp=2) == 2 * largest_session(3 * GiB, 24576)
+
+
+def test_cp_is_advised_where_it_makes_a_session_fit():
+    # tp 8 with 2 KV heads: each GPU holds a whole session of repeated heads; cp 2 halves it
+    m = plan_memory(INTERNLM3, session_len=1048576, gpu_bytes=24 * GiB, weights_bytes=16 * GiB, tp=8,
+                    cache_max_entry_count=0.9)
+    assert not m.fits and any(tip.startswith("--cp 2") for tip in m.advice), m.advice
+    fits = plan_memory(INTERNLM3, session_len=1048576, gpu_bytes=24 * GiB, weights_bytes=16 * GiB, tp=8, cp=2,
+                       cache_max_entry_count=0.9)
+    assert fits.fits and fits.cp == 2

@@ -272,5 +272,5 @@ def test_a_length_is_written_in_ascii_digits_too(tmp_path, monkeypatch, command,
     """--lengths takes 4000, 8k and 1.5x: the number in each is read by the same grammar."""
     argv = base_argv(command, tiny_model(tmp_path, monkeypatch), tmp_path)
     code, out, err = run([*argv, "--lengths", f"2000,{item}"])
-    assert code == 2 and out == "" and err.startswith(f"launch: error: --lengths {item!r}: not a token count"), err
+    assert code == 2 and out == "" and err.startswith(f"launch: error: --lengths {item!r}: not a whole token count"), err
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
