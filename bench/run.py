@@ -7,12 +7,19 @@ Targets (exit 1 when one is missed):
   (nothing is copied): ratio of medians under 1.5;
 * `launch fetch` of a repo (BENCH_FETCH_MB of random weights in two shards, default 300) from the
   tests' hub on 127.0.0.1 (tests/support/fakehub.py) takes at most 1.05x the time of huggingface_hub's own
-  `hf download` of the same files into an empty cache: whole-process medians, runs alternated.
+  `hf download` of the same files into an empty cache: whole-process medians, runs alternated;
+* routers in front of 3 stand-in replicas under a fault schedule (bench/faults.py: the busiest replica
+  SIGKILLed at 1/3 of the requests, the busiest one left SIGSTOPped at 2/3), side by side: failed requests
+  (plain and streaming), the requests in flight on the failed replicas, latency added over a direct call,
+  peak RSS, start time. Target: the router `launch proxy start` runs by default fails no more requests than
+  were in flight on the failed replicas. BENCH_FAULT_REQUESTS (600), BENCH_FAULT_STREAM_REQUESTS (300),
+  BENCH_FAULT_ROUTERS (a,b,...: default all of them) change the run.
 
 Writes bench-results/bench.json. Timings are medians of several runs of real subprocesses.
 `python bench/run.py fetch` runs the fetch comparison alone (bench-results/bench-fetch.json),
 `python bench/run.py startup` the start-up timings alone (bench-results/bench-startup.json), with the
-time `launch plan` spends importing msgspec (the presets' schema).
+time `launch plan` spends importing msgspec (the presets' schema), `python bench/run.py faults [ARGS]` the
+fault bench alone (bench-results/bench-faults.json; ARGS as bench/faults.py takes them, e.g. --requests 1500).
 """
 
 from __future__ import annotations
@@ -162,11 +169,38 @@ def print_startup(baseline: float, rows: list, msgspec_s: float) -> None:
     print(f"{'  of which msgspec import (presets schema)':<42} median {msgspec_s:.3f} s   (python -X importtime)")
 
 
+def bench_faults(args: list[str]) -> tuple[dict, str, bool]:
+    """bench/faults.py with ``args`` (else the BENCH_FAULT_* variables): its results, its table, and whether
+    launch's default router met the target (True when that router was not in the run)."""
+    import faults
+
+    if not args:
+        for flag, var in (("--requests", "BENCH_FAULT_REQUESTS"), ("--stream-requests", "BENCH_FAULT_STREAM_REQUESTS"),
+                          ("--routers", "BENCH_FAULT_ROUTERS")):
+            if os.environ.get(var):
+                args += [flag, os.environ[var]]
+    settings = faults.parse_args(args)
+    results = faults.run(settings)
+    default = "launch-default" if faults.launch_has_router_flag() else "lmdeploy"
+    rows = [r for r in results["routers"] if r["router"] == default]
+    passed = all(r["plain"]["goal_met"] and r["stream"]["goal_met"] for r in rows)
+    results["target"] = {"router": default, "measured": bool(rows), "pass": passed}
+    line = (f"target: `launch proxy start`'s default router ({default}) fails no more requests than were in flight "
+            f"on the failed replicas: {'PASS' if passed else 'FAIL'}" if rows else
+            f"target: `launch proxy start`'s default router ({default}) not in this run")
+    return results, faults.table(results) + "\n" + line, passed
+
+
 def main(argv: list[str]) -> int:
     # Measure launch as installed (byte-compiled), not a first run that compiles its sources.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "launcher")], check=True)
     launch = [sys.executable, "-m", "launcher"]
     env = dict(os.environ, LAUNCH_PRESETS_DIR=str(Path(tempfile.mkdtemp()) / "none"))
+    if argv[:1] == ["faults"]:
+        faulted, text, passed = bench_faults(argv[1:])
+        print(text)
+        write("bench-faults.json", {"python": sys.version.split()[0], "faults": faulted})
+        return 0 if passed else 1
     if argv == ["fetch"]:
         fetched = bench_fetch(env)
         print(fetch_line(fetched))
@@ -206,10 +240,15 @@ def main(argv: list[str]) -> int:
     ok &= fetched["pass"]
     results["fetch"] = fetched
 
+    faulted, faults_text, faults_pass = bench_faults([])
+    ok &= faults_pass
+    results["faults"] = faulted
+
     print_startup(baseline, rows, results["msgspec_import_in_plan_s"])
     print(f"{'launch patch, 10 GB of weights vs 10 MB':<42} {t_big:.3f} s vs {t_small:.3f} s   ratio {patch_ratio:.2f}"
           f"   overlay {overlay_bytes:,} B   {'PASS' if patch_pass else 'FAIL'}  (target ratio < 1.5, nothing copied)")
     print(fetch_line(fetched))
+    print(faults_text)
     write("bench.json", results)
     return 0 if ok else 1
 

@@ -186,7 +186,10 @@ def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
     shown = http.redact(joining.proxy)
     joined: list[bool] = []
 
+    keys: list[str | None] = []
+
     def join(info) -> None:
+        keys.append(info.api_key)  # the server's key: sent to the router's node API too (the same keys on both)
         try:
             add_node(joining.url, joining.proxy, info.api_key)
         except LaunchError as exc:
@@ -198,7 +201,7 @@ def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
     def part() -> None:
         if not joined:  # never registered: nothing to take out
             return
-        left = leave(joining.url, joining.proxy)
+        left = leave(joining.url, joining.proxy, keys[0] if keys else None)
         print(f"launch: {'left' if left else 'could not leave (not registered, or it does not answer)'} "
               f"the proxy at {shown}", file=sys.stderr, flush=True)
 
@@ -317,8 +320,9 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     scale = plan.request.scale_out
     count = gpus_here() if scale == "replicas" and plan.gpu_count is None else None
     layout = layout_for_plan(plan, gpu_count=count)
+    router = plan.request.router  # checked, its default resolved (with replicas; else None)
     warnings = exposure_warnings(plan.engine.host, plan.engine.port, bool(plan.engine.api_keys),
-                                 node_api=scale == "replicas")
+                                 node_api=router == "lmdeploy")
     if request.dry_run:
         return _dry_run(plan, layout, warnings, request.as_json, out)
 
@@ -327,6 +331,10 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     refused = refusal(plan)
     if refused is not None:
         raise refused
+    if router == "vllm":
+        from launcher.scaleout.router import vllm_router_path
+
+        vllm_router_path()  # installed, before anything is written
     binds = [(plan.engine.host, plan.engine.port)]
     binds += [(r.host, r.port) for r in layout.replicas] if scale == "replicas" else []
     for host, port in binds:
@@ -334,7 +342,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     if joining is not None:
         from launcher.scaleout.nodes import proxy_nodes
 
-        proxy_nodes(joining.proxy)  # the proxy answers, before anything slow
+        proxy_nodes(joining.proxy, key=plan.engine.api_keys[0] if plan.engine.api_keys else None)  # before anything slow
     # claimed before anything is written: a second run on one of these ports stops here
     with PortClaim(plan.engine.host, [port for _, port in binds]):
         say_warnings([*warnings, *plan.warnings], sys.stderr)
@@ -440,7 +448,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
     """The replicas' specs (one overlay, each its own port) and the proxy's, each handed over on
     its process's stdin; then run them all."""
     from launcher.runtime.process import SPEC_ON_STDIN
-    from launcher.scaleout.proxy import DEFAULT_START_TIMEOUT_S, proxy_spec
+    from launcher.scaleout.proxy import DEFAULT_START_TIMEOUT_S
     from launcher.scaleout.replicas import ReplicaRun, run_replicas
 
     specs, logs = [], []
@@ -449,7 +457,7 @@ def _serve_replicas(plan: Plan, layout, overlay_path: Path, base_argv: list[str]
         specs.append(spec)
         logs.append(log_path)
     host, port = plan.engine.host, plan.engine.port
-    run = ReplicaRun(proxy_spec=proxy_spec(host, port, layout.routing, plan.engine.api_keys), proxy_dir=paths.run_dir(f"proxy-{port}"),
+    run = ReplicaRun(router=plan.request.router, proxy_dir=paths.run_dir(f"proxy-{port}"),
                      proxy_host=host, proxy_port=port, layout=layout,
                      argvs=tuple(tuple(base_argv + [SPEC_ON_STDIN]) for _ in specs), specs=tuple(specs),
                      logs=tuple(logs), api_keys=plan.engine.api_keys, model_name=plan.engine.model_name)

@@ -27,7 +27,7 @@ from launcher.cli.app import app
 from launcher.errors import DEBUG_ENV, LaunchError, printable
 
 # Each module registers its command(s) on ``app``; this order is the order of `launch --help`.
-COMMANDS = ("serve", "plan", "patch", "fetch", "probe", "ppl", "presets", "proxy")
+COMMANDS = ("serve", "plan", "patch", "fetch", "probe", "ppl", "presets", "proxy", "k8s")
 for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}")
 

@@ -125,10 +125,14 @@ NodeRankOpt = request_flag("node_rank", metavar="R", help="This node's rank with
 DistInitAddrOpt = optional(str, "--dist-init-addr", metavar="HOST:PORT",
                            help="Node 0's rendezvous HOST:PORT with --nnodes, the same on every node.")
 RoutingOpt = optional(str, "--routing", metavar="|".join(ROUTINGS),
-                      help=f"How lmdeploy's proxy picks a replica (default {DEFAULT_ROUTING}): min_expected_latency "
+                      help=f"With --router lmdeploy: how lmdeploy's proxy picks a replica (default {DEFAULT_ROUTING}): min_expected_latency "
                       "sends each request to the replica with the fewest in flight, so faster replicas get more; "
                       "random picks one uniformly, whatever its load; min_observed_latency is refused. serve and "
                       "plan: with --replicas.")
+RouterOpt = optional(str, "--router", metavar="vllm|lmdeploy",
+                     help="The router in front of the replicas: vllm (the default: vllm-router behind launch's "
+                     "front, which retries a failed request on another replica and routes by load) or lmdeploy "
+                     "(lmdeploy's proxy, with launch's watchdog).", callback=lambda value: FLAGS["router"](value))
 HealthTimeoutOpt = number(limits.SECONDS, "--health-timeout", metavar="SECONDS", example=1800,
                           help="Seconds to wait for the engine to load and answer /health.",
                           default=DEFAULT_HEALTH_TIMEOUT_S)

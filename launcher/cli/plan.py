@@ -26,6 +26,7 @@ from launcher.cli.options import (
     PrefixCachingOpt,
     QuantOpt,
     ReplicasOpt,
+    RouterOpt,
     RoutingOpt,
     SessionLenOpt,
     TpOpt,
@@ -66,6 +67,7 @@ def plan(
     node_rank: NodeRankOpt = None,
     dist_init_addr: DistInitAddrOpt = None,
     routing: RoutingOpt = None,
+    router: RouterOpt = None,
     trust_remote_code: TrustOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -83,7 +85,7 @@ def plan(
         model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force, backend=backend,
         tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
         quant_policy=quant_policy, cp=cp, enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, host=host, port=port, replicas=replicas,
-        nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
+        nnodes=nnodes, node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing, router=router,
         trust_remote_code=trust_remote_code,
     ))
     if as_json:

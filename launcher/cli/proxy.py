@@ -10,13 +10,14 @@ from typing import Annotated
 import typer
 
 from launcher.cli.app import app
-from launcher.cli.options import JsonOpt, ProxyPortOpt, RoutingOpt, StartTimeoutOpt
+from launcher.cli.options import JsonOpt, ProxyPortOpt, RouterOpt, RoutingOpt, StartTimeoutOpt
 from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 
 proxy_app = typer.Typer(
     name="proxy",
     help=(
-        "lmdeploy's proxy in front of several `launch serve` replicas, watched by launch.\n\n"
+        "A router in front of several `launch serve` replicas (vllm-router behind launch's front, or lmdeploy's "
+        "proxy), run and watched by launch.\n\n"
         "Example: launch proxy start --port 8000, then on each replica's box: launch proxy add "
         "http://10.0.0.5:23333 --proxy http://PROXY:8000"
     ),
@@ -49,12 +50,15 @@ def start(
         Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
     ] = None,
     routing: RoutingOpt = None,
+    router: RouterOpt = None,
     start_timeout: StartTimeoutOpt = DEFAULT_START_TIMEOUT_S,
 ) -> None:
-    """Run lmdeploy's proxy, supervised, with launch's watchdog over its nodes' /health.
+    """Run the router in front of replicas, supervised; Ctrl-C stops it all.
 
-    A node that dies or stops answering /health is taken out within seconds (lmdeploy alone waits
-    90 s and meanwhile answers with errors) and added back when it answers again. Ctrl-C stops it all.
+    The default, vllm-router behind launch's front, retries a failed request on another replica, routes
+    by load and checks every replica's /health every 2 s; its node API takes an API key, or answers this
+    machine only. --router lmdeploy runs lmdeploy's proxy with launch's watchdog, which takes a node that
+    stops answering /health out within seconds and adds it back when it answers.
     """
     from launcher.engine.routing import DEFAULT_ROUTING
     from launcher.scaleout.proxy import ProxyRequest, run_proxy
@@ -62,7 +66,7 @@ def start(
     raise typer.Exit(run_proxy(ProxyRequest(host=host, port=port, api_keys=tuple(api_key or ()),
                                             api_key_file=api_key_file,
                                             routing=DEFAULT_ROUTING if routing is None else routing,
-                                            start_timeout_s=start_timeout)))
+                                            router=router, start_timeout_s=start_timeout)))
 
 
 @proxy_app.command(
@@ -73,7 +77,8 @@ def add(
     proxy: ProxyOpt,
     api_key: Annotated[
         str | None,
-        typer.Option("--api-key", help="The replica's API key, to read its model names. Also LAUNCH_API_KEY.",
+        typer.Option("--api-key", help="The replica's API key, to read its model names; it is sent to the router's "
+                     "node API too (use the same keys on both). Also LAUNCH_API_KEY.",
                      show_default=False),
     ] = None,
 ) -> None:
@@ -87,24 +92,31 @@ def add(
           else f"already registered as {shown} ({', '.join(node.models)}): not added twice")
 
 
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", help="An API key of the router, for its node API (a router started with keys asks "
+                 "for one). Also LAUNCH_API_KEY.", show_default=False),
+]
+
+
 @proxy_app.command(epilog="Example:  launch proxy remove http://10.0.0.5:23333 --proxy http://10.0.0.1:8000")
-def remove(url: NodeArg, proxy: ProxyOpt) -> None:
+def remove(url: NodeArg, proxy: ProxyOpt, api_key: KeyOpt = None) -> None:
     """Take a replica out of the proxy (the replica keeps running)."""
     from launcher.net import http
     from launcher.scaleout.nodes import remove_node
 
-    node = remove_node(url, proxy)
+    node = remove_node(url, proxy, api_key or os.environ.get("LAUNCH_API_KEY") or None)
     print(f"removed {http.redact(node.url)}")
 
 
 @proxy_app.command(epilog="Examples:  launch proxy status --proxy http://127.0.0.1:8000   |   ... --json")
-def status(proxy: ProxyOpt, as_json: JsonOpt = False) -> None:
+def status(proxy: ProxyOpt, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """The proxy's nodes, their models and their /health now; and the nodes launch's watchdog took
     out (when and why), for a proxy that `launch proxy start` or `serve --replicas` runs here."""
     from launcher.scaleout.nodes import render_status, status_json, status_report
 
-    report = status_report(proxy)
+    report = status_report(proxy, key=api_key or os.environ.get("LAUNCH_API_KEY") or None)
     if as_json:
-        print(json.dumps(status_json(proxy, report.rows, report.removed), indent=2))
+        print(json.dumps(status_json(proxy, report.rows, report.removed, report.router), indent=2))
     else:
-        print(render_status(proxy, report.rows, report.removed))
+        print(render_status(proxy, report.rows, report.removed, report.router))

@@ -30,6 +30,7 @@ from launcher.cli.options import (
     QuantOpt,
     ReplicasOpt,
     RevisionOpt,
+    RouterOpt,
     RoutingOpt,
     SessionLenOpt,
     TpOpt,
@@ -86,6 +87,7 @@ def serve(
     node_rank: NodeRankOpt = None,
     dist_init_addr: DistInitAddrOpt = None,
     routing: RoutingOpt = None,
+    router: RouterOpt = None,
     proxy_url: Annotated[
         str | None,
         typer.Option("--proxy-url", metavar="URL", help="Register with this lmdeploy proxy once /health answers (e.g. "
@@ -119,7 +121,7 @@ def serve(
             backend=backend, tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
             quant_policy=quant_policy, cp=cp, enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
             revision=revision, trust_remote_code=trust_remote_code, replicas=replicas, nnodes=nnodes,
-            node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing,
+            node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing, router=router,
         ),
         api_keys=tuple(api_key or ()),
         api_key_file=api_key_file,

@@ -183,7 +183,9 @@ class Node:
 
     url: str
     models: tuple[str, ...]
-    unfinished: int = 0  # requests in flight; lmdeploy's count can go below 0 after a re-add
+    # requests in flight; lmdeploy's count can go below 0 after a re-add; None: the router does not know
+    # (launch's front of vllm-router: lmdeploy's api_server answers vllm-router's load query with -1)
+    unfinished: int | None = 0
 
 
 @dataclass(frozen=True)
@@ -308,9 +310,9 @@ class Client:
         for url, status in data.items():
             status = {} if status is None else status
             models = (status.get("models") or []) if isinstance(status, dict) else None
-            unfinished = (status.get("unfinished") or 0) if isinstance(status, dict) else None
+            unfinished = status.get("unfinished", 0) if isinstance(status, dict) else "?"
             if (not isinstance(models, list) or not all(isinstance(m, str) for m in models)
-                    or not isinstance(unfinished, int) or isinstance(unfinished, bool)):
+                    or not (unfinished is None or isinstance(unfinished, int)) or isinstance(unfinished, bool)):
                 raise self._bad("/nodes/status", "a node's status is not lmdeploy's ({models: [names], "
                                                  "unfinished: count})")
             nodes[url] = Node(url, tuple(models), unfinished)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from launcher.engine.parallel import check_parallel
-from launcher.engine.routing import DEFAULT_ROUTING
+from launcher.engine.routing import DEFAULT_ROUTER, DEFAULT_ROUTING
 from launcher.engine.spec import EngineSpec, api_server_argv
 from launcher.errors import LaunchError
 from launcher.plan.build import OVERLAY_PLACEHOLDER, Plan, build_plan
@@ -95,7 +95,8 @@ class ReplicaLayout:
     kv_heads_per_gpu: int
     devices_assumed: bool  # no GPU seen here: GPUs 0.. assumed
     session_len: int | None = None  # each replica's
-    routing: str = DEFAULT_ROUTING  # the proxy's in front
+    routing: str = DEFAULT_ROUTING  # lmdeploy's proxy's, with router "lmdeploy"
+    router: str = DEFAULT_ROUTER  # in front: "vllm" (vllm-router behind launch's front) or "lmdeploy"
     devices_note: str | None = None  # CUDA_VISIBLE_DEVICES entries CUDA ignores (gpu.Visible.note)
 
     @property
@@ -116,6 +117,7 @@ def replica_layout(
     devices: Visible | Sequence[str] | None,
     sessions_per_replica: int | None = None,
     routing: str | None = None,
+    router: str | None = None,
 ) -> ReplicaLayout:
     """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
     i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``engine.port + 1 + i`` on loopback (the
@@ -147,7 +149,8 @@ def replica_layout(
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], spec, tuple(api_server_argv(model_path, spec))))
     capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
     return ReplicaLayout(tp, tuple(out), capacity, kv_heads_per_gpu, assumed, engine.config.session_len,
-                         DEFAULT_ROUTING if routing is None else routing, seen.note())
+                         DEFAULT_ROUTING if routing is None else routing, DEFAULT_ROUTER if router is None else router,
+                         seen.note())
 
 
 # --- one engine across nodes -------------------------------------------------------------------
@@ -220,14 +223,16 @@ def _plan_parts(plan: Plan) -> tuple[str, int | None]:
 
 
 def replicas_for_plan(plan: Plan, replicas: int, *, environ: Mapping[str, str] | None = None,
-                      gpu_count: int | None = None, routing: str | None = None) -> ReplicaLayout:
+                      gpu_count: int | None = None, routing: str | None = None,
+                      router: str | None = None) -> ReplicaLayout:
     """``replica_layout`` for a plan (read only): its engine, overlay, KV heads and KV plan; the
     replicas on the ports after the plan's port (the proxy's, ``--port``). ``gpu_count``: GPUs seen
     here when the plan did not count them."""
     model_path, sessions = _plan_parts(plan)
     count = plan.gpu_count if plan.gpu_count is not None else gpu_count
     return replica_layout(plan.engine, model_path, plan.kv_heads_per_gpu, replicas=replicas,
-                          devices=visible_devices(count, environ), sessions_per_replica=sessions, routing=routing)
+                          devices=visible_devices(count, environ), sessions_per_replica=sessions, routing=routing,
+                          router=router)
 
 
 def nodes_for_plan(plan: Plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
@@ -244,7 +249,7 @@ def layout_for_plan(plan: Plan, *, environ: Mapping[str, str] | None = None,
     request = plan.request
     if request.scale_out == "replicas":
         return replicas_for_plan(plan, request.replicas, environ=environ, gpu_count=gpu_count,
-                                 routing=request.routing)
+                                 routing=request.routing, router=request.router)
     if request.scale_out == "nodes":
         assert request.dist_init_addr is not None  # check_request: nodes need it
         return nodes_for_plan(plan, request.nnodes, request.dist_init_addr)

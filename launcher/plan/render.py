@@ -57,13 +57,24 @@ def layout_json(layout) -> dict:
 
 
 def proxy_of(plan: Plan, layout) -> dict:
-    """lmdeploy's proxy in front of the replicas of ``layout``: on the plan's (public) host and
-    port, with the layout's routing."""
-    from launcher.engine.routing import proxy_command
+    """The router in front of the replicas of ``layout``, on the plan's (public) host and port: lmdeploy's
+    proxy with the layout's routing, or vllm-router (on a loopback port of its own, chosen at start: shown
+    as PORT) behind launch's front."""
+    from launcher.engine.routing import proxy_command, vllm_router_command
 
-    argv = proxy_command(plan.engine.host, plan.engine.port, layout.routing)
-    return {"host": plan.engine.host, "port": plan.engine.port, "routing": layout.routing, "command": argv,
-            "command_line": command_line(argv)}
+    if layout.router == "lmdeploy":
+        argv = proxy_command(plan.engine.host, plan.engine.port, layout.routing)
+        return {"host": plan.engine.host, "port": plan.engine.port, "router": layout.router,
+                "routing": layout.routing, "command": argv, "command_line": command_line(argv)}
+    # two processes: launch's front on the public host and port (what `launch proxy start` runs), and
+    # vllm-router behind it on loopback ports chosen at start (shown as PORT and PORT+1)
+    inner = [*vllm_router_command(0, 0, 1800, "PORT+2")]
+    inner[inner.index("--port") + 1] = "PORT"
+    inner[inner.index("--prometheus-port") + 1] = "PORT+1"
+    argv = ["launch", "proxy", "start", "--host", plan.engine.host, "--port", str(plan.engine.port)]
+    return {"host": plan.engine.host, "port": plan.engine.port, "router": layout.router,
+            "routing": "by load (vllm-router), retried on another replica", "command": argv,
+            "command_line": command_line(argv), "router_command": inner, "router_command_line": command_line(inner)}
 
 
 def _command(role: str, argv, env: dict | None = None, **where) -> dict:
@@ -206,8 +217,11 @@ def render_plan(plan: Plan, layout=None) -> str:
 
     if isinstance(layout, ReplicaLayout):
         proxy = proxy_of(plan, layout)
-        return (f"{text}\n\nproxy          http://{proxy['host']}:{proxy['port']} (lmdeploy's proxy, public; "
-                f"replicas on loopback; routing {proxy['routing']})\n               {proxy['command_line']}\n{render_replicas(layout)}")
+        who = "lmdeploy's proxy" if proxy["router"] == "lmdeploy" else "launch's front, vllm-router behind it"
+        inner = f"\n               vllm-router: {proxy['router_command_line']}" if "router_command" in proxy else ""
+        return (f"{text}\n\nproxy          http://{proxy['host']}:{proxy['port']} ({who}, public; "
+                f"replicas on loopback; routing {proxy['routing']})\n               {proxy['command_line']}{inner}\n"
+                f"{render_replicas(layout)}")
     return f"{text}\n\n{render_nodes(layout)}"
 
 
@@ -219,9 +233,10 @@ def _command_lines(plan: Plan, layout) -> list[str]:
     from launcher.plan.layout import ReplicaLayout
 
     if isinstance(layout, ReplicaLayout):
-        return [(f"commands       serve runs {1 + len(layout.replicas)} processes: lmdeploy's proxy on "
-                 f"{plan.engine.host}:{plan.engine.port} and {len(layout.replicas)} replica(s) behind it; each "
-                 "one's command is below (API keys left out)")]
+        router = ("lmdeploy's proxy" if layout.router == "lmdeploy" else "launch's front (vllm-router behind it on "
+                  "loopback)")
+        return [(f"commands       serve runs {router} on {plan.engine.host}:{plan.engine.port} and "
+                 f"{len(layout.replicas)} replica(s) behind it; each one's command is below (API keys left out)")]
     return ["commands       one per node, below (serve --nnodes runs this node's; API keys left out)"]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.engine.routing import check_routing
+from launcher.engine.routing import DEFAULT_ROUTER, check_router, check_routing
 from launcher.engine.spec import BACKENDS, DEFAULT_HOST, DEFAULT_PORT
 from launcher.rules import checks, limits
 from launcher.rules.checks import BadOption
@@ -78,6 +78,7 @@ FLAGS: dict[str, Flag] = {
     "replicas": _number("--replicas", limits.REPLICAS),
     "nnodes": _number("--nnodes", limits.NNODES),
     "node_rank": _number("--node-rank", limits.NODE_RANK),
+    "router": Flag("--router", check_router),
 }
 
 
@@ -133,7 +134,10 @@ class PlanRequest(Entered):
     nnodes: int | str = 1
     node_rank: int | str | None = None  # serve: this node's rank; plan: all ranks are shown
     dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous, canonical once checked
-    routing: str | None = None  # the proxy's, with replicas (None: its default)
+    routing: str | None = None  # lmdeploy's proxy's, with replicas and --router lmdeploy (None: its default)
+    # in front of the replicas: vllm or lmdeploy; None as given means the default, which the check resolves
+    # (with replicas; without, it stays None)
+    router: str | None = None
 
     @property
     def scale_out(self) -> str | None:
@@ -179,24 +183,31 @@ def joined(r: PlanRequest) -> dict[str, Any]:
         raise BadOption("--replicas", str(r.replicas), "replicas of a multi-node engine are not laid out by launch; "
                         "give --replicas (one machine) or --nnodes (one engine across nodes)")
     routing = r.routing
+    if r.router is not None and r.replicas < 2:
+        raise BadOption("--router", str(r.router), "picks the router in front of --replicas N (2 or more); without "
+                        "replicas there is none (for your own, `launch proxy start --router`)")
+    router = (r.router or DEFAULT_ROUTER) if r.replicas > 1 else None  # the default, resolved here once
     if routing is not None:
         if r.replicas < 2:
             raise BadOption("--routing", str(routing), "picks a replica behind the proxy that --replicas N (2 or "
                             "more) runs; without replicas there is no proxy (for your own, `launch proxy start "
                             "--routing`)")
+        if router != "lmdeploy":
+            raise BadOption("--routing", str(routing), "is a strategy of lmdeploy's proxy: add --router lmdeploy "
+                            "(the default router, vllm-router, routes by load and retries on another replica)")
         routing = check_routing(routing)
     if r.nnodes == 1:
         for option, value in (("--node-rank", r.node_rank), ("--dist-init-addr", r.dist_init_addr)):
             if value is not None:
                 raise BadOption(option, str(value), "is for one engine across nodes: give --nnodes N (2 or more) too")
-        return {"out": out, "routing": routing}
+        return {"out": out, "routing": routing, "router": router}
     if r.dist_init_addr is None:
         raise BadOption("--dist-init-addr", "", "one engine across nodes needs node 0's rendezvous address, "
                         "the same on every node, e.g. --dist-init-addr 10.0.0.1:29500")
     host, port = parse_dist_init_addr(r.dist_init_addr)
     if r.node_rank is not None and r.node_rank >= r.nnodes:  # its range is the parser's; its bound is --nnodes
         raise checks.refusal("--node-rank", str(r.node_rank), Limit(True, 0, r.nnodes - 1, example=0))
-    return {"out": out, "routing": routing, "dist_init_addr": f"{host}:{port}"}
+    return {"out": out, "routing": routing, "router": router, "dist_init_addr": f"{host}:{port}"}
 
 
 def parse_dist_init_addr(value: str) -> tuple[str, int]:
@@ -216,3 +227,39 @@ def parse_dist_init_addr(value: str) -> tuple[str, int]:
     if host == "*" or is_wildcard(host):
         raise BadOption("--dist-init-addr", value, "the other nodes connect there: give node 0's real address")
     return host, number
+
+
+# The request's values that are `launch serve` switches: (the switch when True, the switch when False).
+_SWITCHES = {"force": ("--force", None),
+             "enable_prefix_caching": ("--enable-prefix-caching", "--no-prefix-caching"),
+             "trust_remote_code": ("--trust-remote-code", "--no-trust-remote-code")}
+# Request values with a `launch serve` flag that FLAGS does not read (check_request reads them by rule).
+_JOINED_OPTIONS = {"dist_init_addr": "--dist-init-addr", "routing": "--routing"}
+
+
+def serve_argv(request: PlanRequest, *, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The ``launch serve`` flags (MODEL not included) that reproduce the checked ``request``: each
+    value that differs from the request's default, under its option from ``FLAGS`` (and
+    ``--dist-init-addr``, ``--routing``), as its reader reads it back (a float in full, ``2.0`` as
+    ``2``); a switch as its switch. A value that starts with '-' is written ``--option=VALUE``.
+    ``leave_out``: request fields the caller sets itself. What is no flag of serve (``out``,
+    ``need_files``, ``quiet``, ``hub_timeout_s``) is left out."""
+    from dataclasses import MISSING, fields
+
+    if request.stage != CHECKED:
+        raise ValueError("serve_argv takes a checked request (check_request)")
+    options = {**{name: flag.option for name, flag in FLAGS.items()}, **_JOINED_OPTIONS}
+    argv: list[str] = []
+    for spec in fields(request):
+        name, value = spec.name, getattr(request, spec.name)
+        if not spec.init or name in leave_out or spec.default is MISSING or value == spec.default:
+            continue  # ``model`` has no default: it is serve's argument, not a flag
+        if name in _SWITCHES:
+            switch = _SWITCHES[name][0 if value else 1]
+            argv += [switch] if switch is not None else []
+        elif name in options:
+            text = str(value)
+            if isinstance(value, float):  # as the reader reads it back: whole as whole, else in full
+                text = str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+            argv += [f"{options[name]}={text}"] if text.startswith("-") else [options[name], text]
+    return argv

@@ -201,25 +201,29 @@ def _reason(err: http.Unreachable | http.DeadlineExceeded) -> str:
     return err.reason if isinstance(err, http.Unreachable) else str(err)
 
 
-def proxy_nodes(proxy: str, timeout: float = PROXY_TIMEOUT_S) -> dict[str, Node]:
-    """The proxy's nodes (``GET /nodes/status``), by URL."""
+def proxy_nodes(proxy: str, timeout: float = PROXY_TIMEOUT_S, key: str | None = None) -> dict[str, Node]:
+    """The proxy's nodes (``GET /nodes/status``), by URL. ``key``: an API key of the router (launch's front
+    asks one for its node API when it has keys; lmdeploy's proxy asks none)."""
     shown = http.redact(proxy)
     try:
-        return Client(proxy, timeout=timeout, option="--proxy").nodes()
+        return Client(proxy, key, timeout=timeout, option="--proxy").nodes()
     except (http.Unreachable, http.DeadlineExceeded) as err:
         raise ProxyUnreachable(shown, _reason(err)) from None
     except lmdeploy.ServerHTTPError as err:
-        raise ProxyUnreachable(shown, f"GET /nodes/status answered HTTP {err.status}; is it lmdeploy's proxy?") from None
+        if err.status == 403:  # launch's front without keys: its node API answers its own machine only
+            raise ProxyRefused(shown, "list its nodes", err.detail) from None
+        raise ProxyUnreachable(shown, f"GET /nodes/status answered HTTP {err.status}; is it launch's router?") from None
     except lmdeploy.ServerUnauthorized:
-        raise ProxyUnreachable(shown, "GET /nodes/status answered HTTP 401; is it lmdeploy's proxy?") from None
+        raise ProxyRefused(shown, "list its nodes", "its node API needs one of its API keys: give --api-key KEY "
+                           "(or LAUNCH_API_KEY)" if key is None else "it rejected the API key given") from None
     except lmdeploy.ServerBadReply:
         raise ProxyUnreachable(shown, "GET /nodes/status did not answer with lmdeploy's node list") from None
 
 
-def _node_call(proxy: str, action: str, timeout: float, call: Callable[[Client], T]) -> T:
+def _node_call(proxy: str, action: str, timeout: float, call: Callable[[Client], T], key: str | None = None) -> T:
     shown = http.redact(proxy)
     try:
-        return call(Client(proxy, timeout=timeout, option="--proxy"))
+        return call(Client(proxy, key, timeout=timeout, option="--proxy"))
     except (http.Unreachable, http.DeadlineExceeded) as err:
         raise ProxyUnreachable(shown, _reason(err)) from None
     except lmdeploy.ServerUnauthorized as err:
@@ -232,14 +236,15 @@ def _node_call(proxy: str, action: str, timeout: float, call: Callable[[Client],
         raise ProxyRefused(shown, action, err.problem) from None
 
 
-def register(proxy: str, url: str, models: Sequence[str], timeout: float = PROXY_TIMEOUT_S) -> None:
+def register(proxy: str, url: str, models: Sequence[str], timeout: float = PROXY_TIMEOUT_S,
+             key: str | None = None) -> None:
     """``POST /nodes/add`` with the models filled in (the proxy then registers without probing)."""
-    _node_call(proxy, f"add {http.redact(url)}", timeout, lambda client: client.add_node(url, models))
+    _node_call(proxy, f"add {http.redact(url)}", timeout, lambda client: client.add_node(url, models), key)
 
 
-def deregister(proxy: str, url: str, timeout: float = PROXY_TIMEOUT_S) -> None:
+def deregister(proxy: str, url: str, timeout: float = PROXY_TIMEOUT_S, key: str | None = None) -> None:
     """``POST /nodes/remove``."""
-    _node_call(proxy, f"remove {http.redact(url)}", timeout, lambda client: client.remove_node(url))
+    _node_call(proxy, f"remove {http.redact(url)}", timeout, lambda client: client.remove_node(url), key)
 
 
 # --- the commands' library functions -----------------------------------------------------------
@@ -257,7 +262,7 @@ def add_node(url: str, proxy: str, api_key: str | None = None, *,
     url = node_url(url)
     proxy = proxy_url(proxy)
     shown = http.redact(proxy)
-    nodes = proxy_nodes(proxy)  # the proxy answers, before anything is asked of the node
+    nodes = proxy_nodes(proxy, key=api_key)  # the proxy answers, before anything is asked of the node
     health = lmdeploy.check_health(url, timeout)
     if not health.ok:
         raise NodeNotHealthy(url, health.detail)
@@ -266,24 +271,25 @@ def add_node(url: str, proxy: str, api_key: str | None = None, *,
     if known is not None and tuple(nodes[known].models) == models:
         return nodes[known], False
     target = url if known is None else known
-    register(proxy, target, models)
-    node = proxy_nodes(proxy).get(target)
+    register(proxy, target, models, key=api_key)
+    node = proxy_nodes(proxy, key=api_key).get(target)
     if node is None or tuple(node.models) != models:
         raise ProxyRefused(shown, f"add {http.redact(target)}", "the node is not in its node list afterwards")
     return node, known is None
 
 
-def remove_node(url: str, proxy: str) -> Node:
+def remove_node(url: str, proxy: str, key: str | None = None) -> Node:
     """``launch proxy remove``: take the node at ``url`` (under whatever spelling the proxy has it,
-    ``same_node``) out of the proxy. Refused (listing the proxy's nodes) when it is not one of them."""
+    ``same_node``) out of the proxy. Refused (listing the proxy's nodes) when it is not one of them.
+    ``key``: an API key of the router, for its node API."""
     url = node_url(url)
     proxy = proxy_url(proxy)
-    nodes = proxy_nodes(proxy)
+    nodes = proxy_nodes(proxy, key=key)
     known = url if url in nodes else same_node(url, nodes)
     if known is None:
         raise NodeNotRegistered(url, http.redact(proxy), tuple(http.redact(u) for u in nodes))
-    deregister(proxy, known)
-    if known in proxy_nodes(proxy):
+    deregister(proxy, known, key=key)
+    if known in proxy_nodes(proxy, key=key):
         raise ProxyRefused(http.redact(proxy), f"remove {http.redact(known)}", "the node is still in its node list "
                            "afterwards")
     return nodes[known]
@@ -304,11 +310,11 @@ def advertise_url(host: str, port: int, advertise: str | None = None) -> str:
     return node_url(f"http://{shown}:{port}", "--host")
 
 
-def leave(url: str, proxy: str) -> bool:
+def leave(url: str, proxy: str, key: str | None = None) -> bool:
     """Take a stopping replica out of the proxy. ``False`` (never an error: a stop must not fail
     for it) when it was not registered or the proxy does not answer."""
     try:
-        remove_node(url, proxy)
+        remove_node(url, proxy, key)
     except LaunchError:
         return False
     return True
@@ -320,11 +326,11 @@ class NodeStatus:
     health: Health
 
 
-def proxy_status(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> list[NodeStatus]:
+def proxy_status(proxy: str, *, timeout: float = NODE_TIMEOUT_S, key: str | None = None) -> list[NodeStatus]:
     """``launch proxy status``: every node of the proxy, its models and its ``/health`` now
     (checked at once, each within ``timeout``)."""
     proxy = proxy_url(proxy)
-    nodes = proxy_nodes(proxy)
+    nodes = proxy_nodes(proxy, key=key)
     health = lmdeploy.check_health_all(nodes, timeout)
     return [NodeStatus(nodes[url], health[url]) for url in sorted(nodes)]
 
@@ -349,16 +355,30 @@ class StatusReport:
     proxy: str
     rows: list[NodeStatus]
     removed: tuple[Removed, ...] | None
+    router: str = "lmdeploy's proxy"  # which router answers there (``router_name``)
 
 
-def status_report(proxy: str, *, timeout: float = NODE_TIMEOUT_S) -> StatusReport:
-    rows = proxy_status(proxy, timeout=timeout)
-    return StatusReport(proxy, rows, taken_out(proxy, (r.node.url for r in rows)))
+def router_name(proxy: str, key: str | None = None, timeout: float = PROXY_TIMEOUT_S) -> str:
+    """Which router answers at ``proxy``: launch's front says so at ``GET /router`` (vllm-router behind it);
+    lmdeploy's proxy has no such path."""
+    try:
+        data = Client(proxy_url(proxy), key, timeout=timeout, option="--proxy").call("GET", "/router", envelope=False)
+    except LaunchError:
+        return "lmdeploy's proxy"
+    name = data.get("router") if isinstance(data, dict) else None
+    return f"{printable(str(name))[:40]} behind launch's front" if name else "lmdeploy's proxy"
 
 
-def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> dict:
+def status_report(proxy: str, *, timeout: float = NODE_TIMEOUT_S, key: str | None = None) -> StatusReport:
+    rows = proxy_status(proxy, timeout=timeout, key=key)
+    return StatusReport(proxy, rows, taken_out(proxy, (r.node.url for r in rows)), router_name(proxy, key))
+
+
+def status_json(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None,
+                router: str | None = None) -> dict:
     return {
         "proxy": http.redact(proxy_url(proxy)),
+        "router": router,
         "nodes": [
             {"url": http.redact(r.node.url), "models": list(r.node.models), "unfinished": r.node.unfinished,
              "healthy": r.health.ok, "health": r.health.detail}
@@ -377,7 +397,8 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None) -> str:
+def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Removed] | None = None,
+                  router: str | None = None) -> str:
     """The status as a table (one line per node), then the nodes launch's watchdog took out."""
     shown = http.redact(proxy_url(proxy))
     out = f" ({len(removed)} taken out by launch's watchdog)" if removed else ""
@@ -386,10 +407,13 @@ def render_status(proxy: str, rows: Sequence[NodeStatus], removed: Sequence[Remo
     else:
         lines = [f"proxy {shown}: {len(rows)} node(s), {sum(r.health.ok for r in rows)} healthy{out}"]
         lines += _table([("NODE", "MODELS", "HEALTH", "IN FLIGHT")]
-                        + [(http.redact(r.node.url), ", ".join(r.node.models), r.health.detail, str(r.node.unfinished))
+                        + [(http.redact(r.node.url), ", ".join(r.node.models), r.health.detail,
+                            "-" if r.node.unfinished is None else str(r.node.unfinished))
                            for r in rows])
     if removed:
         lines.append("taken out by launch's watchdog (added back when its /health answers 200):")
         lines += _table([("NODE", "MODELS", "SINCE", "WHY")]
                         + [(r.url, ", ".join(r.models), ago(r), r.reason) for r in removed])
+    if router:
+        lines.append(f"router: {router}")
     return "\n".join(lines)

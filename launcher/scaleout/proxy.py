@@ -1,6 +1,7 @@
-"""``launch proxy start``: lmdeploy's proxy in a supervised child process, and launch's watchdog.
+"""``launch proxy start``: the router in supervised child processes (``launcher.scaleout.router``: by
+default vllm-router behind launch's front; ``--router lmdeploy``: lmdeploy's proxy and launch's watchdog).
 
-The proxy runs as ``python -m launcher.engine.proxy_server /dev/stdin`` (lmdeploy's own proxy; its spec,
+lmdeploy's proxy runs as ``python -m launcher.engine.proxy_server /dev/stdin`` (lmdeploy's own proxy; its spec,
 API keys included, comes through a pipe and is never written to disk) in its own process group, its
 output in ``<launch cache>/runs/proxy-PORT/proxy.log``. The port is claimed first
 (``ports.PortClaim``): a second start on it is refused before it writes anything. The proxy is
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from launcher.engine.routing import DEFAULT_ROUTING, check_routing, proxy_command
+from launcher.engine.routing import DEFAULT_ROUTING, check_router, check_routing
 from launcher.rules.checks import BadOption
 from launcher.runtime.paths import run_dir
 
@@ -38,6 +39,7 @@ class ProxyRequest:
     api_keys: tuple[str, ...] = ()  # --api-key flags; LAUNCH_API_KEYS and api_key_file add to them
     api_key_file: Path | None = None
     routing: str = DEFAULT_ROUTING
+    router: str | None = None  # None: the default (vllm-router behind launch's front)
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     watch_interval_s: float = 2.0
     watch_timeout_s: float = 2.0
@@ -79,46 +81,66 @@ def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | No
     timeout = request.start_timeout_s
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise BadOption("--start-timeout", str(timeout), "must be a number of seconds greater than 0, e.g. 120")
+    router = check_router(request.router)
+    if router != "lmdeploy" and request.routing != DEFAULT_ROUTING:
+        raise BadOption("--routing", request.routing, "is a strategy of lmdeploy's proxy: add --router lmdeploy "
+                        "(the default router, vllm-router, routes by load and retries on another replica)")
     routing = check_routing(request.routing)
     host = validate_host(request.host)
     keys = resolve_api_keys(list(request.api_keys), key_file=request.api_key_file) or []
     port = check_port_free(host, request.port)
+    if router == "vllm":
+        from launcher.scaleout.router import vllm_router_path
+
+        vllm_router_path()  # installed, before anything is written
     with PortClaim(host, [port]):  # before anything is written: a second start on this port stops here
-        say_warnings(exposure_warnings(host, port, bool(keys), node_api=True), err)
-        return _run_claimed(host, port, routing, keys, request, out, err)
+        say_warnings(exposure_warnings(host, port, bool(keys), node_api=router == "lmdeploy"), err)
+        return _run_claimed(host, port, routing, keys, router, request, out, err)
 
 
-def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], request: ProxyRequest, out: TextIO,
-                 err: TextIO) -> int:
+def _run_claimed(host: str, port: int, routing: str, keys: Sequence[str], router: str, request: ProxyRequest,
+                 out: TextIO, err: TextIO) -> int:
     from launcher.runtime.address import server_root_url
     from launcher.runtime.progress import teller
     from launcher.runtime.supervise import Supervised, Supervisor
+    from launcher.scaleout.router import router_run
     from launcher.scaleout.state import clear_state, write_state
     from launcher.scaleout.watchdog import Watchdog
 
     directory = run_dir(f"proxy-{port}")
     root = server_root_url(host, port)
-    server = proxy_process(proxy_spec(host, port, routing, keys), directory)
+    run = router_run(router, host, port, keys, routing, directory)
+    members = [Supervised(process, url, request.start_timeout_s, timeout_flag="--start-timeout")
+               for process, url in zip(run.processes, run.ready_urls, strict=True)]
     watchdog = Watchdog(root, interval_s=request.watch_interval_s, timeout_s=request.watch_timeout_s,
-                        report=teller(err), on_change=lambda removed: write_state(port, removed))
-    member = Supervised(server, root + "/nodes/status", request.start_timeout_s, timeout_flag="--start-timeout")
-    with Supervisor([member], progress_stream=err) as supervisor:
+                        report=teller(err), on_change=lambda removed: write_state(port, removed)) \
+        if run.watchdog else None
+    with Supervisor(members, progress_stream=err) as supervisor:
         supervisor.start()
         if not supervisor.wait_ready():
             return 0
-        supervisor.on_stop(lambda: (watchdog.stop(), clear_state(port)))
-        watchdog.start()
-        removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
-        lines = [
-            f"Proxy ready: {root}  (lmdeploy's proxy, routing {routing}; Ctrl-C stops it)",
-            f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
-            f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
-            (f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
-             f"taken out within {removal:g} s and added back when it answers"),
-            f"  log {server.log_path}",
-            "  equivalent: " + " ".join(proxy_command(host, port, routing)),
-        ]
-        for line in lines:
+        if watchdog is not None:
+            supervisor.on_stop(lambda: (watchdog.stop(), clear_state(port)))
+            watchdog.start()
+        for line in _ready_lines(run, root, routing, bool(keys), watchdog):
             print(line, file=out)
         out.flush()
         return supervisor.watch()
+
+
+def _ready_lines(run, root: str, routing: str, keys: bool, watchdog) -> list[str]:
+    how = (f"routing {routing}" if run.kind == "lmdeploy" else
+           "routes by load, retries a failed request on another replica, checks /health every 2 s")
+    lines = [
+        f"Proxy ready: {root}  ({run.name}: {how}; Ctrl-C stops it)",
+        f"  OpenAI API {root}/v1" + ("   API keys required" if keys else ""),
+        f"  add a replica: launch proxy add http://HOST:PORT --proxy {root}",
+    ]
+    if watchdog is not None:
+        removal = watchdog.interval_s * (watchdog.failures + 1) + watchdog.timeout_s
+        lines.append(f"  watchdog: /health of each node every {watchdog.interval_s:g} s; a dead or stuck node is "
+                     f"taken out within {removal:g} s and added back when it answers")
+    else:
+        lines.append("  node API (add, remove, status): " + ("with an API key" if keys else "from this machine only"))
+    lines += [f"  log {run.log_path}", "  equivalent: " + " ".join(run.equivalent)]
+    return lines

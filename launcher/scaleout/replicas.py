@@ -1,11 +1,12 @@
-"""``launch serve --replicas N``: lmdeploy's proxy on the public host and port, N supervised
-replicas of one engine on loopback ports behind it, each on its own GPUs, one Ctrl-C for all.
+"""``launch serve --replicas N``: the router on the public host and port (``launcher.scaleout.router``:
+vllm-router behind launch's front, or ``--router lmdeploy``), N supervised replicas of one engine on
+loopback ports behind it, each on its own GPUs, one Ctrl-C for all.
 
 The pieces are the single server's and the proxy's: each process is a ``ServerProcess`` (its own
 process group, its own log), and one ``supervise.Supervisor`` runs them all: it waits for the proxy
 (``/nodes/status``), then for each replica (``/health``), which is registered with
-``nodes.add_node`` once ready; launch's watchdog (``scaleout.watchdog``) then keeps the proxy's node
-list to the replicas that answer. Every process is stopped together, by the one stop policy, on
+``nodes.add_node`` once ready; with lmdeploy's proxy, launch's watchdog (``scaleout.watchdog``) then
+keeps its node list to the replicas that answer (vllm-router checks /health itself). Every process is stopped together, by the one stop policy, on
 every path out; a replica or the proxy ending on its own stops the rest (``ServerDied``): a
 supervisor above launch restarts the whole set.
 
@@ -45,7 +46,7 @@ class ReplicaRun:
     """What ``run_replicas`` starts: the proxy's spec and run directory, and each replica's server
     command, spec (each spec is handed over on its process's stdin), log and layout entry."""
 
-    proxy_spec: bytes
+    router: str  # "vllm" or "lmdeploy" (launcher.scaleout.router)
     proxy_dir: Path
     proxy_host: str  # where the proxy listens (the public --host)
     proxy_port: int
@@ -67,7 +68,7 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     from launcher.runtime.progress import teller
     from launcher.runtime.ready import ReadyInfo
     from launcher.runtime.supervise import Supervised, Supervisor
-    from launcher.scaleout.proxy import proxy_process
+    from launcher.scaleout.router import router_run
     from launcher.scaleout.state import clear_state, write_state
     from launcher.scaleout.watchdog import Watchdog
 
@@ -75,25 +76,30 @@ def run_replicas(run: ReplicaRun, *, health_timeout_s: float, proxy_timeout_s: f
     say = teller(err)
     root = server_root_url(run.proxy_host, run.proxy_port)
     key = run.api_keys[0] if run.api_keys else None
-    proxy = proxy_process(run.proxy_spec, run.proxy_dir)
-    members = [Supervised(proxy, root + "/nodes/status", proxy_timeout_s)]
+    router = router_run(run.router, run.proxy_host, run.proxy_port, run.api_keys, run.layout.routing, run.proxy_dir)
+    proxy = router.processes[-1]
+    members = [Supervised(process, url, proxy_timeout_s) for process, url in
+               zip(router.processes, router.ready_urls, strict=True)]
+    routers = len(members)
     for argv, spec, log, replica in zip(run.argvs, run.specs, run.logs, run.layout.replicas, strict=True):
         server = ServerProcess(argv, log_path=log, env={**os.environ, **replica.env}, stdin_data=spec)
         members.append(Supervised(server, replica.url + "/health", health_timeout_s,
                                   when_ready=_registering(replica, root, key, say)))
-    watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed))
+    watchdog = Watchdog(root, report=say, on_change=lambda removed: write_state(run.proxy_port, removed)) \
+        if router.watchdog else None
     with Supervisor(members, progress_stream=err) as supervisor:
         supervisor.start()
-        say(f"proxy and {len(members) - 1} replica(s) starting; logs in {run.proxy_dir.parent}")
+        say(f"{router.name} and {len(members) - routers} replica(s) starting; logs in {run.proxy_dir.parent}")
         if not supervisor.wait_ready():
             return 0
-        supervisor.on_stop(lambda: (watchdog.stop(), clear_state(run.proxy_port)))
-        watchdog.start()
+        if watchdog is not None:
+            supervisor.on_stop(lambda: (watchdog.stop(), clear_state(run.proxy_port)))
+            watchdog.start()
         info = ReadyInfo(host=run.proxy_host, port=run.proxy_port, root_url=root, base_url=root + "/v1",
                          model_name=run.model_name, served_models=(run.model_name,), pid=proxy.pid,
                          log_path=proxy.log_path, startup_s=time.monotonic() - supervisor.started_at,
                          auth=bool(run.api_keys), api_key=key)
-        for line in _ready_lines(run, info):
+        for line in _ready_lines(run, info, router):
             print(line, file=out)
         out.flush()
         return supervisor.watch()
@@ -116,16 +122,18 @@ def _registering(replica, root: str, key: str | None, say: Callable[[str], None]
     return register
 
 
-def _ready_lines(run: ReplicaRun, info) -> list[str]:
-    """What the user is told once the proxy and every replica are ready (``info``: the proxy's)."""
+def _ready_lines(run: ReplicaRun, info, router) -> list[str]:
+    """What the user is told once the router and every replica are ready (``info``: the router's)."""
     root = info.root_url
+    how = (f"routing {run.layout.routing}; launch's watchdog takes out a replica that stops answering /health"
+           if router.watchdog else "it retries a failed request on another replica and takes out one that stops "
+           "answering /health")
     lines = [
-        (f"Serving {run.model_name}: OpenAI API at {root}/v1 through lmdeploy's proxy, "
+        (f"Serving {run.model_name}: OpenAI API at {root}/v1 through {router.name}, "
          f"{len(run.layout.replicas)} replica(s)  (Ctrl-C stops all)"),
         *(f"  replica {r.index}  {r.url}  GPUs {','.join(r.devices)}  log {log}"
           for r, log in zip(run.layout.replicas, run.logs, strict=True)),
-        (f"  proxy log {info.log_path}   routing {run.layout.routing}; launch's watchdog takes out a replica "
-         f"that stops answering /health (`launch proxy status --proxy {root}` lists it)"),
+        f"  router log {info.log_path}   {how} (`launch proxy status --proxy {root}` lists them)",
     ]
     if run.layout.total_sessions is not None:
         lines.append(f"  capacity {run.layout.capacity.text('replica')}")

@@ -163,8 +163,8 @@ def test_serve_dry_run_reads_each_flag_once():
 def test_serve_replicas_dry_run_makes_each_replicas_engine_once(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with watching() as seen:
-        code, out, err = run(["serve", *PLAN, "--tp", "2", "--replicas", "3", "--routing", "random", "--dry-run",
-                              "--json"])
+        code, out, err = run(["serve", *PLAN, "--tp", "2", "--replicas", "3", "--router", "lmdeploy", "--routing",
+                              "random", "--dry-run", "--json"])
     assert code == 0, err
     data = json.loads(out)
     assert [r["port"] for r in data["replicas"]] == [9001, 9002, 9003]
@@ -199,7 +199,7 @@ def test_patch_reads_each_flag_and_out_once(tiny, tmp_path):
 def test_code_gives_text_and_check_request_reads_each_value_once():
     with watching() as seen:
         plan = build_plan(PlanRequest(model=MODEL, factor="2", tp="2", port="9000", gpu_memory_gib="80",
-                                      replicas="2", routing="random"))
+                                      replicas="2", router="lmdeploy", routing="random"))
     assert (plan.request.factor, plan.request.tp, plan.request.port, plan.request.replicas) == (2.0, 2, 9000, 2)
     once_each(seen, "--factor", "--tp", "--port", "--gpu-memory", "--replicas", "--routing", "--host")
     assert all(where == ["request.py"] for flag, where in seen.where.items() if flag.startswith("--"))
@@ -289,10 +289,11 @@ def test_a_flag_and_the_same_text_in_code_get_the_same_answer(option, text):
     assert typed == FLAGS[field](text)  # the parser's reader: the same value
 
 
-@pytest.mark.slow  # lmdeploy's real proxy starts
+@pytest.mark.slow  # the real router starts
 def test_serve_replicas_makes_each_replicas_engine_once_up_to_their_start(tiny, monkeypatch):
-    """``serve --replicas 2`` through the CLI on a pretended GPU (STAND-IN seam), lmdeploy's real
-    proxy in front and, standing in for the engines, a command that exits at once: up to their
+    """``serve --replicas 2`` through the CLI on a pretended GPU (STAND-IN seam), the real default
+    router in front (vllm-router behind launch's front: which router does not matter here) and,
+    standing in for the engines, a command that exits at once: up to their
     start, each replica's engine (its spec on its stdin) is the one its layout made."""
     monkeypatch.setattr(gpu, "nvidia_problem", lambda: None)  # STAND-IN seam: pretend a GPU
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -29,14 +29,25 @@ It logs each request line to stderr in uvicorn's format. Behaviour switches (for
                                       worker processes); its pid is logged as ``child pid N``
         [--spawn-detached]            start a helper in a session and process group of its own (as
                                       some engines' workers do); logged as ``detached child pid N``
+        [--reply-seconds S|LOW-HIGH]  each chat completion takes S seconds (or a uniform draw from
+                                      LOW to HIGH per request) before it answers; a stream spreads them
+                                      over its chunks. Chats are served concurrently (a thread each)
+        [--log-chats]                 log ``standin: chat start N T "PROMPT"`` when chat N starts
+                                      (PROMPT: its last message's first 80 characters, as JSON) and
+                                      ``standin: chat end N T`` once its answer is written or
+                                      abandoned (T: time.monotonic(), one clock for every process
+                                      of the machine), so a harness can tell which chats were in
+                                      flight when it killed or stopped this server
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -50,7 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root
 
-from tests.support.servers import JSONHandler, serving
+from tests.support.servers import JSONHandler, QuietServer, serving
 
 OPEN_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")
 
@@ -59,13 +70,45 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+def log_line(line: str) -> None:
+    """``line`` as one write(2): lines of concurrent chats do not interleave."""
+    os.write(1, (line + "\n").encode())
+
+
+def last_prompt(raw: bytes) -> str:
+    """The first 80 characters of a chat request's last message ("" if it has none)."""
+    try:
+        return str(json.loads(raw)["messages"][-1]["content"])[:80]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def reply_seconds(text: str) -> tuple[float, float]:
+    """``--reply-seconds``: ``S`` or ``LOW-HIGH`` (seconds, at least 0) as ``(low, high)``."""
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high) if sep else float(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not S or LOW-HIGH seconds: {text!r}") from None
+    if not (0 <= bounds[0] <= bounds[1] < float("inf")):
+        raise argparse.ArgumentTypeError(f"need 0 <= LOW <= HIGH: {text!r}")
+    return bounds
+
+
 class State:
     def __init__(self, args: argparse.Namespace) -> None:
         self.model_name: str = args.model_name
         self.healthy_at = time.monotonic() + args.unhealthy_seconds
         self.key_hashes = [hashlib.sha256(k.encode()).digest() for k in args.api_keys]
         self.lock = threading.Lock()
+        self.reply_seconds: tuple[float, float] = args.reply_seconds
+        self.log_chats: bool = args.log_chats
+        self.chat_numbers = itertools.count(1)
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "request_success_total": 0}
+
+    def reply_delay(self) -> float:
+        low, high = self.reply_seconds
+        return random.uniform(low, high) if high > low else low
 
     def authorized(self, header: str | None) -> bool:
         if not self.key_hashes:
@@ -88,6 +131,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
         server_version = "uvicorn"
         sys_version = ""
         json_headers = ("content-type", "content-length")  # as uvicorn writes them
+        disable_nagle_algorithm = True  # TCP_NODELAY, as uvicorn: a body is not held back ~40 ms behind its headers
 
         def log_request(self, code="-", size="-") -> None:
             host, port = self.client_address[:2]
@@ -147,6 +191,17 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             if path != "/v1/chat/completions":
                 self.send_json(404, {"detail": "Not Found"})
                 return
+            if not state.log_chats:
+                self.chat(raw)
+                return
+            number = next(state.chat_numbers)
+            log_line(f"standin: chat start {number} {time.monotonic()!r} {json.dumps(last_prompt(raw))}")
+            try:
+                self.chat(raw)
+            finally:
+                log_line(f"standin: chat end {number} {time.monotonic()!r}")
+
+        def chat(self, raw: bytes) -> None:
             try:
                 request = json.loads(raw or b"null")
                 messages = request["messages"]
@@ -171,9 +226,11 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             ident, created = f"chatcmpl-{uuid.uuid4().hex[:22]}", int(time.time())
             usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                      "completion_tokens": completion_tokens}
+            delay = state.reply_delay()
             if request.get("stream"):
-                self.stream_reply(ident, created, reply, usage)
+                self.stream_reply(ident, created, reply, usage, delay)
                 return
+            time.sleep(delay)
             self.send_json(200, {
                 "id": ident, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply,
@@ -182,7 +239,7 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                 "usage": usage, "service_tier": None,
             })
 
-        def stream_reply(self, ident: str, created: int, reply: str, usage: dict) -> None:
+        def stream_reply(self, ident: str, created: int, reply: str, usage: dict, delay: float = 0.0) -> None:
             self.send_response(200)
             self.send_header("content-type", "text/event-stream; charset=utf-8")
             self.send_header("connection", "close")
@@ -190,6 +247,8 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             words = reply.split(" ")
             for i, word in enumerate(words):
+                if delay:
+                    time.sleep(delay / len(words))
                 chunk = {"id": ident, "object": "chat.completion.chunk", "created": created,
                          "model": state.model_name,
                          "choices": [{"index": 0, "delta": {"role": "assistant",
@@ -237,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-keys", default="", type=lambda s: [k for k in s.split(",") if k])
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--spawn-detached", action="store_true")
+    parser.add_argument("--reply-seconds", type=reply_seconds, default=(0.0, 0.0))
+    parser.add_argument("--log-chats", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -277,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[TM][INFO] loading weights: step {step}")
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
+    # uvicorn listens with a backlog of 2048; socketserver's default of 5 drops the SYNs of a burst of
+    # new connections (a router opening its pool), and each of those waits ~1 s for a retransmission.
+    QuietServer.request_queue_size = 2048  # this process's server only: it is the stand-in's own process
     with serving(make_handler(State(args)), args.host, args.port, poll_interval=0.05):
         log("INFO:     Started server process")
         log(f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")

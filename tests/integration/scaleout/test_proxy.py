@@ -1,8 +1,10 @@
-"""`launch proxy start | add | remove | status` with the REAL lmdeploy proxy on 127.0.0.1 and
-stand-in replicas (tests/support/standin_replica.py: the api_server's endpoints, no GPU engine).
+"""`launch proxy start --router lmdeploy | add | remove | status` with the REAL lmdeploy proxy on
+127.0.0.1 and stand-in replicas (tests/support/standin_replica.py: the api_server's endpoints, no GPU
+engine). These tests are lmdeploy's proxy's (its open node API, launch's watchdog, its routing);
+the default router (vllm-router behind launch's front) has its own: tests/integration/scaleout/test_router.py.
 
-One proxy (`launch proxy start`, a real subprocess, with an API key) serves the module; each test
-starts with it emptied of nodes. The Ctrl-C test starts its own.
+One proxy (`launch proxy start --router lmdeploy`, a real subprocess, with an API key) serves the
+module; each test starts with it emptied of nodes. The Ctrl-C tests start their own.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ class Replicas:
 def proxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
     port = free_port()
-    proc, out, err = start_launch_proxy(tmp, port, "--api-key", KEY)
+    proc, out, err = start_launch_proxy(tmp, port, "--router", "lmdeploy", "--api-key", KEY)
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "proc": proc, "out": out, "err": err, "cache": tmp / "cache"}
     assert stop(proc) == 0, err.read_text()[-2000:]
@@ -211,8 +213,8 @@ def test_remove_and_status(empty_proxy, replicas, launch):
     assert result.returncode == 0 and result.stdout.strip() == f"removed {b}"
     data = json.loads(launch("proxy", "status", "--proxy", proxy, "--json",
                              env={"LAUNCH_CACHE_DIR": str(empty_proxy["cache"])}).stdout)
-    assert data == {"proxy": proxy, "nodes": [{"url": a, "models": [MODEL], "unfinished": 0, "healthy": True,
-                                               "health": "healthy"}],
+    assert data == {"proxy": proxy, "router": "lmdeploy's proxy",
+                    "nodes": [{"url": a, "models": [MODEL], "unfinished": 0, "healthy": True, "health": "healthy"}],
                     "removed_by_watchdog": []}  # its watchdog's state found: a node removed by hand is not in it
     assert_one_line_error(launch("proxy", "remove", b, "--proxy", proxy), f"not a node of the proxy at {proxy}",
                           f"its nodes: {a}", code=2)
@@ -349,9 +351,10 @@ def test_api_keys_are_enforced_at_the_proxy_and_the_replicas(empty_proxy, replic
 
 def test_bad_input_is_one_line_and_changes_nothing(launch, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
-    assert_one_line_error(launch("proxy", "start", "--routing", "min_observed_latency"),
+    assert_one_line_error(launch("proxy", "start", "--router", "lmdeploy", "--routing", "min_observed_latency"),
                           "min_observed_latency is refused", "first registered node", code=2)
-    assert_one_line_error(launch("proxy", "start", "--routing", "fastest"), "not a routing strategy", code=2)
+    assert_one_line_error(launch("proxy", "start", "--router", "lmdeploy", "--routing", "fastest"),
+                          "not a routing strategy", code=2)
     assert_one_line_error(launch("proxy", "add", "http://0.0.0.0:23333", "--proxy", closed),
                           "0.0.0.0 is where a server listens", code=2)
     assert_one_line_error(launch("proxy", "add", "http://127.0.0.1:1/v2/x", "--proxy", closed), "root address")
@@ -431,7 +434,7 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
     cache_file = Path(lmdeploy.__file__).parent / "serve" / "proxy" / "proxy_config.json"
     existed = cache_file.exists()
     port = free_port()
-    proc, out, err = start_launch_proxy(tmp_path, port, "--api-key", KEY)
+    proc, out, err = start_launch_proxy(tmp_path, port, "--router", "lmdeploy", "--api-key", KEY)
     try:
         lines = out.read_text().splitlines()
         assert lines[0].startswith(f"Proxy ready: http://127.0.0.1:{port}")
@@ -460,20 +463,24 @@ def test_ctrl_c_stops_the_proxy_and_leaves_no_process(tmp_path):
     assert cache_file.exists() == existed  # nothing written into lmdeploy's installation
 
 
-def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("router, processes", [([], 2), (["--router", "lmdeploy"], 1)], ids=["default", "lmdeploy"])
+def test_ctrl_c_while_the_proxy_starts_leaves_no_process(tmp_path, router, processes):
+    """The default router is two processes (vllm-router, which renames itself ``vllm::router``, and
+    launch's front), lmdeploy's one: each in its own process group, every group empty after Ctrl-C."""
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(free_port())],
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(free_port()), *router],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     with killed_if_running(proc):
-        kids = wait_for(lambda: children_of(proc.pid), 30, 0.05)
-        assert kids, "the proxy process was not started"
-        child = kids[0]
-        time.sleep(0.5)  # importing lmdeploy: not listening yet
+        kids = wait_for(lambda: len(children_of(proc.pid)) >= processes and children_of(proc.pid), 30, 0.05)
+        assert kids and len(kids) == processes, f"the router's processes were not started: {kids}"
+        assert all(_group_members(kid) for kid in kids)  # each leads a process group of its own
+        if router:
+            time.sleep(0.5)  # lmdeploy's proxy is importing lmdeploy: not listening yet (vllm-router: ready in ~1 s)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert b"Proxy ready" not in out
-    assert _group_members(child) == []
+    assert [kid for kid in kids if _group_members(kid)] == []
 
 
 # --- the watchdog's state file: read only when it can be the queried proxy's ------------------------

@@ -1,8 +1,10 @@
 """Scale-out through the real CLI: `launch plan --replicas / --nnodes` (layouts checked with
 lmdeploy's own function, commands parsed by lmdeploy's own parser), `launch serve --proxy-url`
 (a replica that registers itself after its /health and leaves on stop) and `launch serve
---replicas 2` (the REAL lmdeploy proxy in front of two STAND-IN engines, tests/support/standin_engine_server.py:
-the GPU engine cannot run here)."""
+--replicas 2 --router lmdeploy` (the REAL lmdeploy proxy in front of two STAND-IN engines,
+tests/support/standin_engine_server.py: the GPU engine cannot run here). What is lmdeploy's proxy's (its
+command in the plan, its routing, its watchdog, its open node API) is asked for with --router lmdeploy;
+the default router (vllm-router behind launch's front) has tests/integration/scaleout/test_router.py."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def serve_parser():
 def test_done_when_plan_four_replicas_on_disjoint_gpu_pairs(launch, serve_parser, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # unset: no GPU seen here, ids assumed
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "4", "--tp", "2", "--replicas", "4",
-                    "--gpu-memory", "80", "--json")
+                    "--router", "lmdeploy", "--gpu-memory", "80", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     replicas = data["replicas"]
@@ -96,7 +98,8 @@ def test_plan_capacity_is_capped_at_max_batch_size_and_says_so(launch):
 
 
 def test_plan_routing_is_the_proxys(launch, serve_parser):
-    args = ("plan", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--gpu-memory", "80")
+    args = ("plan", "internlm2_5-7b-chat", "--factor", "2", "--replicas", "2", "--router", "lmdeploy",
+            "--gpu-memory", "80")
     default = json.loads(launch(*args, "--json").stdout)
     chosen = json.loads(launch(*args, "--routing", "random", "--json").stdout)
     assert (default["proxy"]["routing"], chosen["proxy"]["routing"]) == ("min_expected_latency", "random")
@@ -115,7 +118,8 @@ def test_plan_without_a_layout_lists_its_one_server_command(launch, serve_parser
 
 def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "4", "--tp", "2", "--replicas", "2",
-                    "--gpu-memory", "80", "--port", "9000", env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+                    "--router", "lmdeploy", "--gpu-memory", "80", "--port", "9000",
+                    env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert result.returncode == 0, result.stderr
     assert "CUDA_VISIBLE_DEVICES=4,5 lmdeploy serve api_server" in result.stdout
     assert "CUDA_VISIBLE_DEVICES=6,7 lmdeploy serve api_server" in result.stdout
@@ -126,7 +130,7 @@ def test_plan_replicas_take_the_visible_gpus_and_text_shows_the_layout(launch):
     servers = [line for line in result.stdout.splitlines() if "lmdeploy serve api_server" in line]
     assert len(servers) == 2 and all(line.lstrip().startswith("CUDA_VISIBLE_DEVICES=") for line in servers)
     assert "--server-port 9000" not in "".join(servers)
-    assert "commands       serve runs 3 processes: lmdeploy's proxy on 127.0.0.1:9000 and 2 replica(s)" in result.stdout
+    assert "commands       serve runs lmdeploy's proxy on 127.0.0.1:9000 and 2 replica(s)" in result.stdout
 
 
 def test_done_when_plan_tp16_over_two_nodes(launch, serve_parser):
@@ -198,8 +202,15 @@ def test_plan_overlay_hash_is_the_hash_of_what_the_overlay_holds(model_dir):
     (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)", "launch proxy start --routing"]),
     (["--replicas", "1", "--routing", "random"], ["--routing 'random'", "--replicas N"]),
     (["--nnodes", "2", "--dist-init-addr", "h:1", "--routing", "random"], ["--routing", "--replicas N"]),
-    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
-    (["--replicas", "2", "--routing", "fastest"], ["not a routing strategy", "min_expected_latency, random"]),
+    (["--replicas", "2", "--router", "lmdeploy", "--routing", "min_observed_latency"],
+     ["min_observed_latency is refused"]),
+    (["--replicas", "2", "--router", "lmdeploy", "--routing", "fastest"],
+     ["not a routing strategy", "min_expected_latency, random"]),
+    # --routing is lmdeploy's proxy's; --router picks the router of --replicas
+    (["--replicas", "2", "--routing", "random"], ["--routing 'random'", "add --router lmdeploy"]),
+    (["--replicas", "2", "--router", "vllm", "--routing", "random"], ["--routing 'random'", "add --router lmdeploy"]),
+    (["--router", "lmdeploy"], ["--router 'lmdeploy'", "--replicas N (2 or more)"]),
+    (["--replicas", "2", "--router", "nginx"], ["--router 'nginx'", "vllm", "lmdeploy"]),
 ])
 def test_bad_scale_flags_are_one_line_errors(launch, flags, needles):
     result = launch("plan", "internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80", *flags,
@@ -258,7 +269,8 @@ def listening(pid: int, port: int) -> bool:
 def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sigint_stops_all(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
-                            "--port", str(port), env={"LAUNCH_API_KEYS": KEY, "CUDA_VISIBLE_DEVICES": "0,1"})
+                            "--router", "lmdeploy", "--port", str(port),
+                            env={"LAUNCH_API_KEYS": KEY, "CUDA_VISIBLE_DEVICES": "0,1"})
     root = f"http://127.0.0.1:{port}"
     replicas = [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"]
     groups: list[int] = []
@@ -269,7 +281,8 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
         # the same access lines as one server's (ReadyInfo.access_lines): key hint, then the curl
         assert "API keys are required: export LAUNCH_API_KEY=" in ready and KEY not in ready
         assert f"curl {root}/v1/chat/completions" in ready
-        assert f"(`launch proxy status --proxy {root}` lists it)" in ready
+        assert ("routing min_expected_latency; launch's watchdog takes out a replica that stops answering /health "
+                f"(`launch proxy status --proxy {root}` lists them)") in ready
         assert {u: n.models for u, n in proxy_nodes(root).items()} == {u: ("tiny",) for u in replicas}
         # each replica on its own GPU set, from the same overlay
         kids = children_of(proc.pid)
@@ -329,15 +342,18 @@ def test_replicas_2_behind_the_real_proxy_serve_a_chat_reaching_both_and_one_sig
 
 
 def replica_processes(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
+    """(the stand-in engines, the router's processes: every other child of serve, whatever it calls
+    itself: lmdeploy's proxy, or vllm-router, which renames itself ``vllm::router``, and launch's front)."""
     kids = children_of(proc.pid)
-    return ([p for p in kids if str(STANDIN_ENGINE) in cmdline(p)],
-            [p for p in kids if "launcher.engine.proxy_server" in cmdline(p)])
+    engines = [p for p in kids if str(STANDIN_ENGINE) in cmdline(p)]
+    return engines, [p for p in kids if p not in engines]
 
 
 def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
-                            "--port", str(port), "--routing", "random", env={"CUDA_VISIBLE_DEVICES": "0,1"})
+                            "--port", str(port), "--router", "lmdeploy", "--routing", "random",
+                            env={"CUDA_VISIBLE_DEVICES": "0,1"})
     with killed_if_running(proc):
         ready = "".join(read_until(proc, "curl", timeout=240))
         # --routing reaches the proxy serve runs: its spec, and lmdeploy's proxy started with it
@@ -356,15 +372,18 @@ def test_a_replica_dying_stops_the_whole_set_with_its_log(model_dir, tmp_path):
     assert all(closed(p) for p in (port, port + 1, port + 2))
 
 
-def test_ctrl_c_while_the_replicas_start_leaves_no_process(model_dir, tmp_path):
+@pytest.mark.parametrize("router, processes", [([], 2), (["--router", "lmdeploy"], 1)], ids=["default", "lmdeploy"])
+def test_ctrl_c_while_the_replicas_start_leaves_no_process(model_dir, tmp_path, router, processes):
+    """The default router is two processes (vllm-router and launch's front), lmdeploy's proxy one."""
     port = free_ports(3)
     proc, err = start_serve(tmp_path, str(model_dir), "--factor", "2", "--backend", "pytorch", "--replicas", "2",
-                            "--port", str(port), env={"CUDA_VISIBLE_DEVICES": "0,1"})
+                            "--port", str(port), *router, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     with killed_if_running(proc):
         assert wait_for(lambda: "replica(s) starting" in err.read_text() or proc.poll() is not None, 120)
         engines, proxies = replica_processes(proc)
-        assert len(engines) == 2 and len(proxies) == 1, err.read_text()
-        proc.send_signal(signal.SIGINT)  # the proxy is still importing torch
+        assert len(engines) == 2 and len(proxies) == processes, err.read_text()
+        assert all(group_members(pgid) for pgid in (*engines, *proxies))  # each leads a group of its own
+        proc.send_signal(signal.SIGINT)  # the router is still starting (lmdeploy's imports torch)
         proc.wait(timeout=60)
     assert proc.returncode == 0, err.read_text()[-2000:]
     assert all(group_members(pgid) == [] for pgid in (*engines, *proxies))
@@ -390,7 +409,10 @@ def test_replicas_beyond_the_visible_gpus_stop_before_anything_is_written(model_
     (["--proxy-url", "http://10.0.0.1:8000"], ["--advertise-url", "cannot reach this machine's loopback"]),
     (["--routing", "random"], ["--routing 'random'", "--replicas N (2 or more)"]),
     (["--routing", "random", "--proxy-url", "http://127.0.0.1:9"], ["--routing 'random'", "--replicas N"]),
-    (["--replicas", "2", "--routing", "min_observed_latency"], ["min_observed_latency is refused"]),
+    (["--replicas", "2", "--router", "lmdeploy", "--routing", "min_observed_latency"],
+     ["min_observed_latency is refused"]),
+    (["--replicas", "2", "--routing", "random"], ["--routing 'random'", "add --router lmdeploy"]),
+    (["--router", "lmdeploy"], ["--router 'lmdeploy'", "--replicas N (2 or more)"]),
 ])
 def test_bad_serve_scale_flags_write_nothing(model_dir, tmp_path, flags, needles):
     cache = tmp_path / "cache"
@@ -450,7 +472,7 @@ def test_proxy_url_registers_only_after_health_and_leaves_on_stop(model_dir, tmp
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0, err.read_text()[-3000:]
-    # gone at once: before launch's watchdog (2 s rounds, 2 failures) could have taken it out
+    # gone at once: before a health check of the router's (2 s rounds, 2 failures) could have taken it out
     assert proxy_nodes(proxy) == {}
     assert "left the proxy at" in err.read_text()
     assert closed(port)
@@ -567,7 +589,8 @@ def test_serve_checks_the_gpus_of_one_node_with_the_total_tp():
 @pytest.mark.parametrize("flags", [
     ["--replicas", "0"], ["--nnodes", "2", "--dist-init-addr", "h:1"], ["--advertise-url", "http://h:1"],
     ["--replicas", "2", "--probe"], ["--proxy-url", "http://10.0.0.1:8000"],
-    ["--routing", "random"], ["--replicas", "2", "--routing", "fastest"],
+    ["--routing", "random"], ["--replicas", "2", "--router", "lmdeploy", "--routing", "fastest"],
+    ["--replicas", "2", "--routing", "random"], ["--router", "lmdeploy"],
 ])
 def test_scale_flags_are_refused_before_any_request_for_a_repo_id(hub, flags):
     result = launch_with_gpu("serve", "org/tiny", "--factor", "2", *flags)

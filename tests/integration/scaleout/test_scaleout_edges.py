@@ -10,8 +10,9 @@
 - one warning rule for a bind beyond loopback; `serve --dry-run` exits as `serve` would;
 - one host rule, one port rule for replicas, one CUDA_VISIBLE_DEVICES reader (property-based).
 
-The proxy is lmdeploy's own (`launch proxy start`, real subprocesses on 127.0.0.1); replicas are
-stand-ins (tests/support/standin_replica.py: the api_server's endpoints, no GPU engine).
+The proxy is lmdeploy's own (`launch proxy start --router lmdeploy`, real subprocesses on 127.0.0.1:
+these edges are its open node API's, its watchdog's and its routing's); replicas are stand-ins
+(tests/support/standin_replica.py: the api_server's endpoints, no GPU engine).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ PLAN_MODEL = ("internlm2_5-7b-chat", "--factor", "2", "--gpu-memory", "80")
 def proxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edges")
     port = free_port()
-    proc, _out, err = start_launch_proxy(tmp, port, "--api-key", KEY)
+    proc, _out, err = start_launch_proxy(tmp, port, "--router", "lmdeploy", "--api-key", KEY)
     yield {"url": f"http://127.0.0.1:{port}", "port": port, "proc": proc, "err": err, "cache": tmp / "cache"}
     assert stop(proc) == 0, err.read_text()[-2000:]
 
@@ -85,7 +86,8 @@ def test_two_proxy_starts_on_one_port_one_serves_as_it_said_the_other_refuses_in
     env = dict(os.environ, LAUNCH_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
     env.pop("LAUNCH_API_KEYS", None)
     flags = {"keyed": ["--api-key", KEY], "open": ["--host", "0.0.0.0"]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(port), *extra],
+    procs = {name: subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(port),
+                                     "--router", "lmdeploy", *extra],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for name, extra in flags.items()}
     try:
@@ -369,7 +371,7 @@ def test_the_routing_help_says_what_the_strategies_do(launch):
     help_text = " ".join(launch("proxy", "start", "--help").stdout.split())
     assert "min_expected_latency sends each request to the replica with the fewest in flight" in help_text
     assert "random picks one uniformly, whatever its load" in help_text
-    refusal = launch("proxy", "start", "--routing", "min_observed_latency")
+    refusal = launch("proxy", "start", "--router", "lmdeploy", "--routing", "min_observed_latency")
     assert_one_line_error(refusal, "first registered node", "faster nodes get more", "random: uniform", code=2)
     readme = " ".join((REPO / "README.md").read_text().split())
     assert "spreads evenly" not in readme and "weighs by speed" not in readme
@@ -391,19 +393,28 @@ def test_serve_its_dry_run_its_replicas_and_proxy_start_warn_by_one_rule(launch,
     assert dry.returncode == 0 and warnings_in(dry.stderr) == expected, dry.stderr
     dry_json = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--json")
     assert json.loads(dry_json.stdout)["warnings"][-1] == expected[0].removeprefix("warning: ")
-    dry = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--replicas", "2",
+    lmdeploy = ("--replicas", "2", "--router", "lmdeploy")  # lmdeploy's proxy: its node API takes no key
+    dry = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", *lmdeploy,
                  env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert dry.returncode == 0 and warnings_in(dry.stderr) == proxied, dry.stderr
-    keyed = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--replicas", "2",
+    keyed = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", *lmdeploy,
                    env={"CUDA_VISIBLE_DEVICES": "0,1", "LAUNCH_API_KEYS": KEY})
     assert warnings_in(keyed.stderr) == proxied[1:]  # a key closes the OpenAI API, not the node API
+    # the default router's node API takes a key, or answers this machine only: no line about it
+    dry = launch("serve", *PLAN_MODEL, "--host", host, "--port", "8000", "--dry-run", "--replicas", "2",
+                 env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert dry.returncode == 0 and warnings_in(dry.stderr) == expected, dry.stderr
     if host in ("0.0.0.0", "::"):  # a proxy that can bind here: it warns before it starts (then times out)
         port = free_port()
         started = launch("proxy", "start", "--host", host, "--port", str(port), "--start-timeout", "0.1",
-                         env={"LAUNCH_CACHE_DIR": str(tmp_path / "cache")})
+                         "--router", "lmdeploy", env={"LAUNCH_CACHE_DIR": str(tmp_path / "cache")})
         assert started.returncode != 0 and "Proxy ready" not in started.stdout
         assert warnings_in(started.stderr) == ["warning: " + line
                                                for line in exposure_warnings(host, port, False, node_api=True)]
+        started = launch("proxy", "start", "--host", host, "--port", str(port), "--start-timeout", "0.1",
+                         env={"LAUNCH_CACHE_DIR": str(tmp_path / "cache")})  # the default router
+        assert started.returncode != 0 and "Proxy ready" not in started.stdout
+        assert warnings_in(started.stderr) == ["warning: " + line for line in exposure_warnings(host, port, False)]
 
 
 def test_serve_warns_by_the_same_rule_before_it_starts(model_dir, tmp_path):

@@ -45,7 +45,7 @@ def test_the_node_list_in_the_proxy_commands_words(scripted):
     assert one_printable_line(info.value) == (f"the proxy at {closed} does not answer its node API (connection "
                                               "refused). Is `launch proxy start` running there? Check --proxy.")
     scripted.replies[("GET", "/nodes/status")] = (404, b'{"detail": "Not Found"}')
-    with pytest.raises(ProxyUnreachable, match=r"GET /nodes/status answered HTTP 404; is it lmdeploy's proxy\?"):
+    with pytest.raises(ProxyUnreachable, match=r"GET /nodes/status answered HTTP 404; is it launch's router\?"):
         proxy_nodes(scripted.url)
 
 
