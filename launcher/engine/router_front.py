@@ -62,6 +62,7 @@ class Front:
         self.models: dict[str, list[str]] = {}  # node URL -> the models it registered with
         self.placeholders = [str(u) for u in data.get("placeholders") or []]
         self.ready = not self.placeholders
+        self.ready_event = None  # set once the placeholders are gone (made in the app's loop)
         self.session = None
 
     # -- access ----------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class Front:
 
         if not self.client_allowed(request):
             return _error(401, "invalid or missing API key")
-        if not self.ready:
+        if not await self.wait_ready():
             return _error(503, "the router is still starting")
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
@@ -147,6 +148,8 @@ class Front:
 
         if not self.control_allowed(request):
             return self.control_refusal()
+        if not await self.wait_ready():
+            return _error(503, "the router is still starting")
         try:
             _, listed = await self._router_call("GET", "/list_workers")
             _, loads = await self._router_call("GET", "/get_loads")
@@ -174,7 +177,7 @@ class Front:
                 or not all(isinstance(m, str) for m in models):
             return web.json_response("Failed to add: give {\"url\": \"http://HOST:PORT\", \"status\": {\"models\": "
                                      "[names]}}")
-        if not self.ready:
+        if not await self.wait_ready():
             return web.json_response("Failed to add: the router is still starting; try again in a moment")
         if url in self.models:  # known: the models are refreshed, the router keeps its counts
             self.models[url] = list(models)
@@ -217,6 +220,17 @@ class Front:
             return self.control_refusal()
         return web.json_response({"router": self.router_name, "front": "launch"})
 
+    async def wait_ready(self) -> bool:
+        """Whether the placeholders are gone, waiting for it up to ``CONTROL_TIMEOUT_S`` (a request that came
+        in the first moment after the start waits instead of being refused)."""
+        if self.ready:
+            return True
+        try:
+            await asyncio.wait_for(self.ready_event.wait(), CONTROL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def drop_placeholders(self) -> None:
         """Once vllm-router answers, take the placeholders out (until then a request is answered 503)."""
         from urllib.parse import quote
@@ -235,6 +249,7 @@ class Front:
                 pass
             if not self.ready:
                 await asyncio.sleep(0.2)
+        self.ready_event.set()
 
     @staticmethod
     async def _json(request) -> Any:
@@ -251,6 +266,9 @@ class Front:
 
         async def start(_app) -> None:
             self.session = ClientSession(connector=TCPConnector(limit=0), auto_decompress=False)
+            self.ready_event = asyncio.Event()
+            if self.ready:
+                self.ready_event.set()
             for url in self.placeholders:  # answer their /health until vllm-router has let them go
                 stand = web.Application()
                 stand.router.add_get("/health", lambda _r: web.json_response({"status": "placeholder"}))

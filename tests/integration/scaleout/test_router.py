@@ -705,3 +705,32 @@ def test_power_of_two_spreads_the_load_and_no_placeholder_is_left(empty_router, 
     counts = [(replicas.log_dir / f"replica-{u.rsplit(':', 1)[1]}.log").read_text().count("standin: chat start")
               for u in urls]
     assert sum(counts) == 48 and min(counts) >= 6, counts
+
+
+@pytest.mark.slow
+def test_the_first_node_api_call_waits_for_the_placeholders_to_go_instead_of_failing(tmp_path, replicas):
+    """A caller that polls the node API instead of reading the ready line (a script, the fault bench) may
+    reach the front before vllm-router has let its two start-up placeholders go: that call waits for it,
+    and the replica it adds then answers (measured before: every request 503, the add refused)."""
+    port = free_port()
+    env = dict(os.environ, LAUNCH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    env.pop("LAUNCH_API_KEYS", None)
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", "proxy", "start", "--port", str(port)],
+                                stdout=out, stderr=err, env=env, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        url = replicas.start(key=None)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the first moment the front's socket answers
+            try:
+                http.get(root + "/router", timeout=2)
+                break
+            except (http.Unreachable, http.DeadlineExceeded):
+                time.sleep(0.02)
+        node, new = add_node(url, root)
+        assert new and set(proxy_nodes(root)) == {url}  # no placeholder listed
+        assert try_chat(root)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "err").read_text()[-2000:]
