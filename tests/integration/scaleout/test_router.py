@@ -728,7 +728,7 @@ def test_the_first_node_api_call_waits_for_the_placeholders_to_go_instead_of_fai
                 break
             except (http.Unreachable, http.DeadlineExceeded):
                 time.sleep(0.02)
-        node, new = add_node(url, root)
+        _, new = add_node(url, root)
         assert new and set(proxy_nodes(root)) == {url}  # no placeholder listed
         assert try_chat(root)
     finally:
