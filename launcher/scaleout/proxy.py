@@ -13,9 +13,7 @@ nothing is left running.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +27,6 @@ from launcher.runtime.paths import run_dir
 DEFAULT_PROXY_HOST = "127.0.0.1"
 DEFAULT_PROXY_PORT = 8000
 DEFAULT_START_TIMEOUT_S = 120.0  # lmdeploy's proxy imports torch: 4-12 s on a 2-core machine
-LOG_NAME = "proxy.log"
 
 
 @dataclass(frozen=True)
@@ -43,26 +40,6 @@ class ProxyRequest:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     watch_interval_s: float = 2.0
     watch_timeout_s: float = 2.0
-
-
-def proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> bytes:
-    """The proxy process's spec (``launcher.engine.proxy_server``), handed over on its stdin."""
-    return json.dumps({"server_name": host, "server_port": port, "routing_strategy": routing,
-                       "api_keys": list(keys)}).encode()
-
-
-def proxy_process(spec: bytes, directory: Path):
-    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.engine.proxy_server
-    /dev/stdin`` with ``spec`` (``proxy_spec``) on its stdin, its log in ``directory``. Used by
-    ``launch proxy start`` and ``launch serve --replicas``."""
-    from launcher.runtime.process import SPEC_ON_STDIN, ServerProcess
-
-    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
-    # where each request goes ("A request is dispatched to ...").
-    env = dict(os.environ)
-    env.setdefault("UVICORN_LOG_LEVEL", "warning")
-    return ServerProcess([sys.executable, "-m", "launcher.engine.proxy_server", SPEC_ON_STDIN],
-                         log_path=directory / LOG_NAME, env=env, stdin_data=spec)
 
 
 def run_proxy(request: ProxyRequest, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -30,6 +30,7 @@ from launcher.engine.routing import (
 )
 from launcher.errors import LaunchError
 
+PROXY_LOG = "proxy.log"  # lmdeploy's proxy's
 FRONT_LOG = "front.log"
 ROUTER_LOG = "router.log"
 REQUEST_TIMEOUT_S = 1800.0  # one request through the router, whole (a long-context answer takes minutes)
@@ -73,6 +74,26 @@ def vllm_router_path() -> str:
     return found
 
 
+def proxy_spec(host: str, port: int, routing: str, keys: Sequence[str]) -> bytes:
+    """The proxy process's spec (``launcher.engine.proxy_server``), handed over on its stdin."""
+    return json.dumps({"server_name": host, "server_port": port, "routing_strategy": routing,
+                       "api_keys": list(keys)}).encode()
+
+
+def proxy_process(spec: bytes, directory: Path):
+    """The proxy as a (not yet started) ``ServerProcess``: ``python -m launcher.engine.proxy_server
+    /dev/stdin`` with ``spec`` (``proxy_spec``) on its stdin, its log in ``directory``. Used by
+    ``launch proxy start`` and ``launch serve --replicas``."""
+    from launcher.runtime.process import SPEC_ON_STDIN, ServerProcess
+
+    # uvicorn's access lines would be mostly the watchdog's /nodes/status polls; lmdeploy still logs
+    # where each request goes ("A request is dispatched to ...").
+    env = dict(os.environ)
+    env.setdefault("UVICORN_LOG_LEVEL", "warning")
+    return ServerProcess([sys.executable, "-m", "launcher.engine.proxy_server", SPEC_ON_STDIN],
+                         log_path=directory / PROXY_LOG, env=env, stdin_data=spec)
+
+
 def front_spec(host: str, port: int, router_url: str, keys: Sequence[str], router: str,
                placeholders: Sequence[str] = ()) -> bytes:
     """The front's spec (``launcher.engine.router_front``), handed over on its stdin (keys never on disk)."""
@@ -86,7 +107,6 @@ def router_run(kind: str, host: str, port: int, keys: Sequence[str], routing: st
     their logs in ``directory``."""
     from launcher.runtime.address import free_ports, server_root_url
     from launcher.runtime.process import SPEC_ON_STDIN, ServerProcess
-    from launcher.scaleout.proxy import proxy_process, proxy_spec
 
     root = server_root_url(host, port)
     if kind == "lmdeploy":
