@@ -297,10 +297,30 @@ def _watched(call: _Call, tasks: list[Callable[[], Any]], *, metadata: bool = Fa
         elif time.monotonic() > (call.deadline if metadata else last + call.timeout_s) + _GRACE_S:
             with lock:
                 failures.append(HubTimeout(call.endpoint, call.timeout_s, call.doing))
+            _abandon(alive)
             break
     if failures:
         raise failures[0]
     return results
+
+
+_ABANDONED = "launch-hub-abandoned"
+
+
+def _drop_abandoned(record) -> bool:
+    return record.threadName != _ABANDONED
+
+
+def _abandon(threads: list[threading.Thread]) -> None:
+    """Threads left behind past the deadline (daemons: they end with the process) say nothing more: what
+    huggingface_hub logs in them ("Retrying in 2s") would follow launch's one-line error on stderr."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    for thread in threads:
+        thread.name = _ABANDONED
+    for handler in hf_logging.get_logger().handlers:
+        if _drop_abandoned not in handler.filters:
+            handler.addFilter(_drop_abandoned)
 
 
 @contextmanager
