@@ -1,7 +1,7 @@
 """The base of launch's typed errors, and the one rule that turns an error into what a user sees.
 
 Every error a user can cause is a subclass of ``LaunchError`` defined beside the code that raises it
-(``launcher.rules.rope.ShrinksContext``, ``launcher.model.hub.RepoNotFound``, ...), with its facts as
+(``launcher.rules.rope.ShrinksContext``, ``launcher.model.hubcall.RepoNotFound``, ...), with its facts as
 annotated fields and its ``message`` beside them (a format string over those fields, or a method) that
 says what is wrong and what to do next. Library code raises them and never prints. The one edge,
 ``launcher.cli.main``, prints ``user_message(err)`` on stderr and exits with the error's

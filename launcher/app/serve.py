@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
+from launcher.app.joining import Joining, check_joining, join_hooks
+from launcher.app.serveprobe import probe_hook
 from launcher.engine.spec import (
     architecture_of,
     spec_to_json,
@@ -135,79 +136,6 @@ def _check_gpus(plan: Plan) -> None:
         raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
 
 
-@dataclass(frozen=True)
-class Joining:
-    """``--proxy-url``: the proxy (normalised, credentials kept for the requests) and the URL this
-    server registers under."""
-
-    proxy: str
-    url: str
-
-
-def _check_joining(request: ServeRequest) -> Joining | None:
-    """``--proxy-url`` / ``--advertise-url`` of a checked request, checked against each other and the
-    layout (no request)."""
-    from launcher.scaleout.nodes import advertise_url, proxy_url
-
-    scale = request.plan
-    if request.probe and scale.scale_out == "replicas":
-        raise BadOption("--probe", "with --replicas", "probes one engine: serve the replicas, then `launch probe --url "
-                        "http://127.0.0.1:PORT+1` for the first replica (or the proxy's PORT for all)")
-    if request.proxy_url is None:
-        if request.advertise_url is not None:
-            raise BadOption("--advertise-url", request.advertise_url, "is the URL a proxy reaches this server at: "
-                            "give --proxy-url too")
-        return None
-    if scale.scale_out == "replicas":
-        raise BadOption("--proxy-url", request.proxy_url, "--replicas runs its own proxy on --port; serve one "
-                        "replica per command to join another proxy")
-    if scale.scale_out == "nodes" and scale.node_rank:
-        raise BadOption("--proxy-url", request.proxy_url, "only rank 0 serves HTTP: give --proxy-url on node 0")
-    from launcher.net import http
-    from launcher.runtime.address import is_loopback
-
-    joining = Joining(proxy_url(request.proxy_url, "--proxy-url"),
-                      advertise_url(scale.host, scale.port, request.advertise_url))
-    own, proxy_host = http.parse_url(joining.url).host, http.parse_url(joining.proxy).host
-    if is_loopback(own) and not is_loopback(proxy_host):
-        raise BadOption("--advertise-url", joining.url, f"the proxy at {proxy_host} cannot reach this machine's loopback "
-                        "address; serve with --host 0.0.0.0 (or this machine's address) and --advertise-url "
-                        "http://THIS-MACHINE:PORT")
-    return joining
-
-
-def _join_hooks(joining: Joining, out: TextIO) -> tuple[Callable, Callable]:
-    """(on ready: register with the proxy, or stop serving; on stop: leave the proxy)."""
-    from launcher.errors import LaunchError
-    from launcher.net import http
-    from launcher.scaleout.nodes import add_node, leave
-    from launcher.scaleout.replicas import ReplicaNotRegistered
-
-    shown = http.redact(joining.proxy)
-    joined: list[bool] = []
-
-    keys: list[str | None] = []
-
-    def join(info) -> None:
-        keys.append(info.api_key)  # the server's key: sent to the router's node API too (the same keys on both)
-        try:
-            add_node(joining.url, joining.proxy, info.api_key)
-        except LaunchError as exc:
-            raise ReplicaNotRegistered(joining.url, shown, str(exc)) from None
-        joined.append(True)
-        print(f"  registered with the proxy at {shown} as {joining.url} (it leaves the proxy when stopped)",
-              file=out)
-
-    def part() -> None:
-        if not joined:  # never registered: nothing to take out
-            return
-        left = leave(joining.url, joining.proxy, keys[0] if keys else None)
-        print(f"launch: {'left' if left else 'could not leave (not registered, or it does not answer)'} "
-              f"the proxy at {shown}", file=sys.stderr, flush=True)
-
-    return join, part
-
-
 def _check_memory(plan: Plan) -> None:
     m = plan.memory
     if m is not None and not m.fits:
@@ -238,63 +166,6 @@ def _spec(plan: Plan, model_path: Path, engine_extra: dict | None = None) -> tup
 
 
 ENGINE_SERVER = ("-m", "launcher.engine.server")
-PROBE_TRIALS = 1
-
-
-def probe_lengths(native: int, session_len: int) -> tuple[int, ...]:
-    """0.5x, 1x, 1.5x and 2x the native context, capped to fit the session; and the longest prompt
-    the session takes when that is longer still (Llama 3.1: native 8k, served 128k)."""
-    from launcher.eval.probe.settings import default_lengths, longest_prompt
-
-    return tuple(sorted(set(default_lengths(native, session_len)) | {longest_prompt(session_len)}))
-
-
-def _probe_hook(plan: Plan, run_dir: Path, out: TextIO, ppl_text: Path | None = None) -> Callable:
-    """``serve --probe``: once ready, a passkey sweep (see ``probe_lengths``), then with ``ppl_text``
-    the long-context loss of that text at the same lengths (``launch ppl``); a Ctrl-C cuts them short,
-    and their tables and files are still written before serve hands over. A ppl measurement that
-    cannot run (a text shorter than the windows, a server without /get_ppl) is one warning line:
-    the server keeps serving."""
-
-    def run(info) -> Callable[[], None]:
-        from datetime import datetime
-
-        from launcher.errors import LaunchError
-        from launcher.eval.probe import ProbeSettings, publish, sweep
-
-        d = plan.decision
-        lengths = probe_lengths(d.native_context, d.session_len)
-        settings = ProbeSettings(
-            lengths=lengths, url=info.root_url, model=info.model_name,
-            api_key=info.api_key, native_context=d.native_context, trials=PROBE_TRIALS,
-        )
-        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-        result = sweep(settings)
-        ppl_result, ppl_error = None, None
-        if ppl_text is not None and not result.interrupted:
-            from launcher.eval.ppl import PplSettings, measure
-
-            try:
-                ppl_result = measure(PplSettings(
-                    lengths=lengths, texts=(ppl_text,), span=min(512, min(lengths) // 2), url=info.root_url,
-                    api_key=info.api_key, native_context=d.native_context))
-            except LaunchError as err:
-                ppl_error = err
-
-        def finish() -> None:
-            publish(result, run_dir / f"probe-{stamp}", out)
-            if ppl_result is not None:
-                from launcher.eval.ppl import publish as publish_ppl
-
-                publish_ppl(ppl_result, run_dir / f"ppl-{stamp}", out)
-            if ppl_error is not None:
-                print(f"launch: warning: no ppl measurement: {ppl_error}", file=out)
-
-        return finish
-
-    return run
-
-
 def serve(request: ServeRequest, out: TextIO | None = None,
           server_argv: tuple[str, ...] | None = None) -> int:
     """Run serve end to end. Returns the exit code (0 after a clean stop).
@@ -315,7 +186,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     request = check_serve(request)  # every value once (the parser's are taken as read), the rules between flags
     from launcher.runtime.address import exposure_warnings, port_free, say_warnings
 
-    joining = _check_joining(request)
+    joining = check_joining(request)
     plan = prepare(request)
     scale = plan.request.scale_out
     count = gpus_here() if scale == "replicas" and plan.gpu_count is None else None
@@ -414,7 +285,7 @@ def _serve_claimed(plan: Plan, layout, count: int | None, joining: Joining | Non
         print(f"overlay hash: {overlay_digest(full)} (compare it across the nodes)", file=sys.stderr)
         extra = {"nnodes": scale.nnodes, "node_rank": scale.node_rank, "dist_init_addr": scale.dist_init_addr}
     spec, log_path = _spec(full, overlay.path, extra)
-    on_join, on_stop = _join_hooks(joining, out) if joining is not None else (None, None)
+    on_join, on_stop = join_hooks(joining, out) if joining is not None else (None, None)
 
     def on_ready(info) -> None:
         if on_join:
@@ -437,7 +308,7 @@ def _serve_claimed(plan: Plan, layout, count: int | None, joining: Joining | Non
         api_keys=list(full.engine.api_keys) or None,
         health_timeout_s=request.health_timeout_s,
         on_ready=on_ready,
-        probe=_probe_hook(full, log_path.parent, out, request.ppl_text) if request.probe else None,
+        probe=probe_hook(full, log_path.parent, out, request.ppl_text) if request.probe else None,
         on_stop=on_stop,
         stdin_data=spec,
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Self
 
 from launcher.errors import LaunchError, printable
-from launcher.model.overlay import BadOutPath
+from launcher.runtime.outdir import BadOutPath, check_out_path, inside_hf_cache
 
 FALLBACK_TRIES = 100  # NAME-2 ... NAME-101 beside an --out that was taken during the run
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
@@ -49,10 +49,9 @@ class OutNotWritable(LaunchError):
 
 def check_out_dir(out: Path | str, example: str) -> Path:
     """``out`` as the place of a new run directory, checked before the run (reads only): a plain
-    name (``overlay.check_out_path``), not in the Hugging Face cache, not a link, and either new
+    name (``outdir.check_out_path``), not in the Hugging Face cache, not a link, and either new
     (its nearest existing parent a writable directory) or an empty, writable real directory.
     ``BadOutPath`` (exit 2) says why not."""
-    from launcher.model.overlay import check_out_path, inside_hf_cache
 
     path = check_out_path(out, example=example)
     shown = printable(str(path))
@@ -115,7 +114,6 @@ class RunDir:
     def claim(cls, out: Path | str) -> RunDir:
         """Make ``out``, or take it while it is an empty real directory; else make ``out-2``, ``out-3``,
         ... beside it (only a directory launch makes itself) and say so in ``note``."""
-        from launcher.model.overlay import check_out_path
 
         path = check_out_path(out)
         fd, why, created = _take(path, may_exist=True)

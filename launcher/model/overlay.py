@@ -22,41 +22,28 @@ import json
 import os
 import shutil
 import stat
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.engine.spec import CHAT_TEMPLATE, PROVENANCE
 from launcher.errors import LaunchError
-from launcher.model.modeldir import CONFIG, MAX_CONFIG_BYTES, NotAModelDir
-from launcher.runtime.paths import hf_cache_dir, overlays_dir, slug
-
-
-class OverlayNotWritable(LaunchError):
-    path: str
-    problem: str
-    message = (
-        "cannot write the overlay at {path}: {problem}. "
-        "Pick another place with --out or LAUNCH_CACHE_DIR."
-    )
-
-
-class OverlayConflict(LaunchError):
-    """--out (or an overlay's place) holds something launch cannot prove it wrote."""
-
-    path: str
-    problem: str
-    message = "{path}: {problem}"
-
-
-class BadOutPath(LaunchError):
-    """An --out that cannot name an overlay directory (empty, too long, control characters)."""
-
-    path: str
-    problem: str
-    exit_code = 2
-    message = "--out {path}: {problem}"
+from launcher.model.modeldir import CONFIG, NotAModelDir
+from launcher.model.owned import (
+    ATTEMPTS,
+    MANIFEST,
+    OWN_FILES,
+    OverlayConflict,
+    OverlayNotWritable,
+    check_replaceable_steady,
+    foreign_entries,
+    provenance_of,
+    remove_own,
+    stamp,
+    walk_entries,
+)
+from launcher.runtime.outdir import check_out_path, inside, inside_hf_cache
+from launcher.runtime.paths import overlays_dir, slug
 
 
 class StaleOverlay(LaunchError):
@@ -68,16 +55,9 @@ class StaleOverlay(LaunchError):
     )
 
 
-OWN_FILES = (CONFIG, PROVENANCE, CHAT_TEMPLATE)  # real files launch writes; everything else is a link
-MANIFEST = "files"  # the provenance key listing every entry of the overlay
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
 MAX_SOURCE_FILES = 100_000
-NAME_MAX = 255  # bytes in one path component (Linux, macOS)
-# The temporary names beside the target add ".", ".tmp-<pid>-<8 hex>" / ".old-<8 hex>".
-_TMP_SUFFIX = 40
-PATH_MAX = 4000
 _BUSY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # a rename's target is taken
-_ATTEMPTS = 8  # concurrent runs replacing one overlay: how often to look again
 
 
 def config_bytes(config: dict) -> bytes:
@@ -138,52 +118,11 @@ def default_overlay_path(name: str, source: Path, patched: bytes) -> Path:
     return overlays_dir() / f"{slug(name)}-{overlay_key(source, patched)}"
 
 
-def _has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
-
-
-def check_out_path(path: Path | str, example: str = "./my-overlay") -> Path:
-    """``--out`` as a place for a new directory (an overlay; a probe or ppl run), or BadOutPath saying
-    why it cannot be one: the current directory or a root, control characters (or bytes that are not
-    UTF-8), a name too long for the file system. Pure: looks at the text only."""
-    text = os.fspath(path)
-    if _has_control(text):
-        raise BadOutPath(ascii(text), "contains a control character or bytes that are not UTF-8; "
-                         "give a plain directory name")
-    target = Path(text).expanduser()
-    if text.strip() in ("", ".", "..") or target.name in ("", ".", ".."):
-        raise BadOutPath(repr(text), f"names no new directory; give one, e.g. --out {example}")
-    for part in target.parts:
-        size = len(part.encode("utf-8", "surrogateescape"))
-        limit = NAME_MAX - _TMP_SUFFIX if part == target.name else NAME_MAX
-        if size > limit:
-            raise BadOutPath(repr(text[:40] + "..."), f"a name in it is {size} bytes long; at most {limit} fit here")
-    if len(text.encode("utf-8", "surrogateescape")) > PATH_MAX:
-        raise BadOutPath(repr(text[:40] + "..."), f"the path is longer than {PATH_MAX} bytes")
-    return target
-
-
-def _inside(path: Path, parent: Path) -> bool:
-    try:
-        Path(os.path.realpath(path)).relative_to(os.path.realpath(parent))
-        return True
-    except ValueError:
-        return False
-
-
-def inside_hf_cache(path: Path) -> bool:
-    """``path`` (links resolved) is in the Hugging Face cache, where launch never writes."""
-    return _inside(path, hf_cache_dir())
-
-
 def _check_target(target: Path, source: Path | None) -> None:
-    if source is not None and (_inside(target, source) or _inside(source, target)):
+    if source is not None and (inside(target, source) or inside(source, target)):
         raise OverlayConflict(str(target), "the overlay cannot be inside the model directory or contain it")
     if inside_hf_cache(target):
         raise OverlayConflict(str(target), "is inside the Hugging Face cache; launch never writes there")
-
-
-# --- what launch can prove it wrote -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -192,138 +131,6 @@ class Overlay:
     source: Path
     reused: bool
     files: int
-
-
-def _provenance_of(path: Path) -> dict | None:
-    try:
-        data = json.loads((path / PROVENANCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _manifest(path: Path) -> dict[str, str] | None:
-    """What launch's provenance in ``path`` says it wrote: relative path -> ``link:TARGET`` or
-    ``sha256:HEX`` (its own provenance: ``self``). None when there is no provenance of launch with a
-    manifest: then launch cannot prove anything there is its own."""
-    prov = _provenance_of(path)
-    entries = prov.get(MANIFEST) if prov else None
-    if prov is None or prov.get("tool") != "launch" or not isinstance(entries, dict):
-        return None
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
-        return None
-    return entries if entries.get(PROVENANCE) == "self" else None
-
-
-def _stamp(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _as_written(full: str, expected: str) -> bool:
-    """The entry at ``full`` is still exactly what launch wrote there."""
-    if expected.startswith("link:"):
-        try:
-            return os.readlink(full) == expected[5:]
-        except OSError:  # not a link, or gone since the walk (another run swapped its overlay in)
-            return False
-    if expected.startswith("sha256:") and os.path.isfile(full) and not os.path.islink(full):
-        try:
-            with open(full, "rb") as handle:
-                return _stamp(handle.read(MAX_CONFIG_BYTES + 1)) == expected
-        except OSError:
-            return False
-    return expected == "self" and os.path.isfile(full) and not os.path.islink(full)
-
-
-def _entries(path: Path) -> tuple[set[str], set[str]]:
-    """Every file or link (relative) and every real subdirectory under ``path``, links not followed."""
-    files, dirs = set(), set()
-    for root, subdirs, names in os.walk(path):
-        rel_root = os.path.relpath(root, path)
-        prefix = "" if rel_root == "." else rel_root + "/"
-        for name in subdirs:
-            full = os.path.join(root, name)
-            (files if os.path.islink(full) else dirs).add(prefix + name)
-        files.update(prefix + name for name in names)
-    return files, dirs
-
-
-def _foreign(path: Path) -> list[str] | None:
-    """What in ``path`` launch did not write, or changed since: [] when its manifest names every
-    entry and each is as launch wrote it (the same link, the same bytes); None when there is no
-    manifest at all."""
-    manifest = _manifest(path)
-    if manifest is None:
-        return None
-    files, dirs = _entries(path)
-    parents = {str(p) for n in manifest for p in Path(n).parents if str(p) != "."}
-    changed = {n for n in files & set(manifest) if not _as_written(os.path.join(path, n), manifest[n])}
-    return sorted((files - set(manifest)) | changed | (dirs - parents))
-
-
-def _describe(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _check_replaceable(target: Path) -> None:
-    """Refuse unless ``target`` is empty or an overlay launch wrote, with nothing else in it."""
-    foreign = _foreign(target)
-    if foreign is None:
-        try:
-            present = sorted(p.name for p in target.iterdir())
-        except OSError as err:
-            raise OverlayNotWritable(str(target), err.strerror or str(err)) from None
-        if not present:
-            return
-        prov = _provenance_of(target)
-        files, _dirs = _entries(target)
-        if prov is not None and prov.get("tool") == "launch" and all(
-                name in OWN_FILES or os.path.islink(target / name) for name in files):
-            raise OverlayConflict(
-                str(target),
-                "looks like an overlay of an older launch, which kept no manifest of its entries, so launch "
-                "cannot prove all of it is its own. Delete it yourself if it is, or choose another --out",
-            )
-        raise OverlayConflict(
-            str(target),
-            f"exists and is not a launch overlay (it holds {_describe(present)}); launch replaces only "
-            "what it wrote itself. Choose another --out, or empty it yourself",
-        )
-    if foreign:
-        raise OverlayConflict(
-            str(target),
-            f"holds {_describe(foreign)}, which launch did not write (or which changed since); launch "
-            "replaces only what it wrote itself. Move those away, or choose another --out",
-        )
-
-
-def _identity(path: Path) -> tuple[bytes | None, int | None]:
-    """The provenance's bytes and the directory's inode: another launch run that swaps its own
-    overlay in changes the inode, even with the same settings (the same bytes)."""
-    try:
-        data: bytes | None = (path / PROVENANCE).read_bytes()
-    except OSError:
-        data = None
-    try:
-        return data, os.stat(path, follow_symlinks=False).st_ino
-    except OSError:
-        return data, None
-
-
-def _check_replaceable_steady(target: Path) -> None:
-    """``_check_replaceable``, telling a real conflict from another launch run swapping its own
-    overlay in while this one looked (then the check is simply repeated)."""
-    for _attempt in range(_ATTEMPTS):
-        seen = _identity(target)
-        try:
-            _check_replaceable(target)
-            return
-        except (OverlayConflict, OverlayNotWritable):
-            if _identity(target) == seen and target.exists():
-                raise
-            if not target.exists():
-                return
-    _check_replaceable(target)
 
 
 def check_out(target: Path | str) -> Path:
@@ -336,35 +143,8 @@ def check_out(target: Path | str) -> Path:
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
     if target.exists():
-        _check_replaceable_steady(target)
+        check_replaceable_steady(target)
     return target
-
-
-def _remove_own(path: Path) -> None:
-    """Remove what the manifest of ``path`` names (its provenance last), then the directories that
-    leaves empty. Anything else stays where it is (and so does ``path`` then)."""
-    manifest = _manifest(path) or {}
-    for root, subdirs, names in os.walk(path, topdown=False):
-        rel_root = os.path.relpath(root, path)
-        prefix = "" if rel_root == "." else rel_root + "/"
-        for name in names + [d for d in subdirs if os.path.islink(os.path.join(root, d))]:
-            rel, full = prefix + name, os.path.join(root, name)
-            if rel in manifest and rel != PROVENANCE and _as_written(full, manifest[rel]):
-                try:
-                    os.unlink(full)
-                except OSError:
-                    pass
-        if root != str(path):
-            try:
-                os.rmdir(root)
-            except OSError:
-                pass
-    try:
-        if PROVENANCE in manifest:
-            os.unlink(path / PROVENANCE)
-        os.rmdir(path)
-    except OSError:
-        pass
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -383,7 +163,7 @@ def missing_links(path: Path) -> list[str]:
 
 def _matches(path: Path, source: Path, own: dict[str, bytes], files: dict[str, str]) -> bool:
     """``path`` is a complete overlay of exactly this source, config, own files and file set."""
-    prov = _provenance_of(path)
+    prov = provenance_of(path)
     if prov is None or prov.get("source") != os.path.realpath(source):
         return False
     try:
@@ -395,8 +175,8 @@ def _matches(path: Path, source: Path, own: dict[str, bytes], files: dict[str, s
         link = path / rel
         if not link.is_symlink() or os.readlink(link) != real:
             return False
-    entries, _dirs = _entries(path)
-    return entries == set(files) | set(own)
+    present, _dirs = walk_entries(path)
+    return present == set(files) | set(own)
 
 
 def _write_tree(tmp: Path, own: dict[str, bytes], files: dict[str, str]) -> None:
@@ -437,7 +217,7 @@ def build_overlay(source: Path, patched_config: dict, provenance: dict, target: 
     if chat_template:
         own[CHAT_TEMPLATE] = config_bytes(chat_template)
     manifest = {rel: "link:" + real for rel, real in files.items()}
-    manifest.update({name: _stamp(data) for name, data in own.items()}, **{PROVENANCE: "self"})
+    manifest.update({name: stamp(data) for name, data in own.items()}, **{PROVENANCE: "self"})
     provenance = {**provenance, "tool": provenance.get("tool", "launch"), "source": os.path.realpath(source),
                   MANIFEST: dict(sorted(manifest.items()))}
     own[PROVENANCE] = config_bytes(provenance)
@@ -478,7 +258,7 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
     """Rename ``tmp`` to ``target``. When ``target`` is taken: adopt it if it is this very overlay,
     else replace it if launch can prove it wrote all of it (concurrent runs with other settings:
     the last one wins, none fails), else refuse."""
-    for _attempt in range(_ATTEMPTS):
+    for _attempt in range(ATTEMPTS):
         try:
             _keep_mode(tmp, target)
             os.rename(tmp, target)  # atomic; replaces an empty directory; fails on a non-empty one
@@ -493,15 +273,15 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
                 continue  # another run moved it away meanwhile
             raise OverlayConflict(str(target), "exists and is not a directory; choose another --out")
         try:
-            _check_replaceable_steady(target)  # an overlay of launch's own, and nothing else in it
+            check_replaceable_steady(target)  # an overlay of launch's own, and nothing else in it
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
         except (FileNotFoundError, OverlayNotWritable):
             if target.exists():
                 raise
             continue  # another run moved it away meanwhile
-        foreign = _foreign(old)
-        if foreign or foreign is None and any(old.iterdir()):
+        left = foreign_entries(old)
+        if left or left is None and any(old.iterdir()):
             # Something appeared in it since the check: put it back untouched and refuse.
             try:
                 os.rename(old, target)
@@ -516,7 +296,7 @@ def _move_into_place(tmp: Path, target: Path, source: Path, own: dict[str, bytes
             if err.errno not in _BUSY:
                 raise
         finally:
-            _remove_own(old)
+            remove_own(old)
     raise OverlayNotWritable(str(target), "other launch runs kept replacing it at the same time")
 
 

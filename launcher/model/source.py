@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from launcher.model.modeldir import NotAModelDir, parse_model_config, read_model_config
-from launcher.model.presets import Preset, UnknownPreset, find_preset, suggestions
+from launcher.model.presets import UnknownPreset, find_preset, suggestions
+from launcher.model.presetschema import Preset
 from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder
 
 

@@ -115,7 +115,9 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
 
 
 def test_out_can_be_checked_before_anything_is_downloaded(tmp_path, model_dir):
-    from launcher.model.overlay import BadOutPath, OverlayConflict, check_out
+    from launcher.model.overlay import check_out
+    from launcher.model.owned import OverlayConflict
+    from launcher.runtime.outdir import BadOutPath
 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "a.txt").write_text("mine")
@@ -138,12 +140,13 @@ def test_an_empty_out_directory_is_used(tmp_path, capsys, model_dir):
 
 def test_removing_an_old_overlay_takes_only_what_its_manifest_names(tmp_path, model_dir):
     # The last step of a replacement, after a file appeared in the old overlay: it stays.
-    from launcher.model.overlay import _remove_own, build_overlay
+    from launcher.model.overlay import build_overlay
+    from launcher.model.owned import remove_own
 
     old = tmp_path / "old"
     build_overlay(model_dir, {**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}}, {}, old)
     (old / "late.txt").write_text("arrived during the swap")
-    _remove_own(old)
+    remove_own(old)
     assert sorted(p.name for p in old.iterdir()) == ["late.txt"]
 
 

@@ -289,7 +289,7 @@ def test_serve_probe_hook_also_measures_ppl_when_given_a_text(tmp_path):
     import io
     from types import SimpleNamespace
 
-    from launcher.app.serve import _probe_hook
+    from launcher.app.serveprobe import probe_hook
 
     text = tmp_path / "t.txt"
     text.write_text("one two three four five six seven. " * 200)  # 1600 tokens
@@ -297,7 +297,7 @@ def test_serve_probe_hook_also_measures_ppl_when_given_a_text(tmp_path):
     out = io.StringIO()
     with ProbeStandin(visible=512, session_len=1200) as server:
         info = SimpleNamespace(root_url=server.url, model_name=server.model, api_key=None)
-        finish = _probe_hook(plan, tmp_path / "run", out, text)(info)
+        finish = probe_hook(plan, tmp_path / "run", out, text)(info)
         scored = [len(ids) for ids in server.ppl_inputs]
         finish()
     ppl_dir = next((tmp_path / "run").glob("ppl-*"))
@@ -314,7 +314,7 @@ def test_serve_probe_hook_also_measures_ppl_when_given_a_text(tmp_path):
     out = io.StringIO()
     with ProbeStandin(visible=512, session_len=1200) as server:
         info = SimpleNamespace(root_url=server.url, model_name=server.model, api_key=None)
-        _probe_hook(plan, tmp_path / "run2", out, short)(info)()
+        probe_hook(plan, tmp_path / "run2", out, short)(info)()
     assert "launch: warning: no ppl measurement: a window of 1008 tokens is longer than the text" in out.getvalue()
     assert not list((tmp_path / "run2").glob("ppl-*"))
 

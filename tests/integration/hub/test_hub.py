@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from launcher.model.hub import (
+from launcher.model.hub import IncompleteCache, fetch, read_config
+from launcher.model.hubcache import NotCached
+from launcher.model.hubcall import (
     BadRepoId,
     GatedRepo,
     HubTimeout,
     HubUnreachable,
-    IncompleteCache,
     RepoNotFound,
     RevisionNotFound,
-    fetch,
-    read_config,
 )
-from launcher.model.hubcache import NotCached
 from launcher.model.selection import NoWeights
 from launcher.rules.checks import BadOption, hub_timeout
 from launcher.runtime.paths import hf_cache_dir, is_repo_id, repo_folder

@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.model import hubenv
-from launcher.model.hub import GatedRepo, HubUnreachable, RepoNotFound, RevisionNotFound, fetch, read_config
+from launcher.model.hub import fetch, read_config
+from launcher.model.hubcall import GatedRepo, HubUnreachable, RepoNotFound, RevisionNotFound
 from launcher.runtime.paths import hf_cache_dir, repo_folder
 from tests.conftest import REPO, assert_one_line_error, run_launch, tree_state, user_presets
 from tests.support.fakehub import FakeHub, tiny_repo_files

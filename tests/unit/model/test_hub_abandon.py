@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from launcher.model import hub
+from launcher.model import hubcall
 
 
 def test_an_abandoned_threads_hub_log_lines_are_dropped_and_others_kept():
@@ -27,10 +27,10 @@ def test_an_abandoned_threads_hub_log_lines_are_dropped_and_others_kept():
     kept = threading.Thread(target=log_once, args=("running",), daemon=True)
     left.start()
     kept.start()
-    hub._abandon([left])
-    hub._abandon([left])  # idempotent: one filter per handler
+    hubcall._abandon([left])
+    hubcall._abandon([left])  # idempotent: one filter per handler
     release.set()
     left.join(5)
     kept.join(5)
     assert seen == {"abandoned": [False] * len(handlers), "running": [True] * len(handlers)}
-    assert all(handler.filters.count(hub._drop_abandoned) == 1 for handler in handlers)
+    assert all(handler.filters.count(hubcall._drop_abandoned) == 1 for handler in handlers)

@@ -14,14 +14,13 @@ import pytest
 from launcher.model.modeldir import NotAModelDir, read_model_config
 from launcher.model.overlay import (
     PROVENANCE,
-    OverlayConflict,
-    OverlayNotWritable,
     StaleOverlay,
     build_overlay,
     check_overlay,
     config_bytes,
     source_files,
 )
+from launcher.model.owned import OverlayConflict, OverlayNotWritable, as_written
 from launcher.plan.build import PlanRequest, build_plan, make_overlay
 from tests.conftest import LLAMA
 
@@ -277,13 +276,12 @@ def test_concurrent_builds_with_other_settings_all_succeed_and_leave_one_complet
 def test_an_entry_that_vanishes_mid_check_is_changed_not_a_crash(tmp_path):
     """Another run swapping its overlay in can remove an entry between the walk and its check (seen
     as a FileNotFoundError traceback in about 1 in 120 racing builds before)."""
-    from launcher.model.overlay import _as_written
 
     os.symlink("/x", tmp_path / "link")
-    assert _as_written(str(tmp_path / "link"), "link:/x") is True
-    assert _as_written(str(tmp_path / "gone"), "link:/x") is False
+    assert as_written(str(tmp_path / "link"), "link:/x") is True
+    assert as_written(str(tmp_path / "gone"), "link:/x") is False
     (tmp_path / "file").write_text("a")
-    assert _as_written(str(tmp_path / "file"), "link:/x") is False
+    assert as_written(str(tmp_path / "file"), "link:/x") is False
 
 
 @pytest.mark.parametrize("mode", [0o700, 0o750, 0o711, 0o1777, 0o2775])
