@@ -9,30 +9,17 @@ import typer
 
 from launcher.cli.app import app
 from launcher.cli.options import (
-    BackendOpt,
-    CacheRatioOpt,
-    ContextOpt,
-    CpOpt,
-    FactorOpt,
-    ForceOpt,
-    GpuMemoryOpt,
-    MaxBatchOpt,
-    ModelArg,
-    ModelNameOpt,
-    PrefixCachingOpt,
-    QuantOpt,
-    RevisionOpt,
-    RouterOpt,
-    RoutingOpt,
-    SessionLenOpt,
-    TpOpt,
-    TrustOpt,
-    TypeOpt,
+    ENGINE_FLAGS,
+    MODEL_FLAGS,
+    REQUEST_FLAGS,
+    ROUTER_FLAGS,
     number,
     optional,
+    request_command,
     request_flag,
 )
 from launcher.engine.spec import DEFAULT_PORT
+from launcher.plan.request import PlanRequest
 from launcher.rules import limits
 from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 
@@ -49,6 +36,9 @@ HealthTimeoutOpt = number(
     limits.SECONDS, "--health-timeout", metavar="SECONDS", example=3600, default=DEFAULT_HEALTH_TIMEOUT_S,
     help="Seconds a pod has to download, load and answer /health (its startup probe; serve waits as long "
     "for the load).")
+# The request's --port, --replicas and --nnodes, said of pods.
+POD_FLAGS = tuple(REQUEST_FLAGS[name].replace(annotation=annotation)
+                  for name, annotation in (("port", PortOpt), ("replicas", ReplicasOpt), ("nnodes", NnodesOpt)))
 ImageOpt = optional(
     str, "--image", metavar="IMAGE",
     help="The container image the pods run: launch installed, `launch` on its PATH.")
@@ -82,31 +72,11 @@ K8sOutOpt = optional(
         "launch k8s internlm2_5-7b-chat --factor 4 --tp 16 --nnodes 2 --image IMAGE --gpu-memory 80"
     )
 )
+@request_command(MODEL_FLAGS, ENGINE_FLAGS, "revision", "trust_remote_code", "model_name", POD_FLAGS, ROUTER_FLAGS)
 def k8s(
-    model: ModelArg,
+    request: PlanRequest,
     image: ImageOpt = None,
-    factor: FactorOpt = None,
-    rope_type: TypeOpt = None,
-    session_len: SessionLenOpt = None,
-    context: ContextOpt = None,
-    force: ForceOpt = False,
-    tp: TpOpt = None,
-    cp: CpOpt = None,
-    enable_prefix_caching: PrefixCachingOpt = None,
-    max_batch_size: MaxBatchOpt = None,
-    cache_max_entry_count: CacheRatioOpt = None,
-    quant_policy: QuantOpt = None,
-    backend: BackendOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
-    model_name: ModelNameOpt = None,
-    port: PortOpt = str(DEFAULT_PORT),
-    replicas: ReplicasOpt = "1",
-    nnodes: NnodesOpt = "1",
-    routing: RoutingOpt = None,
-    router: RouterOpt = None,
     health_timeout: HealthTimeoutOpt = DEFAULT_HEALTH_TIMEOUT_S,
-    gpu_memory: GpuMemoryOpt = None,
     namespace: NamespaceOpt = "default",
     name: NameOpt = None,
     cache_pvc: CachePvcOpt = None,
@@ -123,22 +93,14 @@ def k8s(
     """
     from launcher.app.serve import refusal
     from launcher.plan.build import build_plan
-    from launcher.plan.request import PlanRequest
     from launcher.runtime.address import say_warnings
     from launcher.scaleout import k8s as kube
+    from launcher.scaleout import manifests as kobjects
 
-    scale_out = "replicas" if replicas > 1 else "nodes" if nnodes > 1 else None
     options = kube.check_options(kube.K8sOptions(
         image=image, namespace=namespace, name=name, cache_pvc=cache_pvc, api_key_secret=api_key_secret,
-        hf_token_secret=hf_token_secret, health_timeout_s=health_timeout), model, scale_out)
-    request = kube.cluster_request(PlanRequest.from_flags(
-        model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context,
-        force=force, backend=backend, tp=tp, max_batch_size=max_batch_size,
-        cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy, cp=cp,
-        enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, port=port,
-        model_name=model_name, revision=revision, trust_remote_code=trust_remote_code, replicas=replicas,
-        nnodes=nnodes, routing=routing, router=router,
-    ), options)
+        hf_token_secret=hf_token_secret, health_timeout_s=health_timeout), request.model, request.scale_out)
+    request = kube.cluster_request(request, options)
     target = None
     if out is not None:
         from launcher.eval.runfiles import check_out_dir
@@ -149,15 +111,15 @@ def k8s(
     refused = refusal(kube.cluster_plan(plan), here=False)  # what serve in the pods would refuse
     if refused is not None:
         raise refused
-    objects = kube.manifests(plan, layout, options)
+    objects = kobjects.manifests(plan, layout, options)
     say_warnings(kube.cluster_warnings(plan, options, _own_preset(plan)), sys.stderr)
     if target is None:
-        sys.stdout.write(kube.to_yaml(objects))
+        sys.stdout.write(kobjects.to_yaml(objects))
         return
     from launcher.eval.runfiles import RunDir
 
     with RunDir.claim(target) as run:
-        for file_name, text in kube.file_texts(objects):
+        for file_name, text in kobjects.file_texts(objects):
             print(run.write(file_name, text.encode()))
     if run.note:
         print(f"note: {run.note}", file=sys.stderr)

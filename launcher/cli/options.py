@@ -8,21 +8,60 @@ flag is declared with ``number``: text in the parser (click's INT and FLOAT woul
 "1_000", and answer in their own voice), read by its entry in the one table of limits
 (``launcher/rules/limits.py``) through ``checks.limited``. A number's help states the range from
 that entry.
+
+A set of flags that several commands take is declared once, as ``inspect.Parameter``s (``flag``):
+Typer reads options from a function's signature, so ``takes`` puts the set's parameters into the
+command's signature and hands the body their values as one typed object. The request's flags
+(``REQUEST_FLAGS``) reach ``plan``, ``serve``, ``patch`` and ``k8s`` as one ``PlanRequest``
+(``request_command``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from launcher.engine.routing import DEFAULT_ROUTING, ROUTINGS
-from launcher.engine.spec import DEFAULT_PORT, DEFAULTS
-from launcher.plan.request import FLAGS
+from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT, DEFAULTS
+from launcher.plan.request import FLAGS, PlanRequest
 from launcher.rules import checks, limits
 from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
 from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def flag(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    """The parameter ``name: annotation = default`` of a command's signature, for a set of flags
+    (``inspect.Parameter.empty``: no default, a required argument)."""
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
+
+
+def takes(into: str, build: Callable[..., Any], *flags: inspect.Parameter) -> Callable[[Command], Command]:
+    """A command that takes ``flags``: they stand in its signature (what Typer reads) where its
+    parameter ``into`` stands, in the order given, and its body gets ``build(**their values)`` as
+    ``into``. The body's other parameters are its own flags, as Typer reads them."""
+
+    def decorate(body: Command) -> Command:
+        own = inspect.signature(body, eval_str=True)  # Typer wants the annotations themselves
+        params = list(own.parameters.values())
+        at = list(own.parameters).index(into)
+
+        def command(**values):  # no annotations: Typer would read them in the body's module
+            taken = {p.name: values.pop(p.name) for p in flags}
+            return body(**values, **{into: build(**taken)})
+
+        functools.update_wrapper(command, body, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+        command.__signature__ = own.replace(parameters=[*params[:at], *flags, *params[at + 1:]])  # type: ignore[attr-defined]
+        return command  # type: ignore[return-value]
+
+    return decorate
 
 
 def optional(kind: type, *names: str, help: str, **more: Any) -> Any:
@@ -140,3 +179,66 @@ ProxyPortOpt = number(limits.PORT, "--port", metavar="PORT", help="Port of the p
                       default=DEFAULT_PROXY_PORT, example=DEFAULT_PROXY_PORT)
 StartTimeoutOpt = number(limits.SECONDS, "--start-timeout", metavar="SECONDS", example=120,
                          help="Seconds to wait for the proxy to answer.", default=DEFAULT_START_TIMEOUT_S)
+ApiKeyFileOpt = optional(Path, "--api-key-file", help="File with one API key per line.")
+
+
+def api_keys_option(help: str) -> Any:
+    """``--api-key``, repeated for several keys (serve and proxy start; each its own help)."""
+    return optional(list[str], "--api-key", help=help)
+
+
+# Every flag of the one request, declared once, in the order a command's help lists them; a command
+# takes sets of them (below) with ``request_command``. ``gpu_memory`` (the parameter's name in click, which
+# tests read) is the request's ``gpu_memory_gib``.
+REQUEST_FLAGS: dict[str, inspect.Parameter] = {p.name: p for p in (
+    flag("model", ModelArg, inspect.Parameter.empty),
+    flag("factor", FactorOpt),
+    flag("rope_type", TypeOpt),
+    flag("session_len", SessionLenOpt),
+    flag("context", ContextOpt),
+    flag("force", ForceOpt, False),
+    flag("backend", BackendOpt),
+    flag("tp", TpOpt),
+    flag("max_batch_size", MaxBatchOpt),
+    flag("cache_max_entry_count", CacheRatioOpt),
+    flag("quant_policy", QuantOpt),
+    flag("cp", CpOpt),
+    flag("enable_prefix_caching", PrefixCachingOpt),
+    flag("gpu_memory", GpuMemoryOpt),
+    flag("model_name", ModelNameOpt),
+    flag("revision", RevisionOpt),
+    flag("trust_remote_code", TrustOpt),
+    flag("out", OutOpt),
+    flag("host", HostOpt, DEFAULT_HOST),
+    flag("port", PortOpt, str(DEFAULT_PORT)),
+    flag("replicas", ReplicasOpt, "1"),
+    flag("nnodes", NnodesOpt, "1"),
+    flag("node_rank", NodeRankOpt),
+    flag("dist_init_addr", DistInitAddrOpt),
+    flag("routing", RoutingOpt),
+    flag("router", RouterOpt),
+)}
+
+
+def _set(names: str) -> tuple[inspect.Parameter, ...]:
+    return tuple(REQUEST_FLAGS[name] for name in names.split())
+
+
+MODEL_FLAGS = _set("model factor rope_type session_len context force")  # patch, plan, serve, k8s
+ENGINE_FLAGS = _set("backend tp max_batch_size cache_max_entry_count quant_policy cp enable_prefix_caching "
+                    "gpu_memory")  # plan, serve, k8s
+SERVER_FLAGS = _set("host port replicas nnodes node_rank dist_init_addr")  # plan, serve
+ROUTER_FLAGS = _set("routing router")  # plan, serve, k8s
+
+
+def _plan_request(gpu_memory: float | None = None, **values: Any) -> PlanRequest:
+    return PlanRequest.from_flags(gpu_memory_gib=gpu_memory, **values)
+
+
+def request_command(*flags: str | tuple[inspect.Parameter, ...]) -> Callable[[Command], Command]:
+    """``takes`` for a command of the one request: ``flags`` are sets (``MODEL_FLAGS``..., or a
+    command's own wording of request flags, as k8s's ``POD_FLAGS``) and names in ``REQUEST_FLAGS``,
+    in the order of its help; the body gets their ``PlanRequest`` as ``request``, each value already
+    read by the parser."""
+    params = [p for item in flags for p in ((REQUEST_FLAGS[item],) if isinstance(item, str) else item)]
+    return takes("request", _plan_request, *params)

@@ -7,33 +7,15 @@ import sys
 import typer
 
 from launcher.cli.app import app
-from launcher.cli.options import (
-    ContextOpt,
-    FactorOpt,
-    ForceOpt,
-    ModelArg,
-    OutOpt,
-    RevisionOpt,
-    SessionLenOpt,
-    TrustOpt,
-    TypeOpt,
-)
+from launcher.cli.options import MODEL_FLAGS, request_command
+from launcher.plan.request import PlanRequest
 
 
 @app.command(
     epilog="Examples:  launch patch ./internlm2-chat-7b --factor 2   |   launch patch ./qwen --factor 4 --type yarn --out ./qwen-128k"
 )
-def patch(
-    model: ModelArg,
-    factor: FactorOpt = None,
-    rope_type: TypeOpt = None,
-    session_len: SessionLenOpt = None,
-    context: ContextOpt = None,
-    force: ForceOpt = False,
-    out: OutOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
-) -> None:
+@request_command(MODEL_FLAGS, "out", "revision", "trust_remote_code")
+def patch(request: PlanRequest) -> None:
     """Write a patched view of MODEL (never modifying it) and print its path as the last line.
 
     MODEL is a preset name, a Hugging Face repo id ORG/NAME (downloaded first), or a local model
@@ -41,13 +23,9 @@ def patch(
     """
     from launcher.plan.build import build_plan, make_overlay, with_files
     from launcher.plan.render import reader_line
-    from launcher.plan.request import PlanRequest
 
     # Every flag (the parser) and --out first, then the config alone, then the plan; only then the files.
-    plan, note = with_files(build_plan(PlanRequest.from_flags(
-        model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force, out=out,
-        revision=revision, trust_remote_code=trust_remote_code,
-    )))
+    plan, note = with_files(build_plan(request))
     if note:
         typer.echo(note, err=True)
     overlay = make_overlay(plan)

@@ -12,14 +12,14 @@ from launcher.cli import runs as run_dirs
 from launcher.cli.app import app
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
+OutOpt = run_dirs.out_option("ppl", "ppl")
+TimeoutOpt = run_dirs.timeout_option(600)
 
 
 @app.command()
+@run_dirs.reads_command("Redraw the results.json of RUN_DIR... on one chart and one table (before/after).")
 def ppl(
-    runs: run_dirs.RunDirsArg = None,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="Redraw the results.json of RUN_DIR... on one chart and one table (before/after).")] = False,
-    url: run_dirs.UrlOpt = None,
+    reads: run_dirs.Reads,
     api_key: run_dirs.ApiKeyOpt = None,
     text: Annotated[list[Path] | None, typer.Option(
         "--text", metavar="FILE", help="UTF-8 text to score (repeat for several). Default: the bundled Jargon File "
@@ -38,12 +38,8 @@ def ppl(
         "Default: 512 (at most half the shortest window).", show_default=False)] = None,
     label: Annotated[_Text, typer.Option("--label", metavar="NAME", help="Name of this run on charts. Default: the "
                                          "served model name.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="DIR", help="New or empty directory for results.json and ppl.png (with --compare: "
-        "ppl-compare.png). "
-        "Default: ./ppl-<timestamp>/.", show_default=False)] = None,
-    timeout: Annotated[_Text, typer.Option("--timeout", metavar="SECONDS", help="Seconds per HTTP request. Default: 600.",
-                                           show_default=False)] = None,
+    out: OutOpt = None,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Measure the language-modelling loss of a long text at growing context lengths.
 
@@ -51,14 +47,14 @@ def ppl(
     results.json and ppl.png; exits 3 when no window was scored (or the engine stopped answering).
     Example: launch ppl --native 8192 --lengths 0.5x,1x,1.5x,2x
     """
-    if run_dirs.compared("ppl", compare, runs, out):
+    if run_dirs.compared("ppl", reads.compare, reads.runs, out):
         return
 
     from launcher.eval.ppl import measure, publish, settings_from_flags
     from launcher.eval.probe.settings import preset_native
 
     native_from_preset = preset_native(preset, native)
-    settings = settings_from_flags(url=url, api_key=api_key, lengths=lengths, native=native, texts=text,
+    settings = settings_from_flags(url=reads.url, api_key=api_key, lengths=lengths, native=native, texts=text,
                                    tokenizer=tokenizer, span=span, timeout=timeout, label=label,
                                    native_from_preset=native_from_preset)
     out_dir = run_dirs.new_out_dir("ppl", out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,14 +20,14 @@ class ProbeBelowThreshold(LaunchError):
 
 
 _Text = str | None  # values are parsed by the library, so a bad one gets one clear line
+OutOpt = run_dirs.out_option("probe", "heatmap")
+TimeoutOpt = run_dirs.timeout_option(300)
 
 
 @app.command()
+@run_dirs.reads_command("Draw the heatmaps of RUN_DIR... side by side in one PNG, and print their tables.")
 def probe(
-    runs: run_dirs.RunDirsArg = None,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="Draw the heatmaps of RUN_DIR... side by side in one PNG, and print their tables.")] = False,
-    url: run_dirs.UrlOpt = None,
+    reads: run_dirs.Reads,
     model: Annotated[_Text, typer.Option("--model", metavar="NAME", help="Model name. Default: the first of GET /v1/models.",
                                          show_default=False)] = None,
     api_key: run_dirs.ApiKeyOpt = None,
@@ -49,15 +48,11 @@ def probe(
         "--tokenizer", metavar="DIR", help="Local model directory whose tokenizer measures lengths when the server has no "
         "tokenize endpoint. Without both, lengths are estimated (~4 characters per token).",
         show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="DIR", help="New or empty directory for results.json and heatmap.png (with --compare: "
-        "heatmap-compare.png). Default: ./probe-<timestamp>/.",
-        show_default=False)] = None,
+    out: OutOpt = None,
     min_accuracy: Annotated[_Text, typer.Option(
         "--min-accuracy", metavar="A", help="Exit 1 when the overall accuracy is below this (0..1). Default: 0.",
         show_default=False)] = None,
-    timeout: Annotated[_Text, typer.Option("--timeout", metavar="SECONDS", help="Seconds per HTTP request. Default: 300.",
-                                           show_default=False)] = None,
+    timeout: TimeoutOpt = None,
     max_tokens: Annotated[_Text, typer.Option("--max-tokens", metavar="N", help="Answer tokens per trial. Default: 64.",
                                               show_default=False)] = None,
 ) -> None:
@@ -67,7 +62,7 @@ def probe(
     trial was answered (or the engine stopped answering), 1 below --min-accuracy.
     Example: launch probe --native 32768 --lengths 0.5x,1x,1.5x,2x
     """
-    if run_dirs.compared("probe", compare, runs, out):
+    if run_dirs.compared("probe", reads.compare, reads.runs, out):
         return
 
     from launcher.eval.probe import publish, settings_from_flags, sweep
@@ -75,7 +70,7 @@ def probe(
 
     native_from_preset = preset_native(preset, native)
     settings = settings_from_flags(
-        url=url, model=model, api_key=api_key, lengths=lengths, depths=depths, trials=trials, seed=seed,
+        url=reads.url, model=model, api_key=api_key, lengths=lengths, depths=depths, trials=trials, seed=seed,
         native=native, tokenizer=tokenizer, timeout=timeout, max_tokens=max_tokens, min_accuracy=min_accuracy,
         native_from_preset=native_from_preset,
     )

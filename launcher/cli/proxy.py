@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from launcher.cli.app import app
-from launcher.cli.options import JsonOpt, ProxyPortOpt, RouterOpt, RoutingOpt, StartTimeoutOpt
+from launcher.cli.options import (
+    ApiKeyFileOpt,
+    JsonOpt,
+    ProxyPortOpt,
+    RouterOpt,
+    RoutingOpt,
+    StartTimeoutOpt,
+    api_keys_option,
+)
 from launcher.scaleout.proxy import DEFAULT_PROXY_PORT, DEFAULT_START_TIMEOUT_S
 
 proxy_app = typer.Typer(
@@ -33,6 +40,7 @@ ProxyOpt = Annotated[
     str, typer.Option("--proxy", help="The proxy's address, e.g. http://127.0.0.1:8000.", show_default=False)
 ]
 NodeArg = Annotated[str, typer.Argument(help="The replica's address, e.g. http://10.0.0.5:23333.", show_default=False)]
+ApiKeysOpt = api_keys_option("API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.")
 
 
 @proxy_app.command(
@@ -41,14 +49,8 @@ NodeArg = Annotated[str, typer.Argument(help="The replica's address, e.g. http:/
 def start(
     host: Annotated[str, typer.Option("--host", help="Address to bind. Only this machine by default.")] = "127.0.0.1",
     port: ProxyPortOpt = DEFAULT_PROXY_PORT,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option("--api-key", help="API key clients must send (repeat for several). Also LAUNCH_API_KEYS=k1,k2.",
-                     show_default=False),
-    ] = None,
-    api_key_file: Annotated[
-        Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
-    ] = None,
+    api_key: ApiKeysOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     routing: RoutingOpt = None,
     router: RouterOpt = None,
     start_timeout: StartTimeoutOpt = DEFAULT_START_TIMEOUT_S,
@@ -113,7 +115,7 @@ def remove(url: NodeArg, proxy: ProxyOpt, api_key: KeyOpt = None) -> None:
 def status(proxy: ProxyOpt, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """The proxy's nodes, their models and their /health now; and the nodes launch's watchdog took
     out (when and why), for a proxy that `launch proxy start` or `serve --replicas` runs here."""
-    from launcher.scaleout.nodes import render_status, status_json, status_report
+    from launcher.scaleout.status import render_status, status_json, status_report
 
     report = status_report(proxy, key=api_key or os.environ.get("LAUNCH_API_KEY") or None)
     if as_json:

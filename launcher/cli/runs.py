@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Protocol, TextIO
+from typing import Annotated, Any, Protocol, TextIO
 
 import typer
 
-from launcher.cli.options import optional
+from launcher.cli.options import Command, flag, optional, takes
 from launcher.errors import LaunchError, printable
 
 RunDirsArg = Annotated[list[Path] | None, typer.Argument(
@@ -23,6 +24,34 @@ UrlOpt = optional(str, "--url", metavar="URL", help="The lmdeploy server. Defaul
 ApiKeyOpt = optional(str, "--api-key", metavar="KEY", envvar="LAUNCH_API_KEY", show_envvar=True,
                      help="Sent as 'Authorization: Bearer KEY'.")
 PresetOpt = optional(str, "--preset", metavar="NAME", help="Take the native context from this preset.")
+
+
+def out_option(command: str, chart: str) -> Any:
+    """``--out``: where a run writes (``new_out_dir``) or ``--compare`` draws, ``chart``: its PNG's name."""
+    return optional(Path, "--out", "-o", metavar="DIR", help=f"New or empty directory for results.json and "
+                    f"{chart}.png (with --compare: {chart}-compare.png). Default: ./{command}-<timestamp>/.")
+
+
+def timeout_option(seconds: int) -> Any:
+    """``--timeout``, ``seconds`` the command's default (its settings read the flag)."""
+    return optional(str, "--timeout", metavar="SECONDS", help=f"Seconds per HTTP request. Default: {seconds}.")
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What a run of probe or ppl reads: the server at ``url``, or with ``compare`` the directories
+    ``runs`` earlier runs wrote."""
+
+    runs: list[Path] | None
+    compare: bool
+    url: str | None
+
+
+def reads_command(compare_help: str) -> Callable[[Command], Command]:
+    """``takes`` for probe and ppl: RUN_DIR..., --compare (``compare_help``, the command's own) and
+    --url, first in the command's options; the body gets them as ``reads``."""
+    compare = Annotated[bool, typer.Option("--compare", help=compare_help)]
+    return takes("reads", Reads, flag("runs", RunDirsArg), flag("compare", compare, False), flag("url", UrlOpt))
 
 
 class Ended(Protocol):

@@ -9,36 +9,21 @@ import typer
 
 from launcher.cli.app import app
 from launcher.cli.options import (
-    BackendOpt,
-    CacheRatioOpt,
-    ContextOpt,
-    CpOpt,
-    DistInitAddrOpt,
-    FactorOpt,
-    ForceOpt,
-    GpuMemoryOpt,
+    ENGINE_FLAGS,
+    MODEL_FLAGS,
+    ROUTER_FLAGS,
+    SERVER_FLAGS,
+    ApiKeyFileOpt,
     HealthTimeoutOpt,
-    HostOpt,
     JsonOpt,
-    MaxBatchOpt,
-    ModelArg,
-    ModelNameOpt,
-    NnodesOpt,
-    NodeRankOpt,
-    PortOpt,
-    PrefixCachingOpt,
-    QuantOpt,
-    ReplicasOpt,
-    RevisionOpt,
-    RouterOpt,
-    RoutingOpt,
-    SessionLenOpt,
-    TpOpt,
-    TrustOpt,
-    TypeOpt,
+    api_keys_option,
+    request_command,
 )
-from launcher.engine.spec import DEFAULT_HOST, DEFAULT_PORT
+from launcher.plan.request import PlanRequest
 from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
+
+ApiKeysOpt = api_keys_option("API key clients must send (repeat for several). Visible to other users in `ps`: "
+                             "prefer LAUNCH_API_KEYS=k1,k2 or --api-key-file.")
 
 
 @app.command(
@@ -50,44 +35,15 @@ from launcher.runtime.supervise import DEFAULT_HEALTH_TIMEOUT_S
         "launch serve MODEL --tp 16 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.1:29500"
     )
 )
+@request_command(MODEL_FLAGS, ENGINE_FLAGS, "model_name", "revision", "trust_remote_code", SERVER_FLAGS, ROUTER_FLAGS)
 def serve(
-    model: ModelArg,
-    factor: FactorOpt = None,
-    rope_type: TypeOpt = None,
-    session_len: SessionLenOpt = None,
-    context: ContextOpt = None,
-    force: ForceOpt = False,
-    tp: TpOpt = None,
-    host: HostOpt = DEFAULT_HOST,
-    port: PortOpt = str(DEFAULT_PORT),
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option("--api-key", help="API key clients must send (repeat for several). Visible to other users "
-                     "in `ps`: prefer LAUNCH_API_KEYS=k1,k2 or --api-key-file.", show_default=False),
-    ] = None,
-    api_key_file: Annotated[
-        Path | None, typer.Option("--api-key-file", help="File with one API key per line.", show_default=False)
-    ] = None,
-    cache_max_entry_count: CacheRatioOpt = None,
-    quant_policy: QuantOpt = None,
-    cp: CpOpt = None,
-    enable_prefix_caching: PrefixCachingOpt = None,
-    max_batch_size: MaxBatchOpt = None,
-    backend: BackendOpt = None,
-    gpu_memory: GpuMemoryOpt = None,
-    model_name: ModelNameOpt = None,
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = None,
+    request: PlanRequest,
+    api_key: ApiKeysOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     health_timeout: HealthTimeoutOpt = DEFAULT_HEALTH_TIMEOUT_S,
     probe: Annotated[
         bool, typer.Option("--probe", help="Once ready, run a passkey probe at 0.5x, 1x, 1.5x and 2x native.")
     ] = False,
-    replicas: ReplicasOpt = "1",
-    nnodes: NnodesOpt = "1",
-    node_rank: NodeRankOpt = None,
-    dist_init_addr: DistInitAddrOpt = None,
-    routing: RoutingOpt = None,
-    router: RouterOpt = None,
     proxy_url: Annotated[
         str | None,
         typer.Option("--proxy-url", metavar="URL", help="Register with this lmdeploy proxy once /health answers (e.g. "
@@ -112,17 +68,10 @@ def serve(
     from launcher.app.serve import ServeRequest
     from launcher.app.serve import serve as run_serve
     from launcher.eval.ppl.text import serve_ppl_text
-    from launcher.plan.request import PlanRequest
 
     # Every value was read by the parser: the request carries them typed, and nothing reads them again.
     request = ServeRequest.from_flags(
-        plan=PlanRequest.from_flags(
-            model=model, factor=factor, rope_type=rope_type, session_len=session_len, context=context, force=force,
-            backend=backend, tp=tp, max_batch_size=max_batch_size, cache_max_entry_count=cache_max_entry_count,
-            quant_policy=quant_policy, cp=cp, enable_prefix_caching=enable_prefix_caching, gpu_memory_gib=gpu_memory, host=host, port=port, model_name=model_name,
-            revision=revision, trust_remote_code=trust_remote_code, replicas=replicas, nnodes=nnodes,
-            node_rank=node_rank, dist_init_addr=dist_init_addr, routing=routing, router=router,
-        ),
+        plan=request,
         api_keys=tuple(api_key or ()),
         api_key_file=api_key_file,
         dry_run=dry_run,

@@ -53,6 +53,13 @@ def _bearer(header: str | None) -> str | None:
     return header[7:].strip()
 
 
+def _worker_path(path: str, url: str) -> str:
+    """vllm-router's control path for one worker: ``PATH?url=URL``, the URL quoted whole."""
+    from urllib.parse import quote
+
+    return f"{path}?url={quote(url, safe='')}"
+
+
 class Front:
     def __init__(self, data: dict) -> None:
         self.router = str(data["router_url"]).rstrip("/")
@@ -165,7 +172,7 @@ class Front:
             for url in urls if isinstance(url, str)})
 
     async def nodes_add(self, request):
-        from aiohttp import ClientError, web
+        from aiohttp import web
 
         if not self.control_allowed(request):
             return self.control_refusal()
@@ -182,21 +189,13 @@ class Front:
         if url in self.models:  # known: the models are refreshed, the router keeps its counts
             self.models[url] = list(models)
             return web.json_response("Added successfully")
-        from urllib.parse import quote
-
-        try:
-            code, answer = await self._router_call("POST", "/add_worker?url=" + quote(url, safe=""))
-        except (ClientError, asyncio.TimeoutError) as err:
-            return web.json_response(f"Failed to add: the router does not answer ({type(err).__name__})")
-        if code != 200:
-            return web.json_response(f"Failed to add: the router answered HTTP {code}: {str(answer)[:200]}")
-        self.models[url] = list(models)
-        return web.json_response("Added successfully")
+        failed = await self._change_worker("/add_worker", url, "Failed to add")
+        if failed is None:
+            self.models[url] = list(models)
+        return web.json_response(failed or "Added successfully")
 
     async def nodes_remove(self, request):
-        from urllib.parse import quote
-
-        from aiohttp import ClientError, web
+        from aiohttp import web
 
         if not self.control_allowed(request):
             return self.control_refusal()
@@ -204,14 +203,23 @@ class Front:
         url = data.get("url") if isinstance(data, dict) else None
         if not isinstance(url, str):
             return web.json_response("Failed to delete: give {\"url\": \"http://HOST:PORT\"}")
+        failed = await self._change_worker("/remove_worker", url, "Failed to delete")
+        if failed is None:
+            self.models.pop(url, None)
+        return web.json_response(failed or "Deleted successfully")
+
+    async def _change_worker(self, path: str, url: str, failed: str) -> str | None:
+        """``POST PATH?url=URL`` to vllm-router (``/add_worker``, ``/remove_worker``): None once it took the
+        change, else lmdeploy's answer of a failure, ``FAILED: why``."""
+        from aiohttp import ClientError
+
         try:
-            code, answer = await self._router_call("POST", "/remove_worker?url=" + quote(url, safe=""))
+            code, answer = await self._router_call("POST", _worker_path(path, url))
         except (ClientError, asyncio.TimeoutError) as err:
-            return web.json_response(f"Failed to delete: the router does not answer ({type(err).__name__})")
+            return f"{failed}: the router does not answer ({type(err).__name__})"
         if code != 200:
-            return web.json_response(f"Failed to delete: the router answered HTTP {code}: {str(answer)[:200]}")
-        self.models.pop(url, None)
-        return web.json_response("Deleted successfully")
+            return f"{failed}: the router answered HTTP {code}: {str(answer)[:200]}"
+        return None
 
     async def which(self, request):
         from aiohttp import web
@@ -233,15 +241,13 @@ class Front:
 
     async def drop_placeholders(self) -> None:
         """Once vllm-router answers, take the placeholders out (until then a request is answered 503)."""
-        from urllib.parse import quote
-
         from aiohttp import ClientError
 
         while not self.ready:
             try:
                 if await self._router_status("/liveness") == 200:
                     for url in self.placeholders:
-                        await self._router_call("POST", "/remove_worker?url=" + quote(url, safe=""))
+                        await self._router_call("POST", _worker_path("/remove_worker", url))
                     _, listed = await self._router_call("GET", "/list_workers")
                     urls = listed.get("urls", []) if isinstance(listed, dict) else []
                     self.ready = not set(urls) & set(self.placeholders)

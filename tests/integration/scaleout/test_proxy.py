@@ -40,12 +40,10 @@ from launcher.scaleout.nodes import (
     leave,
     node_url,
     proxy_nodes,
-    proxy_status,
     remove_node,
-    render_status,
-    taken_out,
 )
 from launcher.scaleout.state import FORMAT, STATE_NAME, started
+from launcher.scaleout.status import proxy_status, render_status, taken_out
 from tests.conftest import REPO, assert_one_line_error, free_port, killed_if_running
 from tests.unit.plan.test_layout import lmdeploy_serve_parser
 

@@ -20,6 +20,7 @@ from launcher.model.source import ModelSource
 from launcher.plan.build import build_plan
 from launcher.plan.request import FLAGS, PlanRequest, check_request, serve_argv
 from launcher.scaleout import k8s as kube
+from launcher.scaleout import manifests as kobjects
 from tests.conftest import LLAMA
 
 K8S_VERSION = "1.31"
@@ -80,7 +81,7 @@ def make(model: str = MODEL, options: dict | None = None, **flags):
         flags.setdefault("router", "lmdeploy")  # the default router's replicas need a key (a test of its own)
     opts = kube.check_options(kube.K8sOptions(image=IMAGE, **(options or {})), model, scale)
     plan = build_plan(kube.cluster_request(PlanRequest(model=model, **flags), opts))
-    return plan, kube.manifests(plan, kube.layout_for_cluster(plan), opts)
+    return plan, kobjects.manifests(plan, kube.layout_for_cluster(plan), opts)
 
 
 def kinds(objects: list[dict]) -> list[tuple[str, str]]:
@@ -377,7 +378,7 @@ def test_secrets_reach_every_launch_container_by_reference_only(flags, monkeypat
         else:
             assert refs["HF_TOKEN"] == {"name": "hf", "key": "HF_TOKEN"}, where
         assert "value" not in env_of(container)["LAUNCH_API_KEYS"]
-    text = kube.to_yaml(objects)
+    text = kobjects.to_yaml(objects)
     assert "value-in-env" not in text and "sk-client" not in text and "--api-key" not in text
     _, bare = make(**flags)
     assert all(not secret_refs(c) for _, c in containers(bare))
@@ -447,7 +448,7 @@ def test_a_repo_id_is_pinned_to_the_commit_its_config_was_planned_with():
     request = kube.cluster_request(PlanRequest(model="org/tiny-llama", factor="2", revision="main",
                                                        gpu_memory_gib="80"), opts)
     plan = build_plan(request, source)
-    ((_, container),) = containers(kube.manifests(plan, None, opts))
+    ((_, container),) = containers(kobjects.manifests(plan, None, opts))
     assert flag(argv(container), "--revision") == sha and argv(container).count("--revision") == 1
     assert kube.default_name("org/tiny-llama") == opts.name == "tiny-llama"
     _, preset_objects = make(revision="v2")  # a preset keeps what was asked (its own pin otherwise)
@@ -459,8 +460,8 @@ def test_a_model_directory_of_this_machine_is_refused(tmp_path):
     opts = kube.check_options(kube.K8sOptions(image=IMAGE, name="tiny"), str(tmp_path), None)
     request = PlanRequest(model=str(tmp_path), factor="2", gpu_memory_gib="80")
     plan = build_plan(kube.cluster_request(request, opts))
-    with pytest.raises(kube.ModelNotInPod) as info:
-        kube.manifests(plan, None, opts)
+    with pytest.raises(kobjects.ModelNotInPod) as info:
+        kobjects.manifests(plan, None, opts)
     assert str(tmp_path) in str(info.value) and info.value.exit_code == 2
 
 
@@ -491,13 +492,13 @@ def test_a_replica_layout_is_not_refused_for_this_machines_gpus(monkeypatch):
 @pytest.mark.parametrize("layout", ["one", "replicas", "nodes"])
 def test_the_yaml_reads_back_as_the_objects_and_each_file_is_named_for_its_object(layout):
     _, objects = make(**LAYOUT_FLAGS[layout])
-    text = kube.to_yaml(objects)
+    text = kobjects.to_yaml(objects)
     assert list(yaml.safe_load_all(text)) == objects
     assert text.startswith("---\n") and text.count("\n---\n") == len(objects) - 1
     assert "&id" not in text and "*id" not in text  # no anchors: each value where it stands
-    names = kube.file_names(objects)
+    names = kobjects.file_names(objects)
     assert names[0].startswith("01-") and len(set(names)) == len(objects)
-    for (name, body), obj in zip(kube.file_texts(objects), objects):
+    for (name, body), obj in zip(kobjects.file_texts(objects), objects):
         assert name == f"{names.index(name) + 1:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
         assert yaml.safe_load(body) == obj
 

@@ -17,7 +17,6 @@ from launcher.net.lmdeploy import Health, Node
 from launcher.runtime.address import free_ports
 from launcher.scaleout.nodes import (
     NodeBadModels,
-    NodeStatus,
     NodeUnauthorized,
     ProxyRefused,
     ProxyUnreachable,
@@ -25,9 +24,9 @@ from launcher.scaleout.nodes import (
     node_models,
     proxy_nodes,
     register,
-    render_status,
 )
 from launcher.scaleout.state import Removed
+from launcher.scaleout.status import NodeStatus, render_status
 
 
 def one_printable_line(err: BaseException) -> str:
