@@ -27,7 +27,7 @@ from launcher.engine.spec import (
 )
 from launcher.errors import LaunchError
 from launcher.model.overlay import check_overlay
-from launcher.plan.build import Plan, build_plan, make_overlay, overlay_digest, with_files
+from launcher.plan.build import Plan, build_plan, gpu_shortage, make_overlay, overlay_digest, with_files
 from launcher.plan.request import CHECKED, PARSED, Entered, PlanRequest, check_request
 from launcher.rules import checks
 from launcher.rules.checks import BadOption
@@ -128,12 +128,9 @@ def check_serve(request: ServeRequest) -> ServeRequest:
 
 
 def _check_gpus(plan: Plan) -> None:
-    tp, nnodes, local = plan.engine.config.tp, plan.request.nnodes, plan.gpus_here
-    if plan.gpu_count is not None and local > plan.gpu_count:
-        if nnodes > 1:
-            raise BadOption("--tp", str(tp), f"over {nnodes} nodes each node needs {local} GPUs; this machine has "
-                            f"{plan.gpu_count}")
-        raise BadOption("--tp", str(tp), f"this machine has {plan.gpu_count} GPU(s); tp must not exceed that")
+    tp = plan.engine.config.tp
+    if shortage := gpu_shortage(tp, plan.request.nnodes, plan.gpu_count):
+        raise BadOption("--tp", str(tp), f"{shortage.split('; ', 1)[1]}; tp must not need more GPUs than that")
 
 
 def _check_memory(plan: Plan) -> None:
@@ -175,7 +172,7 @@ def serve(request: ServeRequest, out: TextIO | None = None,
     nodes. ``server_argv`` is the serving process's command before the spec's path (``/dev/stdin``:
     the spec comes through a pipe; default: this Python running ``launcher.engine.server``); the
     tests pass a stand-in for the GPU engine there."""
-    from launcher.plan.layout import gpus_here, layout_for_plan
+    from launcher.plan.layout import layout_for_plan
 
     out = out or sys.stdout
     if not request.dry_run:  # without a GPU neither engine runs: say so before anything is read or written
@@ -188,14 +185,14 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 
     joining = check_joining(request)
     plan = prepare(request)
-    scale = plan.request.scale_out
-    count = gpus_here() if scale == "replicas" and plan.gpu_count is None else None
-    layout = layout_for_plan(plan, gpu_count=count)
+    layout = layout_for_plan(plan)
     router = plan.request.router  # checked, its default resolved (with replicas; else None)
     warnings = exposure_warnings(plan.engine.host, plan.engine.port, bool(plan.engine.api_keys),
                                  node_api=router == "lmdeploy")
+    binds = [(plan.engine.host, plan.engine.port)]
+    binds += [(r.host, r.port) for r in layout.replicas] if plan.request.scale_out == "replicas" else []
     if request.dry_run:
-        return _dry_run(plan, layout, warnings, request.as_json, out)
+        return _dry_run(plan, layout, binds, warnings, request.as_json, out)
 
     from launcher.runtime.ports import PortClaim
 
@@ -206,8 +203,6 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         from launcher.scaleout.router import vllm_router_path
 
         vllm_router_path()  # installed, before anything is written
-    binds = [(plan.engine.host, plan.engine.port)]
-    binds += [(r.host, r.port) for r in layout.replicas] if scale == "replicas" else []
     for host, port in binds:
         port_free(host, port)  # checked: the request's, the layout's
     if joining is not None:
@@ -219,17 +214,25 @@ def serve(request: ServeRequest, out: TextIO | None = None,
         say_warnings([*warnings, *plan.warnings], sys.stderr)
         if plan.memory is None:
             say_warnings([f"the KV-cache fit is not checked: {plan.memory_note}"], sys.stderr)
-        return _serve_claimed(plan, layout, count, joining, request, out, server_argv)
+        return _serve_claimed(plan, layout, joining, request, out, server_argv)
 
 
-def _dry_run(plan: Plan, layout, warnings: list[str], as_json: bool, out: TextIO) -> int:
+def _dry_run(plan: Plan, layout, binds: list[tuple[str, int]], warnings: list[str], as_json: bool,
+            out: TextIO) -> int:
     """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
-    what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would."""
+    what serve would refuse (``refusal``; a port in use of ``binds``), shown and raised, so the dry run
+    exits as serve would."""
     from launcher.plan.build import OVERLAY_PLACEHOLDER
     from launcher.plan.render import engine_call, plan_json, render_plan
-    from launcher.runtime.address import say_warnings
+    from launcher.runtime.address import port_free, say_warnings
 
     refused = refusal(plan, here=False)
+    for host, port in binds if refused is None else ():
+        try:
+            port_free(host, port)  # the bind test alone: nothing is claimed
+        except LaunchError as err:
+            refused = err
+            break
     where, shown = "the serving process", plan
     if plan.request.scale_out == "replicas":  # each replica listens on its own loopback port, not the proxy's
         where = "replica 0's serving process; each replica's differs only in its port"
@@ -255,7 +258,7 @@ def _dry_run(plan: Plan, layout, warnings: list[str], as_json: bool, out: TextIO
     return 0
 
 
-def _serve_claimed(plan: Plan, layout, count: int | None, joining: Joining | None, request: ServeRequest,
+def _serve_claimed(plan: Plan, layout, joining: Joining | None, request: ServeRequest,
                    out: TextIO, server_argv: tuple[str, ...] | None) -> int:
     """The slow part, with the ports claimed: the files, the overlay, the server(s)."""
     from launcher.plan.layout import layout_for_plan
@@ -271,7 +274,7 @@ def _serve_claimed(plan: Plan, layout, count: int | None, joining: Joining | Non
         _check_gpus(full)
         if full.architecture != plan.architecture:
             _check_engine(full)
-        layout = layout_for_plan(full, gpu_count=count)
+        layout = layout_for_plan(full)
     _check_memory(full)  # now with the weights' real size
     overlay = make_overlay(full)
     check_overlay(overlay.path)

@@ -30,14 +30,13 @@ class OverlayNotWritable(LaunchError):
     )
 
 
-
 class OverlayConflict(LaunchError):
     """--out (or an overlay's place) holds something launch cannot prove it wrote."""
 
     path: str
     problem: str
+    exit_code = 2  # a --out that is taken is bad input, as probe's and ppl's
     message = "{path}: {problem}"
-
 
 
 def provenance_of(path: Path) -> dict | None:

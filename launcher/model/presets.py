@@ -9,6 +9,7 @@ shapes, RoPE as shipped), so that ``launch plan PRESET`` works offline and befor
 """
 
 import difflib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +62,31 @@ SUFFIXES = (".yaml", ".yml")
 # "alias bomb": a few lines that expand to billions of nodes) from growing memory.
 MAX_PRESET_BYTES = 256 * 1024
 MAX_PRESET_EVENTS = 20_000
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
+
+
+class _YamlLoader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """YAML 1.1 reads ``1_0`` as 10, ``0x2`` as 2, ``010`` as 8, ``1:30`` as 90 and ``yes`` / ``on`` as true,
+    where ``--tp 1_0`` or ``--tp 0x2`` is refused. Here a number or a boolean is only what the flags' grammar
+    would read as one (plain decimal digits, an optional sign, fraction and exponent; true / false): any
+    other text stays text, and the field's reader refuses it in the flag's words."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rule) for tag, rule in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                  list("-+0123456789"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
 
 @dataclass(frozen=True)
 class PresetFile:

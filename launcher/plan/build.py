@@ -156,14 +156,24 @@ def weights_size(source: ModelSource) -> tuple[int | None, str]:
     return None, "unknown"
 
 
+def gpu_shortage(tp: int, nnodes: int, gpu_count: int | None) -> str | None:
+    """Why serve would stop for want of GPUs here (``gpu_count``: ``gpu.count``), or None."""
+    local = local_gpus(tp, nnodes)
+    if gpu_count is None or local <= gpu_count:
+        return None
+    where = " on each node" if nnodes > 1 else ""
+    return f"--tp {tp} needs {local} GPUs{where}; CUDA sees {gpu_count} GPU(s) here"
+
+
 def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
-    if request.gpu_memory_gib is not None:
-        return int(request.gpu_memory_gib * GiB), "--gpu-memory", None
-    from launcher.runtime.gpu import free_memory
+    """(bytes a GPU has, where that came from, the GPUs here: ``gpu.count``, --gpu-memory or not)."""
+    from launcher.runtime.gpu import count, free_memory
 
     free = free_memory()
+    if request.gpu_memory_gib is not None:
+        return int(request.gpu_memory_gib * GiB), "--gpu-memory", count(free)
     if not free:
-        return None, "none", None
+        return None, "none", count(free)
     return min(free), "nvml", len(free)
 
 
@@ -239,9 +249,10 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         settings = replace(settings, enable_prefix_caching=False)
         warnings.append(f"the preset's prefix caching is left off: under dynamic NTK a session past "
                         f"{decision.max_position_embeddings:,} tokens rotates cached keys under another base")
-    if decision.reader.remote and not source.trust_remote_code:
+    remote = decision.remote_class  # the whole config's own class first (InternVL's), then its language model's
+    if remote is not None and not source.trust_remote_code:
         warnings.append(
-            f"the config's own class {decision.reader.name} ({decision.reader.code}) needs trust_remote_code, which "
+            f"the config's own class {remote.name} ({remote.code}) needs trust_remote_code, which "
             "is off: lmdeploy will load the overlay through its generic fallback, which checks nothing, and "
             "transformers cannot load it. Add --trust-remote-code if you trust the checkpoint's code"
         )
@@ -251,10 +262,8 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
         )
 
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
-    local_tp = local_gpus(settings.tp, request.nnodes)
-    if gpu_count is not None and local_tp > gpu_count:
-        where = " on each node" if request.nnodes > 1 else ""
-        warnings.append(f"--tp {settings.tp} needs {local_tp} GPUs{where}; this machine has {gpu_count}: serve will stop")
+    if shortage := gpu_shortage(settings.tp, request.nnodes, gpu_count):
+        warnings.append(f"{shortage}: serve will stop")
     length_flag = "--context" if request.context is not None else "--session-len"
     memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count, length_flag)
 

@@ -22,6 +22,7 @@ after the proxy's, lmdeploy's parallel rules).
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -57,10 +58,17 @@ REPLICA_HOST = "127.0.0.1"  # replicas listen on loopback; only the proxy is pub
 def visible_devices(gpu_count: int | None, environ: Mapping[str, str] | None = None) -> Visible:
     """The GPUs CUDA uses here (``launcher.runtime.gpu.visible``, the one reader of ``CUDA_VISIBLE_DEVICES``):
     indices or UUIDs, or ``0 .. gpu_count-1`` when it is unset; ``ids`` None when neither is known
-    (planning without a GPU)."""
-    from launcher.runtime.gpu import visible
+    (planning without a GPU). ``gpu_count`` counts the GPUs CUDA enumerates (``gpu.count``), not the
+    machine's: with the variable set, CUDA enumerates its list up to the first entry it cannot use, so
+    the first ``gpu_count`` entries are the GPUs (``4,5`` on an 8-GPU machine: two GPUs, 4 and 5)."""
+    from launcher.runtime.gpu import CUDA_ENV, Visible, visible
 
-    return visible(environ, gpu_count)
+    if (environ if environ is not None else os.environ).get(CUDA_ENV) is None:
+        return visible(environ, gpu_count)
+    seen = visible(environ)
+    if gpu_count is not None and seen.ids is not None and len(seen.ids) > gpu_count:
+        return Visible(seen.value, seen.ids[:gpu_count], seen.ids[gpu_count])
+    return seen
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ def replica_layout(
     sessions_per_replica: int | None = None,
     routing: str | None = None,
     router: str | None = None,
+    one_port: bool = False,
 ) -> ReplicaLayout:
     """``replicas`` copies of ``engine`` (its tp, session_len and the rest) on one machine: replica
     i gets GPUs ``devices[i*tp : (i+1)*tp]`` and port ``engine.port + 1 + i`` on loopback (the
@@ -126,6 +135,7 @@ def replica_layout(
     checked (default its default). ``kv_heads_per_gpu``: the plan's (``kvcache.tp_split``).
 
     ``devices``: ``visible_devices(...)`` (or its ids); ``None`` (no GPU seen) assumes ``0 .. replicas*tp-1``.
+    ``one_port``: each replica on a machine of its own (a Kubernetes pod), all on ``engine.port + 1``.
     Raises ``LayoutNeedsMoreGpus``, ``LayoutRefused``, ``BadOption`` (``CUDA_VISIBLE_DEVICES``; the
     replicas' ports past 65535)."""
     tp = engine.config.tp
@@ -139,13 +149,15 @@ def replica_layout(
             raise BadOption(CUDA_ENV, str(seen.value), f"{seen.note()}; --replicas {replicas} x --tp {tp} needs "
                             f"{replicas * tp} GPUs: list them, comma-separated (e.g. 0,1,2,3)")
         raise LayoutNeedsMoreGpus(replicas, tp, len(pool))
-    port = engine.port
-    if port + replicas > 65535:
-        raise BadOption("--port", str(port), f"the {replicas} replicas listen on the ports after it ({port + 1} "
-                        f"to {port + replicas}), past 65535: give --port {65535 - replicas} or lower")
+    port, used = engine.port, 1 if one_port else replicas
+    if port + used > 65535:
+        where = "on the port after it" if one_port else "on the ports after it"
+        span = f"{port + 1}" if used == 1 else f"{port + 1} to {port + used}"
+        raise BadOption("--port", str(port), f"the {replicas} replicas listen {where} ({span}), past 65535: "
+                        f"give --port {65535 - used} or lower")
     out = []
     for i in range(replicas):
-        spec = replace(engine, host=REPLICA_HOST, port=port + 1 + i)
+        spec = replace(engine, host=REPLICA_HOST, port=port + 1 + (0 if one_port else i))
         out.append(Replica(i, pool[i * tp:(i + 1) * tp], spec, tuple(api_server_argv(model_path, spec))))
     capacity = Capacity(sessions_per_replica, engine.config.max_batch_size, replicas)
     return ReplicaLayout(tp, tuple(out), capacity, kv_heads_per_gpu, assumed, engine.config.session_len,
@@ -223,16 +235,13 @@ def _plan_parts(plan: Plan) -> tuple[str, int | None]:
 
 
 def replicas_for_plan(plan: Plan, replicas: int, *, environ: Mapping[str, str] | None = None,
-                      gpu_count: int | None = None, routing: str | None = None,
-                      router: str | None = None) -> ReplicaLayout:
+                      routing: str | None = None, router: str | None = None, one_port: bool = False) -> ReplicaLayout:
     """``replica_layout`` for a plan (read only): its engine, overlay, KV heads and KV plan; the
-    replicas on the ports after the plan's port (the proxy's, ``--port``). ``gpu_count``: GPUs seen
-    here when the plan did not count them."""
+    replicas on the ports after the plan's port (the proxy's, ``--port``), on the GPUs it counted."""
     model_path, sessions = _plan_parts(plan)
-    count = plan.gpu_count if plan.gpu_count is not None else gpu_count
     return replica_layout(plan.engine, model_path, plan.kv_heads_per_gpu, replicas=replicas,
-                          devices=visible_devices(count, environ), sessions_per_replica=sessions, routing=routing,
-                          router=router)
+                          devices=visible_devices(plan.gpu_count, environ), sessions_per_replica=sessions, routing=routing,
+                          router=router, one_port=one_port)
 
 
 def nodes_for_plan(plan: Plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
@@ -242,13 +251,11 @@ def nodes_for_plan(plan: Plan, nnodes: int, dist_init_addr: str) -> NodeLayout:
                        sessions=sessions)
 
 
-def layout_for_plan(plan: Plan, *, environ: Mapping[str, str] | None = None,
-                    gpu_count: int | None = None) -> ReplicaLayout | NodeLayout | None:
-    """The layout the plan's (checked) request asks for (``None`` for one engine on one machine).
-    ``gpu_count``: GPUs seen here when the plan did not count them (``--gpu-memory`` given)."""
+def layout_for_plan(plan: Plan, *, environ: Mapping[str, str] | None = None) -> ReplicaLayout | NodeLayout | None:
+    """The layout the plan's (checked) request asks for (``None`` for one engine on one machine)."""
     request = plan.request
     if request.scale_out == "replicas":
-        return replicas_for_plan(plan, request.replicas, environ=environ, gpu_count=gpu_count,
+        return replicas_for_plan(plan, request.replicas, environ=environ,
                                  routing=request.routing, router=request.router)
     if request.scale_out == "nodes":
         assert request.dist_init_addr is not None  # check_request: nodes need it
@@ -260,17 +267,7 @@ def plan_with_layout(request: PlanRequest) -> tuple[Plan, ReplicaLayout | NodeLa
     """``launch plan``: every flag checked (the scale-out ones too) before the config is read, the
     plan (with the total tp across nodes), then its layout checked and laid out. Writes nothing."""
     plan = build_plan(check_request(request))
-    count = gpus_here() if plan.request.scale_out == "replicas" and plan.gpu_count is None else None
-    return plan, layout_for_plan(plan, gpu_count=count)
-
-
-def gpus_here() -> int | None:
-    """GPUs visible here (NVML, no heavy import), for a replica layout when the plan did not count
-    them (``--gpu-memory`` given); ``None`` without a GPU."""
-    from launcher.runtime.gpu import free_memory
-
-    free = free_memory()
-    return len(free) if free else None
+    return plan, layout_for_plan(plan)
 
 
 # --- showing them ------------------------------------------------------------------------------

@@ -153,6 +153,16 @@ def nvidia_problem() -> str | None:
     return None
 
 
+def count(free: list[int] | None) -> int | None:
+    """The GPUs CUDA will give a server here: NVML's count of the visible ones (``free``, from
+    ``free_memory``), else what ``CUDA_VISIBLE_DEVICES`` lists when it is set (read as CUDA reads it),
+    else unknown (None: planning without a GPU)."""
+    if free:
+        return len(free)
+    seen = visible()
+    return None if seen.ids is None else len(seen.ids)
+
+
 def free_memory() -> list[int] | None:
     """Free bytes of each visible GPU, or None when NVML is not available."""
     try:

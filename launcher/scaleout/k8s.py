@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 
 from launcher.errors import LaunchError
-from launcher.plan.build import Plan
+from launcher.plan.build import Plan, gpu_shortage
 from launcher.plan.layout import NodeLayout, ReplicaLayout, nodes_for_plan, replicas_for_plan
 from launcher.plan.request import FLAGS, PlanRequest, check_request, serve_argv
 from launcher.runtime.paths import is_commit_sha
@@ -206,15 +206,19 @@ def cluster_request(request: PlanRequest, options: K8sOptions) -> PlanRequest:
 
 def cluster_plan(plan: Plan) -> Plan:
     """``plan`` as the cluster runs it: the GPUs counted on this machine say nothing about the pods' (no
-    count), and the memory plan stands only when ``--gpu-memory`` gave the GPU (not this machine's)."""
-    return replace(plan, gpu_count=None, memory=plan.memory if plan.gpu_source == "--gpu-memory" else None)
+    count, and no warning that this machine has too few), and the memory plan stands only when
+    ``--gpu-memory`` gave the GPU (not this machine's)."""
+    here = gpu_shortage(plan.engine.config.tp, plan.request.nnodes, plan.gpu_count)
+    warnings = tuple(w for w in plan.warnings if here is None or not w.startswith(here))
+    return replace(plan, gpu_count=None, warnings=warnings,
+                   memory=plan.memory if plan.gpu_source == "--gpu-memory" else None)
 
 
 def cluster_warnings(plan: Plan, options: K8sOptions, own_preset: str | None = None) -> list[str]:
     """What ``launch k8s`` warns about (its caller prints ``warning: LINE``): the plan's own warnings,
     the KV-cache fit left unchecked without ``--gpu-memory``, an API without a key, and a preset of
     this machine (``own_preset``: its file) that the image must hold too."""
-    lines = list(plan.warnings)
+    lines = list(cluster_plan(plan).warnings)
     port = plan.request.port
     if plan.gpu_source != "--gpu-memory":
         lines.append("the KV-cache fit is not checked: give --gpu-memory GiB, the free memory of one of the "
@@ -236,7 +240,8 @@ def layout_for_cluster(plan: Plan) -> ReplicaLayout | NodeLayout | None:
     rules, the replicas' ports), but on the cluster's GPUs, not this machine's (none counted here)."""
     request = plan.request
     if request.scale_out == "replicas":
-        return replicas_for_plan(cluster_plan(plan), request.replicas, environ={}, routing=request.routing)
+        return replicas_for_plan(cluster_plan(plan), request.replicas, environ={}, routing=request.routing,
+                                 one_port=True)  # a pod each, all on the next port
     if request.scale_out == "nodes":
         assert request.dist_init_addr is not None  # check_request: nodes need it (``rendezvous``)
         return nodes_for_plan(plan, request.nnodes, request.dist_init_addr)

@@ -33,9 +33,9 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def refused(result, *needles: str) -> str:
+def refused(result, *needles: str, exit_code: int | None = None) -> str:
     code, out, err = result
-    assert code != 0, (out, err)
+    assert code != 0 if exit_code is None else code == exit_code, (code, out, err)
     assert out == "" and err.count("\n") == 1 and err.startswith("launch: error: "), err
     assert "Traceback" not in err
     for needle in needles:
@@ -66,7 +66,7 @@ def test_a_user_file_in_out_survives_and_launch_replaces_only_its_own_overlay(tm
     before = tree_state(tmp_path)
     for factor in ("2", "3"):  # the same settings, and other ones
         refused(cli(capsys, "patch", str(model_dir), "--factor", factor, "--out", str(out)),
-                str(out), "notes.txt", "sub", "did not write")
+                str(out), "notes.txt", "sub", "did not write", exit_code=2)
         assert tree_state(tmp_path) == before
 
     # Without the user's things it is launch's own overlay again: replaced in place.
@@ -87,7 +87,7 @@ def test_an_entry_the_user_changed_inside_an_overlay_is_not_launchs_any_more(tmp
     entry.unlink()  # the user's own copy in place of launch's file or link
     entry.write_text("edited by hand")
     before = tree_state(tmp_path)
-    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), edit, "did not write")
+    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), edit, "did not write", exit_code=2)
     assert tree_state(tmp_path) == before
 
 
@@ -98,7 +98,7 @@ def test_a_launch_patch_json_without_a_manifest_proves_nothing(tmp_path, capsys,
     (out / "thesis.tex").write_text("years of work")
     before = tree_state(tmp_path)
     refused(cli(capsys, "patch", str(model_dir), "--factor", "2", "--out", str(out)),
-            "not a launch overlay", "thesis.tex")
+            "not a launch overlay", "thesis.tex", exit_code=2)
     assert tree_state(tmp_path) == before
 
 
@@ -110,7 +110,8 @@ def test_an_overlay_of_an_older_launch_without_a_manifest_is_left_alone(tmp_path
     del prov["files"]
     (out / "launch-patch.json").write_text(json.dumps(prov))
     before = tree_state(tmp_path)
-    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), "older launch", "Delete it yourself if it is")
+    refused(cli(capsys, "patch", str(model_dir), "--factor", "3", "--out", str(out)), "older launch", "Delete it yourself if it is",
+            exit_code=2)
     assert tree_state(tmp_path) == before
 
 

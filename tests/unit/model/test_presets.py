@@ -412,3 +412,64 @@ def test_numbers_are_read_by_the_table_not_by_msgspecs_own_rules(tmp_path, key, 
     for name in key:
         value = getattr(value, name)
     assert value == read and type(value) is type(read)
+
+
+# --- YAML 1.1's other spellings of numbers and booleans: text, refused as the flag refuses it (issue 17) ---
+
+_FIELDS = {  # dotted key -> where the text goes in GOOD (+ engine), and the flag that takes the same number
+    "native_context": ("native_context",),
+    "rope.factor": ("rope", "factor"),
+    "parameters": ("parameters",),
+    "engine.tp": ("engine", "tp"),
+    "engine.max_batch_size": ("engine", "max_batch_size"),
+    "engine.cache_max_entry_count": ("engine", "cache_max_entry_count"),
+    "config.num_hidden_layers": ("config", "num_hidden_layers"),
+}
+_OTHER_SPELLINGS = st.sampled_from(["1_0", "2_048", "0x2", "0X10", "010", "0o7", "0b11", "1:30", "+0x1", "1_0.5",
+                                    "1__0", "00", "-0x1", "190:20:30"])
+
+
+def _with(text_value: str, path: tuple[str, ...]) -> str:
+    data = dict(GOOD, engine={"backend": "turbomind", "tp": 1, "max_batch_size": 8, "cache_max_entry_count": 0.5})
+    data = yaml.safe_load(yaml.safe_dump(data))
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "@@"
+    return yaml.safe_dump(data, sort_keys=False).replace("'@@'", text_value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(field=st.sampled_from(sorted(_FIELDS)), spelling=_OTHER_SPELLINGS)
+def test_a_number_yaml_11_would_read_from_other_digits_is_text_and_refused_naming_the_field(tmp_path_factory, field,
+                                                                                            spelling):
+    """`tp: 0x2` or `max_batch_size: 1_0` is refused like `--tp 0x2` (YAML 1.1 would have read 2 and 10); a
+    decimal field's text is read by the flags' grammar, as `--gpu-memory 010` is (10)."""
+    try:
+        flag_reads = limits.number_text(spelling)
+    except ValueError:
+        flag_reads = None
+    assume(field not in ("rope.factor", "parameters", "engine.cache_max_entry_count") or flag_reads is None)
+    path = tmp_path_factory.mktemp("yaml11") / "mine.yaml"
+    path.write_text(_with(spelling, _FIELDS[field]))
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert f"field {field!r}" in str(err.value) and f"found {spelling!r}" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("spelling", ["yes", "no", "on", "off", "y", "Yes", "ON"])
+def test_a_boolean_is_true_or_false_only(tmp_path, spelling):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(GOOD, sort_keys=False) + f"trust_remote_code: {spelling}\n")
+    with pytest.raises(InvalidPreset) as err:
+        load_preset_file(path)
+    assert str(err.value) == (f"invalid preset {path}: field 'trust_remote_code': must be true or false, "
+                              f"found {spelling!r}")
+
+
+@pytest.mark.parametrize(("spelling", "read"), [("4096", 4096), ("+4096", 4096), ("4.096e3", 4096), ("4096.0", 4096)])
+def test_plain_decimal_numbers_are_still_numbers(tmp_path, spelling, read):
+    path = tmp_path / "mine.yaml"
+    path.write_text(_with(spelling, ("native_context",)).replace("max_position_embeddings: 4096",
+                                                                 f"max_position_embeddings: {read}"))
+    assert load_preset_file(path).native_context == read

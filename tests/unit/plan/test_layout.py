@@ -163,6 +163,32 @@ def test_more_gpus_than_visible_is_refused_before_anything():
     assert "needs 8 GPUs, but 6 are visible" in str(err.value)
 
 
+def test_the_gpus_counted_are_the_first_entries_of_the_list_not_indices_below_the_count():
+    """gpu.count counts the GPUs CUDA enumerates: 4,5 on an 8-GPU machine are two GPUs, 4 and 5 (a
+    bound of 2 on the indices would have left none); past the count, CUDA stopped at that entry."""
+    assert visible_devices(2, {"CUDA_VISIBLE_DEVICES": "4,5"}).ids == ("4", "5")
+    stopped = visible_devices(2, {"CUDA_VISIBLE_DEVICES": "0,1,9"})
+    assert stopped.ids == ("0", "1") and stopped.stopped_at == "9" and "9" in stopped.note()
+    assert visible_devices(None, {"CUDA_VISIBLE_DEVICES": "6,GPU-ab,MIG-cd"}).ids == ("6", "GPU-ab", "MIG-cd")
+    layout = replica_layout(engine(1), "/m", tp_split(LLAMA, 1), replicas=2,
+                            devices=visible_devices(2, {"CUDA_VISIBLE_DEVICES": "4,5"}))
+    assert [r.devices for r in layout.replicas] == [("4",), ("5",)]
+
+
+def test_replicas_of_one_port_each_need_only_the_next_port():
+    """Kubernetes: a pod each, all on --port + 1; on one machine, one port each."""
+    spec = engine(1, port=65534)
+    pods = replica_layout(spec, "/m", tp_split(LLAMA, 1), replicas=3, devices=None, one_port=True)
+    assert {r.port for r in pods.replicas} == {65535}
+    with pytest.raises(BadOption) as err:
+        replica_layout(spec, "/m", tp_split(LLAMA, 1), replicas=3, devices=None)
+    assert "65535 to 65537" in str(err.value) and "--port 65532" in str(err.value)
+    with pytest.raises(BadOption) as err:
+        replica_layout(engine(1, port=65535), "/m", tp_split(LLAMA, 1), replicas=3, devices=None,
+                       one_port=True)
+    assert "on the port after it (65536)" in str(err.value) and "--port 65534" in str(err.value)
+
+
 def test_replicas_take_the_visible_gpus_in_order(serve_parser):
     devices = visible_devices(8, {"CUDA_VISIBLE_DEVICES": "3,5,GPU-aa,7"})
     layout = replica_layout(engine(2), "/m", tp_split(LLAMA, 2), replicas=2, devices=devices)
