@@ -161,8 +161,8 @@ def gpu_shortage(tp: int, nnodes: int, gpu_count: int | None) -> str | None:
     local = local_gpus(tp, nnodes)
     if gpu_count is None or local <= gpu_count:
         return None
-    where = " on each node" if nnodes > 1 else ""
-    return f"--tp {tp} needs {local} GPUs{where}; CUDA sees {gpu_count} GPU(s) here"
+    where = f" over {nnodes} nodes: each node needs {local} GPUs" if nnodes > 1 else f" needs {local} GPUs"
+    return f"--tp {tp}{where}; this machine has {gpu_count} as CUDA sees them"
 
 
 def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:

@@ -15,6 +15,7 @@ only here, inside the functions that run or inspect processes: ``launch --help``
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -177,10 +178,16 @@ class ServerProcess:
         if self._proc is not None:
             raise RuntimeError("this ServerProcess was already started")
         try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the `with log` below
+            self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the user's alone (a server logs its requests' URLs): 0600, never through a link; an older
+            # launch's 0644 log of this run is tightened
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)
+            log = os.fdopen(fd, "ab")
         except OSError as exc:
-            raise ServerLogNotWritable(str(self.log_path), exc.strerror or str(exc)) from None
+            problem = "it is a symbolic link; launch does not write through links" if exc.errno == errno.ELOOP \
+                else exc.strerror or str(exc)
+            raise ServerLogNotWritable(str(self.log_path), problem) from None
         with log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"=== launch {stamp}: {shlex.join(self.argv)}\n".encode())

@@ -13,8 +13,12 @@ models and adds it back (``POST /nodes/add`` with them) on the first round it an
 defaults (2 s, 2 s, 2) a killed node is out within about 4 s and a hanging one within about 6 s.
 
 A node that leaves the proxy's list without the watchdog removing it (``launch proxy remove``) is
-forgotten, not added back. lmdeploy's node API takes any string from anyone: an entry that is no
-http(s) URL (``not a url``, ``ftp://...``, port 99999) is taken out at once and said once, and one
+forgotten, not added back. lmdeploy's node API takes any string from anyone; the proxy process
+launch runs refuses at its door what the one node rule refuses (``proxy_server.node_problem``), and an
+entry that is no http(s) URL found all the same (``not a url``, ``ftp://...``, port 99999) is taken
+out at once and said once. While the node list cannot be read (the proxy answers ``/nodes/status``
+with an error, or not at all), the nodes it already knows are still checked and a failing one taken
+out (a removal needs no list); none is added back until the list reads again. One
 server registered under several spellings (``http://h:p/``, ``127.1``, ``localhost``; see
 ``proxy.same_node``) is kept once. URLs are reported and recorded without ``user:password@``. ``on_change(removed)`` hears the list of nodes it holds out (when and
 why each was taken out) when it starts and whenever that list changes: ``launch proxy start`` and
@@ -28,8 +32,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from launcher.engine.proxy_server import node_problem
 from launcher.errors import LaunchError
-from launcher.net.http import parse_url, redact
+from launcher.net.http import redact
 from launcher.net.lmdeploy import Node, check_health_all
 from launcher.scaleout.nodes import deregister, node_url, proxy_nodes, register, same_node
 from launcher.scaleout.state import Removed
@@ -48,22 +53,10 @@ class _Member:
     reason: str = ""  # why: "/health connection refused (2 checks in a row)"
 
 
-def unroutable(url: str) -> str | None:
-    """Why lmdeploy's proxy can never reach an entry of its node list (its node API takes any
-    string), or ``None``: no ``http://`` / ``https://``, a host that is no address and no name
-    (``address.check_host``), a port outside 1..65535."""
-    from launcher.runtime.address import check_host
-
-    if "://" not in url:
-        return "it has no http:// or https://"
-    try:
-        parsed = parse_url(url)
-        check_host(parsed.host, "URL")
-    except LaunchError as err:
-        return str(getattr(err, "reason", err))
-    if not 1 <= parsed.port <= 65535:
-        return "the port must be from 1 to 65535"
-    return None
+# Why lmdeploy's proxy can never reach an entry of its node list, or None: the one node rule, the one
+# the proxy process's door refuses at /nodes/add (no http(s)://, a host that is no address and no name,
+# a port outside 1..65535, a character that is not printable).
+unroutable = node_problem
 
 
 class Watchdog:
@@ -126,15 +119,20 @@ class Watchdog:
             self.report(line)
 
         try:
-            registered = proxy_nodes(self.proxy, timeout=self.timeout_s)
+            registered: dict[str, Node] | None = proxy_nodes(self.proxy, timeout=self.timeout_s)
         except LaunchError as err:
             if not self._proxy_down:
-                say(f"watchdog: the proxy does not answer ({err}); retrying")
+                say(f"watchdog: the proxy does not answer ({err}); retrying, and still taking out the nodes it "
+                    "knows that fail /health")
             self._proxy_down = True
+            registered = None
+        else:
+            if self._proxy_down:
+                say("watchdog: the proxy answers again")
+                self._proxy_down = False
+        if registered is None:  # a removal needs no list: the nodes it knows are still checked
+            self._check(None, say)
             return lines
-        if self._proxy_down:
-            say("watchdog: the proxy answers again")
-            self._proxy_down = False
 
         registered = self._normalise(registered, say)
         for url, node in registered.items():
@@ -145,13 +143,20 @@ class Watchdog:
                 member.models, member.removed = node.models or member.models, False
         for url in [u for u, m in self.members.items() if not m.removed and u not in registered]:
             del self.members[url]  # removed by someone else: not ours to add back
+        self._check(registered, say)
+        return lines
 
+    def _check(self, registered: dict[str, Node] | None, say: Callable[[str], None]) -> None:
+        """Check ``/health`` of every node it knows; take out those failing ``failures`` rounds in a row
+        and add back those it took out that answer. ``registered`` None: the node list could not be
+        read; nothing is added back (whether it is registered again meanwhile cannot be told), and a
+        removal that fails is not said (the proxy not answering was)."""
         health = check_health_all(list(self.members), self.timeout_s)
         for url, member in list(self.members.items()):
             result = health[url]
             if result.ok:
                 member.failures = 0
-                if member.removed:
+                if member.removed and registered is not None:
                     twin = same_node(url, registered, self.timeout_s, self._addresses)
                     if twin is not None:  # registered again meanwhile, under another spelling: not twice
                         del self.members[url]
@@ -172,12 +177,12 @@ class Watchdog:
             try:
                 deregister(self.proxy, url, timeout=self.timeout_s)
             except LaunchError as err:
-                say(f"watchdog: could not take {redact(url)} out of the proxy: {err}")
+                if registered is not None:
+                    say(f"watchdog: could not take {redact(url)} out of the proxy: {err}")
                 continue
             member.removed, member.removed_at = True, time.time()
             member.reason = f"/health {result.detail} ({member.failures} checks in a row)"
             say(f"watchdog: took {redact(url)} out of the proxy: {member.reason}; it is added back when it answers")
-        return lines
 
     def _normalise(self, registered: dict[str, Node], say: Callable[[str], None]) -> dict[str, Node]:
         """What lmdeploy's open node API let others register, made routable: an entry that is no

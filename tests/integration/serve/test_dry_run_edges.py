@@ -30,11 +30,11 @@ def test_a_tp_past_the_gpus_cuda_sees_is_refused_by_the_dry_run_as_serve_refuses
     flags = (MODEL, "--tp", "4", "--gpu-memory", "80")
     dry = launch("serve", *flags, "--dry-run", env=env_with(devices))
     assert dry.returncode == 2, dry.stderr
-    assert dry.stderr.strip().splitlines()[-1] == (f"launch: error: --tp '4': CUDA sees {seen} GPU(s) here; tp must not "
-                                                    "need more GPUs than that")
+    assert dry.stderr.strip().splitlines()[-1] == (f"launch: error: --tp '4': needs 4 GPUs; this machine has {seen} as "
+                                                    "CUDA sees them; give a tp that fits")
     assert "serve would refuse this" in dry.stdout
     planned = launch("plan", *flags, env=env_with(devices))
-    assert planned.returncode == 0 and f"--tp 4 needs 4 GPUs; CUDA sees {seen} GPU(s) here: serve will stop" in planned.stdout
+    assert planned.returncode == 0 and f"--tp 4 needs 4 GPUs; this machine has {seen} as CUDA sees them: serve will stop" in planned.stdout
     fits = launch("serve", MODEL, "--tp", str(max(seen, 1)), "--gpu-memory", "80", "--dry-run", "--json",
                   env=env_with(devices))
     assert (fits.returncode == 0) == (seen > 0), fits.stderr
@@ -61,7 +61,7 @@ def test_a_port_in_use_is_refused_by_the_dry_run_as_serve_refuses_it(launch, rep
 def test_k8s_plans_for_the_clusters_gpus_and_its_replica_pods_share_the_next_port(launch):
     made = launch("k8s", MODEL, "--image", IMAGE, "--tp", "2", "--gpu-memory", "80", env=env_with("0"))
     assert made.returncode == 0, made.stderr
-    assert "CUDA sees" not in made.stderr  # this machine's one GPU says nothing about the pods'
+    assert "as CUDA sees them" not in made.stderr  # this machine's one GPU says nothing about the pods'
     pods = launch("k8s", MODEL, "--image", IMAGE, "--gpu-memory", "80", "--replicas", "3", "--port", "65534",
                   "--router", "lmdeploy", env=env_with(None))
     assert pods.returncode == 0, pods.stderr

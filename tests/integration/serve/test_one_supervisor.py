@@ -282,3 +282,35 @@ def test_a_record_is_this_processes_only_with_its_start(value):
 
     same = value is None or (type(value) in (int, float) and abs(value - started(os.getpid())) < SAME_START_S)
     assert _is_writer({"pid": os.getpid(), "started": value}, os.getpid()) is same
+
+
+def test_a_servers_log_is_the_users_alone_and_never_written_through_a_link(tmp_path):
+    """A server logs its requests' URLs: its log is 0600 in a 0700 run folder (an older launch's 0644 log
+    of the run is tightened), and a link in the log's place is refused in one line, its target untouched."""
+    import stat as st
+
+    from launcher.runtime.process import ServerLogNotWritable
+
+    quick = [sys.executable, "-c", "print('up')"]
+    run = tmp_path / "runs" / "m-1"
+    def ran(log_path: Path) -> None:
+        with ServerProcess(quick, log_path=log_path) as server:
+            deadline = time.monotonic() + 30
+            while server.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    ran(run / "server.log")
+    assert st.S_IMODE((run / "server.log").stat().st_mode) == 0o600
+    assert st.S_IMODE(run.stat().st_mode) == 0o700
+    old = tmp_path / "old.log"
+    old.write_text("an older launch's log\n")
+    old.chmod(0o644)
+    ran(old)
+    assert st.S_IMODE(old.stat().st_mode) == 0o600 and old.read_text().startswith("an older launch's log\n")
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    (tmp_path / "linked.log").symlink_to(target)
+    with pytest.raises(ServerLogNotWritable) as err:
+        ServerProcess(quick, log_path=tmp_path / "linked.log").start()
+    assert "symbolic link" in str(err.value)
+    assert target.read_text() == "mine"
