@@ -134,7 +134,8 @@ def _plan_json(plan: Plan) -> dict:
         "factor": d.factor,
         "rope_type": d.rope_type,
         "rope_key": ".".join(d.section + (d.key,)),
-        "reader": {**d.reader.as_dict(), "read_through": reads_through(plan)},
+        "reader": {**d.reader.as_dict(), "read_through": reads_through(plan),
+                   "outer": d.outer.as_dict() if d.outer else None},
         "session_len": d.session_len,
         "covered_context": d.covered_context,
         "rope_scaling": d.settings,
@@ -189,18 +190,21 @@ def _recipe_json(plan: Plan) -> dict | None:
 
 def reads_through(plan: Plan) -> str:
     """How lmdeploy will load the overlay: the model's own config class, or (a class of the checkpoint's
-    code with trust_remote_code off) its generic fallback, which checks nothing."""
-    if plan.decision.reader.remote and not plan.engine.trust_remote_code:
+    code, the whole config's or its language model's, with trust_remote_code off) its generic fallback, which
+    checks nothing."""
+    if plan.decision.remote_class is not None and not plan.engine.trust_remote_code:
         return "generic fallback"
     return "own class"
 
 
 def reader_line(plan: Plan) -> str:
-    reader = plan.decision.reader
+    d = plan.decision
     if reads_through(plan) == "generic fallback":
-        return (f"lmdeploy's generic fallback: trust_remote_code is off, so {reader.name} "
-                f"({reader.code}, the model's own code) is not run")
-    return f"{reader.describe()}, then lmdeploy's {plan.engine.backend} engine"
+        remote = d.remote_class
+        return (f"lmdeploy's generic fallback: trust_remote_code is off, so {remote.name} "
+                f"({remote.code}, the model's own code) is not run")
+    inner = f"{d.outer.describe()}, its {'.'.join(d.section)} by " if d.outer else ""
+    return f"{inner}{d.reader.describe()}, then lmdeploy's {plan.engine.backend} engine"
 
 
 def _gib(n: int) -> str:

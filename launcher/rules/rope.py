@@ -23,9 +23,24 @@ Who reads the overlay
     and launch writes that form (``rope_type`` only), every type.
   * transformers' own classes (Llama, Qwen2, Mistral, Qwen2-VL, ...): ``type`` and ``rope_type`` both
     (transformers 4 reads the first, 5 the second, both accept the pair).
-  * A class from a checkpoint's code that launch has not read: the key style the checkpoint ships (the
-    two-field ``{"type", "factor"}`` form, which most such classes copied from old Llama, when it ships
-    none); dynamic and linear only unless ``--force``, with a warning.
+  * Phi-3 (``configuration_phi3.py``, Phi3Config, named by ``auto_map``; transformers' own Phi3Config, 5.25,
+    has the same rule): ``_rope_scaling_adjustment`` renames ``su`` / ``yarn`` to ``longrope``, then
+    ``_rope_scaling_validation`` takes only ``{"type": "longrope", "short_factor": [...], "long_factor": [...]}``.
+    It holds none of the types launch writes: every one is refused, ``--force`` or not (measured: the class
+    refuses each, lmdeploy then falls back for dynamic / linear and raises for yarn / llama3).
+  * A class from a checkpoint's code that launch has not read (``auto_map`` names it): dynamic and linear
+    only, in the key style the checkpoint ships (the two-field ``{"type", "factor"}`` form, which most such
+    classes copied from transformers' LlamaConfig 4.31-4.41, when it ships none), with a warning that launch
+    does not know its rule; ``launch serve`` reads the overlay with that class before loading any weight
+    (``launcher/engine/readback.py``, with trust_remote_code) and stops if it refuses it. yarn and llama3
+    are refused, ``--force`` or not: when such a class refuses them, lmdeploy's fallback cannot read them
+    either (``get_model_arch`` raises AttributeError, the generic config has no ``max_position_embeddings``).
+  * The whole config's own class, when the RoPE settings are nested (InternVL's ``InternVLChatConfig``, which
+    builds ``llm_config`` with the class its architecture names: InternLM2Config, Qwen2Config, ...): AutoConfig
+    runs it first, so trust_remote_code is needed for it whatever the language model's class is; the plan
+    names both (``RopeDecision.outer``, ``remote_class``).
+  * "Unchanged" means the same JSON (``differs``): ``{"factor": 2}`` is ``==`` ``{"factor": 2.0}`` in Python,
+    but InternLM2's class refuses the first, so it is rewritten.
 
 What to write, per type (TurboMind's reading rules)
   * Native context N: ``max_position_embeddings`` when the config has no scaling, or ``dynamic`` /
@@ -72,6 +87,7 @@ Never silently
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +105,9 @@ from launcher.rules.readers import (
     config_class,
     dict_rule,
     in_shape,
+    outer_class,
     shaped,
+    unknown_rule_note,
 )
 
 
@@ -214,7 +232,6 @@ LLAMA3_HIGH_FREQ = 4.0
 INTERNLM_V1_ARCH = "InternLMForCausalLM"
 _REMOTE_MODEL_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
 
-_MISSING = object()
 
 
 class YarnFactorRoundsAway(LaunchError):
@@ -422,11 +439,18 @@ class RopeDecision:
     changes: tuple[Change, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
     before: RopeState | None = None
-    reader: ConfigClass = field(default_factory=lambda: ConfigClass("unknown"))
+    reader: ConfigClass = field(default_factory=lambda: ConfigClass("unknown"))  # the RoPE section's class
+    outer: ConfigClass | None = None  # the whole config's own class, when the section is nested in it
 
     @property
     def unchanged(self) -> bool:
         return not self.changes
+
+    @property
+    def remote_class(self) -> ConfigClass | None:
+        """The first class of the checkpoint's code AutoConfig runs on the overlay (the whole config's, then the
+        RoPE section's): without trust_remote_code, lmdeploy reads the overlay through its generic fallback."""
+        return next((c for c in (self.outer, self.reader) if c is not None and c.remote), None)
 
 
 def _v1_changes(config: dict, source: str) -> list[Change]:
@@ -441,7 +465,7 @@ def _v1_changes(config: dict, source: str) -> list[Change]:
     if not isinstance(bias, bool):
         raise BadConfig(source, f"bias must be true or false, found {shown(bias)}")
     for key, value in (("attention_bias", bias), ("mlp_bias", False)):
-        if config.get(key, _MISSING) != value:
+        if key not in config or differs(value, config[key]):
             changes.append(Change((key,), config.get(key), value, added=key not in config))
     if "rope_theta" not in config and "rope_parameters" not in config:
         rotary = config.get("rotary") if isinstance(config.get("rotary"), dict) else {}
@@ -551,7 +575,7 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     warnings: list[str] = []
     changes = _v1_changes(config, source)
     reader = _reader_of(config, before, changes)
-    check_type(reader, rope_type, request.force, warnings)
+    check_type(reader, rope_type)
     rule = dict_rule(reader, before.key)
     if rope_type == "yarn":
         factor, note = _yarn_factor(before.native_context, factor)
@@ -588,9 +612,13 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
     section = _get_section(config, before.section)
     settings = _with_mirrored_base(section, before, rule, settings)
     changes.extend(_dict_changes(section, before, settings))
-    if max_pos != before.max_position_embeddings:
-        changes.append(Change(before.section + ("max_position_embeddings",), before.max_position_embeddings, max_pos))
+    if differs(max_pos, section.get("max_position_embeddings")):  # 4096.0 as shipped is written 4096
+        changes.append(Change(before.section + ("max_position_embeddings",), section.get("max_position_embeddings"),
+                              max_pos))
 
+    outer = outer_class(config, before.section)
+    if changes:
+        warnings.extend(unknown_rule_note(c, reader, rope_type, factor) for c in (outer, reader) if c and not c.known)
     session_len = _session_len(request, before, rope_type, factor, covered, warnings)
     return RopeDecision(
         native_context=before.native_context,
@@ -606,6 +634,7 @@ def decide(config: dict, request: RopeRequest, source: str = "config.json") -> R
         warnings=tuple(warnings),
         before=before,
         reader=reader,
+        outer=outer,
     )
 
 
@@ -634,6 +663,7 @@ def _kept(config: dict, before: RopeState, request: RopeRequest, source: str) ->
         changes=tuple(changes),
         before=before,
         reader=_reader_of(config, before, changes),
+        outer=outer_class(config, before.section),
     )
 
 
@@ -646,18 +676,25 @@ def _with_mirrored_base(section: dict, before: RopeState, rule: ConfigClass, set
     return settings if theta is None else {**settings, "rope_theta": theta}
 
 
+def differs(new: Any, old: Any) -> bool:
+    """Whether ``new`` would be written differently from ``old``, as JSON writes them: ``2.0`` is not ``2``
+    and ``true`` is not ``1`` (Python's ``==`` says they are; InternLM2's class takes only a float factor).
+    Key order is not a difference."""
+    return json.dumps(new, sort_keys=True) != json.dumps(old, sort_keys=True)
+
+
 def _dict_changes(section: dict, before: RopeState, settings: dict) -> list[Change]:
     """The RoPE dict read (and the other key, kept consistent with it) as changes."""
     path = before.section
     changes: list[Change] = []
-    if settings != before.settings:
+    if differs(settings, before.settings):
         changes.append(Change(path + (before.key,), before.settings, settings, added=before.key not in section))
     if before.mirror is not None:
         old = section.get(before.mirror)
         kept = {k: v for k, v in (old or {}).items() if k in _KEPT_KEYS}
         mirrored = {"rope_type": settings.get("rope_type") or settings.get("type"),
                     **{k: v for k, v in settings.items() if k not in _TYPE_KEYS}, **kept}
-        if mirrored != old:
+        if differs(mirrored, old):
             changes.append(Change(path + (before.mirror,), old, mirrored))
     return changes
 

@@ -81,3 +81,88 @@ def test_a_yarn_factor_is_planned_as_the_ratio_turbomind_reads(launch):
     assert data["max_position_embeddings"] == 9011 and data["factor"] == 9011 / 8192
     assert data["rope_scaling"]["factor"] == data["factor"] and data["session_len"] == 9011
     assert any("9,011 / 8,192" in w for w in data["warnings"])
+
+
+def test_an_integer_factor_is_patched_into_the_float_internlm2s_class_requires(launch, tmp_path):
+    # {"factor": 2} is == {"factor": 2.0} in Python, not to InternLM2's class: the overlay must say 2.0
+    transformers = pytest.importorskip("transformers")
+    src = internlm2_checkpoint(tmp_path, {"type": "dynamic", "factor": 2})
+    plan = launch("plan", str(src), "--factor", "2", "--trust-remote-code")
+    assert plan.returncode == 0, plan.stderr
+    assert "unchanged" not in plan.stdout
+    for args in (("--factor", "2"), ()):  # asked for, and the config's own
+        result = launch("patch", str(src), *args, "--trust-remote-code", "--out", str(tmp_path / f"out{len(args)}"))
+        assert result.returncode == 0, result.stderr
+        overlay = Path(result.stdout.strip().splitlines()[-1])
+        written = json.loads((overlay / "config.json").read_text())["rope_scaling"]
+        assert written == {"type": "dynamic", "factor": 2.0} and type(written["factor"]) is float
+        config = transformers.AutoConfig.from_pretrained(str(overlay), trust_remote_code=True)
+        assert type(config).__name__ == "InternLM2Config"
+
+
+def phi3_checkpoint(root: Path, auto_map: bool = True) -> Path:
+    """Phi-3 as published: its own configuration_phi3.py (tests/support/remote_code: the published rule)."""
+    d = root / "phi3-tiny"
+    d.mkdir()
+    config = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "max_position_embeddings": 4096,
+              "original_max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
+              "num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "vocab_size": 1000, "torch_dtype": "bfloat16"}
+    if auto_map:
+        config["auto_map"] = {"AutoConfig": "configuration_phi3.Phi3Config"}
+        shutil.copy(REMOTE_CODE / "configuration_phi3.py", d / "configuration_phi3.py")
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+    return d
+
+
+@pytest.mark.parametrize("args", [("--factor", "2"), ("--factor", "2", "--type", "linear"),
+                                  ("--factor", "4", "--type", "yarn", "--force"),
+                                  ("--factor", "4", "--type", "llama3", "--force")])
+def test_phi3s_class_holds_none_of_the_types_launch_writes_so_each_is_one_line(launch, tmp_path, args):
+    src = phi3_checkpoint(tmp_path)
+    before = tree_state(tmp_path)
+    out = tmp_path / "out"
+    for command in ("patch", "plan"):
+        for trust in (("--trust-remote-code",), ()):
+            result = launch(command, str(src), *args, *trust, *(["--out", str(out)] if command == "patch" else []))
+            assert_one_line_error(result, "Phi3Config", "configuration_phi3.py", "holds only longrope",
+                                  "none of the types launch writes", code=2)
+    assert not out.exists() and tree_state(tmp_path) == before
+
+
+def internvl_qwen2_checkpoint(root: Path) -> Path:
+    """InternVL whose language model is Qwen2: its own InternVLChatConfig (auto_map at the top) builds
+    llm_config with transformers' Qwen2Config."""
+    d = root / "internvl-qwen2"
+    d.mkdir()
+    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_position_embeddings": 32768,
+           "rope_theta": 1000000.0, "rope_scaling": None, "num_hidden_layers": 2, "hidden_size": 256,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "torch_dtype": "bfloat16"}
+    config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+              "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}, "llm_config": llm,
+              "vision_config": {"hidden_size": 64}, "torch_dtype": "bfloat16"}
+    for module in ("configuration_internvl_chat", "configuration_internlm2"):
+        shutil.copy(REMOTE_CODE / f"{module}.py", d / f"{module}.py")
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").write_bytes(b"\0" * 64)
+    return d
+
+
+def test_the_whole_configs_own_class_decides_who_reads_an_internvl_with_a_qwen2_llm(launch, tmp_path):
+    src = internvl_qwen2_checkpoint(tmp_path)
+    untrusted = json.loads(launch("plan", str(src), "--factor", "2", "--json").stdout)
+    assert untrusted["reader"]["class"] == "Qwen2Config"  # the language model's section, whose rule applies
+    assert untrusted["reader"]["outer"]["class"] == "InternVLChatConfig"
+    assert untrusted["reader"]["read_through"] == "generic fallback"
+    assert any("InternVLChatConfig" in w and "--trust-remote-code" in w and "generic fallback" in w
+               for w in untrusted["warnings"])
+    text = launch("plan", str(src), "--factor", "2").stdout
+    assert "read by        lmdeploy's generic fallback: trust_remote_code is off, so InternVLChatConfig" in text
+    trusted = launch("plan", str(src), "--factor", "2", "--trust-remote-code", "--json")
+    data = json.loads(trusted.stdout)
+    assert data["reader"]["read_through"] == "own class"
+    assert not any("generic fallback" in w for w in data["warnings"])
+    text = launch("plan", str(src), "--factor", "2", "--trust-remote-code").stdout
+    assert ("read by        InternVLChatConfig (the model's own code, configuration_internvl_chat.py), its "
+            "llm_config by Qwen2Config (transformers' own), then lmdeploy's turbomind engine") in text

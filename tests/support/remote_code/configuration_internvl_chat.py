@@ -1,10 +1,14 @@
 """InternVLChatConfig for launch's tests: like InternVL's own ``configuration_internvl_chat.py``, it
 builds ``llm_config`` with the class its architecture names (InternLM2Config for InternLM2, transformers'
-LlamaConfig otherwise), so that class's rules apply to the language model's settings."""
+Qwen2Config for Qwen2 and LlamaConfig for Llama; any other is refused), so that class's rules apply to the
+language model's settings."""
 
-from transformers import LlamaConfig, PretrainedConfig
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
 from .configuration_internlm2 import InternLM2Config
+
+_LLM_CLASSES = {"InternLM2ForCausalLM": InternLM2Config, "Qwen2ForCausalLM": Qwen2Config,
+                "LlamaForCausalLM": LlamaConfig}
 
 
 class InternVLChatConfig(PretrainedConfig):
@@ -15,10 +19,10 @@ class InternVLChatConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.vision_config = PretrainedConfig(**(vision_config or {}))
         llm_config = dict(llm_config or {"architectures": ["InternLM2ForCausalLM"]})
-        if llm_config.get("architectures", [None])[0] == "InternLM2ForCausalLM":
-            self.llm_config = InternLM2Config(**llm_config)
-        else:
-            self.llm_config = LlamaConfig(**llm_config)
+        arch = llm_config.get("architectures", [None])[0]
+        if arch not in _LLM_CLASSES:
+            raise ValueError(f"Unsupported architecture: {arch}")
+        self.llm_config = _LLM_CLASSES[arch](**llm_config)
         self.downsample_ratio = downsample_ratio
 
     def to_dict(self):

@@ -515,9 +515,40 @@ def test_internlm2_over_a_shipped_dynamic_and_over_an_older_three_key_overlay():
     # an overlay of an earlier launch wrote three keys: the same settings are rewritten in the class's shape
     d = decide(internlm2({"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}), RopeRequest(factor=2.0))
     assert not d.unchanged and d.settings == {"type": "dynamic", "factor": 2.0}
-    # an integer factor is not a float to the class: rewritten as one
-    assert decide(internlm2({"type": "dynamic", "factor": 2}), RopeRequest()).settings["factor"] == 2.0
 
+
+@pytest.mark.parametrize("request_", [RopeRequest(), RopeRequest(factor=2.0)])
+def test_an_integer_factor_is_written_as_the_float_internlm2s_class_requires(request_):
+    # {"factor": 2} == {"factor": 2.0} in Python: the check is on what apply() writes, as JSON writes it
+    config = internlm2({"type": "dynamic", "factor": 2})
+    d = decide(config, request_)
+    assert not d.unchanged and changed_keys(d) == {"rope_scaling"}
+    written = apply(config, d)["rope_scaling"]
+    assert json.dumps(written) == '{"type": "dynamic", "factor": 2.0}'
+    assert type(written["factor"]) is float
+    again = apply(apply(config, d), decide(apply(config, d), request_))
+    assert json.dumps(again["rope_scaling"]) == json.dumps(written)  # and then it stays
+
+
+def test_an_integer_factor_in_the_other_key_is_rewritten_too():
+    # both keys present: rope_scaling is read, rope_parameters is kept consistent, each as JSON writes it
+    config = llama(4096, {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0},
+                   rope_parameters={"rope_type": "dynamic", "factor": 2, "rope_theta": 10000.0})
+    d = decide(config, RopeRequest(factor=2.0))
+    assert changed_keys(d) == {"rope_parameters"}
+    assert type(apply(config, d)["rope_parameters"]["factor"]) is float
+    # transformers' own classes: an int factor in a dict already in their shape is written as a float
+    plain = llama(4096, {"type": "dynamic", "rope_type": "dynamic", "factor": 2})
+    assert json.dumps(apply(plain, decide(plain, RopeRequest(factor=2.0)))["rope_scaling"]).endswith('"factor": 2.0}')
+
+
+def test_every_value_launch_sets_is_compared_as_json_writes_it():
+    # a float max_position_embeddings and an integer attention_bias are == to what launch sets, not the same JSON
+    config = llama(4096.0)
+    written = apply(config, decide(config, RopeRequest(factor=2.0)))
+    assert json.dumps(written["max_position_embeddings"]) == "4096"
+    v1 = {**internlm_v1(), "attention_bias": 1}
+    assert json.dumps(apply(v1, decide(v1, RopeRequest(factor=2.0)))["attention_bias"]) == "true"
 
 @pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
 @pytest.mark.parametrize("force", [False, True])
@@ -566,19 +597,85 @@ def test_transformers_own_classes_get_the_pair_and_keep_a_shipped_single_key():
     assert d.settings == {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0}
 
 
-def test_a_class_launch_does_not_know_gets_the_shipped_key_style_and_yarn_only_with_force():
-    from launcher.rules.readers import ConfigClassRefusesType
+def unknown_class(rope_scaling):
+    """A checkpoint whose own config class (auto_map) launch has not read."""
+    return llama(4096, rope_scaling, model_type="baichuan",
+                 auto_map={"AutoConfig": "org/repo--configuration_baichuan.BaichuanConfig"})
 
-    config = llama(4096, {"type": "linear", "factor": 2.0}, model_type="baichuan",
-                   auto_map={"AutoConfig": "org/repo--configuration_baichuan.BaichuanConfig"})
-    d = decide(config, RopeRequest(factor=4.0))
+
+def test_a_class_launch_does_not_know_gets_dynamic_or_linear_in_the_shipped_key_style_with_a_warning():
+    d = decide(unknown_class({"type": "linear", "factor": 2.0}), RopeRequest(factor=4.0))
     assert (d.reader.name, d.reader.code, d.reader.known) == ("BaichuanConfig", "configuration_baichuan.py", False)
     assert d.settings == {"type": "linear", "factor": 4.0}
+    [note] = [w for w in d.warnings if "does not know" in w]
+    assert "BaichuanConfig" in note and "configuration_baichuan.py" in note and "\n" not in note
+    assert "launch serve reads the overlay with that class before loading any weight" in note
+    # the key style shipped: rope_type alone stays rope_type alone; none shipped: the two-field form
+    assert decide(unknown_class({"rope_type": "dynamic", "factor": 2.0}), RopeRequest(factor=4.0)).settings == {
+        "rope_type": "dynamic", "factor": 4.0}
+    assert decide(unknown_class(None), RopeRequest(factor=2.0)).settings == {"type": "dynamic", "factor": 2.0}
+    # nothing written, nothing to warn about
+    same = decide(unknown_class({"type": "dynamic", "factor": 2.0}), RopeRequest(factor=2.0))
+    assert same.unchanged and not any("does not know" in w for w in same.warnings)
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+@pytest.mark.parametrize("force", [False, True])
+def test_yarn_and_llama3_are_refused_for_a_class_launch_does_not_know_force_or_not(rope_type, force):
+    # measured (lmdeploy 0.18): when such a class refuses a yarn / llama3 dict, get_model_arch's generic
+    # fallback raises AttributeError (no max_position_embeddings) instead of reading it
     with pytest.raises(ConfigClassRefusesType) as err:
-        decide(config, RopeRequest(factor=4.0, rope_type="yarn"))
-    assert "not one launch knows" in str(err.value) and "--force" in str(err.value)
-    forced = decide(config, RopeRequest(factor=4.0, rope_type="yarn", force=True))
-    assert forced.settings["type"] == "yarn" and any("does not know" in w for w in forced.warnings)
+        decide(unknown_class(None), RopeRequest(factor=4.0, rope_type=rope_type, force=force))
+    text = str(err.value)
+    assert "BaichuanConfig" in text and "not one launch knows" in text and "--force or not" in text
+    assert "generic fallback cannot read" in text and "--type dynamic" in text and "\n" not in text
+
+
+def phi3(rope_scaling=None, auto_map="configuration_phi3.Phi3Config"):
+    config = llama(4096, rope_scaling, architectures=["Phi3ForCausalLM"], model_type="phi3",
+                   original_max_position_embeddings=4096)
+    if auto_map:
+        config["auto_map"] = {"AutoConfig": auto_map}
+    return config
+
+
+@pytest.mark.parametrize("auto_map", ["configuration_phi3.Phi3Config",
+                                      "microsoft/Phi-3-mini-4k-instruct--configuration_phi3.Phi3Config", None])
+@pytest.mark.parametrize("rope_type", [None, "dynamic", "linear", "yarn", "llama3"])
+@pytest.mark.parametrize("force", [False, True])
+def test_phi3s_class_holds_none_of_the_types_launch_writes(auto_map, rope_type, force):
+    # Phi-3's configuration_phi3.py (and transformers' own Phi3Config, without auto_map) take only
+    # {"type": "longrope", "short_factor": [...], "long_factor": [...]} (su and yarn are renamed longrope)
+    with pytest.raises(ConfigClassRefusesType) as err:
+        decide(phi3(None, auto_map), RopeRequest(factor=2.0, rope_type=rope_type, force=force))
+    text = str(err.value)
+    assert "Phi3Config" in text and "holds only longrope" in text and "\n" not in text
+    assert "none of the types launch writes (dynamic, linear, yarn, llama3)" in text
+    assert ("configuration_phi3.py" in text) is (auto_map is not None)
+
+
+def test_the_whole_configs_own_class_is_named_beside_the_language_models():
+    # InternVL whose LLM is Qwen2: its llm_config is read by Qwen2Config, inside InternVLChatConfig, the
+    # checkpoint's own code that AutoConfig runs first (so trust_remote_code is needed for it)
+    qwen2 = llama(32768, None, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    vl = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "llm_config": qwen2,
+          "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}, "vision_config": {}}
+    d = decide(vl, RopeRequest(factor=2.0))
+    assert d.reader.name == "Qwen2Config" and not d.reader.remote
+    assert (d.outer.name, d.outer.code, d.outer.known) == ("InternVLChatConfig", "configuration_internvl_chat.py", True)
+    assert d.remote_class == d.outer and not any("does not know" in w for w in d.warnings)
+    vl_il2 = {**vl, "llm_config": internlm2(None)}
+    assert decide(vl_il2, RopeRequest(factor=2.0)).remote_class.name == "InternVLChatConfig"
+    # one level: the class is the reader; transformers' own all the way: nothing remote
+    plain = decide(internlm2(None), RopeRequest(factor=2.0))
+    assert plain.outer is None and plain.remote_class == plain.reader
+    assert decide(llama(4096), RopeRequest(factor=2.0)).remote_class is None
+    nested = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "text_config": qwen2}
+    assert decide(nested, RopeRequest(factor=2.0)).outer is None
+    # an outer class launch has not read gets the same warning as any other
+    other = {**vl, "auto_map": {"AutoConfig": "configuration_wrapper.WrapperConfig"}}
+    [note] = [w for w in decide(other, RopeRequest(factor=2.0)).warnings if "does not know" in w]
+    assert "WrapperConfig" in note
 
 
 def test_internlm_v1_is_read_by_transformers_llama_after_the_rewrite():
