@@ -22,6 +22,18 @@ settings.register_profile("launch", derandomize=not os.environ.get("LAUNCH_HYPOT
 settings.load_profile("launch")
 
 # A small Llama config.json (native context 256), for model directories the tests make.
+# InternVL whose language model is Qwen2: its own InternVLChatConfig (auto_map at the top, remote code)
+# builds llm_config with transformers' Qwen2Config.
+INTERNVL_QWEN2 = {
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+    "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+    "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "rope_scaling": None, "num_hidden_layers": 2, "hidden_size": 256,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+                   "torch_dtype": "bfloat16"},
+    "vision_config": {"hidden_size": 64}, "torch_dtype": "bfloat16",
+}
+
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",

@@ -6,6 +6,7 @@ extension that tests/contract/lmdeploy_contract.py installs, which must not leak
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, tree_state
+from tests.conftest import INTERNVL_QWEN2, assert_one_line_error, tree_state
 
 pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
 
@@ -359,12 +360,7 @@ def test_launch_serve_stops_on_an_overlay_a_class_launch_does_not_know_refuses(l
 
 
 def test_an_internvl_with_a_qwen2_llm_is_read_as_the_plan_says(launch, tmp_path):
-    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_position_embeddings": 32768,
-           "rope_theta": 1000000.0, "rope_scaling": None, "num_hidden_layers": 2, "hidden_size": 256,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "torch_dtype": "bfloat16"}
-    config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-              "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}, "llm_config": llm,
-              "vision_config": {"hidden_size": 64}, "torch_dtype": "bfloat16"}
+    config = copy.deepcopy(INTERNVL_QWEN2)
     src = checkpoint(tmp_path, "ivl-qwen2", config, ("configuration_internvl_chat", "configuration_internlm2"))
     for trust in (False, True):
         flag = ("--trust-remote-code",) if trust else ()

@@ -3,13 +3,14 @@ writing anything when it would not be read as planned (issue 15), through the re
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, tree_state
+from tests.conftest import INTERNVL_QWEN2, assert_one_line_error, tree_state
 
 pytestmark = pytest.mark.slow  # processes, sockets or models: make test-fast leaves it out
 
@@ -136,12 +137,7 @@ def internvl_qwen2_checkpoint(root: Path) -> Path:
     llm_config with transformers' Qwen2Config."""
     d = root / "internvl-qwen2"
     d.mkdir()
-    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_position_embeddings": 32768,
-           "rope_theta": 1000000.0, "rope_scaling": None, "num_hidden_layers": 2, "hidden_size": 256,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "torch_dtype": "bfloat16"}
-    config = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-              "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}, "llm_config": llm,
-              "vision_config": {"hidden_size": 64}, "torch_dtype": "bfloat16"}
+    config = copy.deepcopy(INTERNVL_QWEN2)
     for module in ("configuration_internvl_chat", "configuration_internlm2"):
         shutil.copy(REMOTE_CODE / f"{module}.py", d / f"{module}.py")
     (d / "config.json").write_text(json.dumps(config))
