@@ -5,6 +5,7 @@ table printed with what was written; a run's results read back for ``--compare``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,9 +48,21 @@ def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
         raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err}") from None
 
 
+def _strict(value):
+    """``value`` with every number JSON cannot hold (inf, nan: a perplexity past exp(709)) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def results_bytes(data: dict) -> bytes:
-    """How a results.json is written: indented UTF-8 JSON."""
-    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    """How a results.json is written: indented UTF-8 JSON, strict (a number it cannot hold is null, never
+    ``Infinity``, which strict JSON readers refuse)."""
+    return (json.dumps(_strict(data), indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
 def show_written(table: str, stream: TextIO, *written: Path, note: str | None = None) -> None:

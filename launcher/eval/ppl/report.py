@@ -15,6 +15,7 @@ from typing import TextIO
 from launcher.eval.ppl.runner import PplResult
 from launcher.eval.ppl.runs import Row, Run, run_of
 from launcher.eval.ppl.windows import perplexity
+from launcher.eval.probe.settings import MAX_LENGTH
 from launcher.eval.results import (
     CompareBadRun,
     OutputPaths,
@@ -25,6 +26,7 @@ from launcher.eval.results import (
     write_run,
 )
 from launcher.eval.runfiles import RunDir
+from launcher.rules.configcheck import INT32_MAX
 
 CHART_NAME = "ppl.png"
 COMPARE_CHART_NAME = "ppl-compare.png"
@@ -110,9 +112,17 @@ def results_dict(result: PplResult) -> dict:
 def _finite_or_none(value: object, where: str, path: Path) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CompareBadRun(str(path), f"{where} is not a number")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int past any float
+        number = math.nan
+    if not math.isfinite(number):
+        raise CompareBadRun(str(path), f"{where} is not a finite number")
+    return number
+
+
+def _whole(value: object, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
 
 
 def load_run(run_dir: Path) -> Run:
@@ -125,16 +135,19 @@ def load_run(run_dir: Path) -> Run:
         settings = data["settings"]
         native = settings.get("native_context")
         span = settings["span"]
+        lengths = [item["length"] for item in data["lengths"]]
         rows = tuple(
-            Row(int(item["length"]), _finite_or_none(item.get("window_loss"), "window_loss", path),
+            Row(item["length"], _finite_or_none(item.get("window_loss"), "window_loss", path),
                 _finite_or_none(item.get("span_loss"), "span_loss", path), int(item.get("errors") or 0))
             for item in data["lengths"]
         )
         label = str(data.get("label") or data.get("model") or run_dir.name)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise CompareBadRun(str(run_dir), f"{path.name} lacks the fields of a `launch ppl` result") from None
-    if native is not None and (isinstance(native, bool) or not isinstance(native, int) or native < 1):
-        raise CompareBadRun(str(run_dir), "settings.native_context is not a positive whole number")
+    if native is not None and not _whole(native, INT32_MAX):
+        raise CompareBadRun(str(run_dir), f"settings.native_context is not a whole number of tokens, 1..{INT32_MAX}")
+    if not all(_whole(length, MAX_LENGTH) for length in lengths):
+        raise CompareBadRun(str(run_dir), f"a length is not a whole number of tokens, 1..{MAX_LENGTH}")
     if isinstance(span, bool) or not isinstance(span, int) or span < 1 or not rows:
         raise CompareBadRun(str(run_dir), f"{path.name} holds no lengths or no valid span")
     return Run(label[:80], native, span, rows, not data.get("complete", False))

@@ -3,8 +3,10 @@ through lmdeploy's ``POST /get_ppl``, derive the target span's loss.
 
 ``run_ppl`` checks the server first (reachable, key accepted, which model, ``/get_ppl`` there, how to
 tokenize, every window fits the text), so those failures stop it before any long scoring pass.
-After that a length the server refuses (a 400: past its session) is recorded on its point and the
-run goes on. Ctrl-C, a server that goes away, or ``STUCK_AFTER`` requests in a row past their
+Whatever else the check's short ``/get_ppl`` meets (a deadline, an HTTP error, a reply that is no
+loss) is a window's failure, not the run's: the windows are scored and each records its own, as
+probe's trials do. A length the server refuses (a 400: past its session) is recorded on its point
+and the run goes on. Ctrl-C, a server that goes away, or ``STUCK_AFTER`` requests in a row past their
 deadline end the run early with the points so far.
 """
 
@@ -146,7 +148,7 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
         token_ids = [encode(text.content) for text in texts]
         plans = [plan_windows(len(ids), settings.lengths, settings.span, text.source)
                  for text, ids in zip(texts, token_ids)]
-        score(client, token_ids[0][:2])  # /get_ppl is there and answers, before any long pass
+        checked = _check_endpoint(client, token_ids[0][:2])
     result = PplResult(settings, models[0], method, {t.source: len(ids) for t, ids in zip(texts, token_ids)}, _now())
     total = result.planned
     emit(PplEvent("begin", 0, total, message=(
@@ -154,6 +156,7 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
         f"{', '.join(str(n) for n in settings.lengths)}, target span the last {settings.span} tokens; "
         f"each request has a {settings.timeout:g} s deadline")))
     watch = StuckWatch(client)
+    watch.after(checked)  # a check past its deadline is the first miss in a row
     try:
         for text, ids, windows in zip(texts, token_ids, plans):
             for window in windows:
@@ -170,6 +173,18 @@ def run_ppl(settings: PplSettings, progress: Progress | None = None) -> PplResul
         result.interrupted = True
     result.finished_at = _now()
     return result
+
+
+def _check_endpoint(client: Client, ids: list[int]) -> LaunchError | None:
+    """Score ``ids`` (2 tokens) before any long pass: raises what ends every window alike (the server
+    unreachable, the key refused, no ``/get_ppl``); returns any other failure (None: it answered)."""
+    try:
+        score(client, ids)
+    except (Unreachable, ServerUnauthorized, PplNoEndpoint):
+        raise
+    except LaunchError as err:  # a deadline, an HTTP error, an error body, a reply that is no loss
+        return err
+    return None
 
 
 def _score_window(client: Client, text: Text, ids: list[int],

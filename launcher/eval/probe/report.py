@@ -6,6 +6,7 @@ chart module (matplotlib) is imported only when the PNG is written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -44,7 +45,7 @@ def format_table(result: ProbeResult) -> str:
     lines.append(f"overall accuracy {result.overall_accuracy:.2f} ({correct}/{len(result.trials)} found; "
                  "errors count as misses)")
     if any(m == "ERR" or m.endswith("!") for m in marks):
-        first = next(t for t in result.trials if t.error)
+        first = next(t for t in result.trials if t.error is not None)
         lines.append(f"ERR / !: all / some trials of the cell failed, e.g. length {first.length}: {first.error}")
     if "-" in marks:
         lines.append("-: not run")
@@ -124,7 +125,33 @@ def load_result(run_dir: Path) -> ProbeResult:
         raise CompareBadRun(str(run_dir), f"{path.name} lacks the fields of a `launch probe` result") from None
     if any(t.length not in settings.lengths or t.depth not in settings.depths for t in trials):
         raise CompareBadRun(str(run_dir), f"{path.name} has trials outside its own lengths and depths")
+    bad = next((name for t in trials for name, ok in _TRIAL_FIELDS.items() if not ok(getattr(t, name))), None)
+    if bad is not None:  # a `correct` of 2 or "yes" would draw an accuracy past 1, or none at all
+        raise CompareBadRun(str(run_dir), f"{path.name} has a trial whose {bad!r} is not what `launch probe` writes")
     return result
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _seconds(value: object) -> bool:
+    return _count(value) or (isinstance(value, float) and math.isfinite(value) and value >= 0)
+
+
+# What `launch probe` writes in each field of a trial (length and depth are checked against the settings).
+_TRIAL_FIELDS = {
+    "trial": _count,
+    "passkey": lambda v: isinstance(v, str),
+    "answer": lambda v: v is None or isinstance(v, str),
+    "correct": lambda v: isinstance(v, bool),
+    "latency_s": lambda v: v is None or _seconds(v),
+    "prompt_tokens": lambda v: v is None or _count(v),
+    "measured_tokens": lambda v: v is None or _count(v),
+    "filler_words": lambda v: v is None or _count(v),
+    "error": lambda v: v is None or (isinstance(v, str) and v != ""),  # a failed trial always says why
+    "http_status": lambda v: v is None or _count(v),
+}
 
 
 def compare(run_dirs: list[Path], out_dir: Path, stream: TextIO) -> Path:

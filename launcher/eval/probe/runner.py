@@ -21,7 +21,9 @@ from launcher.eval.probe.passkey import Filler, build_prompt, is_correct, passke
 from launcher.eval.probe.settings import ProbeSettings
 from launcher.eval.tokens import ProbeLengthTooShort, TokenCounter, fit_words, pick_counter
 from launcher.net.http import Unreachable
-from launcher.net.lmdeploy import Client, ServerErrorBody, ServerHTTPError, ServerUnauthorized
+from launcher.net.lmdeploy import Client, ServerBadReply, ServerErrorBody, ServerHTTPError, ServerUnauthorized
+
+NO_ANSWER_TEXT = "the reply holds no answer text (choices[0].message.content null, absent or blank)"
 
 
 class ProbeNoModel(LaunchError):
@@ -38,7 +40,8 @@ class ProbeUnknownModel(LaunchError):
 
 @dataclass
 class Trial:
-    """One prompt sent and what came back. ``error`` set means it was not answered (counts as a miss)."""
+    """One prompt sent and what came back. ``error`` set means it was not answered (counts as a miss):
+    an error status or body, a deadline, a reply that cannot be read, or one with no answer text."""
 
     length: int
     depth: float
@@ -205,9 +208,14 @@ def _ask(settings: ProbeSettings, client: Client, model: str, counter: TokenCoun
     except LaunchError as err:  # a deadline, a reply of the wrong shape: this trial only
         trial.error, error = str(err), err
     else:
-        trial.answer, trial.latency_s = reply.text, round(reply.latency_s, 3)
-        trial.prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else fit.tokens
-        trial.correct = is_correct(trial.passkey, reply.text)
-        return None, None
+        trial.latency_s = round(reply.latency_s, 3)
+        if reply.text.strip():
+            trial.answer = reply.text
+            trial.prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else fit.tokens
+            trial.correct = is_correct(trial.passkey, reply.text)
+            return None, None
+        # content null, absent, empty or blank (reasoning_content too): a reply, but no answer in it
+        error = ServerBadReply(client.shown + "/v1/chat/completions", NO_ANSWER_TEXT)
+        trial.error = str(error)
     trial.prompt_tokens = trial.measured_tokens
     return error, None

@@ -347,8 +347,12 @@ def test_a_silent_server_ends_within_the_timeout_with_a_line_before(tmp_path):
 
 
 def test_a_proxys_http_200_error_body_is_an_error_not_a_loss():
-    from launcher.net.lmdeploy import ServerErrorBody
-
-    with ProbeStandin(visible=VISIBLE, proxy_error=True) as server, pytest.raises(ServerErrorBody) as info:
-        run_ppl(PplSettings(url=server.url, lengths=(500,), span=100))
-    assert "error_code 10402" in str(info.value) and "/get_ppl" in str(info.value)
+    """Every /get_ppl (the check before the windows included) answers lmdeploy's proxy error body:
+    each window records it as its error, and none has a loss."""
+    with ProbeStandin(visible=VISIBLE, proxy_error=True) as server:
+        result = run_ppl(PplSettings(url=server.url, lengths=(500, 1000), span=100))
+        calls = server.ppl_calls
+    assert calls == 3 and len(result.points) == 2 and not result.complete  # the check, then each window once
+    for point in result.points:
+        assert point.error.startswith("error_code 10402: ") and point.http_status == 200
+        assert (point.window_loss, point.prefix_loss, point.span_loss) == (None, None, None)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import stat
 import tempfile
@@ -437,8 +438,9 @@ def failed_reply():
     bodies = st.sampled_from([b'{"detail": "boom"}', b"<html>bad gateway</html>", b"", b'{"choices": []}',
                               b'{"error_code": 10402, "text": "Failed to get response"}',
                               b'{"object": "error", "message": "no", "code": 400}', b'{"ppl": NaN}'])
-    not_text = json_values().filter(lambda v: v is not None and not isinstance(v, str))
-    content = not_text.map(lambda v: json.dumps(  # [v]: a list is never the number 'ppl' must be
+    # No answer text: null (or absent), blank, or not text at all.
+    no_text = json_values().filter(lambda v: not isinstance(v, str) or not v.strip())
+    content = no_text.map(lambda v: json.dumps(  # [v]: a list is never the number 'ppl' must be
         {"choices": [{"message": {"role": "assistant", "content": v}}], "ppl": [v]}).encode())
     return st.tuples(st.sampled_from([200, 400, 413, 500, 502, 503]), bodies) | st.tuples(st.just(200), content)
 
@@ -451,8 +453,8 @@ def test_a_run_that_nothing_answered_exits_3_and_keeps_its_results(tmp_path, cap
         @PROPERTY
         @given(reply=failed_reply())
         def check(reply):
-            # ppl: the first /get_ppl (the 2-token check before the run) answers, the windows do not.
-            server.raw[path] = reply if command == "probe" else (lambda n: reply if n > 1 else None)
+            # ppl: the first /get_ppl (the 2-token check before the run) fails the same way as the windows.
+            server.raw[path] = reply
             server.raw_counts.clear()
             out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
             code, stdout, err = cli(capsys, *run_args(command, server.url, "--out", str(out)))
@@ -473,6 +475,246 @@ def test_every_length_past_the_session_exits_3(tmp_path, capsys):
         code, _, err = cli(capsys, "probe", "--url", server.url, "--lengths", "300,400", "--depths", "0,1",
                            "--trials", "1", "--out", str(tmp_path / "o"))
     assert code == 3 and "no trial was answered: all 4 failed, e.g. HTTP 400: Input length" in err
+
+
+def chat_body(message: dict) -> bytes:
+    return json.dumps({"id": "c", "object": "chat.completion", "model": "standin-7b-chat",
+                       "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 300, "completion_tokens": 1}}).encode()
+
+
+BLANK = st.text(alphabet=" \t\n\r\u00a0\u2003\u3000", max_size=4)  # text with nothing in it
+
+
+@pytest.mark.parametrize("wrong_answer", [False, True])
+def test_a_reply_with_no_answer_text_is_no_answer_and_a_wrong_one_is_an_answer(tmp_path, capsys, wrong_answer):
+    """``content`` null, absent, empty or blank (and ``reasoning_content`` no better) holds no answer: a
+    run of such replies exits 3 like every other run that nothing answered. A reply with any text is
+    an answer, right or wrong (exit 0, accuracy 0)."""
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+
+        @PROPERTY
+        @given(content=st.none() | BLANK, reasoning=st.none() | BLANK, absent=st.sampled_from(["", "content",
+               "reasoning_content", "both"]), text=st.text(min_size=1, max_size=12).filter(lambda t: t.strip() and not any(c.isdigit() for c in t)))
+        def check(content, reasoning, absent, text):
+            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+            for name in {"both": ("content", "reasoning_content")}.get(absent, (absent,)):
+                message.pop(name, None)
+            if wrong_answer:  # the same shape with some text in it, where the model puts its answer
+                message["content" if absent not in ("content", "both") else "reasoning_content"] = f"x{text}"
+            server.raw["/v1/chat/completions"] = (200, chat_body(message))
+            out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+            code, stdout, err = cli(capsys, "probe", "--url", server.url, "--lengths", "300", "--depths", "0,1",
+                                    "--trials", "2", "--timeout", "5", "--out", str(out))
+            data = json.loads((out / "results.json").read_text())
+            assert len(data["trials"]) == 4 and data["overall_accuracy"] == 0
+            assert (out / "heatmap.png").stat().st_size > 0
+            if wrong_answer:
+                assert code == 0, err
+                assert all(t["error"] is None and t["answer"] == f"x{text}" for t in data["trials"])
+            else:
+                assert code == 3, err
+                assert err.splitlines()[-1].startswith("launch: error: no trial was answered: all 4 failed, e.g. ")
+                assert "no answer text" in err.splitlines()[-1]
+                assert all(t["error"] and t["answer"] is None for t in data["trials"])
+                assert "ERR" in stdout
+            assert all_printable(stdout, err)
+
+        check()
+
+
+def not_a_loss():
+    """A /get_ppl reply that is no loss: an error status, an error body, not JSON, or JSON whose
+    'ppl' is not a finite number >= 0 (absent, null, NaN, Infinity, a string, a list, negative...)."""
+    def is_loss(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    statuses = st.sampled_from([400, 413, 422, 429, 500, 502, 503])  # 404 / 405: no /get_ppl
+    bodies = st.sampled_from([b'{"detail": "boom"}', b"<html>bad gateway</html>", b"", b"{", b"{}", b"[]",
+                              b'"ok"', b"null", b'{"ppl": NaN}', b'{"ppl": Infinity}', b'{"ppl": -Infinity}',
+                              b'{"ppl": 1e999}', b'{"ppl": "2.5"}', b'{"ppl": null}', b'{"ppl": -1}',
+                              b'{"error_code": 10402, "text": "Failed to get response"}',
+                              b'{"object": "error", "message": "no", "code": 400}'])
+    values = json_values().filter(lambda v: not is_loss(v)).map(lambda v: json.dumps({"ppl": v}).encode())
+    whole = json_values().filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode())
+    return st.tuples(statuses, bodies) | st.tuples(st.just(200), bodies | values | whole)
+
+
+@pytest.mark.parametrize("windows_answer", [False, True])
+def test_ppl_goes_on_past_a_first_request_that_is_no_loss(tmp_path, capsys, windows_answer):
+    """The first /get_ppl (the short check before the windows) failing as a window can (any status but
+    404 / 405, any reply that is no loss) does not end the run: the windows are scored and written, and
+    the exit says whether any was (0) or none (3), as probe's does."""
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+
+        @PROPERTY
+        @given(reply=not_a_loss())
+        def check(reply):
+            server.raw["/get_ppl"] = (lambda n: reply if n == 1 else None) if windows_answer else reply
+            server.raw_counts.clear()
+            out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+            code, stdout, err = cli(capsys, *run_args("ppl", server.url, "--out", str(out)))
+            data = json.loads((out / "results.json").read_text())
+            assert len(data["points"]) == 2 and (out / "ppl.png").stat().st_size > 0
+            assert server.raw_counts["/get_ppl"] == 1 + 2 * (1 if not windows_answer else 2)  # check + windows
+            if windows_answer:
+                assert code == 0, err
+                assert all(p["error"] is None and p["span_loss"] == pytest.approx(2.0) for p in data["points"])
+            else:
+                assert code == 3, err
+                assert err.splitlines()[-1].startswith("launch: error: no window was answered: all 2 failed, e.g. ")
+                assert all(p["error"] and p["span_loss"] is None for p in data["points"])
+            assert "Traceback" not in err and all_printable(stdout, err)
+
+        check()
+
+
+@pytest.mark.parametrize("hung", ["first", "all"])
+def test_ppl_goes_on_past_a_first_request_past_its_deadline(tmp_path, capsys, hung):
+    """A first /get_ppl past its deadline is one miss toward the stuck engine, not the end of the run."""
+    hang = (lambda kind, n: kind == "ppl" and n == 1) if hung == "first" else (lambda kind, n: kind == "ppl")
+    with ProbeStandin(visible=5000, session_len=100_000, hang=hang) as server:
+        code, _, err = cli(capsys, "ppl", "--url", server.url, "--lengths", "300,600", "--span", "100",
+                                "--timeout", "1", "--out", str(tmp_path / "o"))
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(data["points"]) == 2 and (tmp_path / "o" / "ppl.png").exists()
+    if hung == "first":
+        assert code == 0, err
+        assert all(p["error"] is None for p in data["points"])
+    else:  # the check and both windows: 3 misses in a row, the engine is stuck
+        assert code == 3, err
+        assert "engine looks stuck" in err.splitlines()[-1] and "engine looks stuck" in data["stopped_by"]
+        assert all("did not answer within 1 s" in p["error"] for p in data["points"])
+
+
+def test_ppl_without_get_ppl_still_stops_before_the_windows_writing_nothing(tmp_path, capsys):
+    for status in (404, 405):
+        with ProbeStandin(visible=5000, session_len=100_000,
+                          raw={"/get_ppl": (status, b'{"detail": "Not Found"}')}) as server:
+            code, stdout, err = cli(capsys, *run_args("ppl", server.url, "--out", str(tmp_path / "o")))
+            calls = server.raw_counts["/get_ppl"]
+        assert code == 1 and calls == 1 and stdout == ""
+        assert err.splitlines()[-1] == (f"launch: error: {server.url} has no POST /get_ppl (HTTP {status}): launch "
+                                        "ppl needs lmdeploy's api_server (launch serve), which scores a text there.")
+        assert not (tmp_path / "o").exists()
+
+
+HUGE = (st.floats(min_value=1e15, max_value=1.7976931348623157e308)
+        | st.sampled_from([1e308, 1.7976931348623157e308, 1e300, 1e20, 800.0, 710.0]))
+
+
+def test_a_loss_too_large_to_chart_is_left_off_the_chart_not_a_traceback(tmp_path, capsys):
+    """Every /get_ppl answers a finite loss far past anything a chart can place (1e308 crashed
+    matplotlib's axis arithmetic): the run writes its results and its chart and exits by what was
+    scored, 3 when no span loss is finite, 0 otherwise."""
+    with ProbeStandin(visible=5000, session_len=100_000) as server:
+
+        @PROPERTY
+        @given(loss=HUGE, which=st.sampled_from(["all", "the longer window"]))
+        def check(loss, which):
+            # requests: 1 the check, 2-3 the 300-token window and its prefix, 4-5 the 600-token ones
+            reply = (200, json.dumps({"ppl": loss}).encode())
+            server.raw["/get_ppl"] = reply if which == "all" else (lambda n: reply if n >= 4 else None)
+            server.raw_counts.clear()
+            out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+            code, stdout, err = cli(capsys, *run_args("ppl", server.url, "--out", str(out)))
+            assert "Traceback" not in err and all_printable(stdout, err)
+            data = json.loads((out / "results.json").read_text())
+            assert (out / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            scored = [p for p in data["points"] if p["span_loss"] is not None]
+            assert code == (0 if scored else 3), err
+            assert len(data["points"]) == 2 and (which == "all" or scored)
+
+        check()
+
+
+@pytest.mark.parametrize("field", ["span_loss", "window_loss", "length", "native_context"])
+def test_ppl_compare_draws_any_run_it_takes_and_refuses_the_rest_in_one_line(tmp_path, capsys, earlier_runs, field):
+    """A results.json edited to hold any value in one field: a number the chart cannot place is left
+    off it (exit 0, the chart written); a value no `launch ppl` writes is refused (exit 2), never a
+    traceback."""
+    from launcher.eval.probe.settings import MAX_LENGTH
+
+    original = json.loads((earlier_runs / "ppl" / "results.json").read_text())
+
+    def valid(value) -> bool:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if field == "length":
+            return whole and 1 <= value <= MAX_LENGTH
+        if field == "native_context":
+            return value is None or (whole and 1 <= value <= 2**31 - 1)
+        if value is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an int past any float
+            return False
+
+    @PROPERTY
+    @given(value=json_values() | HUGE | st.integers(min_value=-10, max_value=10**400))
+    def check(value):
+        data = json.loads(json.dumps(original))
+        if field == "native_context":
+            data["settings"]["native_context"] = value
+        else:
+            data["lengths"][0][field] = value
+        run = Path(tempfile.mkdtemp(dir=tmp_path))
+        (run / "results.json").write_text(json.dumps(data))
+        out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+        code, stdout, err = cli(capsys, "ppl", "--compare", str(earlier_runs / "ppl"), str(run), "--out", str(out))
+        assert "Traceback" not in err and all_printable(stdout, err)
+        if valid(value):
+            assert code == 0, err
+            assert (out / "ppl-compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert code == 2 and stdout == "" and err.count("\n") == 1, err
+            assert err.startswith(f"launch: error: --compare {run}") and not out.exists()
+
+    check()
+
+
+@pytest.mark.parametrize("field", ["correct", "error", "http_status", "answer", "latency_s", "prompt_tokens"])
+def test_probe_compare_draws_only_trials_of_launchs_shape(tmp_path, capsys, earlier_runs, field):
+    """A trial edited to hold any value in one field: a value of the type `launch probe` writes is
+    drawn (exit 0), any other refused in one line (exit 2): a `correct` of 2, NaN or "yes" never
+    becomes an accuracy past 1, nan or a traceback."""
+    original = json.loads((earlier_runs / "probe" / "results.json").read_text())
+    kinds = {"correct": (bool,), "error": (str, type(None)), "answer": (str, type(None)),
+             "http_status": (int, type(None)), "prompt_tokens": (int, type(None)),
+             "latency_s": (int, float, type(None))}
+
+    def valid(value) -> bool:
+        if field == "correct":
+            return isinstance(value, bool)
+        if field == "error" and value == "":  # a failed trial always says why
+            return False
+        if isinstance(value, bool) or not isinstance(value, kinds[field]):
+            return False
+        if isinstance(value, float):
+            return math.isfinite(value) and value >= 0
+        return not isinstance(value, int) or value >= 0
+
+    @PROPERTY
+    @given(value=json_values())
+    def check(value):
+        data = json.loads(json.dumps(original))
+        data["trials"][0][field] = value
+        run = Path(tempfile.mkdtemp(dir=tmp_path))
+        (run / "results.json").write_text(json.dumps(data))
+        out = Path(tempfile.mkdtemp(dir=tmp_path)) / "o"
+        code, stdout, err = cli(capsys, "probe", "--compare", str(earlier_runs / "probe"), str(run),
+                                "--out", str(out))
+        assert "Traceback" not in err and all_printable(stdout, err)
+        if valid(value):
+            assert code == 0, err
+            assert (out / "heatmap-compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert all(0 <= float(a) <= 1 for a in re.findall(r"accuracy (\S+) \(", stdout))
+        else:
+            assert code == 2 and stdout == "" and err.count("\n") == 1, err
+            assert err.startswith(f"launch: error: --compare {run}: ") and not out.exists()
+
+    check()
 
 
 @pytest.mark.parametrize("where", ["id", "content", "reasoning_content", "prompt_tokens"])
