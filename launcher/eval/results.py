@@ -32,7 +32,7 @@ def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
     """``(path, parsed JSON)`` of the results.json of a run directory (or that file itself) that
     `launch COMMAND` wrote, for ``--compare``; ``CompareBadRun`` when it cannot be read (a FIFO, a
     device or a socket is refused at once, never waited on)."""
-    from launcher.eval.runfiles import UnreadableRun, read_regular
+    from launcher.runtime.paths import UnreadableFile, read_regular
 
     run_dir = Path(run_dir)
     path = run_dir / RESULTS_NAME if run_dir.is_dir() else run_dir
@@ -40,7 +40,7 @@ def read_results(run_dir: Path, command: str) -> tuple[Path, object]:
         raw = read_regular(path, MAX_RESULTS_BYTES)
     except FileNotFoundError:
         raise CompareBadRun(str(run_dir), f"no {RESULTS_NAME} there; give a directory `launch {command}` wrote") from None
-    except UnreadableRun as err:
+    except UnreadableFile as err:
         raise CompareBadRun(str(run_dir), f"cannot read {path.name}: {err.problem}") from None
     try:
         return path, json.loads(raw.decode("utf-8"))

@@ -16,7 +16,7 @@ directory it made, or an empty one, and never replaces anything.
   (``O_EXCL``), then links it into place, which fails rather than replace a name that exists. Every
   step goes through the directory's descriptor, so a link swapped in cannot redirect it.
 
-Reading (``read_regular``) opens without blocking and refuses anything but a regular file, so a FIFO,
+Reading (``runtime.paths.read_regular``) opens without blocking and refuses anything but a regular file, so a FIFO,
 a device or a socket given to ``--compare`` or ``--text`` is one clear error, never a hang.
 """
 
@@ -208,56 +208,3 @@ def _take(path: Path, may_exist: bool) -> tuple[int | None, str, bool]:
         os.close(fd)
         return None, "was no longer empty", False
     return fd, "", created
-
-
-class UnreadableRun(Exception):
-    """``read_regular`` could not read a file; ``problem`` says why in words."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-
-
-def read_regular(path: Path, max_bytes: int) -> bytes:
-    """The bytes of the regular file at ``path`` (links followed, as a reader would), at most
-    ``max_bytes``. A FIFO, device or socket is refused without blocking on it; ``UnreadableRun``
-    says why, ``FileNotFoundError`` passes through."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if err.errno == errno.ENXIO:  # a socket
-            raise UnreadableRun("it is not a regular file (a socket)") from None
-        raise UnreadableRun(err.strerror or str(err)) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnreadableRun(f"it is not a regular file ({_kind(mode)})")
-        chunks, size = [], 0
-        while size <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > max_bytes:
-            raise UnreadableRun(f"it is larger than {max_bytes // (1024 * 1024)} MiB")
-        return b"".join(chunks)
-    except OSError as err:
-        raise UnreadableRun(err.strerror or str(err)) from None
-    finally:
-        os.close(fd)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a file"

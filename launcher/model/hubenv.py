@@ -19,11 +19,18 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from launcher.errors import LaunchError
-from launcher.runtime.paths import hf_cache_dir, hf_home
+from launcher.runtime.paths import (
+    UnreadableFile,
+    hf_cache_dir,
+    hf_cache_variable,
+    hf_token_path,
+    read_regular,
+)
 
 
 class CacheNotADirectory(LaunchError):
-    """HF_HOME or HF_HUB_CACHE (or a folder above it) is a file, so no cache can live there."""
+    """The variable that places the cache (HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, XDG_CACHE_HOME) or
+    a folder above it is a file, so no cache can live there."""
 
     variable: str
     value: str
@@ -203,17 +210,21 @@ def _token(text: str | None, variable: str, undo: str = "unset it") -> str | Non
     return token or None
 
 
+MAX_TOKEN_FILE_BYTES = 64 * 1024  # a token is under a hundred bytes
+
+
 def _token_file() -> str | None:
-    """The token huggingface_hub reads from HF_TOKEN_PATH (default HF_HOME/token) without HF_TOKEN."""
-    named = os.environ.get("HF_TOKEN_PATH")
-    path = Path(named or hf_home() / "token").expanduser()
-    where, undo = ("HF_TOKEN_PATH", "unset it") if named else ("the token file", "remove it (hf auth logout)")
+    """The token huggingface_hub reads from HF_TOKEN_PATH (default HF_HOME/token) without HF_TOKEN: a
+    regular file, read without waiting on it (``paths.read_regular``)."""
+    path = hf_token_path()
+    where, undo = ("HF_TOKEN_PATH", "unset it") if "HF_TOKEN_PATH" in os.environ else \
+        ("the token file", "remove it (hf auth logout)")
     try:
-        return _token(path.read_bytes().decode("utf-8"), f"{where} {str(path)!r}", undo)
+        return _token(read_regular(path, MAX_TOKEN_FILE_BYTES).decode("utf-8"), f"{where} {str(path)!r}", undo)
     except FileNotFoundError:
         return None
-    except OSError as err:
-        raise BadHubSetting(where, repr(str(path)), f"a readable file ({err.strerror})", undo) from None
+    except UnreadableFile as err:
+        raise BadHubSetting(where, repr(str(path)), f"a regular file holding a token ({err.problem})", undo) from None
     except UnicodeDecodeError:
         raise BadHubSetting(f"{where} {str(path)!r}", HIDDEN, "UTF-8 text holding a token", undo) from None
 
@@ -233,14 +244,21 @@ def existing(path: Path) -> Path:
     return next((p for p in (path, *path.parents) if p.exists()), Path("/"))
 
 
+# huggingface_hub takes "" (or blanks) as a path in the current folder: refused by name. XDG_CACHE_HOME
+# only where huggingface_hub reads it (HF_HOME unset): it is not theirs alone.
+_PATH_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH")
+
+
 def _cache() -> Path:
-    for var in ("HF_HOME", "HF_HUB_CACHE", "HF_TOKEN_PATH"):  # huggingface_hub takes "" as the current folder
+    """The hub cache, placed by ``paths.hf_cache_dir`` (the one copy of huggingface_hub's rule)."""
+    named = _PATH_VARS + (() if "HF_HOME" in os.environ else ("XDG_CACHE_HOME",))
+    for var in named:
         if (value := os.environ.get(var)) is not None and not value.strip():
             raise _bad(var, value, "a path, not blank (huggingface_hub would look in the current folder)")
     cache = hf_cache_dir()
-    if not existing(cache).is_dir():  # HF_HOME / HF_HUB_CACHE, or a folder above, is a file
-        var, value = ("HF_HUB_CACHE", cache) if os.environ.get("HF_HUB_CACHE") else ("HF_HOME", hf_home())
-        raise CacheNotADirectory(var, str(value), str(existing(cache)))
+    if not existing(cache).is_dir():  # the variable that placed it, or a folder above, is a file
+        var = hf_cache_variable() or "HOME"
+        raise CacheNotADirectory(var, os.environ.get(var, "~"), str(existing(cache)))
     return cache
 
 

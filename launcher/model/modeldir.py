@@ -7,6 +7,7 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.rules.configcheck import check_config
+from launcher.runtime.paths import UnreadableFile, read_regular
 
 
 class NotAModelDir(LaunchError):
@@ -34,11 +35,12 @@ def read_model_config(model_dir: Path) -> dict:
     path = model_dir / CONFIG
     if not path.is_file():
         raise NotAModelDir(str(model_dir), "has no config.json; is it a Hugging Face model directory?")
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise MalformedConfig(str(path), f"it is {size:,} bytes; a model config is a few kB")
-        data = path.read_bytes()
+    try:  # never waited on (a FIFO swapped in after the check), never read past the limit
+        data = read_regular(path, MAX_CONFIG_BYTES)
+    except UnreadableFile as err:
+        if err.problem.startswith("it is larger"):
+            raise MalformedConfig(str(path), f"{err.problem}; a model config is a few kB") from None
+        raise NotAModelDir(str(model_dir), f"cannot read config.json: {err.problem}") from None
     except OSError as err:
         raise NotAModelDir(str(model_dir), f"cannot read config.json: {err.strerror or err}") from None
     return parse_model_config(data, str(path))

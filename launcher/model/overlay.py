@@ -28,7 +28,7 @@ from pathlib import Path
 
 from launcher.engine.spec import CHAT_TEMPLATE, PROVENANCE
 from launcher.errors import LaunchError
-from launcher.model.modeldir import CONFIG, NotAModelDir
+from launcher.model.modeldir import CONFIG, MAX_CONFIG_BYTES, NotAModelDir
 from launcher.model.owned import (
     ATTEMPTS,
     MANIFEST,
@@ -43,7 +43,7 @@ from launcher.model.owned import (
     walk_entries,
 )
 from launcher.runtime.outdir import check_out_path, inside, inside_hf_cache
-from launcher.runtime.paths import overlays_dir, slug
+from launcher.runtime.paths import UnreadableFile, overlays_dir, read_regular, slug
 
 
 class StaleOverlay(LaunchError):
@@ -167,9 +167,10 @@ def _matches(path: Path, source: Path, own: dict[str, bytes], files: dict[str, s
     if prov is None or prov.get("source") != os.path.realpath(source):
         return False
     try:
-        if any((path / name).read_bytes() != data for name, data in own.items() if name != PROVENANCE):
+        if any(read_regular(path / name, MAX_CONFIG_BYTES) != data for name, data in own.items()
+               if name != PROVENANCE):
             return False
-    except OSError:
+    except (OSError, UnreadableFile):
         return False
     for rel, real in files.items():
         link = path / rel

@@ -15,6 +15,7 @@ from pathlib import Path
 from launcher.engine.spec import CHAT_TEMPLATE, PROVENANCE
 from launcher.errors import LaunchError
 from launcher.model.modeldir import CONFIG, MAX_CONFIG_BYTES
+from launcher.runtime.paths import UnreadableFile, read_regular
 
 OWN_FILES = (CONFIG, PROVENANCE, CHAT_TEMPLATE)  # real files launch writes; everything else is a link
 MANIFEST = "files"  # the provenance key listing every entry of the overlay
@@ -40,9 +41,9 @@ class OverlayConflict(LaunchError):
 
 
 def provenance_of(path: Path) -> dict | None:
-    try:
-        data = json.loads((path / PROVENANCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    try:  # a FIFO or a device in its place is refused, never waited on
+        data = json.loads(read_regular(path / PROVENANCE, MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnreadableFile, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -146,8 +147,8 @@ def _identity(path: Path) -> tuple[bytes | None, int | None]:
     """The provenance's bytes and the directory's inode: another launch run that swaps its own
     overlay in changes the inode, even with the same settings (the same bytes)."""
     try:
-        data: bytes | None = (path / PROVENANCE).read_bytes()
-    except OSError:
+        data: bytes | None = read_regular(path / PROVENANCE, MAX_CONFIG_BYTES)
+    except (OSError, UnreadableFile):
         data = None
     try:
         return data, os.stat(path, follow_symlinks=False).st_ino

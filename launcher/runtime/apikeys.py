@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.runtime.paths import UnreadableFile, read_regular
 
 
 class BadApiKey(LaunchError):
@@ -36,6 +37,7 @@ class ApiKeyFileError(LaunchError):
 
 
 DEFAULT_ENV_VAR = "LAUNCH_API_KEYS"
+MAX_KEY_FILE_BYTES = 1 << 20  # a key is a few dozen bytes: room for thousands, and never a whole disk read
 
 
 def check_api_key(key: str, source: str) -> str:
@@ -60,24 +62,21 @@ def keys_from_env(env_var: str = DEFAULT_ENV_VAR, environ: Mapping[str, str] | N
 
 
 def keys_from_file(path: Path | str) -> list[str]:
-    """One key per line; blank lines and lines starting with ``#`` are skipped.
+    """One key per line; blank lines and lines starting with ``#`` are skipped. The file must be a
+    regular file of at most ``MAX_KEY_FILE_BYTES`` (``paths.read_regular``: a FIFO is refused, not waited on).
 
     A file that holds no key at all is an error: the user asked for keys, and serving without any
     would silently leave the endpoint open.
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))  # (Path.expanduser raises on "~nosuchuser")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_KEY_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ApiKeyFileError(str(path), "no such file") from None
-    except IsADirectoryError:
-        raise ApiKeyFileError(str(path), "it is a directory") from None
-    except PermissionError:
-        raise ApiKeyFileError(str(path), "permission denied") from None
+    except UnreadableFile as err:  # a FIFO, device, socket or directory, too large, no permission
+        raise ApiKeyFileError(str(path), err.problem) from None
     except UnicodeDecodeError:
         raise ApiKeyFileError(str(path), "it is not UTF-8 text") from None
-    except OSError as exc:
-        raise ApiKeyFileError(str(path), exc.strerror or str(exc)) from None
     keys = []
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()

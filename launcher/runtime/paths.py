@@ -1,9 +1,12 @@
-"""Where launch keeps its own files. Never inside a Hugging Face cache."""
+"""Where launch keeps its own files (never inside a Hugging Face cache), where huggingface_hub keeps its
+own, and the one way launch reads a file a user names (``read_regular``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 from launcher.errors import LaunchError
@@ -64,20 +67,111 @@ def builtin_presets_dir() -> Path:
     return package / "configs"
 
 
-def _env_path(var: str) -> Path | None:
-    value = os.environ.get(var)
-    return Path(os.path.expandvars(value)).expanduser() if value else None
+# --- the Hugging Face places: the one copy of huggingface_hub's rule (constants.py, 2.4) -----------
+# Read exactly as huggingface_hub reads them at import, so launch's idea of its cache (which launch
+# never writes into) is huggingface_hub's own: an empty value counts as set (huggingface_hub uses
+# ``os.getenv(NAME, default)``), ``~`` is expanded before ``$VAR``, and the default of HF_HUB_CACHE is
+# expanded twice, as there. tests/integration/hub/test_hf_cache_place.py compares the two.
+HF_CACHE_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")  # first set wins
+
+
+def _hf_expand(text: str) -> str:
+    return os.path.expandvars(os.path.expanduser(text))
+
+
+def _hf_home_text() -> str:
+    default_home = os.path.join(os.path.expanduser("~"), ".cache")
+    return _hf_expand(os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", default_home), "huggingface")))
 
 
 def hf_home() -> Path:
-    """``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface`` (~/.cache/huggingface), as huggingface_hub
-    computes it (variables in the value expanded), without importing it."""
-    return _env_path("HF_HOME") or _xdg("XDG_CACHE_HOME", ".cache") / "huggingface"
+    """``HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface``: huggingface_hub's
+    ``constants.HF_HOME``, computed as it does without importing it."""
+    return Path(_hf_home_text())
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``hf_home()/hub``."""
-    return _env_path("HF_HUB_CACHE") or hf_home() / "hub"
+    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else the legacy ``HUGGINGFACE_HUB_CACHE``, else
+    ``hf_home()/hub``; huggingface_hub's ``constants.HF_HUB_CACHE``."""
+    legacy = os.getenv("HUGGINGFACE_HUB_CACHE", os.path.join(_hf_home_text(), "hub"))
+    return Path(_hf_expand(os.getenv("HF_HUB_CACHE", legacy)))
+
+
+def hf_cache_variable() -> str | None:
+    """The variable that places the hub cache (the first of ``HF_CACHE_VARS`` set), None: ``HOME``."""
+    named = [var for var in HF_CACHE_VARS if var in os.environ]
+    return named[0] if named else None
+
+
+def hf_token_path() -> Path:
+    """The token file: ``HF_TOKEN_PATH``, else ``hf_home()/token`` (``constants.HF_TOKEN_PATH``)."""
+    return Path(_hf_expand(os.getenv("HF_TOKEN_PATH", os.path.join(_hf_home_text(), "token"))))
+
+
+# --- a file a user names ------------------------------------------------------------------------
+
+
+class UnreadableFile(Exception):
+    """A file a user named that ``read_regular`` will not or cannot read; ``problem`` says why in words
+    ("it is a FIFO, not a regular file"). Callers turn it into their own one-line error."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:g} {unit}"
+    return f"{count} bytes"
+
+
+def read_regular(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed, as any reader would), at most
+    ``max_bytes``: the one way launch reads a file a user names (an API key file, the token file).
+    Opened without blocking and checked on the open descriptor, so a FIFO, a device, a socket or a
+    directory is refused at once, never waited on, and a huge file is never read whole.
+    ``UnreadableFile`` says why not; ``FileNotFoundError`` passes through."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # opening a socket
+            raise UnreadableFile("it is a socket, not a regular file") from None
+        raise UnreadableFile(err.strerror or str(err)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableFile(f"it is {_kind(mode)}, not a regular file")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise UnreadableFile(f"it is larger than {_size(max_bytes)}")
+        return b"".join(chunks)
+    except OSError as err:
+        raise UnreadableFile(err.strerror or str(err)) from None
+    finally:
+        os.close(fd)
 
 
 DEFAULT_REVISION = "main"  # what the Hub, huggingface_hub and launch take when no revision is given

@@ -39,7 +39,7 @@ def load_texts(paths: tuple[Path, ...]) -> list[Text]:
     """The given files (UTF-8, not empty, at most 64 MiB), or the bundled text."""
     if not paths:
         return [Text(DEFAULT_TEXT_LABEL, default_text_path().read_text(encoding="utf-8"))]
-    from launcher.eval.runfiles import UnreadableRun, read_regular
+    from launcher.runtime.paths import UnreadableFile, read_regular
 
     texts = []
     for path in paths:
@@ -49,7 +49,7 @@ def load_texts(paths: tuple[Path, ...]) -> list[Text]:
             raise PplBadText(str(path), f"not UTF-8 text (byte {err.start})") from None
         except FileNotFoundError:
             raise PplBadText(str(path), "no such file") from None
-        except UnreadableRun as err:
+        except UnreadableFile as err:
             raise PplBadText(str(path), f"cannot read it: {err.problem}") from None
         if not content.strip():
             raise PplBadText(str(path), "the file is empty")
