@@ -220,19 +220,15 @@ def serve(request: ServeRequest, out: TextIO | None = None,
 def _dry_run(plan: Plan, layout, binds: list[tuple[str, int]], warnings: list[str], as_json: bool,
             out: TextIO) -> int:
     """``serve --dry-run``: the plan and the exact engine call; the warnings serve would print; and
-    what serve would refuse (``refusal``; a port in use of ``binds``), shown and raised, so the dry run
-    exits as serve would."""
+    what serve would refuse (``refusal``), shown and raised, so the dry run exits as serve would. A port
+    of ``binds`` in use, or a host not of this machine, is refused first, alone, as serve refuses it."""
     from launcher.plan.build import OVERLAY_PLACEHOLDER
     from launcher.plan.render import engine_call, plan_json, render_plan
     from launcher.runtime.address import port_free, say_warnings
 
+    for host, port in binds:  # serve refuses these before it prints anything: so does its dry run
+        port_free(host, port)  # the bind test alone: nothing is claimed
     refused = refusal(plan, here=False)
-    for host, port in binds if refused is None else ():
-        try:
-            port_free(host, port)  # the bind test alone: nothing is claimed
-        except LaunchError as err:
-            refused = err
-            break
     where, shown = "the serving process", plan
     if plan.request.scale_out == "replicas":  # each replica listens on its own loopback port, not the proxy's
         where = "replica 0's serving process; each replica's differs only in its port"
