@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 # fails alike); LAUNCH_HYPOTHESIS_RANDOM=1 draws new ones each run, to search further.
 settings.register_profile("launch", derandomize=not os.environ.get("LAUNCH_HYPOTHESIS_RANDOM"))
 settings.load_profile("launch")
+
+# Tests send Ctrl-C (SIGINT) to the processes they start. A shell that starts the suite in the background
+# (`make test &`) hands it SIGINT ignored, and an ignored signal stays ignored across exec: every process a
+# test starts would then ignore Ctrl-C too. With a handler here, exec resets it to the default instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A small Llama config.json (native context 256), for model directories the tests make.
 # InternVL whose language model is Qwen2: its own InternVLChatConfig (auto_map at the top, remote code)
