@@ -130,7 +130,7 @@ def check_serve(request: ServeRequest) -> ServeRequest:
 def _check_gpus(plan: Plan) -> None:
     tp = plan.engine.config.tp
     if shortage := gpu_shortage(tp, plan.request.nnodes, plan.gpu_count):
-        raise BadOption("--tp", str(tp), shortage.removeprefix(f"--tp {tp} ").lstrip(": ") + "; give a tp that fits")
+        raise BadOption("--tp", str(tp), f"{shortage}; give a tp that fits")
 
 
 def _check_memory(plan: Plan) -> None:

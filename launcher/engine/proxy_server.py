@@ -47,7 +47,7 @@ def node_problem(url: str) -> str | None:
     printable (a lone surrogate lmdeploy cannot render in JSON, a control character, a separator) or a
     blank around it; no ``http://`` / ``https://``; a URL ``http.parse_url`` refuses; a host that is no
     address and no name (``address.check_host``); a port outside 1..65535. The door refuses these and
-    launch's watchdog takes out any such entry it finds (``watchdog.unroutable`` is this rule)."""
+    launch's watchdog takes out any such entry it finds by this rule too."""
     from launcher.runtime.address import check_host
 
     odd = next((ch for ch in url if not ch.isprintable()), None)

@@ -157,12 +157,13 @@ def weights_size(source: ModelSource) -> tuple[int | None, str]:
 
 
 def gpu_shortage(tp: int, nnodes: int, gpu_count: int | None) -> str | None:
-    """Why serve would stop for want of GPUs here (``gpu_count``: ``gpu.count``), or None."""
+    """Why ``--tp tp`` would stop serve for want of GPUs here (``gpu_count``: ``gpu.count``), or None: the
+    words after the flag, for plan's warning and serve's refusal alike."""
     local = local_gpus(tp, nnodes)
     if gpu_count is None or local <= gpu_count:
         return None
-    where = f" over {nnodes} nodes: each node needs {local} GPUs" if nnodes > 1 else f" needs {local} GPUs"
-    return f"--tp {tp}{where}; this machine has {gpu_count} as CUDA sees them"
+    need = f"over {nnodes} nodes: each node needs {local} GPUs" if nnodes > 1 else f"needs {local} GPUs"
+    return f"{need}; this machine has {gpu_count} as CUDA sees them"
 
 
 def _gpu_memory(request: PlanRequest) -> tuple[int | None, str, int | None]:
@@ -263,7 +264,7 @@ def build_plan(request: PlanRequest, source: ModelSource | None = None, *,
 
     gpu_bytes, gpu_source, gpu_count = _gpu_memory(request)
     if shortage := gpu_shortage(settings.tp, request.nnodes, gpu_count):
-        warnings.append(f"{shortage}: serve will stop")
+        warnings.append(f"--tp {settings.tp} {shortage}: serve will stop")
     length_flag = "--context" if request.context is not None else "--session-len"
     memory, memory_note = _memory(shape, decision, settings, source, gpu_bytes, gpu_source, gpu_count, length_flag)
 

@@ -209,7 +209,7 @@ def cluster_plan(plan: Plan) -> Plan:
     count, and no warning that this machine has too few), and the memory plan stands only when
     ``--gpu-memory`` gave the GPU (not this machine's)."""
     here = gpu_shortage(plan.engine.config.tp, plan.request.nnodes, plan.gpu_count)
-    warnings = tuple(w for w in plan.warnings if here is None or not w.startswith(here))
+    warnings = tuple(w for w in plan.warnings if here is None or here not in w)
     return replace(plan, gpu_count=None, warnings=warnings,
                    memory=plan.memory if plan.gpu_source == "--gpu-memory" else None)
 

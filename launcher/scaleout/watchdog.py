@@ -53,12 +53,6 @@ class _Member:
     reason: str = ""  # why: "/health connection refused (2 checks in a row)"
 
 
-# Why lmdeploy's proxy can never reach an entry of its node list, or None: the one node rule, the one
-# the proxy process's door refuses at /nodes/add (no http(s)://, a host that is no address and no name,
-# a port outside 1..65535, a character that is not printable).
-unroutable = node_problem
-
-
 class Watchdog:
     """Keeps the proxy's node list to the nodes that answer ``/health``.
 
@@ -191,7 +185,7 @@ class Watchdog:
         as ``node_url`` spells it. lmdeploy would route to each entry as a node of its own."""
         out = dict(registered)
         for url in list(out):
-            problem = unroutable(url)
+            problem = node_problem(url)  # the door's rule: no entry it would refuse
             if problem is None:
                 continue
             try:

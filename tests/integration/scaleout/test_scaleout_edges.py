@@ -297,11 +297,11 @@ def test_malformed_node_urls_are_refused_at_the_door_in_one_line_and_no_tracebac
     ("http://a b:5", "host name"), ("http://", "http(s) address"), ("gopher://x", "http(s) address"),
 ])
 def test_what_the_watchdog_takes_out_at_once(url, why):
-    from launcher.scaleout.watchdog import unroutable
+    from launcher.engine.proxy_server import node_problem
 
-    assert why in unroutable(url)
+    assert why in node_problem(url)
     for fine in ("http://127.0.0.1:5", "https://node-1.cluster:443", f"http://u:{PASSWORD}@h:1", "http://[::1]:5/"):
-        assert unroutable(fine) is None
+        assert node_problem(fine) is None
 
 
 def test_a_password_in_a_node_url_is_never_printed_or_recorded(empty_proxy, replicas, launch):
