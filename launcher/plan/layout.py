@@ -22,7 +22,6 @@ after the proxy's, lmdeploy's parallel rules).
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -61,11 +60,11 @@ def visible_devices(gpu_count: int | None, environ: Mapping[str, str] | None = N
     (planning without a GPU). ``gpu_count`` counts the GPUs CUDA enumerates (``gpu.count``), not the
     machine's: with the variable set, CUDA enumerates its list up to the first entry it cannot use, so
     the first ``gpu_count`` entries are the GPUs (``4,5`` on an 8-GPU machine: two GPUs, 4 and 5)."""
-    from launcher.runtime.gpu import CUDA_ENV, Visible, visible
+    from launcher.runtime.gpu import Visible, visible
 
-    if (environ if environ is not None else os.environ).get(CUDA_ENV) is None:
-        return visible(environ, gpu_count)
     seen = visible(environ)
+    if seen.value is None:  # unset: every GPU, 0 .. gpu_count-1
+        return visible(environ, gpu_count)
     if gpu_count is not None and seen.ids is not None and len(seen.ids) > gpu_count:
         return Visible(seen.value, seen.ids[:gpu_count], seen.ids[gpu_count])
     return seen
